@@ -1,0 +1,20 @@
+//! Compiles protos/*.proto into Rust with ttrpc-codegen's pure-Rust parser,
+//! so building needs no protoc.
+use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
+
+fn main() {
+    let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    let protos = ["protos/agent.proto", "protos/health.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    Codegen::new()
+        .out_dir(&out_dir)
+        .inputs(protos)
+        .include("protos")
+        .rust_protobuf()
+        .customize(Customize { gen_mod: true, ..Default::default() })
+        .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(true))
+        .run()
+        .expect("ttrpc-codegen failed");
+}

@@ -1,0 +1,11 @@
+//! podbox-protocol: the ttrpc API between the podbox shim and podbox-agent.
+//!
+//! Generated at build time from `protos/` (see build.rs). `agent` and
+//! `health` hold the messages; `agent_ttrpc` and `health_ttrpc` hold the
+//! client stubs (`AgentServiceClient`, `HealthClient`) and the server traits
+//! (`AgentService`, `Health`) with their `create_*` registration helpers.
+
+include!(concat!(env!("OUT_DIR"), "/mod.rs"));
+
+/// vsock port the agent listens on inside the guest.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
