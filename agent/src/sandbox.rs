@@ -1,0 +1,398 @@
+//! Pod state: the pod's shared namespaces (held by a pause process), its
+//! containers and their processes, and the OOM event queue.
+//!
+//! Network namespace: the pod uses the agent's own (in the guest that is
+//! where the VM's NICs live and UpdateInterface configures them). IPC and
+//! UTS are new per pod, PID optionally shared; each container gets its own
+//! mount namespace and, unless the pod shares one, its own PID namespace.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nix::sched::{unshare, CloneFlags};
+use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+
+use crate::config::AgentConfig;
+use crate::container::cgroup::{Cgroup, CgroupRoot, CgroupStats};
+use crate::container::process::Process;
+use crate::container::spawn::{self, Namespaces, PidNs};
+use crate::container::{validate_id, validate_process, Error, InitConfig, InitMode};
+use crate::reaper::{lock, ExitCell};
+
+/// argv[1] of the pause process that keeps the pod namespaces alive.
+pub const PAUSE_ARG: &str = "__podbox_pause";
+
+/// Body of the pause process: as PID 1 of a shared PID namespace it must
+/// reap orphans; otherwise it just sleeps until killed.
+pub fn pause_forever() -> ! {
+    loop {
+        match nix::sys::wait::wait() {
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_secs(3600)),
+        }
+    }
+}
+
+const OOM_POLL: Duration = Duration::from_millis(100);
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Container {
+    pub id: String,
+    pub cgroup: Cgroup,
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    paused: AtomicBool,
+    oom_seen: AtomicU64,
+}
+
+struct Pod {
+    id: String,
+    pause: Arc<ExitCell>,
+    pause_pid: i32,
+    shared_pid: bool,
+    cgroup_rel: String,
+}
+
+#[derive(Default)]
+struct OomQueue {
+    events: Mutex<VecDeque<String>>,
+    cv: Condvar,
+}
+
+pub struct Sandbox {
+    pub cfg: AgentConfig,
+    cgroups: Option<CgroupRoot>,
+    pod: Mutex<Option<Pod>>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    oom: OomQueue,
+    destroyed: AtomicBool,
+}
+
+impl Sandbox {
+    pub fn new(cfg: AgentConfig) -> Arc<Sandbox> {
+        let cgroups = match CgroupRoot::detect(&cfg.cgroup_root) {
+            Ok(c) => {
+                log::info!("cgroups: {c:?}");
+                Some(c)
+            }
+            Err(e) => {
+                log::warn!("{e}; containers cannot be created");
+                None
+            }
+        };
+        Arc::new(Sandbox {
+            cfg,
+            cgroups,
+            pod: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+            oom: OomQueue::default(),
+            destroyed: AtomicBool::new(false),
+        })
+    }
+
+    fn cgroup_root(&self) -> Result<&CgroupRoot, Error> {
+        self.cgroups
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("no usable cgroup hierarchy in this guest".into()))
+    }
+
+    pub fn create(self: &Arc<Self>, id: &str, hostname: &str, shared_pid: bool) -> Result<(), Error> {
+        validate_id("sandbox id", id)?;
+        if hostname.len() > 64 || hostname.contains('\0') {
+            return Err(Error::InvalidArgument(format!("bad hostname {hostname:?}")));
+        }
+        let mut pod = lock(&self.pod);
+        if pod.is_some() {
+            return Err(Error::AlreadyExists("sandbox".into()));
+        }
+        let root = self.cgroup_root()?;
+        let cgroup_rel = format!("{}/{id}", self.cfg.cgroup_parent);
+        let cg = root.create(&cgroup_rel)?;
+        let hostname = if hostname.is_empty() { id.to_string() } else { hostname.to_string() };
+        match spawn_pause(&hostname, shared_pid) {
+            Ok((pause_pid, pause)) => {
+                *pod = Some(Pod { id: id.to_string(), pause, pause_pid, shared_pid, cgroup_rel });
+            }
+            Err(e) => {
+                let _ = cg.destroy();
+                return Err(e);
+            }
+        }
+        drop(pod);
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("oom-watch".into())
+            .spawn(move || me.watch_oom())
+            .map_err(|e| Error::io("spawn OOM watcher", e))?;
+        log::info!("sandbox {id} created (hostname {hostname}, shared pid ns: {shared_pid})");
+        Ok(())
+    }
+
+    /// Polls each container's OOM-kill counter. Polling one counter file
+    /// works the same on v1 (memory.oom_control) and v2 (memory.events),
+    /// and 100 ms is far below how fast a shim reacts anyway.
+    fn watch_oom(&self) {
+        while !self.destroyed.load(Ordering::SeqCst) {
+            let ctrs: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
+            for c in ctrs {
+                self.check_oom(&c);
+            }
+            std::thread::sleep(OOM_POLL);
+        }
+    }
+
+    fn check_oom(&self, c: &Container) {
+        let n = c.cgroup.oom_kills();
+        let seen = c.oom_seen.swap(n, Ordering::SeqCst);
+        if n > seen {
+            log::info!("container {} was OOM-killed ({n} kills)", c.id);
+            lock(&self.oom.events).push_back(c.id.clone());
+            self.oom.cv.notify_all();
+        }
+    }
+
+    /// Blocks until a container gets OOM-killed; returns its id.
+    pub fn next_oom(&self) -> String {
+        let g = lock(&self.oom.events);
+        let mut g = self
+            .oom
+            .cv
+            .wait_while(g, |q| q.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        g.pop_front().unwrap_or_default()
+    }
+
+    fn pod_info(&self) -> Result<(i32, bool, String), Error> {
+        let pod = lock(&self.pod);
+        let p = pod
+            .as_ref()
+            .ok_or_else(|| Error::FailedPrecondition("CreateSandbox has not been called".into()))?;
+        if p.pause.get().is_some() {
+            return Err(Error::FailedPrecondition(format!("sandbox {} lost its pause process", p.id)));
+        }
+        Ok((p.pause_pid, p.shared_pid, p.cgroup_rel.clone()))
+    }
+
+    pub fn container(&self, id: &str) -> Result<Arc<Container>, Error> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id:?}")))
+    }
+
+    /// Creates a container whose init waits for StartContainer. On failure
+    /// nothing is left: the helper process is killed (its mount namespace
+    /// dies with it) and the cgroup removed.
+    pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<(), Error> {
+        validate_id("container id", id)?;
+        let (pause_pid, shared_pid, pod_cg) = self.pod_info()?;
+        let spec: Spec = serde_json::from_slice(spec_json)
+            .map_err(|e| Error::InvalidArgument(format!("OCI spec is not valid JSON of a runtime spec: {e}")))?;
+        let process = spec
+            .process()
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("OCI spec has no process".into()))?;
+        validate_process(&process)?;
+        let rootfs = if rootfs.is_empty() {
+            spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default()
+        } else {
+            PathBuf::from(rootfs)
+        };
+        if !rootfs.is_absolute() || !rootfs.is_dir() {
+            return Err(Error::InvalidArgument(format!("rootfs {rootfs:?} is not an absolute path to a directory")));
+        }
+        if spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()).is_some() {
+            log::warn!("container {id}: seccomp profile ignored (not implemented yet)");
+        }
+        // Reserve the id while the (slow) setup runs.
+        if lock(&self.containers).contains_key(id) {
+            return Err(Error::AlreadyExists(format!("container {id:?}")));
+        }
+        let cg = self.cgroup_root()?.create(&format!("{pod_cg}/{id}"))?;
+        let result = (|| {
+            if let Some(res) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+                cg.apply(res)?;
+            }
+            let ns = Namespaces {
+                ipc: Some(format!("/proc/{pause_pid}/ns/ipc").into()),
+                uts: Some(format!("/proc/{pause_pid}/ns/uts").into()),
+                pid: if shared_pid { PidNs::Join(format!("/proc/{pause_pid}/ns/pid").into()) } else { PidNs::New },
+            };
+            let terminal = process.terminal().unwrap_or(false);
+            let cfg = InitConfig { mode: InitMode::Create { rootfs: rootfs.clone(), spec: Box::new(spec.clone()) }, process };
+            spawn::spawn(&ns, &cg, terminal, &cfg)
+        })();
+        let init = match result {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                if let Err(ce) = cg.kill_all(KILL_TIMEOUT).and_then(|_| cg.destroy()) {
+                    log::error!("cleanup after failed create of {id}: {ce}");
+                }
+                return Err(e);
+            }
+        };
+        let c = Arc::new(Container {
+            id: id.to_string(),
+            oom_seen: AtomicU64::new(cg.oom_kills()),
+            cgroup: cg,
+            init,
+            execs: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+        });
+        let mut ctrs = lock(&self.containers);
+        if ctrs.contains_key(id) {
+            drop(ctrs);
+            let _ = remove(&c, KILL_TIMEOUT);
+            return Err(Error::AlreadyExists(format!("container {id:?}")));
+        }
+        ctrs.insert(id.to_string(), c);
+        log::info!("container {id} created");
+        Ok(())
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<(), Error> {
+        let c = self.container(id)?;
+        c.init.start()?;
+        log::info!("container {id} started (pid {})", c.init.pid);
+        Ok(())
+    }
+
+    pub fn remove_container(&self, id: &str, timeout: Duration) -> Result<(), Error> {
+        let c = self.container(id)?;
+        remove(&c, timeout)?;
+        lock(&self.containers).remove(id);
+        log::info!("container {id} removed");
+        Ok(())
+    }
+
+    /// Finds a process; an empty exec id means the container's init.
+    pub fn process(&self, cid: &str, exec_id: &str) -> Result<Arc<Process>, Error> {
+        let c = self.container(cid)?;
+        if exec_id.is_empty() {
+            return Ok(c.init.clone());
+        }
+        let p = lock(&c.execs).get(exec_id).cloned();
+        p.ok_or_else(|| Error::NotFound(format!("process {exec_id:?} in container {cid:?}")))
+    }
+
+    pub fn exec(&self, cid: &str, exec_id: &str, process_json: &[u8]) -> Result<(), Error> {
+        validate_id("exec id", exec_id)?;
+        let c = self.container(cid)?;
+        let process: OciProcess = serde_json::from_slice(process_json)
+            .map_err(|e| Error::InvalidArgument(format!("process is not valid JSON of an OCI process: {e}")))?;
+        validate_process(&process)?;
+        if !c.init.started() || c.init.exit.get().is_some() {
+            return Err(Error::FailedPrecondition(format!("container {cid:?} is not running")));
+        }
+        if lock(&c.execs).contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!("process {exec_id:?}")));
+        }
+        let target = c.init.pid;
+        let ns = Namespaces {
+            ipc: Some(format!("/proc/{target}/ns/ipc").into()),
+            uts: Some(format!("/proc/{target}/ns/uts").into()),
+            pid: PidNs::Join(format!("/proc/{target}/ns/pid").into()),
+        };
+        let terminal = process.terminal().unwrap_or(false);
+        let cfg = InitConfig { mode: InitMode::Exec { target_pid: target }, process };
+        let p = Arc::new(spawn::spawn(&ns, &c.cgroup, terminal, &cfg)?);
+        if let Err(e) = p.start() {
+            p.kill_and_wait(KILL_TIMEOUT);
+            return Err(e);
+        }
+        lock(&c.execs).insert(exec_id.to_string(), p);
+        Ok(())
+    }
+
+    pub fn update(&self, cid: &str, resources_json: &[u8]) -> Result<(), Error> {
+        let c = self.container(cid)?;
+        let res: LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|e| Error::InvalidArgument(format!("resources are not valid JSON of OCI LinuxResources: {e}")))?;
+        c.cgroup.apply(&res)
+    }
+
+    pub fn stats(&self, cid: &str) -> Result<CgroupStats, Error> {
+        Ok(self.container(cid)?.cgroup.stats())
+    }
+
+    pub fn set_paused(&self, cid: &str, paused: bool) -> Result<(), Error> {
+        let c = self.container(cid)?;
+        c.cgroup.freeze(paused)?;
+        c.paused.store(paused, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn pids(&self, cid: &str) -> Result<Vec<i32>, Error> {
+        Ok(self.container(cid)?.cgroup.pids())
+    }
+
+    /// Kills every container and the pause process and removes the pod's
+    /// cgroups. The caller then exits or powers off.
+    pub fn destroy(&self) -> Result<(), Error> {
+        let ctrs: Vec<(String, Arc<Container>)> = lock(&self.containers).drain().collect();
+        let mut errors = Vec::new();
+        for (id, c) in ctrs {
+            if let Err(e) = remove(&c, KILL_TIMEOUT) {
+                errors.push(format!("{id}: {e}"));
+            }
+        }
+        self.destroyed.store(true, Ordering::SeqCst);
+        if let Some(pod) = lock(&self.pod).take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pod.pause_pid), nix::sys::signal::Signal::SIGKILL);
+            if pod.pause.wait_timeout(KILL_TIMEOUT).is_none() {
+                errors.push("pause process did not exit".into());
+            }
+            if let Ok(root) = self.cgroup_root() {
+                if let Err(e) = root.open(&pod.cgroup_rel).destroy() {
+                    errors.push(e.to_string());
+                }
+                // The parent group may be shared with other pods: remove it
+                // only if it became empty.
+                let _ = root.open(&self.cfg.cgroup_parent).destroy_if_empty();
+            }
+            log::info!("sandbox {} destroyed", pod.id);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Cleanup(errors.join("; ")))
+        }
+    }
+}
+
+/// Kills all of a container's processes, waits for its init to be reaped
+/// and removes its cgroup.
+fn remove(c: &Container, timeout: Duration) -> Result<(), Error> {
+    c.cgroup.kill_all(timeout)?;
+    if !c.init.kill_and_wait(timeout) {
+        return Err(Error::Cleanup(format!("init of {} was not reaped", c.id)));
+    }
+    c.cgroup.destroy()
+}
+
+/// Starts the pause process in new IPC and UTS namespaces (and a new PID
+/// namespace when the pod shares one) with the pod's hostname.
+fn spawn_pause(hostname: &str, shared_pid: bool) -> Result<(i32, Arc<ExitCell>), Error> {
+    let hostname = hostname.to_string();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Per-thread namespaces: only this short-lived thread and the
+            // child it forks see them.
+            let mut flags = CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+            if shared_pid {
+                flags |= CloneFlags::CLONE_NEWPID;
+            }
+            unshare(flags).map_err(|e| Error::sys("unshare pod namespaces", e))?;
+            nix::unistd::sethostname(&hostname).map_err(|e| Error::sys(format!("sethostname {hostname:?}"), e))?;
+            let mut cmd = Command::new("/proc/self/exe");
+            cmd.arg(PAUSE_ARG).env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            spawn::spawn_registered(&mut cmd)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Setup("pause thread panicked".into())))
+    })
+}
