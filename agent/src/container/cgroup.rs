@@ -59,7 +59,7 @@ impl CgroupRoot {
                 }
             }
             CgroupRoot::V1(_) => {
-                for dir in &cg.dirs {
+                for (_, dir) in &cg.dirs {
                     mkdir(dir)?;
                 }
             }
@@ -70,14 +70,13 @@ impl CgroupRoot {
     /// A handle on `rel` without creating anything.
     pub fn open(&self, rel: &str) -> Cgroup {
         match self {
-            CgroupRoot::V2(root) => Cgroup { v2: true, dirs: vec![root.join(rel)] },
+            CgroupRoot::V2(root) => Cgroup { v2: true, dirs: vec![("", root.join(rel))] },
             CgroupRoot::V1(base) => Cgroup {
                 v2: false,
                 dirs: V1_CONTROLLERS
                     .iter()
-                    .map(|c| base.join(c))
-                    .filter(|m| m.exists())
-                    .map(|m| m.join(rel))
+                    .filter(|c| base.join(c).exists())
+                    .map(|c| (*c, base.join(c).join(rel)))
                     .collect(),
             },
         }
@@ -118,19 +117,17 @@ pub struct CgroupStats {
 #[derive(Debug, Clone)]
 pub struct Cgroup {
     v2: bool,
-    dirs: Vec<PathBuf>,
+    /// (v1 controller name or "" on v2, directory)
+    dirs: Vec<(&'static str, PathBuf)>,
 }
 
 impl Cgroup {
     /// Directory of `controller` (any directory on v2).
     fn dir(&self, controller: &str) -> Option<&Path> {
-        if self.v2 {
-            return self.dirs.first().map(PathBuf::as_path);
-        }
         self.dirs
             .iter()
-            .find(|d| d.parent().and_then(|p| p.file_name()).is_some_and(|n| n == controller))
-            .map(PathBuf::as_path)
+            .find(|(c, _)| self.v2 || *c == controller)
+            .map(|(_, d)| d.as_path())
     }
 
     fn write(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
@@ -153,7 +150,7 @@ impl Cgroup {
 
     /// Moves `pid` into every directory of the group.
     pub fn add_pid(&self, pid: i32) -> Result<(), Error> {
-        for dir in &self.dirs {
+        for (_, dir) in &self.dirs {
             let path = dir.join("cgroup.procs");
             fs::write(&path, pid.to_string())
                 .map_err(|e| Error::io(format!("add pid {pid} to {}", path.display()), e))?;
@@ -299,7 +296,7 @@ impl Cgroup {
 
     /// Removes the group's directories; they must be empty of processes.
     pub fn destroy(&self) -> Result<(), Error> {
-        for dir in &self.dirs {
+        for (_, dir) in &self.dirs {
             // rmdir can fail with EBUSY for a moment after the last
             // process died while the kernel finishes releasing it.
             let mut tries = 0;
@@ -321,7 +318,7 @@ impl Cgroup {
 
     /// Removes the group's directories that have no child groups left.
     pub fn destroy_if_empty(&self) -> Result<(), Error> {
-        for dir in &self.dirs {
+        for (_, dir) in &self.dirs {
             let has_children = fs::read_dir(dir)
                 .map(|rd| rd.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir())))
                 .unwrap_or(false);
@@ -334,6 +331,6 @@ impl Cgroup {
 
     /// Whether any directory of the group still exists.
     pub fn exists(&self) -> bool {
-        self.dirs.iter().any(|d| d.exists())
+        self.dirs.iter().any(|(_, d)| d.exists())
     }
 }
