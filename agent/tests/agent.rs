@@ -40,11 +40,13 @@ fn two_containers_share_network_but_not_mounts_or_pids() {
 
     // Inside: c1 is PID 1 of its namespace and sees the pod hostname; c2
     // does not see c1's /tmp file nor its processes.
-    a.exec("c2", "look", &["sh", "-c", "ls /tmp; ps -o pid,args | grep -c 'sleep 1000'; cat /proc/1/cmdline"]);
+    a.exec("c2", "look", &["sh", "-c", "ls /tmp; tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args; hostname"]);
     assert_eq!(a.wait("c2", "look"), 0);
     let out = a.stdout("c2", "look");
     assert!(!out.contains("only-here"), "c2 sees c1's /tmp: {out}");
-    assert!(out.starts_with("1\n"), "c2 sees exactly its own sleep: {out}");
+    assert!(out.starts_with("sleep 1000 \n"), "c2's PID 1 is its own sleep: {out}");
+    assert!(!out.contains("echo mine"), "c2 sees c1's processes: {out}");
+    assert!(out.ends_with("podhost\n"), "pod hostname: {out}");
     a.exec("c1", "cat", &["cat", "/tmp/only-here"]);
     assert_eq!(a.stdout("c1", "cat"), "mine\n");
     assert_eq!(a.wait("c1", "cat"), 0);
@@ -53,9 +55,16 @@ fn two_containers_share_network_but_not_mounts_or_pids() {
         let req = RemoveContainerRequest { container_id: id.into(), ..Default::default() };
         a.client.remove_container(ctx(), &req).expect("RemoveContainer");
     };
+    // c1's shell is PID 1 of its own namespace and has the pod hostname.
+    let mut early = Vec::new();
+    while !early.ends_with(b"podhost\n") {
+        let r = ReadStreamRequest { container_id: "c1".into(), ..Default::default() };
+        let d = a.client.read_stdout(ctx(), &r).expect("ReadStdout").data;
+        assert!(!d.is_empty(), "c1 stdout ended early: {early:?}");
+        early.extend(d);
+    }
+    assert_eq!(String::from_utf8_lossy(&early), "pid=1\npodhost\n");
     rm("c1");
-    // c1's init printed before being killed; its stream ends at EOF.
-    assert_eq!(a.stdout("c1", ""), "");
     rm("c2");
     assert!(!cgroup_dir(&format!("{}/pod1/c1", a.cgroup_parent)).exists());
     let err = a.client.list_processes(ctx(), &ListProcessesRequest { container_id: "c1".into(), ..Default::default() });

@@ -93,8 +93,10 @@ fn cstring(s: &str) -> R<CString> {
 
 /// Finds `prog` the way execvp would, with the container's PATH.
 fn resolve(prog: &str, env: &[String]) -> R<PathBuf> {
+    let executable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok() && p.is_file();
     if prog.contains('/') {
-        return Ok(PathBuf::from(prog));
+        let p = PathBuf::from(prog);
+        return if executable(&p) { Ok(p) } else { Err(format!("{prog:?} is not an executable file")) };
     }
     let path = env
         .iter()
@@ -102,7 +104,7 @@ fn resolve(prog: &str, env: &[String]) -> R<PathBuf> {
         .unwrap_or(DEFAULT_PATH);
     for dir in path.split(':').filter(|d| !d.is_empty()) {
         let cand = Path::new(dir).join(prog);
-        if nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() && cand.is_file() {
+        if executable(&cand) {
             return Ok(cand);
         }
     }

@@ -94,7 +94,7 @@ impl Agent {
         );
         let child = Command::new(env!("CARGO_BIN_EXE_podbox-agent"))
             .args(["--listen", &format!("unix://{}", sock.display())])
-            .args(["--no-init", "--cgroup-parent", &cgroup_parent, "--log-level", "debug"])
+            .args(["--no-init", "--cgroup-parent", &cgroup_parent, "--log-level", "info"])
             .spawn()
             .expect("start podbox-agent");
         let deadline = Instant::now() + Duration::from_secs(10);
