@@ -1,0 +1,189 @@
+//! Assembles a VM from a [`VmConfig`] and runs it to its end.
+
+use std::fs::{File, OpenOptions};
+use std::io::{LineWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{self, CMDLINE_MAX_SIZE, MPTABLE_START, ZERO_PAGE_START};
+use crate::arch::x86_64::{boot_params, loader, mptable, regs};
+use crate::config::{ConfigError, PvmMode, SerialOutput, VmConfig};
+use crate::devices::serial::ConsoleOutput;
+use crate::devices::{IoBus, Serial, I8042, SERIAL_IRQ};
+use crate::exit::{ExitLatch, VmExit};
+use crate::pvm::{GuestProfile, HostKind};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Parameters the VMM's own exit handling depends on: the console it
+/// watches, keyboard-controller reset, and reboot (rather than hang) on panic.
+const REQUIRED_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening {what} {path}: {source}")]
+    Open { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    #[error("allocating {mib} MiB of guest memory: {detail}")]
+    Memory { mib: u32, detail: String },
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error("kernel command line too long or malformed (at most {max} bytes): {0}", max = CMDLINE_MAX_SIZE)]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("writing {what} into guest memory: {detail}")]
+    BootData { what: &'static str, detail: String },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("querying KVM's supported CPUID: {0}")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("serial console irqfd: {0}")]
+    SerialIrq(String),
+    #[error("starting a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open { what, path: path.to_owned(), source })
+}
+
+/// The full kernel command line: what the VMM needs, the user's part, then
+/// the host profile's additions.
+pub fn kernel_cmdline(user: &str, profile: &GuestProfile) -> Result<Cmdline, BuildError> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
+    cmdline.insert_str(REQUIRED_CMDLINE).map_err(BuildError::Cmdline)?;
+    if !user.trim().is_empty() {
+        cmdline.insert_str(user.trim()).map_err(BuildError::Cmdline)?;
+    }
+    for extra in profile.cmdline_additions() {
+        cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+fn console_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::File(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(path)
+                .map_err(|source| BuildError::Open { what: "serial output file", path: path.clone(), source })?;
+            Box::new(LineWriter::new(file))
+        }
+    })
+}
+
+/// Builds the VM and runs it until it exits; returns why it exited.
+pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
+    config.validate()?;
+    let host = match config.pvm {
+        PvmMode::Auto => HostKind::detect(),
+        PvmMode::On => HostKind::Pvm,
+        PvmMode::Off => HostKind::HardwareKvm,
+    };
+    let profile = GuestProfile::new(host);
+    tracing::info!("host: {host:?}; {} vCPU(s), {} MiB", config.vcpus, config.memory_mib);
+
+    let mut kernel = open("kernel", &config.kernel)?;
+    let mut initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+    let serial_out = console_output(&config.serial)?;
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+
+    let ram = layout::ram_ranges(config.memory_bytes());
+    let ranges: Vec<(GuestAddress, usize)> = ram.iter().map(|&(a, l)| (GuestAddress(a), l as usize)).collect();
+    let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
+        .map_err(|e| BuildError::Memory { mib: config.memory_mib, detail: e.to_string() })?;
+
+    let loaded = loader::load_kernel(&memory, &mut kernel)?;
+    let low_ram_end = ram[0].0 + ram[0].1;
+    let initrd = initrd.as_mut().map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end)).transpose()?;
+    let cmdline = kernel_cmdline(&config.cmdline, &profile)?;
+    loader::load_cmdline(&memory, &cmdline)?;
+    let cmdline_len = cmdline.as_cstring().map_err(BuildError::Cmdline)?.as_bytes_with_nul().len();
+    tracing::info!("kernel entry {:#x}, command line: {}", loaded.entry, cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
+
+    let boot_data = |what| move |e: vm_memory::GuestMemoryError| BuildError::BootData { what, detail: e.to_string() };
+    let params = boot_params::build(&ram, cmdline_len, initrd)
+        .map_err(|e| BuildError::BootData { what: "boot_params", detail: e.to_string() })?;
+    memory.write_obj(params, GuestAddress(ZERO_PAGE_START)).map_err(boot_data("boot_params"))?;
+    let mp = mptable::build(config.vcpus).map_err(|e| BuildError::BootData { what: "MP table", detail: e.to_string() })?;
+    memory.write_slice(&mp, GuestAddress(MPTABLE_START)).map_err(boot_data("MP table"))?;
+    regs::write_boot_tables(&memory).map_err(boot_data("page tables and GDT"))?;
+
+    let vm = Vm::new(&kvm, &memory)?;
+    let exit = Arc::new(ExitLatch::new());
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
+    vm.fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
+    let bus = IoBus::new(
+        Serial::new(serial_irq, ConsoleOutput::new(serial_out, exit.clone())),
+        I8042::new(exit.clone()),
+    );
+
+    let supported = vcpu::supported_cpuid(&kvm).map_err(BuildError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        let vcpu = Vcpu::new(&vm.fd, id)?;
+        vcpu.configure(&supported, config.vcpus, &profile, (id == 0).then_some(loaded.entry))?;
+        vcpus.push(vcpu);
+    }
+
+    let shared = Arc::new(VcpuShared {
+        bus,
+        exit: exit.clone(),
+        memory,
+        profile,
+        fallback_stats: Default::default(),
+        started,
+    });
+    for vcpu in vcpus {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || vcpu.run(shared))
+            .map_err(BuildError::Thread)?;
+    }
+
+    let reason = exit.wait();
+    shared.bus.flush();
+    if profile.emulation_fallback() {
+        tracing::info!("emulation fallback counts: {}", shared.fallback_stats.summary());
+    }
+    // vCPU threads still inside KVM_RUN end with the process.
+    Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_puts_required_then_user_then_profile() {
+        let pvm = GuestProfile::new(HostKind::Pvm);
+        let c = kernel_cmdline("quiet rdinit=/init", &pvm).unwrap().as_cstring().unwrap();
+        let s = c.to_str().unwrap();
+        assert!(s.starts_with("console=ttyS0 reboot=k panic=1 quiet rdinit=/init "), "{s}");
+        assert!(s.ends_with("podbox.pvm_syscall"), "{s}");
+        let hw = GuestProfile::new(HostKind::HardwareKvm);
+        let c = kernel_cmdline("", &hw).unwrap().as_cstring().unwrap();
+        assert_eq!(c.to_str().unwrap(), REQUIRED_CMDLINE);
+    }
+
+    #[test]
+    fn overlong_cmdline_is_an_error() {
+        let hw = GuestProfile::new(HostKind::HardwareKvm);
+        assert!(matches!(kernel_cmdline(&"x".repeat(4096), &hw), Err(BuildError::Cmdline(_))));
+    }
+}

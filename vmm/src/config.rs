@@ -1,0 +1,99 @@
+//! What a VM is made of, as the command line gives it, validated before
+//! anything is created.
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+/// Smallest guest the kernel and an initramfs fit in.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest guest: 1 TiB.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+/// Whether to apply the nested-PVM guest profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PvmMode {
+    /// Apply it when the host is PVM (`/sys/module/kvm_pvm`).
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub serial: SerialOutput,
+    pub pvm: PvmMode,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--vcpus {0}: must be between 1 and {max}", max = MAX_VCPUS)]
+    Vcpus(u8),
+    #[error("--memory-mib {0}: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}")]
+    Memory(u32),
+    #[error("--cmdline: must be printable ASCII without NUL, got {0:?}")]
+    Cmdline(String),
+}
+
+impl VmConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(ConfigError::Cmdline(self.cmdline.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            serial: SerialOutput::Stdout,
+            pvm: PvmMode::Auto,
+        }
+    }
+
+    #[test]
+    fn accepts_a_sane_config() {
+        assert_eq!(config().validate(), Ok(()));
+        assert_eq!(config().memory_bytes(), 256 << 20);
+    }
+
+    #[test]
+    fn rejects_out_of_range_values_naming_the_flag() {
+        let err = VmConfig { vcpus: 0, ..config() }.validate().unwrap_err();
+        assert!(err.to_string().starts_with("--vcpus 0"));
+        assert!(VmConfig { vcpus: MAX_VCPUS + 1, ..config() }.validate().is_err());
+        let err = VmConfig { memory_mib: 8, ..config() }.validate().unwrap_err();
+        assert!(err.to_string().starts_with("--memory-mib 8"));
+        assert!(VmConfig { cmdline: "a\nb".into(), ..config() }.validate().is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! One vCPU: its boot configuration and the thread that runs it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::{cpuid, msr, regs};
+use crate::devices::IoBus;
+use crate::exit::{ExitLatch, VmExit};
+use crate::pvm::fallback::{self, Effect, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN};
+use crate::pvm::GuestProfile;
+
+/// KVM_INTERNAL_ERROR_EMULATION and its "instruction bytes present" flag.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
+/// LAPIC local vector table entries for LINT0/LINT1, and delivery modes.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+const BP_VECTOR: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("creating vCPU {id}: {source}")]
+    Create { id: u8, source: kvm_ioctls::Error },
+    #[error("vCPU {id}: {what}: {source}")]
+    Configure { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {id}: CPUID table: {detail}")]
+    Cpuid { id: u8, detail: String },
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub bus: IoBus,
+    pub exit: Arc<ExitLatch>,
+    pub memory: GuestMemoryMmap,
+    pub profile: GuestProfile,
+    pub fallback_stats: FallbackStats,
+    /// When the VMM started, for the "first KVM_RUN" log line.
+    pub started: Instant,
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Self { fd, id })
+    }
+
+    /// CPUID, MSRs, LAPIC wiring; the boot vCPU also gets the entry state.
+    /// The others wait for the guest's INIT/SIPI in the in-kernel LAPIC.
+    pub fn configure(
+        &self,
+        supported_cpuid: &[kvm_cpuid_entry2],
+        count: u8,
+        profile: &GuestProfile,
+        boot_entry: Option<u64>,
+    ) -> Result<(), VcpuError> {
+        let id = self.id;
+        let fail = |what| move |source| VcpuError::Configure { id, what, source };
+        let entries = cpuid::build(supported_cpuid, cpuid::VcpuTopology { id, count }, profile);
+        let table = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid { id, detail: format!("{e:?}") })?;
+        self.fd.set_cpuid2(&table).map_err(fail("KVM_SET_CPUID2"))?;
+        self.fd.set_msrs(&msr::boot_msrs()).map_err(fail("KVM_SET_MSRS"))?;
+        self.set_lint().map_err(fail("LAPIC LINT0/LINT1"))?;
+        if let Some(entry) = boot_entry {
+            self.fd.set_regs(&regs::boot_regs(entry)).map_err(fail("KVM_SET_REGS"))?;
+            let sregs = self.fd.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
+            self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(fail("KVM_SET_SREGS"))?;
+            self.fd.set_fpu(&regs::boot_fpu()).map_err(fail("KVM_SET_FPU"))?;
+        }
+        Ok(())
+    }
+
+    /// LINT0 takes the PIC's ExtINT, LINT1 the NMI, as the MP table says.
+    fn set_lint(&self) -> Result<(), kvm_ioctls::Error> {
+        let mut lapic = self.fd.get_lapic()?;
+        for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: &mut [u8] =
+                // SAFETY: c_char and u8 have the same size and alignment.
+                unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast(), lapic.regs.len()) };
+            let mut reg = u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+            reg = (reg & !0x700) | (mode << 8);
+            bytes[offset..offset + 4].copy_from_slice(&reg.to_le_bytes());
+        }
+        self.fd.set_lapic(&lapic)
+    }
+
+    /// Runs the vCPU until the VM exits; the first reason goes to the latch.
+    pub fn run(mut self, shared: Arc<VcpuShared>) {
+        let id = self.id;
+        let mut first_run = id == 0;
+        while !shared.exit.is_set() {
+            if first_run {
+                tracing::info!(
+                    "vcpu0: first KVM_RUN at {:.3} ms after VMM start",
+                    shared.started.elapsed().as_secs_f64() * 1e3
+                );
+                first_run = false;
+            }
+            let outcome = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    shared.bus.read(port, data);
+                    None
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    shared.bus.write(port, data);
+                    None
+                }
+                // No MMIO devices yet: reads see an empty bus, writes vanish.
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
+                Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: id }),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    tracing::info!("vcpu{id}: system event {kind} ({})", if kind == KVM_SYSTEM_EVENT_RESET { "reset" } else { "shutdown" });
+                    Some(VmExit::GuestReset)
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Kvm {
+                    vcpu: id,
+                    detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                }),
+                Ok(VcpuExit::InternalError) => self.handle_internal_error(&shared),
+                Ok(other) => Some(VmExit::Kvm { vcpu: id, detail: format!("unexpected exit {other:?}") }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(VmExit::Kvm { vcpu: id, detail: format!("KVM_RUN: {e}") }),
+            };
+            if let Some(exit) = outcome {
+                shared.exit.trigger(exit);
+            }
+        }
+    }
+
+    /// An emulation failure on a PVM host: perform the instruction here and
+    /// resume, or end the VM naming the instruction bytes.
+    fn handle_internal_error(&mut self, shared: &VcpuShared) -> Option<VmExit> {
+        let id = self.id;
+        // SAFETY: KVM filled the `internal` union member for this exit.
+        let (suberror, ndata, data) = unsafe {
+            let internal = &self.fd.get_kvm_run().__bindgen_anon_1.internal;
+            (internal.suberror, internal.ndata, internal.data)
+        };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        if suberror != INTERNAL_ERROR_EMULATION || !shared.profile.emulation_fallback() {
+            return Some(VmExit::Kvm {
+                vcpu: id,
+                detail: format!("internal error, suberror {suberror}, data {:x?} at rip {rip:#x}", &data[..(ndata as usize).min(data.len())]),
+            });
+        }
+        let bytes = match instruction_bytes(ndata, &data) {
+            Some(bytes) => bytes,
+            None => match self.read_guest_virt(shared, rip, MAX_INSN_LEN) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    return Some(VmExit::UnhandledInstruction { vcpu: id, rip, bytes: vec![], detail: e.to_string() })
+                }
+            },
+        };
+        match self.perform(shared, &bytes) {
+            Ok(()) => None,
+            Err(e) => Some(VmExit::UnhandledInstruction { vcpu: id, rip, bytes, detail: e.to_string() }),
+        }
+    }
+
+    fn perform(&mut self, shared: &VcpuShared, bytes: &[u8]) -> Result<(), FallbackError> {
+        let kvm_err = |what: &str, e: kvm_ioctls::Error| FallbackError::Memory { gva: 0, reason: format!("{what}: {e}") };
+        let decoded = fallback::decode(bytes)?;
+        let mut regs = self.fd.get_regs().map_err(|e| kvm_err("KVM_GET_REGS", e))?;
+        let effect = fallback::apply(&decoded, &mut regs, &VcpuGuest { vcpu: self, shared })?;
+        self.fd.set_regs(&regs).map_err(|e| kvm_err("KVM_SET_REGS", e))?;
+        if effect == Effect::InjectBreakpoint {
+            let mut events = self.fd.get_vcpu_events().map_err(|e| kvm_err("KVM_GET_VCPU_EVENTS", e))?;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            self.fd.set_vcpu_events(&events).map_err(|e| kvm_err("KVM_SET_VCPU_EVENTS", e))?;
+        }
+        shared.fallback_stats.record(&decoded.insn);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at guest-virtual `gva`, page by page.
+    fn read_guest_virt(&self, shared: &VcpuShared, gva: u64, len: usize) -> Result<Vec<u8>, FallbackError> {
+        let mut out = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            let addr = gva.wrapping_add(done as u64);
+            let fault = |reason: String| FallbackError::Memory { gva: addr, reason };
+            let t = self.fd.translate_gva(addr).map_err(|e| fault(format!("KVM_TRANSLATE: {e}")))?;
+            if t.valid == 0 {
+                return Err(fault("not mapped".into()));
+            }
+            let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
+            shared
+                .memory
+                .read_slice(&mut out[done..done + chunk], GuestAddress(t.physical_address))
+                .map_err(|e| fault(e.to_string()))?;
+            done += chunk;
+        }
+        Ok(out)
+    }
+}
+
+/// The instruction bytes KVM attached to an emulation failure, if any:
+/// data[0] is the flags word, then one length byte and the bytes.
+fn instruction_bytes(ndata: u32, data: &[u64; 16]) -> Option<Vec<u8>> {
+    if ndata < 2 || data[0] & EMULATION_FLAG_INSTRUCTION_BYTES == 0 {
+        return None;
+    }
+    let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = usize::from(raw[0]).min(MAX_INSN_LEN);
+    if len == 0 {
+        return None;
+    }
+    Some(raw[1..1 + len].to_vec())
+}
+
+struct VcpuGuest<'a> {
+    vcpu: &'a Vcpu,
+    shared: &'a VcpuShared,
+}
+
+impl GuestAccess for VcpuGuest<'_> {
+    fn segment_base(&self, seg: Segment) -> u64 {
+        match self.vcpu.fd.get_sregs() {
+            Ok(s) => match seg {
+                Segment::Fs => s.fs.base,
+                Segment::Gs => s.gs.base,
+            },
+            Err(_) => 0,
+        }
+    }
+
+    fn read_virt(&self, gva: u64, size: u8) -> Result<u64, FallbackError> {
+        let bytes = self.vcpu.read_guest_virt(self.shared, gva, usize::from(size))?;
+        let mut word = [0u8; 8];
+        word[..bytes.len()].copy_from_slice(&bytes);
+        Ok(u64::from_le_bytes(word))
+    }
+}
+
+/// `KVM_GET_SUPPORTED_CPUID` as a plain list.
+pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<Vec<kvm_cpuid_entry2>, kvm_ioctls::Error> {
+    Ok(kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?.as_slice().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instruction_bytes_follow_the_flags_word() {
+        let mut data = [0u64; 16];
+        data[0] = EMULATION_FLAG_INSTRUCTION_BYTES;
+        // length 3, bytes f3 0f b8 (then 0x90 padding)
+        data[1] = u64::from_le_bytes([3, 0xf3, 0x0f, 0xb8, 0x90, 0x90, 0x90, 0x90]);
+        assert_eq!(instruction_bytes(3, &data), Some(vec![0xf3, 0x0f, 0xb8]));
+        data[1] = u64::from_le_bytes([0xff, 1, 2, 3, 4, 5, 6, 7]);
+        data[2] = u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(instruction_bytes(3, &data).unwrap().len(), MAX_INSN_LEN, "guest-sized length is clamped");
+        assert_eq!(instruction_bytes(1, &data), None);
+        data[0] = 0;
+        assert_eq!(instruction_bytes(3, &data), None);
+    }
+}
