@@ -20,11 +20,7 @@ fn ns_of(pid: i32, ns: &str) -> String {
 
 #[test]
 fn two_containers_share_network_but_not_mounts_or_pids() {
-    if !require_root("two_containers_share_network_but_not_mounts_or_pids") {
-        return;
-    }
-    let a = Agent::start("share");
-    a.create_sandbox(false);
+    let Some(a) = pod_for("two_containers_share_network_but_not_mounts_or_pids", false) else { return };
     let long = ["sh", "-c", "echo mine > /tmp/only-here; echo pid=$$; hostname; sleep 1000"];
     a.run("c1", &spec(&long));
     a.run("c2", &spec(&["sleep", "1000"]));
@@ -73,11 +69,7 @@ fn two_containers_share_network_but_not_mounts_or_pids() {
 
 #[test]
 fn shared_pid_namespace_when_asked() {
-    if !require_root("shared_pid_namespace_when_asked") {
-        return;
-    }
-    let a = Agent::start("sharedpid");
-    a.create_sandbox(true);
+    let Some(a) = pod_for("shared_pid_namespace_when_asked", true) else { return };
     a.run("c1", &spec(&["sleep", "1000"]));
     a.run("c2", &spec(&["sleep", "1001"]));
     let (p1, p2) = (a.pids("c1")[0], a.pids("c2")[0]);
@@ -88,11 +80,7 @@ fn shared_pid_namespace_when_asked() {
 
 #[test]
 fn stdin_to_stdout_round_trip_exec_and_exit_codes() {
-    if !require_root("stdin_to_stdout_round_trip_exec_and_exit_codes") {
-        return;
-    }
-    let a = Agent::start("stdio");
-    a.create_sandbox(false);
+    let Some(a) = pod_for("stdin_to_stdout_round_trip_exec_and_exit_codes", false) else { return };
     a.run("cat", &spec(&["cat"]));
     let w = WriteStreamRequest { container_id: "cat".into(), data: b"hello podbox\n".to_vec(), ..Default::default() };
     assert_eq!(a.client.write_stdin(ctx(), &w).expect("WriteStdin").len, 13);
@@ -122,11 +110,7 @@ fn stdin_to_stdout_round_trip_exec_and_exit_codes() {
 
 #[test]
 fn signals_reach_processes() {
-    if !require_root("signals_reach_processes") {
-        return;
-    }
-    let a = Agent::start("signals");
-    a.create_sandbox(false);
+    let Some(a) = pod_for("signals_reach_processes", false) else { return };
     // As PID 1 of its namespace the shell only gets signals it handles.
     a.run("trap", &spec(&["sh", "-c", "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.05; done"]));
     let r = ReadStreamRequest { container_id: "trap".into(), ..Default::default() };
@@ -150,11 +134,7 @@ fn signals_reach_processes() {
 
 #[test]
 fn memory_limit_is_enforced_and_oom_reported() {
-    if !require_root("memory_limit_is_enforced_and_oom_reported") {
-        return;
-    }
-    let a = Agent::start("oom");
-    a.create_sandbox(false);
+    let Some(a) = pod_for("memory_limit_is_enforced_and_oom_reported", false) else { return };
     let mut s = spec(&["sh", "-c", "tail /dev/zero"]);
     s["linux"]["resources"]["memory"] = json!({"limit": 32 * 1024 * 1024});
     a.run("hog", &s);
@@ -175,11 +155,7 @@ fn memory_limit_is_enforced_and_oom_reported() {
 
 #[test]
 fn terminal_container() {
-    if !require_root("terminal_container") {
-        return;
-    }
-    let a = Agent::start("tty");
-    a.create_sandbox(false);
+    let Some(a) = pod_for("terminal_container", false) else { return };
     let mut s = spec(&["sh", "-c", "read line; test -t 0 && echo is-a-tty; stty size; echo got $line"]);
     s["process"]["terminal"] = json!(true);
     a.run("tty", &s);
@@ -198,10 +174,7 @@ fn terminal_container() {
 
 #[test]
 fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
-    if !require_root("bad_input_is_rejected_with_clear_errors_and_leaves_nothing") {
-        return;
-    }
-    let a = Agent::start("bad");
+    let Some(a) = agent_for("bad_input_is_rejected_with_clear_errors_and_leaves_nothing") else { return };
     let msg = |r: ttrpc::Result<Empty>| match r {
         Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
         other => panic!("expected an error status, got {other:?}"),
@@ -267,11 +240,7 @@ fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
 
 #[test]
 fn destroy_sandbox_leaves_no_mounts_cgroups_or_processes() {
-    if !require_root("destroy_sandbox_leaves_no_mounts_cgroups_or_processes") {
-        return;
-    }
-    let mut a = Agent::start("destroy");
-    a.create_sandbox(false);
+    let Some(mut a) = pod_for("destroy_sandbox_leaves_no_mounts_cgroups_or_processes", false) else { return };
     a.run("c1", &spec(&["sleep", "1000"]));
     a.run("c2", &spec(&["sh", "-c", "sleep 1000 & sleep 1000"]));
     a.exec("c1", "e", &["sleep", "1000"]);

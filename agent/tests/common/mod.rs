@@ -22,6 +22,18 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// A started agent for `test`, or None (test skipped) when not root.
+pub fn agent_for(test: &str) -> Option<Agent> {
+    require_root(test).then(|| Agent::start(test))
+}
+
+/// Like `agent_for`, with the pod already created.
+pub fn pod_for(test: &str, shared_pid: bool) -> Option<Agent> {
+    let a = agent_for(test)?;
+    a.create_sandbox(shared_pid);
+    Some(a)
+}
+
 pub fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
 }
