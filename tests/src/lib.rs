@@ -1,1 +1,25 @@
-//! Shared test harness.
+//! The harness shared by podbox's integration tests and benchmarks: the
+//! guest kernel (built and cached by `guest-kernel/build.sh`), initramfs
+//! images, static guest programs, and running a VMM with a deadline.
+
+pub mod guest;
+pub mod initramfs;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo").to_path_buf()
+}
+
+/// True where KVM tests can run. Where /dev/kvm is absent, KVM tests say so
+/// on stderr and return without asserting anything.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("SKIPPED {test}: /dev/kvm is absent on this host");
+        false
+    }
+}

@@ -1,0 +1,65 @@
+//! Running `podbox-vmm` (or a peer VMM) with a deadline and collecting
+//! what it printed.
+
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long one guest boot may take here. A boot costs about a minute of
+/// emulated kernel work on PVM hosts, more when tests run side by side.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+pub struct VmRun {
+    pub status: ExitStatus,
+    /// The guest's serial console.
+    pub serial: String,
+    /// The VMM's own log and exit reason.
+    pub stderr: String,
+    pub wall: Duration,
+}
+
+impl VmRun {
+    /// The serial console and the VMM log, for assertion messages.
+    pub fn transcript(&self) -> String {
+        format!("--- serial ---\n{}\n--- vmm stderr ---\n{}", self.serial, self.stderr)
+    }
+}
+
+/// Runs `podbox-vmm` with the serial console captured to a file in `dir`.
+/// The VMM is killed if it outlives `deadline`, and the test fails.
+pub fn run_vmm(vmm: &Path, dir: &Path, args: &[&str], deadline: Duration) -> VmRun {
+    let serial_path = dir.join("serial.log");
+    let stderr_path = dir.join("vmm.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("creating stderr file");
+    let start = Instant::now();
+    let mut child = Command::new(vmm)
+        .args(args)
+        .arg("--serial")
+        .arg(&serial_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", vmm.display()));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the VMM") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "VMM still running after {deadline:?}; killed.\n--- serial ---\n{}",
+                std::fs::read_to_string(&serial_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    VmRun {
+        status,
+        serial: std::fs::read_to_string(&serial_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+        wall: start.elapsed(),
+    }
+}
