@@ -2,6 +2,7 @@
 //! guest kernel (built and cached by `guest-kernel/build.sh`), initramfs
 //! images, static guest programs, and running a VMM with a deadline.
 
+pub mod bench;
 pub mod guest;
 pub mod initramfs;
 pub mod vm;

@@ -1,1 +1,61 @@
-fn main() {}
+//! `podbox-bench`: podbox's benchmarks, each printing a markdown table.
+//!
+//!   podbox-bench boot [--runs N] [--vmm PATH]
+//!
+//! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use podbox_tests::bench::boot::BootBench;
+use podbox_tests::repo_root;
+
+fn usage() -> ExitCode {
+    eprintln!("usage: podbox-bench boot [--runs N] [--vmm PATH]");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(which) = args.first() else { return usage() };
+    let mut runs = 1usize;
+    let mut vmm = repo_root().join("target/release/podbox-vmm");
+    let mut rest = args[1..].iter();
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--runs", Some(n)) => match n.parse() {
+                Ok(n) if n > 0 => runs = n,
+                _ => {
+                    eprintln!("--runs {n}: expected a positive number");
+                    return ExitCode::from(2);
+                }
+            },
+            ("--vmm", Some(p)) => vmm = PathBuf::from(p),
+            _ => return usage(),
+        }
+    }
+    if !vmm.is_file() {
+        eprintln!("{} not found: run `cargo build --release -p podbox-vmm` first", vmm.display());
+        return ExitCode::from(1);
+    }
+    let work = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("temp dir: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match which.as_str() {
+        "boot" => match BootBench::run(&vmm, runs, work.path()) {
+            Ok(bench) => {
+                println!("{}", bench.table());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("boot bench failed: {e}");
+                ExitCode::from(1)
+            }
+        },
+        _ => usage(),
+    }
+}
