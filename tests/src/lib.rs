@@ -1,10 +1,14 @@
 //! The harness shared by podbox's integration tests and benchmarks: the
 //! guest kernel (built and cached by `guest-kernel/build.sh`), initramfs
-//! images, static guest programs, and running a VMM with a deadline.
+//! images, static guest programs, and running a VMM with a deadline; a
+//! private containerd (with CRI), its test images, and a CRI client.
 
 pub mod bench;
+pub mod containerd;
+pub mod cri;
 pub mod guest;
 pub mod initramfs;
+pub mod oci_image;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
