@@ -11,11 +11,15 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::{self, CMDLINE_MAX_SIZE, MPTABLE_START, ZERO_PAGE_START};
+use crate::arch::x86_64::layout::{
+    self, CMDLINE_MAX_SIZE, MPTABLE_START, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_START, ZERO_PAGE_START,
+};
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
 use crate::config::{ConfigError, PvmMode, SerialOutput, VmConfig};
 use crate::devices::serial::ConsoleOutput;
-use crate::devices::{IoBus, Serial, I8042, SERIAL_IRQ};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::{vsock, Interrupt, VirtioDevice};
+use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pvm::{GuestProfile, HostKind};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
@@ -51,6 +55,106 @@ pub enum BuildError {
     SerialIrq(String),
     #[error("starting a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Vsock(#[from] vsock::MuxerError),
+    #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
+    TooManyDevices,
+    #[error("attaching {device}: {detail}")]
+    Attach { device: &'static str, detail: String },
+}
+
+/// Removes a unix socket the VMM created when the VMM stops, on every
+/// return path of [`run`] (errors included).
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+/// The virtio devices the config asks for, in MMIO slot order, and the
+/// sockets to remove at exit.
+fn virtio_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, Vec<SocketGuard>), BuildError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut guards = Vec::new();
+    if let Some(v) = &config.vsock {
+        let muxer = vsock::Muxer::new(v.cid, &v.socket)?;
+        guards.push(SocketGuard(v.socket.clone()));
+        devices.push(Box::new(vsock::Vsock::new(v.cid, muxer)));
+    }
+    Ok((devices, guards))
+}
+
+/// Window base and IRQ of the `index`th virtio-mmio device.
+fn mmio_slot(index: usize) -> Result<(u64, u32), BuildError> {
+    let irq = VIRTIO_FIRST_IRQ + u32::try_from(index).map_err(|_| BuildError::TooManyDevices)?;
+    if irq > VIRTIO_LAST_IRQ {
+        return Err(BuildError::TooManyDevices);
+    }
+    Ok((VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE, irq))
+}
+
+/// The `virtio_mmio.device=` entry that tells the guest kernel where a
+/// device is (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+fn virtio_cmdline_entry(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device={}K@{base:#x}:{irq}", MMIO_WINDOW_SIZE / 1024)
+}
+
+/// Puts a device behind a virtio-mmio window: irqfd for its interrupt,
+/// ioeventfds on QueueNotify (one per queue, the queue index as datamatch)
+/// so queue kicks wake the device thread without a vCPU exit.
+fn attach_virtio(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    bus: &mut MmioBus,
+    index: usize,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(), BuildError> {
+    let name = device.name();
+    let fail = |detail: String| BuildError::Attach { device: name, detail };
+    let (base, irq) = mmio_slot(index)?;
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(format!("irq eventfd: {e}")))?;
+    vm.fd.register_irqfd(&irqfd, irq).map_err(|e| fail(format!("irqfd for IRQ {irq}: {e}")))?;
+    let transport = MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irqfd))).map_err(|e| fail(e.to_string()))?;
+    for (queue, evt) in transport.queue_events().iter().enumerate() {
+        let addr = kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+        vm.fd.register_ioevent(evt, &addr, queue as u32).map_err(|e| fail(format!("ioeventfd for queue {queue}: {e}")))?;
+    }
+    tracing::info!("{name} at {base:#x}, IRQ {irq}");
+    bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(std::sync::Mutex::new(transport)));
+    Ok(())
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the VM like any other exit, so the
+/// clean-up in [`run`] (sockets) happens. They are blocked in every thread
+/// (threads inherit the mask) and taken by one thread with sigwait.
+fn stop_on_signals(exit: Arc<ExitLatch>) -> Result<(), BuildError> {
+    // SAFETY: plain libc signal-set calls on a local, initialised set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                exit.trigger(VmExit::Signal(sig));
+            }
+        })
+        .map(|_| ())
+        .map_err(BuildError::Thread)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
@@ -97,6 +201,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let profile = GuestProfile::new(host);
     tracing::info!("host: {host:?}; {} vCPU(s), {} MiB", config.vcpus, config.memory_mib);
 
+    let exit = Arc::new(ExitLatch::new());
+    stop_on_signals(exit.clone())?;
     let mut kernel = open("kernel", &config.kernel)?;
     let mut initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
     let serial_out = console_output(&config.serial)?;
@@ -110,7 +216,13 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
     let initrd = initrd.as_mut().map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end)).transpose()?;
-    let cmdline = kernel_cmdline(&config.cmdline, &profile)?;
+    // Bound now, so that host clients can connect while the guest boots.
+    let (virtio, _sockets) = virtio_devices(config)?;
+    let mut cmdline = kernel_cmdline(&config.cmdline, &profile)?;
+    for index in 0..virtio.len() {
+        let (base, irq) = mmio_slot(index)?;
+        cmdline.insert_str(virtio_cmdline_entry(base, irq)).map_err(BuildError::Cmdline)?;
+    }
     loader::load_cmdline(&memory, &cmdline)?;
     let cmdline_len = cmdline.as_cstring().map_err(BuildError::Cmdline)?.as_bytes_with_nul().len();
     tracing::info!("kernel entry {:#x}, command line: {}", loaded.entry, cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
@@ -124,7 +236,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     regs::write_boot_tables(&memory).map_err(boot_data("page tables and GDT"))?;
 
     let vm = Vm::new(&kvm, &memory)?;
-    let exit = Arc::new(ExitLatch::new());
+    let mut mmio = MmioBus::new();
+    for (index, device) in virtio.into_iter().enumerate() {
+        attach_virtio(&vm, &memory, &mut mmio, index, device)?;
+    }
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
     vm.fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
     let bus = IoBus::new(
@@ -142,6 +257,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
 
     let shared = Arc::new(VcpuShared {
         bus,
+        mmio,
         exit: exit.clone(),
         memory,
         profile,
@@ -179,6 +295,14 @@ mod tests {
         let hw = GuestProfile::new(HostKind::HardwareKvm);
         let c = kernel_cmdline("", &hw).unwrap().as_cstring().unwrap();
         assert_eq!(c.to_str().unwrap(), REQUIRED_CMDLINE);
+    }
+
+    #[test]
+    fn virtio_slots_are_in_the_mmio_gap_with_irqs_from_5() {
+        assert_eq!(mmio_slot(0).unwrap(), (0xd000_0000, 5));
+        assert_eq!(mmio_slot(1).unwrap(), (0xd000_1000, 6));
+        assert!(matches!(mmio_slot(19), Err(BuildError::TooManyDevices)));
+        assert_eq!(virtio_cmdline_entry(0xd000_0000, 5), "virtio_mmio.device=4K@0xd0000000:5");
     }
 
     #[test]

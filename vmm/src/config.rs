@@ -25,6 +25,16 @@ pub enum PvmMode {
     Off,
 }
 
+/// The virtio-vsock device and its host side (hybrid vsock over unix sockets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest CID (3 and up; 0-2 are reserved).
+    pub cid: u64,
+    /// The unix socket host processes connect to (`CONNECT <port>\n`); guest
+    /// connections to host port P go to `<socket>_<P>`.
+    pub socket: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -34,6 +44,7 @@ pub struct VmConfig {
     pub memory_mib: u32,
     pub serial: SerialOutput,
     pub pvm: PvmMode,
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +55,8 @@ pub enum ConfigError {
     Memory(u32),
     #[error("--cmdline: must be printable ASCII without NUL, got {0:?}")]
     Cmdline(String),
+    #[error("--vsock-cid {0}: must be at least 3 and below 2^32 - 1 (0-2 are reserved)")]
+    VsockCid(u64),
 }
 
 impl VmConfig {
@@ -56,6 +69,12 @@ impl VmConfig {
         }
         if !self.cmdline.bytes().all(|b| (0x20..0x7f).contains(&b)) {
             return Err(ConfigError::Cmdline(self.cmdline.clone()));
+        }
+        if let Some(v) = &self.vsock {
+            // Linux takes 32-bit CIDs; u32::MAX is VMADDR_CID_ANY.
+            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(v.cid));
+            }
         }
         Ok(())
     }
@@ -78,6 +97,7 @@ mod tests {
             memory_mib: 256,
             serial: SerialOutput::Stdout,
             pvm: PvmMode::Auto,
+            vsock: None,
         }
     }
 
@@ -95,5 +115,10 @@ mod tests {
         let err = VmConfig { memory_mib: 8, ..config() }.validate().unwrap_err();
         assert!(err.to_string().starts_with("--memory-mib 8"));
         assert!(VmConfig { cmdline: "a\nb".into(), ..config() }.validate().is_err());
+        let vsock = |cid| Some(VsockConfig { cid, socket: "/s".into() });
+        let err = VmConfig { vsock: vsock(2), ..config() }.validate().unwrap_err();
+        assert!(err.to_string().starts_with("--vsock-cid 2"));
+        assert!(VmConfig { vsock: vsock(u64::from(u32::MAX)), ..config() }.validate().is_err());
+        assert_eq!(VmConfig { vsock: vsock(3), ..config() }.validate(), Ok(()));
     }
 }

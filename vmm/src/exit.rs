@@ -19,6 +19,8 @@ pub enum VmExit {
     Kvm { vcpu: u8, detail: String },
     /// The guest ran an instruction neither KVM nor the fallback can perform.
     UnhandledInstruction { vcpu: u8, rip: u64, bytes: Vec<u8>, detail: String },
+    /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP).
+    Signal(i32),
 }
 
 impl VmExit {
@@ -29,6 +31,8 @@ impl VmExit {
             VmExit::TripleFault { .. } => 3,
             VmExit::Kvm { .. } => 4,
             VmExit::UnhandledInstruction { .. } => 5,
+            // The shell convention for "killed by signal N".
+            VmExit::Signal(n) => 128u8.wrapping_add(*n as u8),
         }
     }
 }
@@ -40,6 +44,7 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestPanic(line) => write!(f, "guest kernel panic: {line}"),
             VmExit::TripleFault { vcpu } => write!(f, "vCPU {vcpu}: triple fault (guest shutdown)"),
             VmExit::Kvm { vcpu, detail } => write!(f, "vCPU {vcpu}: KVM error: {detail}"),
+            VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::UnhandledInstruction { vcpu, rip, bytes, detail } => {
                 let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
                 write!(f, "vCPU {vcpu}: cannot emulate instruction at {rip:#x} [{}]: {detail}", hex.join(" "))

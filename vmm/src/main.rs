@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use podbox_vmm::builder;
-use podbox_vmm::config::{PvmMode, SerialOutput, VmConfig};
+use podbox_vmm::config::{PvmMode, SerialOutput, VmConfig, VsockConfig};
 
 #[derive(Parser)]
 #[command(name = "podbox-vmm", version, about = "Boot a podbox microVM on KVM")]
@@ -35,6 +35,14 @@ struct Args {
     /// Apply the nested-PVM guest profile: auto-detect, or force it on/off.
     #[arg(long, value_enum, default_value_t = PvmArg::Auto)]
     pvm: PvmArg,
+    /// Add a virtio-vsock device whose host side is this unix socket: connect,
+    /// write `CONNECT <port>\n`, read `OK <hostport>\n`. Guest connections to
+    /// host port P go to `PATH_P`. Removed when the VMM exits.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "vsock_socket")]
+    vsock_cid: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -69,6 +77,7 @@ fn main() -> ExitCode {
             PvmArg::On => PvmMode::On,
             PvmArg::Off => PvmMode::Off,
         },
+        vsock: args.vsock_socket.map(|socket| VsockConfig { cid: args.vsock_cid, socket }),
     };
     match builder::run(&config, started) {
         Ok(exit) if exit.exit_code() == 0 => {

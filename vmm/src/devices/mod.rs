@@ -1,9 +1,13 @@
-//! Emulated devices and the port-I/O bus that routes vCPU exits to them.
+//! Emulated devices, the port-I/O bus and the MMIO bus that route vCPU
+//! exits to them.
 
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use virtio::mmio::MmioTransport;
 
 pub use i8042::I8042;
 pub use serial::Serial;
@@ -60,5 +64,47 @@ impl IoBus {
     /// Flushes console output (at exit).
     pub fn flush(&self) {
         self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+    }
+}
+
+/// The MMIO devices of a VM: virtio-mmio windows in the 32-bit MMIO gap.
+/// vCPU threads only touch registers here; device I/O runs on the devices'
+/// own threads.
+#[derive(Default)]
+pub struct MmioBus {
+    devices: Vec<(u64, u64, Arc<Mutex<MmioTransport>>)>,
+}
+
+impl MmioBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a device window at `base` of `len` bytes (windows never overlap:
+    /// the builder hands them out in order).
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<MmioTransport>>) {
+        self.devices.push((base, len, device));
+    }
+
+    fn find(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
+        self.devices
+            .iter()
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)
+            .map(|(base, _, dev)| (&**dev, addr - base))
+    }
+
+    /// A guest MMIO read; addresses nobody claims read as all ones.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((dev, offset)) => dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest MMIO write; writes nobody claims vanish.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((dev, offset)) = self.find(addr) {
+            dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+        }
     }
 }

@@ -8,7 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
-use crate::devices::IoBus;
+use crate::devices::{IoBus, MmioBus};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pvm::fallback::{self, Effect, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN};
 use crate::pvm::GuestProfile;
@@ -36,6 +36,7 @@ pub enum VcpuError {
 /// What every vCPU thread shares.
 pub struct VcpuShared {
     pub bus: IoBus,
+    pub mmio: MmioBus,
     pub exit: Arc<ExitLatch>,
     pub memory: GuestMemoryMmap,
     pub profile: GuestProfile,
@@ -115,12 +116,15 @@ impl Vcpu {
                     shared.bus.write(port, data);
                     None
                 }
-                // No MMIO devices yet: reads see an empty bus, writes vanish.
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    shared.mmio.read(addr, data);
                     None
                 }
-                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    shared.mmio.write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Hlt) => None,
                 Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: id }),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     tracing::info!("vcpu{id}: system event {kind} ({})", if kind == KVM_SYSTEM_EVENT_RESET { "reset" } else { "shutdown" });

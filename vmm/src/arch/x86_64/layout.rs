@@ -32,6 +32,12 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// First address of the 32-bit MMIO gap (no RAM from here to 4 GiB).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio device windows (4 KiB each, one after another) in the gap.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// IOAPIC pins for virtio-mmio devices: 5 upwards (0-4 are the legacy PIT,
+/// keyboard, cascade and COM ports), up to the IOAPIC's 24 pins.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+pub const VIRTIO_LAST_IRQ: u32 = 23;
 /// Local APIC and IOAPIC (standard addresses, emulated by KVM).
 pub const APIC_DEFAULT_PHYS_BASE: u32 = 0xfee0_0000;
 pub const IOAPIC_DEFAULT_PHYS_BASE: u32 = 0xfec0_0000;

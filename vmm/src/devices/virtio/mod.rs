@@ -1,0 +1,159 @@
+//! virtio devices and the MMIO transport they sit behind.
+//!
+//! A device implements [`VirtioDevice`]: what it is (type, features,
+//! config space) and what it does once the driver is ready
+//! ([`VirtioDevice::activate`] hands it the queues, the guest memory, the
+//! queues' notification eventfds and an [`Interrupt`]). The transport
+//! ([`mmio::MmioTransport`]) owns the register file and knows nothing about
+//! any particular device. Devices do their I/O on their own threads, woken
+//! by the queue eventfds (KVM ioeventfds), never on vCPU threads.
+
+pub mod mmio;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device IDs (virtio 1.2, section 5).
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// Feature bits common to all devices.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Bits of the InterruptStatus register.
+pub const INTERRUPT_USED_RING: u32 = 1 << 0;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("{device}: expected {expected} queues, got {got}")]
+    QueueCount { device: &'static str, expected: usize, got: usize },
+    #[error("{device}: {detail}")]
+    Failed { device: &'static str, detail: String },
+}
+
+/// One queue as handed to a device at activation: the queue state the driver
+/// configured, and the eventfd that fires when the driver notifies it.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// Everything a device needs to run once the driver set DRIVER_OK.
+pub struct ActivateContext {
+    pub memory: GuestMemoryMmap,
+    pub queues: Vec<ActiveQueue>,
+    pub interrupt: std::sync::Arc<Interrupt>,
+    /// The features the driver accepted (a subset of the device's).
+    pub acked_features: u64,
+}
+
+/// A device's interrupt line: the InterruptStatus register shared with the
+/// transport, and the KVM irqfd that raises the guest IRQ.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self { status: AtomicU32::new(0), irqfd }
+    }
+
+    /// The eventfd registered as the device's irqfd (vhost-user backends can
+    /// be given a duplicate of it as their call fd).
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+
+    /// Tells the driver that used buffers are waiting.
+    pub fn signal_used_queue(&self) {
+        self.signal(INTERRUPT_USED_RING);
+    }
+
+    pub fn signal_config_change(&self) {
+        self.signal(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("raising a virtio interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver's write to InterruptACK.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// A short name for logs.
+    fn name(&self) -> &'static str;
+    /// The virtio device ID (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its maximum size.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits offered (VIRTIO_F_VERSION_1 must be among them: the
+    /// MMIO transport is version 2, "modern" only).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space. Out-of-range bytes
+    /// read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the configuration space; read-only devices ignore them.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver is ready: start serving the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// The driver reset the device after activation. Returns false where the
+    /// device cannot go back to its initial state (it then stays as it is).
+    fn reset(&mut self) -> bool {
+        false
+    }
+}
+
+/// Copies `config` bytes at `offset` into `data`, zero-filling anything
+/// beyond the end: config reads take guest-chosen offsets and sizes.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(offset..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut out = [0xaa; 4];
+        read_config_bytes(&cfg, 2, &mut out);
+        assert_eq!(out, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, u64::MAX, &mut out);
+        assert_eq!(out, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_set_and_acked() {
+        let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(irq.status(), 3);
+        assert_eq!(irq.irqfd().read().unwrap(), 2);
+        irq.ack(INTERRUPT_USED_RING);
+        assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
+    }
+}

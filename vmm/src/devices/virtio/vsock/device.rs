@@ -1,0 +1,192 @@
+//! The virtio-vsock device (type 19): config space, activation, and the
+//! event-loop thread that moves packets between the queues and the muxer.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::packet::{TxPacket, HDR_SIZE, MAX_PKT_PAYLOAD};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
+
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+const RX: usize = 0;
+const TX: usize = 1;
+// Queue 2 is the event queue: only used for transport resets, which we never send.
+/// epoll tokens for the queue eventfds: above any file descriptor.
+const QUEUE_TOKEN: u64 = 1 << 40;
+
+pub struct Vsock {
+    cid: u64,
+    /// Moves to the event-loop thread at activation.
+    muxer: Option<Muxer>,
+}
+
+impl Vsock {
+    /// A device for guest CID `cid` whose host side is the unix socket the
+    /// muxer listens on.
+    pub fn new(cid: u64, muxer: Muxer) -> Self {
+        Self { cid, muxer: Some(muxer) }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn name(&self) -> &'static str {
+        "virtio-vsock"
+    }
+
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let fail = |detail: String| ActivateError::Failed { device: "virtio-vsock", detail };
+        if ctx.queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount { device: "virtio-vsock", expected: QUEUE_SIZES.len(), got: ctx.queues.len() });
+        }
+        let muxer = self.muxer.take().ok_or_else(|| fail("activated twice".into()))?;
+        let mut queues = Vec::new();
+        let mut events = Vec::new();
+        for (i, q) in ctx.queues.into_iter().enumerate() {
+            muxer
+                .epoll()
+                .ctl(ControlOperation::Add, q.notify.as_raw_fd(), EpollEvent::new(EventSet::IN, QUEUE_TOKEN + i as u64))
+                .map_err(|e| fail(format!("epoll add queue {i}: {e}")))?;
+            queues.push(q.queue);
+            events.push(q.notify);
+        }
+        let mut worker = Worker { muxer, memory: ctx.memory, queues, events, interrupt: ctx.interrupt };
+        std::thread::Builder::new()
+            .name("virtio-vsock".into())
+            .spawn(move || worker.run())
+            .map_err(|e| fail(format!("starting its thread: {e}")))?;
+        Ok(())
+    }
+}
+
+/// The device's event loop: everything after activation runs here.
+struct Worker {
+    muxer: Muxer,
+    memory: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    events: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let mut events = vec![EpollEvent::default(); 64];
+        loop {
+            let n = match self.muxer.epoll().wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-vsock: epoll wait: {e}; device stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let token = ev.data();
+                if token >= QUEUE_TOKEN {
+                    if let Some(evt) = self.events.get((token - QUEUE_TOKEN) as usize) {
+                        let _ = evt.read();
+                    }
+                } else {
+                    self.muxer.handle_event(token as RawFd, ev.event_set());
+                }
+            }
+            // Whatever woke us, take the guest's packets first (they may
+            // grant credit or open streams), then fill its RX buffers.
+            let mut used = self.process_tx();
+            used |= self.process_rx();
+            if used {
+                self.interrupt.signal_used_queue();
+            }
+        }
+    }
+
+    /// Drains the TX queue; returns whether any buffer was used.
+    fn process_tx(&mut self) -> bool {
+        let mut used = false;
+        let mem = &self.memory;
+        let queue = &mut self.queues[TX];
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match TxPacket::from_chain(mem, chain) {
+                Ok(pkt) => self.muxer.on_guest_packet(pkt),
+                Err(e) => tracing::debug!("virtio-vsock: dropping TX packet: {e}"),
+            }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                tracing::debug!("virtio-vsock: TX add_used: {e}");
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// Fills RX buffers while the muxer has packets; returns whether any
+    /// buffer was used.
+    fn process_rx(&mut self) -> bool {
+        let mut used = false;
+        let mem = &self.memory;
+        let queue = &mut self.queues[RX];
+        let mut scratch = vec![0u8; MAX_PKT_PAYLOAD];
+        while self.muxer.has_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let head = chain.head_index();
+            let mut writer = match Writer::new(mem, chain) {
+                Ok(w) if w.available_bytes() >= HDR_SIZE => w,
+                Ok(w) => {
+                    tracing::debug!("virtio-vsock: RX buffer of {} bytes is too small; skipped", w.available_bytes());
+                    let _ = queue.add_used(mem, head, 0);
+                    used = true;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!("virtio-vsock: bad RX chain: {e}; skipped");
+                    let _ = queue.add_used(mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let room = (writer.available_bytes() - HDR_SIZE).min(MAX_PKT_PAYLOAD);
+            let Some((mut hdr, n)) = self.muxer.next_rx(&mut scratch[..room]) else {
+                // Nothing after all: give the buffer back for next time.
+                queue.go_to_previous_position();
+                break;
+            };
+            hdr.len = n as u32;
+            use std::io::Write;
+            let written = writer.write_all(&hdr.to_bytes()).and_then(|()| writer.write_all(&scratch[..n]));
+            if let Err(e) = written {
+                // Writer::new validated the buffers; this is not expected.
+                tracing::warn!("virtio-vsock: writing an RX packet: {e}; packet lost");
+            }
+            if let Err(e) = queue.add_used(mem, head, (HDR_SIZE + n) as u32) {
+                tracing::debug!("virtio-vsock: RX add_used: {e}");
+            }
+            used = true;
+        }
+        used
+    }
+}
