@@ -1,6 +1,6 @@
 //! PID 1 duties inside the guest: the kernel starts the agent as /init with
 //! nothing mounted, so it sets up the pseudo filesystems containers and the
-//! agent itself rely on, and powers the VM off when the pod is destroyed.
+//! agent itself rely on, and ends the VM (reset) when the pod is destroyed.
 //! None of this runs when the agent is started on a host for testing.
 
 use std::fs;
@@ -57,11 +57,14 @@ pub fn setup() {
     log::info!("PID 1 setup done");
 }
 
-/// Powers the VM off. Only returns on failure.
+/// Ends the VM. podbox VMs have no ACPI, so a power-off request would just
+/// halt the CPUs; a reboot with `reboot=k` (always on podbox-vmm's command
+/// line) resets through the i8042, which podbox-vmm treats as a clean exit
+/// (status 0). Only returns on failure.
 pub fn power_off() -> String {
     nix::unistd::sync();
-    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF) {
+    match nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT) {
         Ok(never) => match never {},
-        Err(e) => format!("power off: {e}"),
+        Err(e) => format!("reboot: {e}"),
     }
 }

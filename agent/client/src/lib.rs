@@ -1,0 +1,214 @@
+//! podbox-agent-client: reach the agent inside a podbox VM from the host.
+//!
+//! podbox-vmm exposes the guest's vsock as a unix socket (`--vsock-socket`):
+//! a host process connects, writes `CONNECT <port>\n`, reads
+//! `OK <hostport>\n`, and then holds a byte stream to the guest listener on
+//! that port ("hybrid vsock", as in Firecracker). [`dial`] does that
+//! handshake; [`AgentClient::connect`] dials the agent's port, wraps the
+//! stream in a ttrpc client and retries until the agent answers a health
+//! check or the deadline passes — the guest needs about a minute to boot on
+//! PVM hosts, and until its agent listens every attempt is refused.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use podbox_agent_client::AgentClient;
+//! let agent = AgentClient::connect("/run/podbox/pod1/vsock.sock".as_ref(), Duration::from_secs(300))?;
+//! let details = agent.agent.get_guest_details(podbox_agent_client::ctx(Duration::from_secs(5)), &Default::default())?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use podbox_protocol::agent_ttrpc::AgentServiceClient;
+use podbox_protocol::health::{health_check_response::ServingStatus, CheckRequest};
+use podbox_protocol::health_ttrpc::HealthClient;
+
+pub use podbox_protocol::AGENT_VSOCK_PORT;
+
+/// Longest `OK <port>\n` line we accept.
+const MAX_OK_LINE: usize = 32;
+/// Pause between attempts while the guest is not answering yet.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How long one health check may take once connected.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to hybrid vsock socket {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("hybrid vsock {path} port {port}: {detail}")]
+    Handshake { path: PathBuf, port: u32, detail: String },
+    #[error("ttrpc: {0}")]
+    Ttrpc(#[from] ttrpc::Error),
+    #[error("agent health check answered {0:?}, not SERVING")]
+    NotServing(ServingStatus),
+    #[error("agent at {path} did not answer within {waited:?} ({attempts} attempts); last error: {last}")]
+    Deadline { path: PathBuf, waited: Duration, attempts: u32, last: Box<ClientError> },
+}
+
+/// A ttrpc context with a timeout, for calls on the clients.
+pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// Opens a stream to guest vsock port `port` through podbox-vmm's unix
+/// socket. Fails with [`ClientError::Handshake`] when the guest refuses
+/// (nobody listens on that port yet: the VMM closes the stream without an
+/// OK line) or `timeout` passes first.
+pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let handshake = |detail: String| ClientError::Handshake { path: socket.to_owned(), port, detail };
+    let mut stream =
+        UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(|e| handshake(e.to_string()))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| handshake(format!("sending CONNECT: {e}")))?;
+    // Byte by byte: whatever follows the newline is the guest's data.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => return Err(handshake("refused (stream closed before OK)".into())),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() < MAX_OK_LINE => line.push(byte[0]),
+            Ok(_) => return Err(handshake("overlong reply".into())),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(handshake(format!("no answer within {timeout:?}")))
+            }
+            Err(e) => return Err(handshake(e.to_string())),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    match text.strip_prefix("OK ").and_then(|p| p.trim().parse::<u32>().ok()) {
+        Some(_host_port) => {}
+        None => return Err(handshake(format!("unexpected reply {text:?}"))),
+    }
+    stream.set_read_timeout(None).map_err(|e| handshake(e.to_string()))?;
+    Ok(stream)
+}
+
+/// The agent's API and health service over one connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    pub agent: AgentServiceClient,
+    pub health: HealthClient,
+}
+
+impl AgentClient {
+    /// Connects to the agent (vsock port 1024) through `socket`, retrying
+    /// until it answers a health check with SERVING or `deadline` passes.
+    pub fn connect(socket: &Path, deadline: Duration) -> Result<Self, ClientError> {
+        Self::connect_port(socket, AGENT_VSOCK_PORT, deadline)
+    }
+
+    /// [`AgentClient::connect`] for an agent on another vsock port.
+    pub fn connect_port(socket: &Path, port: u32, deadline: Duration) -> Result<Self, ClientError> {
+        let start = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_sub(start.elapsed());
+            let err = match Self::try_once(socket, port, left) {
+                Ok(client) => {
+                    tracing::debug!("agent answered after {:?} ({attempts} attempts)", start.elapsed());
+                    return Ok(client);
+                }
+                Err(e) => e,
+            };
+            tracing::debug!("agent attempt {attempts}: {err}");
+            if start.elapsed() + RETRY_PAUSE >= deadline {
+                return Err(ClientError::Deadline {
+                    path: socket.to_owned(),
+                    waited: start.elapsed(),
+                    attempts,
+                    last: Box::new(err),
+                });
+            }
+            std::thread::sleep(RETRY_PAUSE);
+        }
+    }
+
+    /// One dial plus one health check.
+    fn try_once(socket: &Path, port: u32, left: Duration) -> Result<Self, ClientError> {
+        let stream = dial(socket, port, left)?;
+        // ttrpc takes ownership of the descriptor and closes it on drop.
+        let client = Self::from_client(ttrpc::Client::new(stream.into_raw_fd())?);
+        client.check(left.min(CHECK_TIMEOUT).max(Duration::from_millis(1)))?;
+        Ok(client)
+    }
+
+    /// Wraps an already-connected ttrpc client.
+    pub fn from_client(client: ttrpc::Client) -> Self {
+        Self { agent: AgentServiceClient::new(client.clone()), health: HealthClient::new(client) }
+    }
+
+    /// Health.Check: Ok when the agent says SERVING.
+    pub fn check(&self, timeout: Duration) -> Result<(), ClientError> {
+        let resp = self.health.check(ctx(timeout), &CheckRequest::default())?;
+        match resp.status.enum_value_or_default() {
+            ServingStatus::SERVING => Ok(()),
+            other => Err(ClientError::NotServing(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake VMM socket that answers each connection with `reply`.
+    fn fake_vmm(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).unwrap_or(0);
+                assert_eq!(&buf[..n], b"CONNECT 1024\n");
+                let _ = s.write_all(reply);
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn vsock_dial_reads_ok_and_keeps_following_bytes() {
+        let (_d, path) = fake_vmm(b"OK 1073741824\nrest");
+        let mut s = dial(&path, 1024, Duration::from_secs(5)).unwrap();
+        let mut rest = [0u8; 4];
+        s.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest, b"rest");
+    }
+
+    #[test]
+    fn vsock_dial_errors_are_typed() {
+        let (_d, path) = fake_vmm(b"");
+        assert!(matches!(dial(&path, 1024, Duration::from_secs(5)), Err(ClientError::Handshake { .. })));
+        let (_d2, path) = fake_vmm(b"NO\n");
+        let e = dial(&path, 1024, Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("unexpected reply"), "{e}");
+        let e = dial(Path::new("/nonexistent/v.sock"), 1024, Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(e, ClientError::Connect { .. }));
+    }
+
+    #[test]
+    fn vsock_connect_gives_up_at_the_deadline() {
+        let (_d, path) = fake_vmm(b"");
+        let start = Instant::now();
+        let e = AgentClient::connect(&path, Duration::from_millis(700)).err().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        match e {
+            ClientError::Deadline { attempts, last, .. } => {
+                assert!(attempts >= 2, "{attempts}");
+                assert!(matches!(*last, ClientError::Handshake { .. }));
+            }
+            other => panic!("{other}"),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Build the podbox guest image: an initramfs (newc cpio) whose /init is the
+# static podbox-agent, plus the empty directories it mounts on.
+#
+#   guest-image/build.sh
+#
+# The kernel boots it with its default `rdinit=/init` (nothing to add to the
+# command line; podbox-vmm adds console=ttyS0 reboot=k panic=1). The agent
+# mounts /proc, /sys, /dev, /run itself as PID 1 and listens on vsock port
+# 1024. /dev/console comes from the kernel's built-in initramfs.
+#
+# The agent is built with cargo (static, release) in its own target dir,
+# $PODBOX_GUEST_TARGET_DIR (default <repo>/target/guest), so that the build
+# does not wait on other cargo runs. The image is cached under
+# $PODBOX_CACHE_DIR (default /var/cache/podbox)/initramfs/<hash>.cpio, keyed
+# by the agent binary and this recipe. Progress goes to stderr; the image
+# path is the last stdout line.
+set -euo pipefail
+
+# Bump when the layout of the image changes.
+RECIPE_VERSION=1
+TARGET=x86_64-unknown-linux-gnu
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+case "${1:-}" in
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
+esac
+log() { echo "guest-image: $*" >&2; }
+command -v cpio >/dev/null || {
+    log "installing cpio"
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >&2
+}
+
+target_dir=${PODBOX_GUEST_TARGET_DIR:-$repo/target/guest}
+log "building the static agent (cargo, $target_dir)"
+(cd "$repo" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --release --locked --target "$TARGET" -p podbox-agent >&2)
+agent=$target_dir/$TARGET/release/podbox-agent
+file -L "$agent" 2>/dev/null | grep -q 'static' || { log "$agent is not statically linked"; exit 1; }
+
+key=$( { echo "recipe $RECIPE_VERSION"; sha256sum < "$agent"; } | sha256sum | cut -c1-16)
+cache=${PODBOX_CACHE_DIR:-/var/cache/podbox}/initramfs
+out=$cache/$key.cpio
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+if [ -f "$out" ]; then
+    log "cached image (key $key)"
+    echo "$out"
+    exit 0
+fi
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{dev,proc,sys,run,tmp}
+chmod 1777 "$stage/tmp"
+install -m 0755 "$agent" "$stage/init"
+strip "$stage/init" 2>/dev/null || true
+# Sorted names, root ownership and fixed times: the same agent gives the
+# same bytes.
+(cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | sed 's|^\./||' |
+    cpio --quiet -o -H newc --owner 0:0 --reproducible > "$out.tmp")
+mv "$out.tmp" "$out"
+log "built $out ($(du -k "$out" | cut -f1) KiB)"
+echo "$out"
