@@ -1,0 +1,215 @@
+//! The shim's configuration: a TOML file, /etc/podbox/config.toml unless
+//! containerd's runtime options name another (`config_path`).
+//!
+//! ```toml
+//! kernel = "/usr/share/podbox/vmlinux"
+//! initrd = "/usr/share/podbox/initramfs.cpio"
+//! virtiofsd = "/usr/libexec/virtiofsd"
+//! default_vcpus = 1
+//! default_memory_mib = 256
+//! log_level = "info"
+//! allowed_annotations = ["io.podbox.vcpus", "io.podbox.memory_mib"]
+//! ```
+//!
+//! Unknown keys are errors (a misspelt key would otherwise be silently
+//! ignored), and every bad value is reported with its key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::annotations::{is_known_annotation, KNOWN_ANNOTATIONS};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/podbox/config.toml";
+
+/// Bounds for a VM's size, from the config or an annotation.
+pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
+/// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB.
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=1_048_576;
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading podbox config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing podbox config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("podbox config {path}: key `{key}`: {reason}")]
+    Invalid { path: PathBuf, key: &'static str, reason: String },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The guest kernel (vmlinux) podbox-vmm boots.
+    pub kernel: PathBuf,
+    /// The guest initramfs, with podbox-agent as /init.
+    pub initrd: PathBuf,
+    /// virtiofsd, which serves container root filesystems and volumes to the guest.
+    pub virtiofsd: PathBuf,
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    /// The shim's own log level: error, warn, info, debug or trace.
+    pub log_level: String,
+    /// The `io.podbox.*` annotations pods may set; none unless the operator says so.
+    pub allowed_annotations: Vec<String>,
+}
+
+impl Default for Config {
+    /// Where `make install` puts things, a small VM, no annotations allowed.
+    fn default() -> Self {
+        Config {
+            kernel: PathBuf::from("/usr/share/podbox/vmlinux"),
+            initrd: PathBuf::from("/usr/share/podbox/initramfs.cpio"),
+            virtiofsd: PathBuf::from("/usr/libexec/virtiofsd"),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            log_level: "info".to_string(),
+            allowed_annotations: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config containerd asked for, or else the default file; only
+    /// the default file may be absent (then the built-in defaults apply).
+    pub fn load(config_path: Option<&Path>) -> Result<Config, ConfigError> {
+        match config_path {
+            Some(path) => Self::load_file(path),
+            None => {
+                let default_path = Path::new(DEFAULT_CONFIG_PATH);
+                if default_path.exists() {
+                    Self::load_file(default_path)
+                } else {
+                    Ok(Config::default())
+                }
+            }
+        }
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
+        for (key, value) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("virtiofsd", &self.virtiofsd)] {
+            if !value.is_absolute() {
+                return Err(invalid(key, format!("{} is not an absolute path", value.display())));
+            }
+        }
+        if !VCPUS_RANGE.contains(&self.default_vcpus) {
+            return Err(invalid("default_vcpus", format!("{} is not in {VCPUS_RANGE:?}", self.default_vcpus)));
+        }
+        if !MEMORY_MIB_RANGE.contains(&self.default_memory_mib) {
+            return Err(invalid("default_memory_mib", format!("{} is not in {MEMORY_MIB_RANGE:?}", self.default_memory_mib)));
+        }
+        if !LOG_LEVELS.contains(&self.log_level.as_str()) {
+            return Err(invalid("log_level", format!("{:?} is not one of {LOG_LEVELS:?}", self.log_level)));
+        }
+        if let Some(unknown) = self.allowed_annotations.iter().find(|a| !is_known_annotation(a)) {
+            return Err(invalid("allowed_annotations", format!("{unknown:?} is not a podbox annotation; known: {KNOWN_ANNOTATIONS:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn allows_annotation(&self, key: &str) -> bool {
+        self.allowed_annotations.iter().any(|allowed| allowed == key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/test/config.toml"))
+    }
+
+    fn invalid_key(text: &str) -> &'static str {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid-value error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let config = parse(
+            r#"
+            kernel = "/k/vmlinux"
+            initrd = "/k/initrd"
+            virtiofsd = "/bin/virtiofsd"
+            default_vcpus = 2
+            default_memory_mib = 512
+            log_level = "debug"
+            allowed_annotations = ["io.podbox.vcpus"]
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(config.kernel, Path::new("/k/vmlinux"));
+        assert_eq!(config.initrd, Path::new("/k/initrd"));
+        assert_eq!(config.virtiofsd, Path::new("/bin/virtiofsd"));
+        assert_eq!((config.default_vcpus, config.default_memory_mib), (2, 512));
+        assert_eq!(config.log_level, "debug");
+        assert!(config.allows_annotation("io.podbox.vcpus"));
+        assert!(!config.allows_annotation("io.podbox.memory_mib"));
+    }
+
+    #[test]
+    fn missing_keys_take_the_defaults() {
+        let config = parse("default_vcpus = 4").expect("valid config");
+        assert_eq!(config, Config { default_vcpus: 4, ..Config::default() });
+        assert!(config.allowed_annotations.is_empty(), "no annotation is allowed unless the operator says so");
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let message = parse("default_cpus = 2").expect_err("unknown key").to_string();
+        assert!(message.contains("default_cpus"), "{message}");
+        let message = parse("default_vcpus = \"two\"").expect_err("mistyped value").to_string();
+        assert!(message.contains("default_vcpus"), "{message}");
+        assert!(message.contains("/test/config.toml"), "the file is named: {message}");
+    }
+
+    #[test]
+    fn bad_values_are_named_by_key() {
+        assert_eq!(invalid_key("default_vcpus = 0"), "default_vcpus");
+        assert_eq!(invalid_key("default_vcpus = 65"), "default_vcpus");
+        assert_eq!(invalid_key("default_memory_mib = 32"), "default_memory_mib");
+        assert_eq!(invalid_key("log_level = \"loud\""), "log_level");
+        assert_eq!(invalid_key("kernel = \"vmlinux\""), "kernel");
+        assert_eq!(invalid_key("initrd = \"\""), "initrd");
+        assert_eq!(invalid_key("virtiofsd = \"bin/virtiofsd\""), "virtiofsd");
+        assert_eq!(invalid_key("allowed_annotations = [\"io.podbox.cpus\"]"), "allowed_annotations");
+        let message = parse("default_vcpus = 0").expect_err("invalid").to_string();
+        assert_eq!(message, "podbox config /test/config.toml: key `default_vcpus`: 0 is not in 1..=64");
+    }
+
+    #[test]
+    fn a_negative_number_is_an_error_not_a_wraparound() {
+        let message = parse("default_memory_mib = -1").expect_err("negative").to_string();
+        assert!(message.contains("default_memory_mib"), "{message}");
+    }
+
+    #[test]
+    fn an_explicit_config_path_must_exist_but_the_default_need_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("absent.toml");
+        assert!(matches!(Config::load(Some(&missing)), Err(ConfigError::Read { .. })));
+        let present = dir.path().join("config.toml");
+        std::fs::write(&present, "default_memory_mib = 1024\n").expect("writing config");
+        assert_eq!(Config::load(Some(&present)).expect("loads").default_memory_mib, 1024);
+    }
+}

@@ -1,0 +1,257 @@
+//! The shim's lifecycle commands as containerd 1.6 runs them:
+//!
+//! - `start` (cwd = the bundle; stdin = runtime options as a protobuf Any, or
+//!   nothing): prints the ttrpc address of the shim that will serve this
+//!   container. A pod container answers with its sandbox's shim address, so
+//!   the whole pod shares one shim and one VM.
+//! - `delete` (`-bundle`): cleans up after a shim that is gone and prints a
+//!   protobuf DeleteResponse.
+//!
+//! Flags are parsed with containerd-shim's parser (Go flag syntax); socket
+//! addresses come from its `socket_address` so they match containerd's own.
+//! Serving the task API is not here yet: it needs the VM backend.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::{CodedInputStream, Message};
+use containerd_shim::DeleteResponse;
+use thiserror::Error;
+
+use crate::annotations::{AnnotationError, PodRole, VmSettings};
+use crate::config::{Config, ConfigError};
+
+/// The Any type of CRI's options for runtimes other than runc (`config_path`).
+const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
+/// What containerd reports for a task whose shim is gone: killed (128 + SIGKILL).
+const EXIT_STATUS_KILLED: u32 = 128 + 9;
+
+#[derive(Debug, Error)]
+pub enum ShimError {
+    #[error("parsing the command line: {0}")]
+    Flags(containerd_shim::Error),
+    #[error("flag -{0} is required for {1}")]
+    MissingFlag(&'static str, &'static str),
+    #[error("unknown action {0:?}: expected start or delete")]
+    UnknownAction(String),
+    #[error("reading runtime options from stdin: {0}")]
+    Stdin(std::io::Error),
+    #[error("decoding runtime options ({what}): {source}")]
+    RuntimeOptions { what: &'static str, source: containerd_shim::protos::protobuf::Error },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("reading the bundle's OCI spec {path}: {reason}")]
+    Spec { path: PathBuf, reason: String },
+    #[error("bundle {bundle}: {source}")]
+    Annotations { bundle: PathBuf, source: AnnotationError },
+    #[error("container {id} belongs to pod {sandbox_id}, whose shim is not running (no socket at {address})")]
+    NoSandboxShim { id: String, sandbox_id: String, address: String },
+    #[error("{0}: the current directory: {1}")]
+    Cwd(&'static str, std::io::Error),
+    #[error("unmounting {path}: {source}")]
+    Unmount { path: PathBuf, source: containerd_shim::Error },
+    #[error("encoding the DeleteResponse: {0}")]
+    Encode(containerd_shim::protos::protobuf::Error),
+    #[error(
+        "podbox cannot run {id} yet: the shim's task API (serving containerd on {address}) \
+         comes with the VM backend; the config and annotations were valid ({settings:?})"
+    )]
+    TaskApiNotBuilt { id: String, address: String, settings: VmSettings },
+}
+
+/// What the command asks the caller to write to stdout.
+pub enum Reply {
+    /// `start`: the ttrpc address, with no newline (containerd reads it verbatim).
+    Address(String),
+    /// `delete`: an encoded DeleteResponse.
+    Deleted(Vec<u8>),
+}
+
+/// Runs the command in `args` (without the program name).
+pub fn run(args: &[String], stdin: &mut dyn Read) -> Result<Reply, ShimError> {
+    let flags = containerd_shim::parse(args).map_err(ShimError::Flags)?;
+    match flags.action.as_str() {
+        "start" => start(&flags, stdin).map(Reply::Address),
+        "delete" => delete(&flags).map(Reply::Deleted),
+        other => Err(ShimError::UnknownAction(other.to_string())),
+    }
+}
+
+fn require<'a>(value: &'a str, flag: &'static str, action: &'static str) -> Result<&'a str, ShimError> {
+    if value.is_empty() {
+        Err(ShimError::MissingFlag(flag, action))
+    } else {
+        Ok(value)
+    }
+}
+
+fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String, ShimError> {
+    let id = require(&flags.id, "id", "start")?;
+    let namespace = require(&flags.namespace, "namespace", "start")?;
+    let containerd_address = require(&flags.address, "address", "start")?;
+    let bundle = std::env::current_dir().map_err(|e| ShimError::Cwd("start runs in the bundle", e))?;
+
+    let mut options = Vec::new();
+    stdin.read_to_end(&mut options).map_err(ShimError::Stdin)?;
+    let config = Config::load(config_path_from_runtime_options(&options)?.as_deref())?;
+    let annotations = read_annotations(&bundle)?;
+    let annotation_error = |source| ShimError::Annotations { bundle: bundle.clone(), source };
+    let role = PodRole::from_annotations(&annotations).map_err(annotation_error)?;
+    let settings = VmSettings::resolve(&config, &annotations).map_err(annotation_error)?;
+
+    let address = containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
+    if let PodRole::Container { sandbox_id } = &role {
+        // The sandbox's shim serves every container of the pod.
+        return if socket_path(&address).exists() {
+            Ok(address)
+        } else {
+            Err(ShimError::NoSandboxShim { id: id.to_string(), sandbox_id: sandbox_id.clone(), address })
+        };
+    }
+    Err(ShimError::TaskApiNotBuilt { id: id.to_string(), address, settings })
+}
+
+/// `unix:///run/containerd/s/<hash>` → `/run/containerd/s/<hash>`.
+fn socket_path(address: &str) -> &Path {
+    Path::new(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+/// containerd 1.6 writes the runtime's options to the shim's stdin as a
+/// protobuf Any; for non-runc runtimes CRI sends `runtimeoptions.v1.Options`
+/// { type_url = 1, config_path = 2 }. Other option types carry no config path.
+fn config_path_from_runtime_options(bytes: &[u8]) -> Result<Option<PathBuf>, ShimError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let any = Any::parse_from_bytes(bytes).map_err(|source| ShimError::RuntimeOptions { what: "Any", source })?;
+    if !any.type_url.ends_with(RUNTIME_OPTIONS_TYPE) {
+        return Ok(None);
+    }
+    let decode_error = |source| ShimError::RuntimeOptions { what: RUNTIME_OPTIONS_TYPE, source };
+    let mut input = CodedInputStream::from_bytes(&any.value);
+    let mut config_path = String::new();
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(decode_error)? {
+        const CONFIG_PATH_FIELD: u32 = 2;
+        const LENGTH_DELIMITED: u32 = 2;
+        if tag == (CONFIG_PATH_FIELD << 3) | LENGTH_DELIMITED {
+            config_path = input.read_string().map_err(decode_error)?;
+        } else {
+            input.skip_field(tag_wire_type(tag)).map_err(decode_error)?;
+        }
+    }
+    Ok((!config_path.is_empty()).then(|| PathBuf::from(config_path)))
+}
+
+fn tag_wire_type(tag: u32) -> containerd_shim::protos::protobuf::rt::WireType {
+    use containerd_shim::protos::protobuf::rt::WireType;
+    // An unknown wire type makes skip_field fail with a decode error, as it should.
+    WireType::new(tag & 7).unwrap_or(WireType::StartGroup)
+}
+
+/// The annotations of `<bundle>/config.json` (none if it has no annotations).
+fn read_annotations(bundle: &Path) -> Result<HashMap<String, String>, ShimError> {
+    #[derive(serde::Deserialize)]
+    struct SpecAnnotations {
+        #[serde(default)]
+        annotations: HashMap<String, String>,
+    }
+    let path = bundle.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| ShimError::Spec { path: path.clone(), reason: e.to_string() })?;
+    let spec: SpecAnnotations = serde_json::from_str(&text).map_err(|e| ShimError::Spec { path, reason: e.to_string() })?;
+    Ok(spec.annotations)
+}
+
+/// Cleans up after a shim that is gone: the bundle's rootfs mounts (the
+/// shim's, were it still alive) come down; the task is reported killed.
+fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
+    require(&flags.id, "id", "delete")?;
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(|e| ShimError::Cwd("delete without -bundle", e))?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let rootfs = bundle.join("rootfs");
+    if rootfs.exists() {
+        let target = rootfs.to_string_lossy().into_owned();
+        containerd_shim::mount::umount_recursive(Some(&target), 0)
+            .map_err(|source| ShimError::Unmount { path: rootfs.clone(), source })?;
+    }
+    let response = DeleteResponse {
+        pid: 0,
+        exit_status: EXIT_STATUS_KILLED,
+        exited_at: Some(containerd_shim::util::timestamp().unwrap_or_default()).into(),
+        ..Default::default()
+    };
+    response.write_to_bytes().map_err(ShimError::Encode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encodes `runtimeoptions.v1.Options { type_url, config_path }` wrapped in an Any.
+    fn runtime_options_any(type_url: &str, config_path: &str) -> Vec<u8> {
+        let mut value = Vec::new();
+        for (field, text) in [(1u8, "io.podbox.config"), (2u8, config_path)] {
+            value.push((field << 3) | 2);
+            value.push(text.len() as u8);
+            value.extend_from_slice(text.as_bytes());
+        }
+        let any = Any { type_url: type_url.to_string(), value, ..Default::default() };
+        any.write_to_bytes().expect("encoding an Any")
+    }
+
+    #[test]
+    fn the_config_path_comes_from_cri_runtime_options() {
+        let bytes = runtime_options_any("type.googleapis.com/runtimeoptions.v1.Options", "/etc/podbox/other.toml");
+        assert_eq!(config_path_from_runtime_options(&bytes).expect("decodes"), Some(PathBuf::from("/etc/podbox/other.toml")));
+    }
+
+    #[test]
+    fn no_or_foreign_runtime_options_mean_the_default_config() {
+        assert_eq!(config_path_from_runtime_options(&[]).expect("empty stdin"), None);
+        let runc = runtime_options_any("containerd.runc.v1.Options", "/ignored");
+        assert_eq!(config_path_from_runtime_options(&runc).expect("decodes"), None);
+    }
+
+    #[test]
+    fn garbage_runtime_options_are_an_error() {
+        let error = config_path_from_runtime_options(&[0xff, 0xff, 0xff]).expect_err("not an Any");
+        assert!(matches!(error, ShimError::RuntimeOptions { .. }), "{error}");
+    }
+
+    #[test]
+    fn unknown_actions_and_missing_flags_are_refused() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let error = run(&args(&["-id", "x", "frobnicate"]), &mut std::io::empty()).err().expect("refused");
+        assert!(matches!(error, ShimError::UnknownAction(action) if action == "frobnicate"));
+        let error = run(&args(&["-namespace", "ns", "-address", "/a.sock", "start"]), &mut std::io::empty()).err().expect("refused");
+        assert!(matches!(error, ShimError::MissingFlag("id", "start")), "{error}");
+    }
+
+    #[test]
+    fn delete_reports_the_task_killed() {
+        let bundle = tempfile::tempdir().expect("temp dir");
+        let args: Vec<String> =
+            ["-namespace", "ns", "-id", "c1", "-bundle"].iter().map(|a| a.to_string()).chain([bundle.path().display().to_string(), "delete".into()]).collect();
+        let Ok(Reply::Deleted(bytes)) = run(&args, &mut std::io::empty()) else { panic!("delete failed") };
+        let response = DeleteResponse::parse_from_bytes(&bytes).expect("a DeleteResponse");
+        assert_eq!(response.exit_status, 137);
+        assert!(response.exited_at.is_some(), "exited_at is set");
+    }
+
+    #[test]
+    fn annotations_are_read_from_the_bundle_spec() {
+        let bundle = tempfile::tempdir().expect("temp dir");
+        std::fs::write(bundle.path().join("config.json"), r#"{"ociVersion":"1.0.2","annotations":{"io.podbox.vcpus":"2"}}"#)
+            .expect("writing config.json");
+        let annotations = read_annotations(bundle.path()).expect("reads");
+        assert_eq!(annotations.get("io.podbox.vcpus").map(String::as_str), Some("2"));
+        std::fs::write(bundle.path().join("config.json"), r#"{"ociVersion":"1.0.2"}"#).expect("writing config.json");
+        assert!(read_annotations(bundle.path()).expect("reads").is_empty());
+        std::fs::write(bundle.path().join("config.json"), "{").expect("writing config.json");
+        assert!(matches!(read_annotations(bundle.path()), Err(ShimError::Spec { .. })));
+    }
+}
