@@ -75,42 +75,27 @@ impl CriClient {
 
     /// The runtime's conditions (`RuntimeReady`, `NetworkReady`) by type.
     pub fn conditions(&mut self) -> Result<HashMap<String, bool>, CriError> {
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.status(StatusRequest { verbose: false }))
-            .map_err(|status| CriError::Rpc { call: "Status", status })?
-            .into_inner();
+        let response = rpc(&self.runtime, "Status", self.runtime_service.status(StatusRequest { verbose: false }))?;
         let status = response.status.ok_or(CriError::MissingField { call: "Status", field: "status" })?;
         Ok(status.conditions.into_iter().map(|c| (c.r#type, c.status)).collect())
     }
 
     /// The image references the CRI plugin knows (its `k8s.io` namespace).
     pub fn list_image_tags(&mut self) -> Result<Vec<String>, CriError> {
-        let response = self
-            .runtime
-            .block_on(self.image_service.list_images(ListImagesRequest { filter: None }))
-            .map_err(|status| CriError::Rpc { call: "ListImages", status })?
-            .into_inner();
+        let response = rpc(&self.runtime, "ListImages", self.image_service.list_images(ListImagesRequest { filter: None }))?;
         Ok(response.images.into_iter().flat_map(|image| image.repo_tags).collect())
     }
 
     /// Starts a pod sandbox with the given runtime handler; returns its id.
     pub fn run_pod_sandbox(&mut self, config: &PodSandboxConfig, runtime_handler: &str) -> Result<String, CriError> {
         let request = RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: runtime_handler.to_string() };
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.run_pod_sandbox(request))
-            .map_err(|status| CriError::Rpc { call: "RunPodSandbox", status })?;
-        Ok(response.into_inner().pod_sandbox_id)
+        let response = rpc(&self.runtime, "RunPodSandbox", self.runtime_service.run_pod_sandbox(request))?;
+        Ok(response.pod_sandbox_id)
     }
 
     pub fn pod_sandbox_status(&mut self, pod_id: &str, verbose: bool) -> Result<PodSandboxStatusResponse, CriError> {
         let request = PodSandboxStatusRequest { pod_sandbox_id: pod_id.to_string(), verbose };
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.pod_sandbox_status(request))
-            .map_err(|status| CriError::Rpc { call: "PodSandboxStatus", status })?;
-        Ok(response.into_inner())
+        rpc(&self.runtime, "PodSandboxStatus", self.runtime_service.pod_sandbox_status(request))
     }
 
     /// The pod's network namespace path, from the verbose status
@@ -131,26 +116,19 @@ impl CriClient {
     }
 
     pub fn list_pod_sandboxes(&mut self) -> Result<Vec<PodSandbox>, CriError> {
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
-            .map_err(|status| CriError::Rpc { call: "ListPodSandbox", status })?;
-        Ok(response.into_inner().items)
+        let response = rpc(&self.runtime, "ListPodSandbox", self.runtime_service.list_pod_sandbox(ListPodSandboxRequest { filter: None }))?;
+        Ok(response.items)
     }
 
     pub fn stop_pod_sandbox(&mut self, pod_id: &str) -> Result<(), CriError> {
         let request = StopPodSandboxRequest { pod_sandbox_id: pod_id.to_string() };
-        self.runtime
-            .block_on(self.runtime_service.stop_pod_sandbox(request))
-            .map_err(|status| CriError::Rpc { call: "StopPodSandbox", status })?;
+        rpc(&self.runtime, "StopPodSandbox", self.runtime_service.stop_pod_sandbox(request))?;
         Ok(())
     }
 
     pub fn remove_pod_sandbox(&mut self, pod_id: &str) -> Result<(), CriError> {
         let request = RemovePodSandboxRequest { pod_sandbox_id: pod_id.to_string() };
-        self.runtime
-            .block_on(self.runtime_service.remove_pod_sandbox(request))
-            .map_err(|status| CriError::Rpc { call: "RemovePodSandbox", status })?;
+        rpc(&self.runtime, "RemovePodSandbox", self.runtime_service.remove_pod_sandbox(request))?;
         Ok(())
     }
 
@@ -167,52 +145,37 @@ impl CriClient {
             config: Some(config.clone()),
             sandbox_config: Some(sandbox_config.clone()),
         };
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.create_container(request))
-            .map_err(|status| CriError::Rpc { call: "CreateContainer", status })?;
-        Ok(response.into_inner().container_id)
+        let response = rpc(&self.runtime, "CreateContainer", self.runtime_service.create_container(request))?;
+        Ok(response.container_id)
     }
 
     pub fn start_container(&mut self, container_id: &str) -> Result<(), CriError> {
         let request = StartContainerRequest { container_id: container_id.to_string() };
-        self.runtime
-            .block_on(self.runtime_service.start_container(request))
-            .map_err(|status| CriError::Rpc { call: "StartContainer", status })?;
+        rpc(&self.runtime, "StartContainer", self.runtime_service.start_container(request))?;
         Ok(())
     }
 
     pub fn stop_container(&mut self, container_id: &str, timeout: Duration) -> Result<(), CriError> {
         let request = StopContainerRequest { container_id: container_id.to_string(), timeout: timeout.as_secs() as i64 };
-        self.runtime
-            .block_on(self.runtime_service.stop_container(request))
-            .map_err(|status| CriError::Rpc { call: "StopContainer", status })?;
+        rpc(&self.runtime, "StopContainer", self.runtime_service.stop_container(request))?;
         Ok(())
     }
 
     pub fn remove_container(&mut self, container_id: &str) -> Result<(), CriError> {
         let request = RemoveContainerRequest { container_id: container_id.to_string() };
-        self.runtime
-            .block_on(self.runtime_service.remove_container(request))
-            .map_err(|status| CriError::Rpc { call: "RemoveContainer", status })?;
+        rpc(&self.runtime, "RemoveContainer", self.runtime_service.remove_container(request))?;
         Ok(())
     }
 
     pub fn list_containers(&mut self) -> Result<Vec<Container>, CriError> {
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.list_containers(ListContainersRequest { filter: None }))
-            .map_err(|status| CriError::Rpc { call: "ListContainers", status })?;
-        Ok(response.into_inner().containers)
+        let response = rpc(&self.runtime, "ListContainers", self.runtime_service.list_containers(ListContainersRequest { filter: None }))?;
+        Ok(response.containers)
     }
 
     pub fn container_status(&mut self, container_id: &str) -> Result<ContainerStatus, CriError> {
         let request = k8s_cri::v1::ContainerStatusRequest { container_id: container_id.to_string(), verbose: false };
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.container_status(request))
-            .map_err(|status| CriError::Rpc { call: "ContainerStatus", status })?;
-        response.into_inner().status.ok_or(CriError::MissingField { call: "ContainerStatus", field: "status" })
+        let response = rpc(&self.runtime, "ContainerStatus", self.runtime_service.container_status(request))?;
+        response.status.ok_or(CriError::MissingField { call: "ContainerStatus", field: "status" })
     }
 
     /// Runs `command` in a running container and waits for it.
@@ -222,17 +185,22 @@ impl CriClient {
             cmd: command.iter().map(|arg| arg.to_string()).collect(),
             timeout: timeout.as_secs() as i64,
         };
-        let response = self
-            .runtime
-            .block_on(self.runtime_service.exec_sync(request))
-            .map_err(|status| CriError::Rpc { call: "ExecSync", status })?
-            .into_inner();
+        let response = rpc(&self.runtime, "ExecSync", self.runtime_service.exec_sync(request))?;
         Ok(ExecOutput {
             exit_code: response.exit_code,
             stdout: String::from_utf8_lossy(&response.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&response.stderr).into_owned(),
         })
     }
+}
+
+/// Runs one CRI call to completion on the client's runtime.
+fn rpc<R>(
+    runtime: &tokio::runtime::Runtime,
+    call: &'static str,
+    request: impl std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+) -> Result<R, CriError> {
+    runtime.block_on(request).map(tonic::Response::into_inner).map_err(|status| CriError::Rpc { call, status })
 }
 
 /// A pod sandbox config as kubelet would send it, reduced to what matters
