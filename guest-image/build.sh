@@ -37,7 +37,7 @@ command -v cpio >/dev/null || {
 target_dir=${PODBOX_GUEST_TARGET_DIR:-$repo/target/guest}
 log "building the static agent (cargo, $target_dir)"
 (cd "$repo" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --locked --target "$TARGET" -p podbox-agent >&2)
+    cargo build --release --target "$TARGET" -p podbox-agent >&2)
 agent=$target_dir/$TARGET/release/podbox-agent
 file -L "$agent" 2>/dev/null | grep -q 'static' || { log "$agent is not statically linked"; exit 1; }
 

@@ -7,9 +7,11 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod guest;
+pub mod guest_image;
 pub mod initramfs;
 pub mod oci_image;
 pub mod vm;
+pub mod vsock;
 
 use std::path::{Path, PathBuf};
 

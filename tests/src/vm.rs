@@ -29,11 +29,25 @@ impl VmRun {
 /// Runs `podbox-vmm` with the serial console captured to a file in `dir`.
 /// The VMM is killed if it outlives `deadline`, and the test fails.
 pub fn run_vmm(vmm: &Path, dir: &Path, args: &[&str], deadline: Duration) -> VmRun {
+    spawn_vmm(vmm, dir, args).wait(deadline)
+}
+
+/// A `podbox-vmm` running in the background (for tests that talk to the
+/// guest while it runs). Dropping it kills the VMM.
+pub struct RunningVm {
+    child: std::process::Child,
+    serial_path: std::path::PathBuf,
+    stderr_path: std::path::PathBuf,
+    start: Instant,
+}
+
+/// Starts `podbox-vmm` like [`run_vmm`] without waiting for it.
+pub fn spawn_vmm(vmm: &Path, dir: &Path, args: &[&str]) -> RunningVm {
     let serial_path = dir.join("serial.log");
     let stderr_path = dir.join("vmm.stderr");
     let stderr = std::fs::File::create(&stderr_path).expect("creating stderr file");
     let start = Instant::now();
-    let mut child = Command::new(vmm)
+    let child = Command::new(vmm)
         .args(args)
         .arg("--serial")
         .arg(&serial_path)
@@ -42,24 +56,56 @@ pub fn run_vmm(vmm: &Path, dir: &Path, args: &[&str], deadline: Duration) -> VmR
         .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", vmm.display()));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for the VMM") {
-            break status;
+    RunningVm { child, serial_path, stderr_path, start }
+}
+
+impl RunningVm {
+    /// When the VMM was started.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The console and VMM log so far, for assertion messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "--- serial ---\n{}\n--- vmm stderr ---\n{}",
+            std::fs::read_to_string(&self.serial_path).unwrap_or_default(),
+            std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        )
+    }
+
+    /// Waits for the VMM to exit; kills it and panics after `deadline`
+    /// (counted from its start).
+    pub fn wait(mut self, deadline: Duration) -> VmRun {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the VMM") {
+                break status;
+            }
+            if self.start.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("VMM still running after {deadline:?}; killed.\n{}", self.transcript());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        VmRun {
+            status,
+            serial: std::fs::read_to_string(&self.serial_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+            wall: self.start.elapsed(),
         }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "VMM still running after {deadline:?}; killed.\n--- serial ---\n{}",
-                std::fs::read_to_string(&serial_path).unwrap_or_default()
-            );
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    VmRun {
-        status,
-        serial: std::fs::read_to_string(&serial_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-        wall: start.elapsed(),
     }
 }

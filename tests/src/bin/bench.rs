@@ -1,6 +1,7 @@
 //! `podbox-bench`: podbox's benchmarks, each printing a markdown table.
 //!
 //!   podbox-bench boot [--runs N] [--vmm PATH]
+//!   podbox-bench vsock [--runs N] [--vmm PATH]
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
 
@@ -8,10 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use podbox_tests::bench::boot::BootBench;
+use podbox_tests::bench::vsock::VsockBench;
 use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: podbox-bench boot [--runs N] [--vmm PATH]");
+    eprintln!("usage: podbox-bench boot|vsock [--runs N] [--vmm PATH]");
     ExitCode::from(2)
 }
 
@@ -53,6 +55,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("boot bench failed: {e}");
+                ExitCode::from(1)
+            }
+        },
+        "vsock" => match VsockBench::run(&vmm, runs, work.path()) {
+            Ok(bench) => {
+                println!("{}", bench.table());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vsock bench failed: {e}");
                 ExitCode::from(1)
             }
         },

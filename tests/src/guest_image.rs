@@ -1,0 +1,66 @@
+//! The podbox guest image (the agent as /init, from `guest-image/build.sh`)
+//! and the vsock test image built on it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use crate::guest::compile_static_c;
+use crate::initramfs::Initramfs;
+use crate::repo_root;
+
+/// Guest vsock ports of the test helper (tests/guest/vsock_helper.c).
+pub const ECHO_PORT: u32 = 5000;
+pub const SINK_PORT: u32 = 5001;
+pub const SOURCE_PORT: u32 = 5002;
+/// Host port the helper connects to once at start, writing [`GUEST_HELLO`].
+pub const HOST_HELLO_PORT: u32 = 6000;
+pub const GUEST_HELLO: &str = "guest-hello\n";
+/// The kernel command line that boots the test image: the helper starts its
+/// services and execs the agent, which stays PID 1.
+pub const TEST_IMAGE_CMDLINE: &str = "quiet rdinit=/podbox-test-init";
+
+/// Path of the production guest image, built (or taken from the cache) by
+/// `guest-image/build.sh`; `PODBOX_INITRAMFS` overrides it.
+pub fn agent_initramfs() -> PathBuf {
+    static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    if let Some(path) = std::env::var_os("PODBOX_INITRAMFS") {
+        return path.into();
+    }
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.as_ref() {
+        return path.clone();
+    }
+    let script = repo_root().join("guest-image/build.sh");
+    let out = Command::new(&script).output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(out.status.success(), "guest-image/build.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = PathBuf::from(stdout.lines().last().expect("build.sh prints the image path").trim());
+    assert!(path.is_file(), "build.sh printed {}, which is not a file", path.display());
+    *built = Some(path.clone());
+    path
+}
+
+/// The production image with the vsock test helper appended as a second
+/// cpio archive (the kernel unpacks both); boot it with
+/// [`TEST_IMAGE_CMDLINE`]. Written into `dir`.
+pub fn vsock_test_initramfs(dir: &Path) -> PathBuf {
+    let helper = compile_static_c(dir, "vsock_helper", include_str!("../guest/vsock_helper.c"));
+    let mut overlay = Initramfs::new();
+    overlay.copy("podbox-test-init", 0o755, &helper).expect("adding the helper");
+    let mut image = std::fs::read(agent_initramfs()).expect("reading the guest image");
+    image.extend_from_slice(&overlay.finish());
+    let path = dir.join("vsock-test-initramfs.cpio");
+    std::fs::write(&path, image).expect("writing the test image");
+    path
+}
+
+/// FNV-1a 64, as the helper's sink computes it.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The byte the helper's source sends at offset `i`.
+pub fn source_byte(i: u64) -> u8 {
+    (i.wrapping_mul(7).wrapping_add(3) & 0xff) as u8
+}
