@@ -17,4 +17,11 @@ fn main() {
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(true))
         .run()
         .expect("ttrpc-codegen failed");
+    // ttrpc-codegen 0.7 starts mod.rs with an inner attribute, which is not
+    // allowed in a file brought in with include!(); the generated modules
+    // carry their own copy of it.
+    let mod_rs = std::path::Path::new(&out_dir).join("mod.rs");
+    let text = std::fs::read_to_string(&mod_rs).expect("reading the generated mod.rs");
+    let kept: Vec<&str> = text.lines().filter(|line| !line.starts_with("#![")).collect();
+    std::fs::write(&mod_rs, kept.join("\n") + "\n").expect("rewriting the generated mod.rs");
 }
