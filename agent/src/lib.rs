@@ -13,6 +13,7 @@ pub mod network;
 pub mod reaper;
 pub mod rpc;
 pub mod sandbox;
+pub mod storage;
 
 use config::{AgentConfig, Command};
 

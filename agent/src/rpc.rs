@@ -53,7 +53,7 @@ impl Agent {
 
 impl AgentService for Agent {
     fn create_sandbox(&self, _: &TtrpcContext, r: CreateSandboxRequest) -> Res<Empty> {
-        ok(self.sandbox.create(&r.sandbox_id, &r.hostname, r.shared_pid_ns))
+        ok(self.sandbox.create(&r.sandbox_id, &r.hostname, r.shared_pid_ns, &r.storages))
     }
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> Res<Empty> {

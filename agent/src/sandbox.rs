@@ -55,6 +55,8 @@ struct Pod {
     pause_pid: i32,
     shared_pid: bool,
     cgroup_rel: String,
+    /// Mounted from CreateSandbox's storages; unmounted at destroy.
+    storages: Vec<PathBuf>,
 }
 
 #[derive(Default)]
@@ -100,7 +102,13 @@ impl Sandbox {
             .ok_or_else(|| Error::Unsupported("no usable cgroup hierarchy in this guest".into()))
     }
 
-    pub fn create(self: &Arc<Self>, id: &str, hostname: &str, shared_pid: bool) -> Result<(), Error> {
+    pub fn create(
+        self: &Arc<Self>,
+        id: &str,
+        hostname: &str,
+        shared_pid: bool,
+        storages: &[podbox_protocol::agent::Storage],
+    ) -> Result<(), Error> {
         validate_id("sandbox id", id)?;
         if hostname.len() > 64 || hostname.contains('\0') {
             return Err(Error::InvalidArgument(format!("bad hostname {hostname:?}")));
@@ -109,15 +117,27 @@ impl Sandbox {
         if pod.is_some() {
             return Err(Error::AlreadyExists("sandbox".into()));
         }
+        // Checked up front so that a bad storage leaves nothing behind.
+        for s in storages {
+            crate::storage::check(s)?;
+        }
         let root = self.cgroup_root()?;
         let cgroup_rel = format!("{}/{id}", self.cfg.cgroup_parent);
         let cg = root.create(&cgroup_rel)?;
+        let mounted = match crate::storage::mount_all(storages) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = cg.destroy();
+                return Err(e);
+            }
+        };
         let hostname = if hostname.is_empty() { id.to_string() } else { hostname.to_string() };
         match spawn_pause(&hostname, shared_pid) {
             Ok((pause_pid, pause)) => {
-                *pod = Some(Pod { id: id.to_string(), pause, pause_pid, shared_pid, cgroup_rel });
+                *pod = Some(Pod { id: id.to_string(), pause, pause_pid, shared_pid, cgroup_rel, storages: mounted });
             }
             Err(e) => {
+                crate::storage::unmount_all(&mounted);
                 let _ = cg.destroy();
                 return Err(e);
             }
@@ -354,6 +374,7 @@ impl Sandbox {
                 // only if it became empty.
                 let _ = root.open(&self.cfg.cgroup_parent).destroy_if_empty();
             }
+            errors.extend(crate::storage::unmount_all(&pod.storages));
             log::info!("sandbox {} destroyed", pod.id);
         }
         if errors.is_empty() {

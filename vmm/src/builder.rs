@@ -15,13 +15,15 @@ use crate::arch::x86_64::layout::{
     self, CMDLINE_MAX_SIZE, MPTABLE_START, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_START, ZERO_PAGE_START,
 };
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
-use crate::config::{ConfigError, PvmMode, SerialOutput, VmConfig};
+use crate::config::{ConfigError, FsBackend, PvmMode, SerialOutput, VmConfig};
 use crate::devices::serial::ConsoleOutput;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{fs, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pvm::{GuestProfile, HostKind};
+use crate::virtiofsd::{Virtiofsd, VirtiofsdError, DEFAULT_START_TIMEOUT};
+use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -37,8 +39,8 @@ pub enum BuildError {
     Open { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     Kvm(#[source] kvm_ioctls::Error),
-    #[error("allocating {mib} MiB of guest memory: {detail}")]
-    Memory { mib: u32, detail: String },
+    #[error("allocating {mib} MiB of guest memory: {source}")]
+    Memory { mib: u32, source: MemoryError },
     #[error(transparent)]
     Load(#[from] loader::LoadError),
     #[error("kernel command line too long or malformed (at most {max} bytes): {0}", max = CMDLINE_MAX_SIZE)]
@@ -57,6 +59,10 @@ pub enum BuildError {
     Thread(#[source] std::io::Error),
     #[error(transparent)]
     Vsock(#[from] vsock::MuxerError),
+    #[error("virtio-fs: {0}")]
+    Virtiofsd(#[from] VirtiofsdError),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] fs::FsError),
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
     #[error("attaching {device}: {detail}")]
@@ -77,17 +83,38 @@ impl Drop for SocketGuard {
     }
 }
 
-/// The virtio devices the config asks for, in MMIO slot order, and the
-/// sockets to remove at exit.
-fn virtio_devices(config: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, Vec<SocketGuard>), BuildError> {
+/// What lives outside the VM and must go when it does: sockets the VMM
+/// created, and a virtiofsd it started (stopped on drop).
+#[derive(Default)]
+struct Backends {
+    _sockets: Vec<SocketGuard>,
+    _virtiofsd: Option<Virtiofsd>,
+}
+
+/// The virtio devices the config asks for, in MMIO slot order, and their
+/// host-side pieces. A virtiofsd that dies while the VM runs ends the VM
+/// (exit status 6) rather than leaving the guest's file system hanging.
+fn virtio_devices(config: &VmConfig, exit: &Arc<ExitLatch>) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let mut guards = Vec::new();
+    let mut backends = Backends::default();
     if let Some(v) = &config.vsock {
         let muxer = vsock::Muxer::new(v.cid, &v.socket)?;
-        guards.push(SocketGuard(v.socket.clone()));
+        backends._sockets.push(SocketGuard(v.socket.clone()));
         devices.push(Box::new(vsock::Vsock::new(v.cid, muxer)));
     }
-    Ok((devices, guards))
+    if let Some(f) = &config.fs {
+        if let FsBackend::Spawn(c) = &f.backend {
+            let daemon = Virtiofsd::start(c, DEFAULT_START_TIMEOUT)?;
+            let exit = exit.clone();
+            daemon.on_unexpected_exit(Box::new(move |detail| {
+                tracing::error!("{detail}");
+                exit.trigger(VmExit::BackendDied { device: "virtio-fs", detail });
+            }))?;
+            backends._virtiofsd = Some(daemon);
+        }
+        devices.push(Box::new(fs::VhostUserFs::connect(f.backend.socket(), &f.tag)?));
+    }
+    Ok((devices, backends))
 }
 
 /// Window base and IRQ of the `index`th virtio-mmio device.
@@ -210,14 +237,15 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
 
     let ram = layout::ram_ranges(config.memory_bytes());
     let ranges: Vec<(GuestAddress, usize)> = ram.iter().map(|&(a, l)| (GuestAddress(a), l as usize)).collect();
-    let memory = GuestMemoryMmap::<()>::from_ranges(&ranges)
-        .map_err(|e| BuildError::Memory { mib: config.memory_mib, detail: e.to_string() })?;
+    // vhost-user backends map guest memory themselves: it must be shared.
+    let memory = memory::guest_memory(&ranges, config.fs.is_some())
+        .map_err(|source| BuildError::Memory { mib: config.memory_mib, source })?;
 
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
     let initrd = initrd.as_mut().map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end)).transpose()?;
     // Bound now, so that host clients can connect while the guest boots.
-    let (virtio, _sockets) = virtio_devices(config)?;
+    let (virtio, _backends) = virtio_devices(config, &exit)?;
     let mut cmdline = kernel_cmdline(&config.cmdline, &profile)?;
     for index in 0..virtio.len() {
         let (base, irq) = mmio_slot(index)?;

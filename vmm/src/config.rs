@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::devices::virtio::fs::TAG_LEN;
+use crate::virtiofsd::VirtiofsdConfig;
 
 /// Smallest guest the kernel and an initramfs fit in.
 pub const MIN_MEMORY_MIB: u32 = 64;
@@ -35,6 +37,32 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// A virtio-fs device and the vhost-user backend that serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The tag the guest mounts (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    pub backend: FsBackend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsBackend {
+    /// Connect to a virtiofsd someone else started and stops.
+    Socket(PathBuf),
+    /// Start virtiofsd before the VM, stop it with the VM, and end the VM
+    /// if it dies.
+    Spawn(VirtiofsdConfig),
+}
+
+impl FsBackend {
+    pub fn socket(&self) -> &std::path::Path {
+        match self {
+            FsBackend::Socket(s) => s,
+            FsBackend::Spawn(c) => &c.socket,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -45,6 +73,7 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub pvm: PvmMode,
     pub vsock: Option<VsockConfig>,
+    pub fs: Option<FsConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,6 +86,8 @@ pub enum ConfigError {
     Cmdline(String),
     #[error("--vsock-cid {0}: must be at least 3 and below 2^32 - 1 (0-2 are reserved)")]
     VsockCid(u64),
+    #[error("--fs-tag {0:?}: must be 1 to {TAG_LEN} bytes without NUL")]
+    FsTag(String),
 }
 
 impl VmConfig {
@@ -74,6 +105,11 @@ impl VmConfig {
             // Linux takes 32-bit CIDs; u32::MAX is VMADDR_CID_ANY.
             if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::VsockCid(v.cid));
+            }
+        }
+        if let Some(fs) = &self.fs {
+            if fs.tag.is_empty() || fs.tag.len() > TAG_LEN || fs.tag.contains('\0') {
+                return Err(ConfigError::FsTag(fs.tag.clone()));
             }
         }
         Ok(())
@@ -98,6 +134,7 @@ mod tests {
             serial: SerialOutput::Stdout,
             pvm: PvmMode::Auto,
             vsock: None,
+            fs: None,
         }
     }
 
@@ -120,5 +157,9 @@ mod tests {
         assert!(err.to_string().starts_with("--vsock-cid 2"));
         assert!(VmConfig { vsock: vsock(u64::from(u32::MAX)), ..config() }.validate().is_err());
         assert_eq!(VmConfig { vsock: vsock(3), ..config() }.validate(), Ok(()));
+        let fs = |tag: &str| Some(FsConfig { tag: tag.into(), backend: FsBackend::Socket("/s".into()) });
+        assert!(VmConfig { fs: fs(""), ..config() }.validate().unwrap_err().to_string().starts_with("--fs-tag"));
+        assert!(VmConfig { fs: fs(&"t".repeat(37)), ..config() }.validate().is_err());
+        assert_eq!(VmConfig { fs: fs("podbox"), ..config() }.validate(), Ok(()));
     }
 }

@@ -21,6 +21,8 @@ pub enum VmExit {
     UnhandledInstruction { vcpu: u8, rip: u64, bytes: Vec<u8>, detail: String },
     /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP).
     Signal(i32),
+    /// A device's out-of-process backend (virtiofsd) died under the guest.
+    BackendDied { device: &'static str, detail: String },
 }
 
 impl VmExit {
@@ -31,6 +33,7 @@ impl VmExit {
             VmExit::TripleFault { .. } => 3,
             VmExit::Kvm { .. } => 4,
             VmExit::UnhandledInstruction { .. } => 5,
+            VmExit::BackendDied { .. } => 6,
             // The shell convention for "killed by signal N".
             VmExit::Signal(n) => 128u8.wrapping_add(*n as u8),
         }
@@ -45,6 +48,7 @@ impl std::fmt::Display for VmExit {
             VmExit::TripleFault { vcpu } => write!(f, "vCPU {vcpu}: triple fault (guest shutdown)"),
             VmExit::Kvm { vcpu, detail } => write!(f, "vCPU {vcpu}: KVM error: {detail}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
+            VmExit::BackendDied { device, detail } => write!(f, "{device} backend died: {detail}"),
             VmExit::UnhandledInstruction { vcpu, rip, bytes, detail } => {
                 let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
                 write!(f, "vCPU {vcpu}: cannot emulate instruction at {rip:#x} [{}]: {detail}", hex.join(" "))

@@ -10,4 +10,5 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod pvm;
+pub mod virtiofsd;
 pub mod vstate;

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use podbox_vmm::builder;
-use podbox_vmm::config::{PvmMode, SerialOutput, VmConfig, VsockConfig};
+use podbox_vmm::config::{FsBackend, FsConfig, PvmMode, SerialOutput, VmConfig, VsockConfig};
+use podbox_vmm::virtiofsd::{find_virtiofsd, CachePolicy, SandboxMode, VirtiofsdConfig};
 
 #[derive(Parser)]
 #[command(name = "podbox-vmm", version, about = "Boot a podbox microVM on KVM")]
@@ -43,6 +44,78 @@ struct Args {
     /// The guest's vsock CID.
     #[arg(long, value_name = "N", default_value_t = 3, requires = "vsock_socket")]
     vsock_cid: u64,
+    /// Add a virtio-fs device served by the vhost-user backend on this
+    /// socket. Alone: connect to an already running virtiofsd. With
+    /// --shared-dir: the socket virtiofsd is started on (default: one in
+    /// the temp directory); removed when the VMM exits.
+    #[arg(long, value_name = "PATH")]
+    fs_socket: Option<PathBuf>,
+    /// Share this host directory through virtio-fs: podbox-vmm starts
+    /// virtiofsd for it before the guest boots and stops it when the VM ends;
+    /// if virtiofsd dies, the VM ends with status 6.
+    #[arg(long, value_name = "DIR")]
+    shared_dir: Option<PathBuf>,
+    /// The tag the guest mounts: `mount -t virtiofs TAG /mnt`.
+    #[arg(long, value_name = "TAG", default_value = "podbox")]
+    fs_tag: String,
+    /// The virtiofsd to start (default: from PATH, then ~/.cargo/bin).
+    #[arg(long, value_name = "PATH", requires = "shared_dir")]
+    virtiofsd: Option<PathBuf>,
+    /// virtiofsd's --cache: never (host and guest see each other's writes at
+    /// once), auto, always.
+    #[arg(long, value_enum, default_value_t = CacheArg::Auto, requires = "shared_dir")]
+    fs_cache: CacheArg,
+    /// virtiofsd's --sandbox: namespace (root), chroot (root), none.
+    #[arg(long, value_enum, default_value_t = SandboxArg::Namespace, requires = "shared_dir")]
+    virtiofsd_sandbox: SandboxArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CacheArg {
+    Never,
+    Auto,
+    Always,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SandboxArg {
+    Namespace,
+    Chroot,
+    None,
+}
+
+/// The virtio-fs part of the command line.
+fn fs_config(args: &Args) -> Result<Option<FsConfig>, String> {
+    let backend = match (&args.shared_dir, &args.fs_socket) {
+        (None, None) => return Ok(None),
+        (None, Some(socket)) => FsBackend::Socket(socket.clone()),
+        (Some(dir), socket) => {
+            let binary = match &args.virtiofsd {
+                Some(b) => b.clone(),
+                None => find_virtiofsd()
+                    .ok_or("--shared-dir: no virtiofsd on PATH or in ~/.cargo/bin (cargo install virtiofsd; or --virtiofsd PATH)")?,
+            };
+            let socket = socket.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("podbox-virtiofsd-{}.sock", std::process::id()))
+            });
+            FsBackend::Spawn(VirtiofsdConfig {
+                binary,
+                socket,
+                shared_dir: dir.clone(),
+                cache: match args.fs_cache {
+                    CacheArg::Never => CachePolicy::Never,
+                    CacheArg::Auto => CachePolicy::Auto,
+                    CacheArg::Always => CachePolicy::Always,
+                },
+                sandbox: match args.virtiofsd_sandbox {
+                    SandboxArg::Namespace => SandboxMode::Namespace,
+                    SandboxArg::Chroot => SandboxMode::Chroot,
+                    SandboxArg::None => SandboxMode::None,
+                },
+            })
+        }
+    };
+    Ok(Some(FsConfig { tag: args.fs_tag.clone(), backend }))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,6 +135,13 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
+    let fs = match fs_config(&args) {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("podbox-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -78,6 +158,7 @@ fn main() -> ExitCode {
             PvmArg::Off => PvmMode::Off,
         },
         vsock: args.vsock_socket.map(|socket| VsockConfig { cid: args.vsock_cid, socket }),
+        fs,
     };
     match builder::run(&config, started) {
         Ok(exit) if exit.exit_code() == 0 => {

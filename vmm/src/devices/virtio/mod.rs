@@ -8,10 +8,11 @@
 //! any particular device. Devices do their I/O on their own threads, woken
 //! by the queue eventfds (KVM ioeventfds), never on vCPU threads.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -57,11 +58,21 @@ pub struct ActivateContext {
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// Set for devices whose backend raises the irqfd directly (vhost-user).
+    used_ring_always: AtomicBool,
 }
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), irqfd }
+        Self { status: AtomicU32::new(0), irqfd, used_ring_always: AtomicBool::new(false) }
+    }
+
+    /// From now on InterruptStatus always shows the used-ring bit: for a
+    /// device whose out-of-process backend writes the irqfd itself and so
+    /// cannot set the bit, while the guest driver ignores interrupts
+    /// without it.
+    pub fn report_used_ring_always(&self) {
+        self.used_ring_always.store(true, Ordering::SeqCst);
     }
 
     /// The eventfd registered as the device's irqfd (vhost-user backends can
@@ -87,7 +98,8 @@ impl Interrupt {
     }
 
     pub fn status(&self) -> u32 {
-        self.status.load(Ordering::SeqCst)
+        let sticky = if self.used_ring_always.load(Ordering::SeqCst) { INTERRUPT_USED_RING } else { 0 };
+        self.status.load(Ordering::SeqCst) | sticky
     }
 
     /// The driver's write to InterruptACK.
@@ -155,5 +167,8 @@ mod tests {
         assert_eq!(irq.irqfd().read().unwrap(), 2);
         irq.ack(INTERRUPT_USED_RING);
         assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
+        irq.report_used_ring_always();
+        irq.ack(u32::MAX);
+        assert_eq!(irq.status(), INTERRUPT_USED_RING, "vhost-user devices keep the used-ring bit");
     }
 }
