@@ -2,6 +2,7 @@
 //!
 //!   podbox-bench boot [--runs N] [--vmm PATH]
 //!   podbox-bench vsock [--runs N] [--vmm PATH]
+//!   podbox-bench fs [--runs N] [--vmm PATH]
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
 
@@ -9,11 +10,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use podbox_tests::bench::boot::BootBench;
+use podbox_tests::bench::fs::FsBench;
 use podbox_tests::bench::vsock::VsockBench;
 use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: podbox-bench boot|vsock [--runs N] [--vmm PATH]");
+    eprintln!("usage: podbox-bench boot|vsock|fs [--runs N] [--vmm PATH]");
     ExitCode::from(2)
 }
 
@@ -47,27 +49,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match which.as_str() {
-        "boot" => match BootBench::run(&vmm, runs, work.path()) {
-            Ok(bench) => {
-                println!("{}", bench.table());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("boot bench failed: {e}");
-                ExitCode::from(1)
-            }
-        },
-        "vsock" => match VsockBench::run(&vmm, runs, work.path()) {
-            Ok(bench) => {
-                println!("{}", bench.table());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("vsock bench failed: {e}");
-                ExitCode::from(1)
-            }
-        },
-        _ => usage(),
+    let result = match which.as_str() {
+        "boot" => BootBench::run(&vmm, runs, work.path()).map(|b| b.table()),
+        "vsock" => VsockBench::run(&vmm, runs, work.path()).map(|b| b.table()),
+        "fs" => FsBench::run(&vmm, runs, work.path()).map(|b| b.table()),
+        _ => return usage(),
+    };
+    match result {
+        Ok(table) => {
+            println!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{which} bench failed: {e}");
+            ExitCode::from(1)
+        }
     }
 }
