@@ -108,12 +108,14 @@ pub fn boot_podbox(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<BootSampl
 
 /// QEMU's command line: microvm, no firmware or ACPI, the kernel loaded
 /// through its PVH note; on PVM hosts the same cmdline additions and CX16
-/// hidden as podbox-vmm applies itself.
+/// hidden as podbox-vmm applies itself (`pvm_cmdline` is empty elsewhere).
 pub fn boot_qemu(kernel: &Path, initrd: &Path, pvm_cmdline: &[&str]) -> Result<BootSample, String> {
     let mut append = format!("console=ttyS0 reboot=k panic=1 quiet {}", pvm_cmdline.join(" "));
     append = append.trim().to_string();
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", "host,-cx16"]);
+    // PVM rejects the ARCH_CAPABILITIES MSR QEMU sets for `-cpu host`.
+    let cpu = if pvm_cmdline.is_empty() { "host" } else { "host,-cx16,-arch-capabilities" };
+    cmd.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", cpu]);
     cmd.args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEMORY_MIB}M")]);
     cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(append);
     cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"]);
