@@ -190,3 +190,67 @@ impl Worker {
         used
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::packet::{Header, OP_REQUEST, OP_RST, TYPE_STREAM};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    /// Malformed TX chains from the guest, straight through the real queue
+    /// code: each is consumed and dropped, the device keeps working, and a
+    /// valid packet after them is still served.
+    #[test]
+    fn vsock_malformed_tx_chains_are_dropped_without_harm() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        let hdr = |op, len| Header { src_cid: 3, dst_cid: 2, src_port: 9, dst_port: 77, len, type_: TYPE_STREAM, op, ..Default::default() };
+        mem.write_slice(&hdr(OP_REQUEST, 1000).to_bytes(), GuestAddress(0x9_0000)).unwrap();
+        mem.write_slice(&hdr(OP_REQUEST, 0).to_bytes(), GuestAddress(0xa_0000)).unwrap();
+        let descs = [
+            (0x8_0000, 10, 0, 0),                   // shorter than a header
+            (0xffff_ffff_0000, 44, 0, 0),           // outside guest memory
+            (0x9_0000, 44, 0, 0),                   // claims 1000 payload bytes it lacks
+            (0xa_0000, 44, F_WRITE, 0),             // write-only: nothing to read
+            (0xa_0000, 44, F_NEXT, 4),              // a chain that loops on itself
+            (0x8_0000, u32::MAX, 0, 0),             // absurd length
+            (0xa_0000, 44, 0, 0),                   // finally a valid REQUEST
+        ];
+        for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            tx.desc_table().store(i as u16, d).unwrap();
+            tx.avail().ring().ref_at(i).unwrap().store(i as u16);
+        }
+        tx.avail().idx().store(descs.len() as u16);
+        // One RX buffer for the answer.
+        rx.desc_table().store(0, RawDescriptor::from(SplitDescriptor::new(0xb_0000, 4096, F_WRITE, 0))).unwrap();
+        rx.avail().ring().ref_at(0).unwrap().store(0);
+        rx.avail().idx().store(1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let muxer = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
+        let mut worker = Worker {
+            muxer,
+            memory: mem.clone(),
+            queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()],
+            events: vec![],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+        };
+        assert!(worker.process_tx());
+        assert_eq!(tx.used().idx().load(), descs.len() as u16, "every chain is returned to the guest");
+        // The valid REQUEST (nobody listens on host port 77) gets an RST.
+        assert!(worker.process_rx());
+        assert_eq!(rx.used().idx().load(), 1);
+        let mut raw = [0u8; HDR_SIZE];
+        mem.read_slice(&mut raw, GuestAddress(0xb_0000)).unwrap();
+        let answer = Header::from_bytes(&raw);
+        assert_eq!((answer.op, answer.dst_port, answer.src_port), (OP_RST, 9, 77));
+    }
+}
