@@ -24,6 +24,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# virtiofsd (the virtio-fs backend podbox-vmm --shared-dir starts): Debian 12
+# has no package, so cargo builds it (~5 min on 2 cores) into ~/.cargo/bin,
+# where podbox-vmm and the tests look after PATH. It links libcap-ng and
+# libseccomp.
+if ! command -v virtiofsd >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" ]; then
+    for pkg in libcap-ng-dev libseccomp-dev; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcap-ng-dev libseccomp-dev >/dev/null
+            break
+        }
+    done
+    echo "deps: building virtiofsd (cargo install virtiofsd --locked)" >&2
+    cargo install virtiofsd --locked
+fi
+
 if [ ! -e /dev/kvm ]; then
     echo "deps: warning: /dev/kvm is absent; VM tests will be skipped" >&2
 fi

@@ -59,6 +59,12 @@ impl AgentConfig {
                     let v = value("--log-level")?;
                     cfg.log_level = v.parse().map_err(|_| format!("bad --log-level {v:?}"))?;
                 }
+                // As PID 1, argv also carries the kernel command-line words
+                // the kernel did not recognise (e.g. `noxsave`, which it
+                // parses early yet still passes on): not ours to reject.
+                other if cfg.init && !other.starts_with("--") => {
+                    eprintln!("podbox-agent: ignoring kernel-passed argument {other:?}")
+                }
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }

@@ -241,11 +241,12 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let memory = memory::guest_memory(&ranges, config.fs.is_some())
         .map_err(|source| BuildError::Memory { mib: config.memory_mib, source })?;
 
+    // Bound now, so that host clients can connect while the guest boots,
+    // and before the kernel is loaded so a failing backend fails fast.
+    let (virtio, _backends) = virtio_devices(config, &exit)?;
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
     let initrd = initrd.as_mut().map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end)).transpose()?;
-    // Bound now, so that host clients can connect while the guest boots.
-    let (virtio, _backends) = virtio_devices(config, &exit)?;
     let mut cmdline = kernel_cmdline(&config.cmdline, &profile)?;
     for index in 0..virtio.len() {
         let (base, irq) = mmio_slot(index)?;

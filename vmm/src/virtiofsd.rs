@@ -166,6 +166,7 @@ impl Virtiofsd {
             Err(e) => return Err(VirtiofsdError::SharedDir { path: dir.clone(), reason: e.to_string() }),
         }
         let _ = std::fs::remove_file(&config.socket);
+        let _ = std::fs::remove_file(pid_file(&config.socket));
         let mut cmd = Command::new(&config.binary);
         cmd.arg("--socket-path")
             .arg(&config.socket)
@@ -175,6 +176,18 @@ impl Virtiofsd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // The VMM blocks SIGTERM/SIGINT/SIGHUP in all its threads (one
+        // thread takes them with sigwait) and a blocked mask survives
+        // exec: unblock everything so that stop()'s SIGTERM works.
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
         tracing::info!("starting {cmd:?}");
         let mut child =
             cmd.spawn().map_err(|source| VirtiofsdError::Spawn { binary: config.binary.clone(), source })?;
@@ -289,12 +302,22 @@ impl Virtiofsd {
             }
             tracing::info!("virtiofsd (pid {}) stopped: {:?}", self.pid, self.exit.get());
         }
-        if let Err(e) = std::fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", self.socket.display());
+        // virtiofsd also leaves `<socket>.pid` (its single-instance lock).
+        for path in [self.socket.clone(), pid_file(&self.socket)] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
             }
         }
     }
+}
+
+/// The pid file virtiofsd writes beside its socket.
+pub fn pid_file(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".pid");
+    name.into()
 }
 
 impl Drop for Virtiofsd {
