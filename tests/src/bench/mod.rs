@@ -1,6 +1,7 @@
 //! Benchmarks: side-by-side measurements printed as tables (never asserted).
 
 pub mod boot;
+pub mod fs;
 pub mod vsock;
 
 use std::time::Duration;
