@@ -9,7 +9,7 @@
 //!
 //! Flags are parsed with containerd-shim's parser (Go flag syntax); socket
 //! addresses come from its `socket_address` so they match containerd's own.
-//! Serving the task API is not here yet: it needs the VM backend.
+//! The server `start` spawns is [`crate::serve`].
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -54,11 +54,10 @@ pub enum ShimError {
     Unmount { path: PathBuf, source: containerd_shim::Error },
     #[error("encoding the DeleteResponse: {0}")]
     Encode(containerd_shim::protos::protobuf::Error),
-    #[error(
-        "podbox cannot run {id} yet: the shim's task API (serving containerd on {address}) \
-         comes with the VM backend; the config and annotations were valid ({settings:?})"
-    )]
-    TaskApiNotBuilt { id: String, address: String, settings: VmSettings },
+    #[error("starting the shim server for {id}: {source}")]
+    SpawnServer { id: String, source: std::io::Error },
+    #[error("the shim server for {id} exited before serving {address} (its log is in containerd's log)")]
+    ServerDidNotStart { id: String, address: String },
 }
 
 /// What the command asks the caller to write to stdout.
@@ -99,7 +98,9 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
     let annotations = read_annotations(&bundle)?;
     let annotation_error = |source| ShimError::Annotations { bundle: bundle.clone(), source };
     let role = PodRole::from_annotations(&annotations).map_err(annotation_error)?;
-    let settings = VmSettings::resolve(&config, &annotations).map_err(annotation_error)?;
+    // Checked here so that a bad annotation fails `start` with a clear
+    // message in the client's error, before any VM is booted.
+    VmSettings::resolve(&config, &annotations).map_err(annotation_error)?;
 
     let address = containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
     if let PodRole::Container { sandbox_id } = &role {
@@ -110,7 +111,49 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
             Err(ShimError::NoSandboxShim { id: id.to_string(), sandbox_id: sandbox_id.clone(), address })
         };
     }
-    Err(ShimError::TaskApiNotBuilt { id: id.to_string(), address, settings })
+    if socket_path(&address).exists() && std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok() {
+        // Already served (containerd retried start): one shim per pod.
+        return Ok(address);
+    }
+    spawn_server(flags, id, &address, config_path_from_runtime_options(&options)?.as_deref())?;
+    Ok(address)
+}
+
+/// Starts the long-lived shim (this binary without an action, with
+/// `-socket`) in the bundle and waits until it serves: it closes its
+/// stdout once it listens.
+fn spawn_server(flags: &containerd_shim::Flags, id: &str, address: &str, config_path: Option<&Path>) -> Result<(), ShimError> {
+    use std::os::unix::process::CommandExt;
+    let spawn_error = |source| ShimError::SpawnServer { id: id.to_string(), source };
+    let exe = std::env::current_exe().map_err(spawn_error)?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(["-namespace", &flags.namespace, "-id", id, "-address", &flags.address, "-socket", address])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // Its own process group: signals meant for containerd's group are not for the pod.
+        .process_group(0);
+    if !flags.publish_binary.is_empty() {
+        command.args(["-publish-binary", &flags.publish_binary]);
+    }
+    if flags.debug {
+        command.arg("-debug");
+    }
+    match config_path {
+        Some(path) => command.env(crate::serve::CONFIG_PATH_ENV, path),
+        None => command.env_remove(crate::serve::CONFIG_PATH_ENV),
+    };
+    let mut child = command.spawn().map_err(spawn_error)?;
+    if let Some(mut stdout) = child.stdout.take() {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+    }
+    // The server lives on; if it already exited, it failed.
+    if let Ok(Some(_)) = child.try_wait() {
+        return Err(ShimError::ServerDidNotStart { id: id.to_string(), address: address.to_string() });
+    }
+    Ok(())
 }
 
 /// `unix:///run/containerd/s/<hash>` → `/run/containerd/s/<hash>`.
@@ -172,6 +215,8 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
     } else {
         PathBuf::from(&flags.bundle)
     };
+    // A pod whose shim died (killed, crashed) may have left its VM and share.
+    remove_pod_leftovers(&flags.id);
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let target = rootfs.to_string_lossy().into_owned();
@@ -185,6 +230,26 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
         ..Default::default()
     };
     response.write_to_bytes().map_err(ShimError::Encode)
+}
+
+/// Kills a VMM the dead shim left (its pid file) and removes the pod's
+/// state directory with every mount under it.
+fn remove_pod_leftovers(id: &str) {
+    let Ok(state) = crate::vm::StateDir::for_pod(id) else { return };
+    if !state.dir.exists() {
+        return;
+    }
+    if let Some(pid) = std::fs::read_to_string(state.vmm_pid_file()).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        let is_vmm = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(crate::vm::VMM_BINARY.as_bytes())));
+        if is_vmm {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+    for problem in state.remove() {
+        eprintln!("containerd-shim-podbox-v2 delete: {problem}");
+    }
 }
 
 #[cfg(test)]

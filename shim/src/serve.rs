@@ -1,0 +1,151 @@
+//! The long-lived shim process: serves containerd's Task API on the ttrpc
+//! socket `start` chose, publishes events to containerd, logs to the
+//! bundle's `log` FIFO (containerd copies it into its own log), and tears
+//! the pod down when it ends.
+//!
+//! The server is assembled here instead of with containerd-shim's `run`:
+//! that one reaps every child on SIGCHLD, which would steal podbox-vmm's
+//! exit status from the supervisor that waits for it.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_shim::protos::shim_async::create_task;
+use containerd_shim::protos::ttrpc::asynchronous::transport::Listener;
+use containerd_shim::protos::ttrpc::asynchronous::Server;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, Flags, Task};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ConfigError};
+use crate::task::{EventMessage, PodService};
+
+/// The environment variable `start` uses to hand the runtime options'
+/// config path to the server it spawns.
+pub const CONFIG_PATH_ENV: &str = "PODBOX_SHIM_CONFIG_PATH";
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("-socket is required to serve")]
+    NoSocket,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("TTRPC_ADDRESS is not set: containerd sets it for its shims")]
+    NoTtrpcAddress,
+    #[error("connecting the event publisher to {address}: {reason}")]
+    Publisher { address: String, reason: String },
+    #[error("listening on {path}: {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
+    #[error("ttrpc server: {0}")]
+    Server(String),
+}
+
+/// Serves until the pod's last container is deleted.
+pub async fn serve(flags: Flags) -> Result<(), ServeError> {
+    if flags.socket.is_empty() {
+        return Err(ServeError::NoSocket);
+    }
+    let config_path = std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from);
+    let config = Config::load(config_path.as_deref())?;
+    init_logging(&config.log_level, flags.debug);
+    tracing::info!(id = %flags.id, namespace = %flags.namespace, socket = %flags.socket, "podbox shim serving");
+
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| ServeError::NoTtrpcAddress)?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .map_err(|e| ServeError::Publisher { address: ttrpc_address.clone(), reason: e.to_string() })?;
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<EventMessage>();
+    let namespace = flags.namespace.clone();
+    let publishing = tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            let topic = event.topic();
+            let message: Box<dyn containerd_shim::protos::protobuf::MessageDyn> = event;
+            if let Err(e) = publisher.publish(containerd_shim::Context::default(), &topic, &namespace, message).await {
+                tracing::warn!("publishing {topic}: {e}");
+            }
+        }
+    });
+
+    let exit = Arc::new(ExitSignal::default());
+    let service = Arc::new(PodService::new(&flags.namespace, config, events_tx, exit.clone()));
+    let socket_path = PathBuf::from(flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket));
+    let listener = listen(&socket_path)?;
+    let listener = Listener::try_from(listener).map_err(|e| ServeError::Server(e.to_string()))?;
+    let task: Arc<dyn Task + Send + Sync> = service.clone();
+    let mut server = Server::new().add_listener(listener).register_service(create_task(task));
+    server.start().await.map_err(|e| ServeError::Server(e.to_string()))?;
+    // `start` reads our stdout until it closes: that is the "ready" signal.
+    release_stdout();
+
+    exit.wait().await;
+    tracing::info!("shutting down");
+    service.cleanup().await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&socket_path);
+    // Give queued events (TaskDelete of the last container) a moment to go out.
+    drop(service);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publishing).await;
+    Ok(())
+}
+
+fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, ServeError> {
+    let listen_error = |source| ServeError::Listen { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(listen_error)?;
+    }
+    // `start` only spawns us when nothing serves this address; a file there is stale.
+    if path.exists() {
+        std::fs::remove_file(path).map_err(listen_error)?;
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(listen_error)
+}
+
+fn release_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: dup2 onto our own stdout.
+        unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) };
+    }
+}
+
+/// Logs go to the bundle's `log` FIFO (the shim's cwd), which containerd
+/// reads; stderr where there is none (running by hand).
+fn init_logging(level: &str, debug: bool) {
+    let level = if debug { "debug" } else { level };
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},ttrpc=warn")).unwrap_or_else(|_| "info".into());
+    let fifo = std::fs::OpenOptions::new().write(true).custom_flags_nonblock().open("log");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    match fifo {
+        Ok(file) => {
+            clear_nonblock(&file);
+            let _ = builder.with_writer(std::sync::Mutex::new(file)).try_init();
+        }
+        Err(_) => {
+            let _ = builder.with_writer(std::io::stderr).try_init();
+        }
+    }
+}
+
+trait NonblockOpen {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonblockOpen for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        // containerd opens the reading end before it starts us; non-blocking
+        // so that a missing reader fails the open instead of hanging it.
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+fn clear_nonblock(file: &std::fs::File) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+}
