@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::guest::{busybox, guest_kernel, KernelVariant};
@@ -42,35 +42,8 @@ pub fn marker_initramfs(path: &Path) -> std::io::Result<()> {
 /// Runs `cmd` with the guest console on its stdout; times the marker line.
 fn run_timed(mut cmd: Command) -> Result<(BootSample, String), String> {
     let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting {cmd:?}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-    let err_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
+    let super::Watched { child, stdout, log: err_reader, watchdog } = super::spawn_watched(&mut cmd, DEADLINE)?;
     let pid = child.id() as libc::pid_t;
-    let watchdog = std::thread::spawn(move || {
-        let until = Instant::now() + DEADLINE;
-        while Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-            // SAFETY: signal 0 only checks whether the process exists.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return;
-            }
-        }
-        // SAFETY: plain kill(2) of our own child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
     let mut to_marker = None;
     let mut console = String::new();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {

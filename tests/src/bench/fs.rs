@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use podbox_vmm::virtiofsd::{find_virtiofsd, CachePolicy, SandboxMode, Virtiofsd, VirtiofsdConfig, DEFAULT_START_TIMEOUT};
@@ -74,28 +74,7 @@ fn write_big_file(path: &Path) -> std::io::Result<()> {
 
 /// Runs a VMM with the guest console on its stdout; times the pass markers.
 fn run_passes(mut cmd: Command) -> Result<FsSample, String> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting {cmd:?}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-    let log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let pid = child.id() as libc::pid_t;
-    let watchdog = std::thread::spawn(move || {
-        let until = Instant::now() + DEADLINE;
-        while Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-            // SAFETY: signal 0 only checks whether our child still exists.
-            if unsafe { libc::kill(pid, 0) } != 0 {
-                return;
-            }
-        }
-        // SAFETY: kill(2) of our own child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
+    let super::Watched { mut child, stdout, log, watchdog } = super::spawn_watched(&mut cmd, DEADLINE)?;
     let mut sample = FsSample::default();
     let mut started = None;
     let mut console = String::new();
