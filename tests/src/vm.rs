@@ -78,14 +78,16 @@ impl RunningVm {
         )
     }
 
-    /// Waits for the VMM to exit; kills it and panics after `deadline`
-    /// (counted from its start).
+    /// Waits for the VMM to exit; kills it and panics if it is still
+    /// running `deadline` from now (a test may already have spent minutes
+    /// talking to the guest on a loaded host).
     pub fn wait(mut self, deadline: Duration) -> VmRun {
+        let waiting = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for the VMM") {
                 break status;
             }
-            if self.start.elapsed() > deadline {
+            if waiting.elapsed() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 panic!("VMM still running after {deadline:?}; killed.\n{}", self.transcript());
