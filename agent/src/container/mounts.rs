@@ -188,8 +188,18 @@ fn pivot_root(rootfs: &Path) -> R<()> {
     // pivot_root(".", ".") stacks the old root under the new one; a lazy
     // unmount of "." then drops the old root without a temporary dir.
     nix::unistd::chdir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
-    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root {}: {e}", rootfs.display()))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?,
+        // The guest agent's own root is the initramfs (rootfs), which
+        // pivot_root refuses to move. Do what runc's --no-pivot does: move
+        // the container root over "/" and chroot into it. The VM, not this
+        // chroot, is the sandbox's security boundary.
+        Err(nix::errno::Errno::EINVAL) => {
+            do_mount(Some(Path::new(".")), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            nix::unistd::chroot(".").map_err(|e| format!("chroot {}: {e}", rootfs.display()))?;
+        }
+        Err(e) => return Err(format!("pivot_root {}: {e}", rootfs.display())),
+    }
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
