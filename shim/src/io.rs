@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -303,7 +303,7 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
     let mut ready = File::from(ready_r);
     let mut byte = [0u8; 1];
     let _ = ready.read(&mut byte);
-    Ok((child, File::from(OwnedFd::from(out_w)), File::from(OwnedFd::from(err_w))))
+    Ok((child, File::from(out_w), File::from(err_w)))
 }
 
 /// For tests: a FIFO path as containerd would give it.

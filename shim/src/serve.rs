@@ -25,6 +25,8 @@ use crate::task::{EventMessage, PodService};
 /// The environment variable `start` uses to hand the runtime options'
 /// config path to the server it spawns.
 pub const CONFIG_PATH_ENV: &str = "PODBOX_SHIM_CONFIG_PATH";
+const TASK_SERVICE_V3: &str = "containerd.task.v3.Task";
+const TASK_SERVICE_V2: &str = "containerd.task.v2.Task";
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -74,7 +76,14 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
     let listener = listen(&socket_path)?;
     let listener = Listener::try_from(listener).map_err(|e| ServeError::Server(e.to_string()))?;
     let task: Arc<dyn Task + Send + Sync> = service.clone();
-    let mut server = Server::new().add_listener(listener).register_service(create_task(task));
+    let mut services = create_task(task.clone());
+    // containerd-shim-protos 0.12 names the service after containerd 2's API
+    // (containerd.task.v3.Task); containerd 1.6 calls the same messages as
+    // containerd.task.v2.Task. Serve both names.
+    if let Some(v2) = create_task(task).remove(TASK_SERVICE_V3) {
+        services.insert(TASK_SERVICE_V2.to_string(), v2);
+    }
+    let mut server = Server::new().add_listener(listener).register_service(services);
     server.start().await.map_err(|e| ServeError::Server(e.to_string()))?;
     // `start` reads our stdout until it closes: that is the "ready" signal.
     release_stdout();

@@ -33,6 +33,7 @@ use podbox_protocol::agent::{
     CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest,
     ListProcessesRequest, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
     StartContainerRequest, StatsContainerRequest, Storage, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessRequest,
+    IPAddress, Interface, UpdateInterfaceRequest,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 
@@ -238,6 +239,21 @@ impl Inner {
             ..Default::default()
         };
         if let Err(e) = blocking(move || agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("CreateSandbox", e)) {
+            stop_vm(&vm).await;
+            return Err(e);
+        }
+        // The guest has no NIC yet (no virtio-net): the pod's network is the
+        // guest's loopback, which the containers share. It starts down.
+        let agent = vm.agent.agent.clone();
+        let lo = UpdateInterfaceRequest {
+            interface: MessageField::some(Interface {
+                name: "lo".into(),
+                ip_addresses: vec![IPAddress { family: "inet".into(), address: "127.0.0.1".into(), mask: "8".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = blocking(move || agent.update_interface(ctx(CALL_TIMEOUT), &lo)).await?.map_err(|e| agent_error("UpdateInterface lo", e)) {
             stop_vm(&vm).await;
             return Err(e);
         }

@@ -71,6 +71,9 @@ pub struct ContainerdOptions {
     /// Directories put first on containerd's PATH, where it looks for
     /// `containerd-shim-<name>-v2` binaries (e.g. the podbox shim's build dir).
     pub shim_dirs: Vec<PathBuf>,
+    /// The podbox shim's config file: given to the shim as runtime options
+    /// (CRI's `ConfigPath` for handler podbox, `ctr run --runtime-config-path`).
+    pub podbox_config: Option<PathBuf>,
 }
 
 /// What one `ctr run` gave.
@@ -103,6 +106,7 @@ pub struct Containerd {
     tag: String,
     bridge: String,
     cgroup_parent: String,
+    podbox_config: Option<PathBuf>,
 }
 
 /// Everything a [`Containerd`] made on the host, to check after drop that it is gone.
@@ -139,7 +143,7 @@ impl Containerd {
         // (isGateway false), so subnets never meet in the host's routes.
         let subnet = format!("10.{}.{}.0/24", 200 + guard_number % 50, pid % 256);
         let cgroup_parent = format!("/podbox-test-{tag}");
-        write_file(&paths.config, &containerd_config(&paths))?;
+        write_file(&paths.config, &containerd_config(&paths, options.podbox_config.as_deref()))?;
         write_file(&paths.cni_conf.join("10-podbox-test.conflist"), &cni_conflist(&tag, &bridge, &subnet, &paths.cni_ipam))?;
         write_test_images(&crate::guest::busybox(), &paths.images)?;
 
@@ -171,6 +175,7 @@ impl Containerd {
             tag,
             bridge,
             cgroup_parent,
+            podbox_config: options.podbox_config.clone(),
         };
         harness.wait_until_ready()?;
         for namespace in [TEST_NAMESPACE, CRI_NAMESPACE] {
@@ -262,6 +267,9 @@ impl Containerd {
         args.extend(["--cgroup".into(), format!("{}/{container_id}", self.cgroup_parent)]);
         if runtime == RUNC_RUNTIME {
             args.extend(["--runc-root".into(), self.runc_root().display().to_string()]);
+        }
+        if let (PODBOX_RUNTIME, Some(config)) = (runtime, &self.podbox_config) {
+            args.extend(["--runtime-config-path".into(), config.display().to_string()]);
         }
         args.extend([image.to_string(), container_id.clone()]);
         args.extend(command.iter().map(|arg| arg.to_string()));
@@ -551,8 +559,15 @@ impl Paths {
     }
 }
 
-fn containerd_config(paths: &Paths) -> String {
+fn containerd_config(paths: &Paths, podbox_config: Option<&Path>) -> String {
     let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+    let podbox_options = match podbox_config {
+        Some(path) => format!(
+            "      [{cri}.containerd.runtimes.{PODBOX_HANDLER}.options]\n        ConfigPath = \"{}\"\n",
+            path.display()
+        ),
+        None => String::new(),
+    };
     format!(
         r#"version = 2
 root = "{root}"
@@ -587,7 +602,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Root = "{runc_root}"
     [{cri}.containerd.runtimes.{podbox_handler}]
       runtime_type = "{podbox_runtime}"
-  [{cri}.cni]
+{podbox_options}  [{cri}.cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
     max_conf_num = 1

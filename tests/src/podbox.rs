@@ -1,0 +1,104 @@
+//! podbox under containerd: the shim and VMM binaries, a shim config that
+//! points at the test guest kernel and image, and what a pod leaves on the
+//! host (to assert that nothing is left).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use crate::guest::{guest_kernel, KernelVariant};
+use crate::guest_image::agent_initramfs;
+use crate::repo_root;
+
+/// Where the shim keeps each pod's state (podbox_shim::vm::STATE_ROOT).
+pub const STATE_ROOT: &str = "/run/podbox";
+pub const SHIM_BINARY: &str = "containerd-shim-podbox-v2";
+pub const VMM_BINARY: &str = "podbox-vmm";
+
+/// The directory holding `containerd-shim-podbox-v2` and `podbox-vmm`
+/// (the shim finds the VMM beside itself): `PODBOX_BIN_DIR` if set, else a
+/// debug build of both into `<target>/e2e` (a target dir of its own, since
+/// the running `cargo test` holds the lock on the main one).
+pub fn bin_dir() -> PathBuf {
+    static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    if let Some(dir) = std::env::var_os("PODBOX_BIN_DIR") {
+        return dir.into();
+    }
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = built.as_ref() {
+        return dir.clone();
+    }
+    // The test executable is <target>/<profile>/deps/<name>.
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let target = exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| repo_root().join("target"));
+    let target = target.join("e2e");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(repo_root())
+        .args(["build", "-p", "podbox-shim", "-p", "podbox-vmm", "--target-dir"])
+        .arg(&target)
+        .output()
+        .expect("running cargo build for the shim and VMM");
+    assert!(out.status.success(), "building the shim and VMM failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let dir = target.join("debug");
+    for binary in [SHIM_BINARY, VMM_BINARY] {
+        assert!(dir.join(binary).is_file(), "{} was not built", dir.join(binary).display());
+    }
+    *built = Some(dir.clone());
+    dir
+}
+
+/// virtiofsd where scripts/deps.sh puts it, or on PATH.
+pub fn virtiofsd() -> Option<PathBuf> {
+    podbox_vmm::virtiofsd::find_virtiofsd()
+}
+
+/// Writes a shim config for the test guest kernel and image into `dir`.
+pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
+    let path = dir.join("podbox-config.toml");
+    let text = format!(
+        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 1\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
+        guest_kernel(KernelVariant::Podbox).display(),
+        agent_initramfs().display(),
+        virtiofsd.display()
+    );
+    std::fs::write(&path, text).expect("writing the shim config");
+    path
+}
+
+/// What of pod `pod_id` is still on the host: its state directory, mounts
+/// under it, and processes naming it (podbox-vmm, virtiofsd).
+pub fn pod_leftovers(pod_id: &str) -> Vec<String> {
+    let dir = Path::new(STATE_ROOT).join(pod_id);
+    let mut left = Vec::new();
+    if dir.exists() {
+        left.push(format!("directory {}", dir.display()));
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for mount in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&dir)) {
+        left.push(format!("mount {mount}"));
+    }
+    let needle = dir.display().to_string();
+    for pid in processes_mentioning(&needle) {
+        left.push(format!("process {pid} ({})", std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim()));
+    }
+    left
+}
+
+/// Pids whose command line contains `needle` in one of its arguments.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle)))
+        })
+        .collect()
+}
+
+/// The pid of the pod's podbox-vmm, from the shim's pid file.
+pub fn vmm_pid(pod_id: &str) -> Option<u32> {
+    std::fs::read_to_string(Path::new(STATE_ROOT).join(pod_id).join("vmm.pid")).ok()?.trim().parse().ok()
+}
