@@ -320,7 +320,7 @@ mod tests {
         let c = kernel_cmdline("quiet rdinit=/init", &pvm).unwrap().as_cstring().unwrap();
         let s = c.to_str().unwrap();
         assert!(s.starts_with("console=ttyS0 reboot=k panic=1 quiet rdinit=/init "), "{s}");
-        assert!(s.ends_with("podbox.pvm_syscall"), "{s}");
+        assert!(s.ends_with("podbox.pvm_syscall rcupdate.rcu_cpu_stall_suppress=1"), "{s}");
         let hw = GuestProfile::new(HostKind::HardwareKvm);
         let c = kernel_cmdline("", &hw).unwrap().as_cstring().unwrap();
         assert_eq!(c.to_str().unwrap(), REQUIRED_CMDLINE);

@@ -54,11 +54,15 @@ const PVM_SAFE_KVM_FEATURES: u32 = KVM_FEATURE_CLOCKSOURCE
 /// - `clearcpuid=...` / `noxsave`: CPUID leaf 1 shows the host's features
 ///   whatever the VMM sets, so tell the kernel not to use the ones the
 ///   emulator cannot execute (XSAVE family, SMAP's clac/stac, ...);
-/// - `podbox.pvm_syscall`: enables the guest patch completing SYSCALLs.
+/// - `podbox.pvm_syscall`: enables the guest patch completing SYSCALLs;
+/// - `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow
+///   enough to trip RCU's stall detector, whose reports (a register dump
+///   and a backtrace each) only add console output to the boot.
 const PVM_CMDLINE: &[&str] = &[
     "clearcpuid=popcnt,invpcid,pcid,fsgsbase,rdpid,avx,avx2,avx512f,smap,smep,umip",
     "noxsave",
     "podbox.pvm_syscall",
+    "rcupdate.rcu_cpu_stall_suppress=1",
 ];
 
 /// What the guest needs from this VMM on this host.
