@@ -20,7 +20,7 @@ use crate::config::AgentConfig;
 use crate::container::cgroup::{Cgroup, CgroupRoot, CgroupStats};
 use crate::container::process::Process;
 use crate::container::spawn::{self, Namespaces, PidNs};
-use crate::container::{validate_id, validate_process, Error, InitConfig, InitMode};
+use crate::container::{seccomp, validate_id, validate_process, Error, InitConfig, InitMode};
 use crate::reaper::{lock, ExitCell};
 
 /// argv[1] of the pause process that keeps the pod namespaces alive.
@@ -44,6 +44,9 @@ pub struct Container {
     pub id: String,
     pub cgroup: Cgroup,
     pub init: Arc<Process>,
+    /// The spec's seccomp profile, compiled at create; exec'd processes get
+    /// it too.
+    seccomp: Option<seccomp::Program>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     oom_seen: AtomicU64,
@@ -225,9 +228,12 @@ impl Sandbox {
         if !rootfs.is_absolute() || !rootfs.is_dir() {
             return Err(Error::InvalidArgument(format!("rootfs {rootfs:?} is not an absolute path to a directory")));
         }
-        if spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()).is_some() {
-            log::warn!("container {id}: seccomp profile ignored (not implemented yet)");
-        }
+        // Compiled here, before anything is set up, so a bad profile is an
+        // INVALID_ARGUMENT with nothing to clean up.
+        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            Some(profile) => Some(seccomp::compile(profile)?),
+            None => None,
+        };
         // Reserve the id while the (slow) setup runs.
         if lock(&self.containers).contains_key(id) {
             return Err(Error::AlreadyExists(format!("container {id:?}")));
@@ -243,7 +249,11 @@ impl Sandbox {
                 pid: if shared_pid { PidNs::Join(format!("/proc/{pause_pid}/ns/pid").into()) } else { PidNs::New },
             };
             let terminal = process.terminal().unwrap_or(false);
-            let cfg = InitConfig { mode: InitMode::Create { rootfs: rootfs.clone(), spec: Box::new(spec.clone()) }, process };
+            let cfg = InitConfig {
+                mode: InitMode::Create { rootfs: rootfs.clone(), spec: Box::new(spec.clone()) },
+                process,
+                seccomp: seccomp.clone(),
+            };
             spawn::spawn(&ns, &cg, terminal, &cfg)
         })();
         let init = match result {
@@ -260,6 +270,7 @@ impl Sandbox {
             oom_seen: AtomicU64::new(cg.oom_kills()),
             cgroup: cg,
             init,
+            seccomp,
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
         });
@@ -318,7 +329,7 @@ impl Sandbox {
             pid: PidNs::Join(format!("/proc/{target}/ns/pid").into()),
         };
         let terminal = process.terminal().unwrap_or(false);
-        let cfg = InitConfig { mode: InitMode::Exec { target_pid: target }, process };
+        let cfg = InitConfig { mode: InitMode::Exec { target_pid: target }, process, seccomp: c.seccomp.clone() };
         let p = Arc::new(spawn::spawn(&ns, &c.cgroup, terminal, &cfg)?);
         if let Err(e) = p.start() {
             p.kill_and_wait(KILL_TIMEOUT);

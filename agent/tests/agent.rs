@@ -18,6 +18,20 @@ fn ns_of(pid: i32, ns: &str) -> String {
         .to_string()
 }
 
+/// After failed creates of `ids` in pod1: no cgroup, container, mount or
+/// process of theirs remains.
+fn assert_nothing_left(a: &Agent, ids: &[&str]) {
+    for id in ids {
+        assert!(!cgroup_dir(&format!("{}/pod1/{id}", a.cgroup_parent)).exists(), "cgroup of {id} left behind");
+        let r = a.client.list_processes(ctx(), &ListProcessesRequest { container_id: id.to_string(), ..Default::default() });
+        assert!(r.is_err(), "{id} must not exist");
+    }
+    assert_eq!(a.host_mounts_under_dir(), Vec::<String>::new(), "no mounts leak to the host");
+    let pod_cg = cgroup_dir(&format!("{}/pod1", a.cgroup_parent));
+    let procs = std::fs::read_to_string(pod_cg.join("cgroup.procs")).unwrap_or_default();
+    assert_eq!(procs.trim(), "", "no process left in the pod cgroup");
+}
+
 #[test]
 fn two_containers_share_network_but_not_mounts_or_pids() {
     let Some(a) = pod_for("two_containers_share_network_but_not_mounts_or_pids", false) else { return };
@@ -214,15 +228,7 @@ fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
     let (_, m) = msg(a.create("noexe2", &spec(&["nosuchprogram"])));
     assert!(m.contains("not found in PATH"), "{m}");
 
-    for id in ["badmount", "noexe", "noexe2"] {
-        assert!(!cgroup_dir(&format!("{}/pod1/{id}", a.cgroup_parent)).exists(), "cgroup of {id} left behind");
-        let r = a.client.list_processes(ctx(), &ListProcessesRequest { container_id: id.into(), ..Default::default() });
-        assert!(r.is_err(), "{id} must not exist");
-    }
-    assert_eq!(a.host_mounts_under_dir(), Vec::<String>::new(), "no mounts leak to the host");
-    let pod_cg = cgroup_dir(&format!("{}/pod1", a.cgroup_parent));
-    let procs = std::fs::read_to_string(pod_cg.join("cgroup.procs")).unwrap_or_default();
-    assert_eq!(procs.trim(), "", "no process left in the pod cgroup");
+    assert_nothing_left(&a, &["badmount", "noexe", "noexe2"]);
 
     // Unknown ids and wrong states.
     let w = WaitProcessRequest { container_id: "ghost".into(), ..Default::default() };
@@ -236,6 +242,91 @@ fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
     // The agent survived all of it.
     let h = a.health.check(ctx(), &CheckRequest::new()).expect("health check");
     assert_eq!(h.status.value(), 1);
+}
+
+#[test]
+fn seccomp_profile_from_the_spec_is_enforced() {
+    let Some(a) = pod_for("seccomp_profile_from_the_spec_is_enforced", false) else { return };
+    let deny_mkdir = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+            // Profiles list syscalls of other kernels: skipped, not an error.
+            {"names": ["no_such_syscall_on_any_kernel"], "action": "SCMP_ACT_KILL"}
+        ]
+    });
+    let mut s = spec(&["sh", "-c", "echo ok; mkdir /tmp/x; echo rc=$?; touch /tmp/file && echo touched; sleep 1000"]);
+    s["linux"]["seccomp"] = deny_mkdir.clone();
+    a.run("sc", &s);
+    let w = std::time::Instant::now();
+    let mut out = String::new();
+    while !out.contains("touched") && w.elapsed() < Duration::from_secs(20) {
+        let r = ReadStreamRequest { container_id: "sc".into(), len: 4096, ..Default::default() };
+        let d = a.client.read_stdout(ctx(), &r).expect("ReadStdout");
+        if d.data.is_empty() {
+            break;
+        }
+        out.push_str(&String::from_utf8_lossy(&d.data));
+    }
+    assert!(out.starts_with("ok\n") && out.contains("rc=1\ntouched"), "stdout: {out:?}");
+    // Exec'd processes get the container's filter too.
+    a.exec("sc", "e1", &["mkdir", "/tmp/y"]);
+    assert_eq!(a.wait("sc", "e1"), 1);
+    assert!(a.stderr("sc", "e1").contains("Operation not permitted"), "{}", a.stderr("sc", "e1"));
+
+    // No CAP_SYS_ADMIN and noNewPrivileges false: the agent must set
+    // no_new_privs itself or the kernel refuses the filter.
+    let mut s = spec(&["sh", "-c", "mkdir /tmp/x; grep NoNewPrivs /proc/self/status"]);
+    s["process"]["noNewPrivileges"] = json!(false);
+    s["linux"]["seccomp"] = deny_mkdir;
+    a.run("nnp", &s);
+    assert_eq!(a.wait("nnp", ""), 0);
+    let err = a.stderr("nnp", "");
+    assert!(err.contains("Operation not permitted"), "stderr: {err:?}");
+    assert!(a.stdout("nnp", "").contains("NoNewPrivs:\t1"));
+
+    // No errnoRet: EPERM, as runc.
+    let mut s = spec(&["sh", "-c", "mkdir /tmp/x"]);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+    });
+    a.run("eperm", &s);
+    assert_eq!(a.wait("eperm", ""), 1);
+    assert!(a.stderr("eperm", "").contains("Operation not permitted"));
+}
+
+#[test]
+fn malformed_seccomp_profiles_are_rejected_and_leave_nothing() {
+    let Some(a) = pod_for("malformed_seccomp_profiles_are_rejected_and_leave_nothing", false) else { return };
+    let msg = |r: ttrpc::Result<Empty>| match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    };
+    let cases = [
+        ("badaction", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_BOGUS"}]}), "SCMP_ACT_BOGUS"),
+        ("baddefault", json!({"defaultAction": "SCMP_ACT_NOPE"}), "SCMP_ACT_NOPE"),
+        ("badop", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+            "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_SOMETIMES"}]}]}), "SCMP_CMP_SOMETIMES"),
+        ("notify", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}), "SCMP_ACT_NOTIFY"),
+        ("badarch", json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_S390X"]}), "SCMP_ARCH_S390X"),
+        ("badindex", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+            "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}), "argument index 6"),
+    ];
+    for (id, profile, want) in &cases {
+        let mut s = spec(&["true"]);
+        s["linux"]["seccomp"] = profile.clone();
+        let (code, m) = msg(a.create(id, &s));
+        assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{id}: {m}");
+        assert!(m.contains(want), "{id}: {m}");
+    }
+    assert_nothing_left(&a, &cases.iter().map(|c| c.0).collect::<Vec<_>>());
+    // The id is free again: a valid profile under the same name works.
+    let mut s = spec(&["true"]);
+    s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+    a.run("badaction", &s);
+    assert_eq!(a.wait("badaction", ""), 0);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod mounts;
 pub mod process;
+pub mod seccomp;
 pub mod spawn;
 pub mod stage2;
 pub mod stdio;
@@ -63,6 +64,10 @@ impl Error {
 pub struct InitConfig {
     pub mode: InitMode,
     pub process: OciProcess,
+    /// The container's seccomp profile, compiled by the agent; installed
+    /// by stage 2 right before execve (also for exec'd processes, as runc).
+    #[serde(default)]
+    pub seccomp: Option<seccomp::Program>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

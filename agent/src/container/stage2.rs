@@ -17,7 +17,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Process as OciProcess};
 
-use super::{mounts, InitConfig, InitMode};
+use super::{mounts, seccomp, InitConfig, InitMode};
 
 /// argv[1] that selects stage 2.
 pub const ARG: &str = "__podbox_stage2";
@@ -51,6 +51,14 @@ pub fn run() -> i32 {
     // The agent reads EOF on the socket as "exec succeeded".
     // SAFETY: plain fcntl on our own descriptor.
     unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Last step before execve (as runc): from here on only execve, and the
+    // error report if it fails, must pass the container's filter.
+    if let Some(prog) = &exec.seccomp {
+        if let Err(e) = seccomp::install(prog) {
+            let _ = writeln!(sock, "err install seccomp filter: {e}");
+            return 1;
+        }
+    }
     let err = nix::unistd::execve(&exec.path, &exec.argv, &exec.env).unwrap_err();
     let _ = writeln!(sock, "err exec {:?}: {err}", exec.path);
     127
@@ -60,6 +68,7 @@ struct Exec {
     path: CString,
     argv: Vec<CString>,
     env: Vec<CString>,
+    seccomp: Option<seccomp::Program>,
 }
 
 fn prepare(sock: &mut UnixStream) -> R<Exec> {
@@ -84,7 +93,27 @@ fn prepare(sock: &mut UnixStream) -> R<Exec> {
             }
         }
     }
-    setup_process(&cfg.process)
+    let mut exec = setup_process(&cfg.process)?;
+    if let Some(prog) = cfg.seccomp.filter(|p| !p.filters.is_empty()) {
+        // The kernel only takes a filter from a process with no_new_privs
+        // or CAP_SYS_ADMIN; set no_new_privs (as runc) only when needed,
+        // since it also disables setuid binaries in the container.
+        let admin = caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN)
+            .map_err(|e| format!("read capabilities: {e}"))?;
+        if !admin {
+            set_no_new_privs()?;
+        }
+        exec.seccomp = Some(prog);
+    }
+    Ok(exec)
+}
+
+fn set_no_new_privs() -> R<()> {
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn cstring(s: &str) -> R<CString> {
@@ -158,6 +187,7 @@ fn setup_process(p: &OciProcess) -> R<Exec> {
         path: CString::new(path.as_os_str().as_bytes()).map_err(|_| "path contains NUL".to_string())?,
         argv: args.iter().map(|a| cstring(a)).collect::<R<_>>()?,
         env: env.iter().map(|a| cstring(a)).collect::<R<_>>()?,
+        seccomp: None,
     };
 
     for rl in p.rlimits().iter().flatten() {
@@ -186,10 +216,7 @@ fn setup_process(p: &OciProcess) -> R<Exec> {
     }
     set_credentials(p)?;
     if p.no_new_privileges().unwrap_or(false) {
-        // SAFETY: plain prctl.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(format!("no_new_privs: {}", std::io::Error::last_os_error()));
-        }
+        set_no_new_privs()?;
     }
     Ok(exec)
 }
