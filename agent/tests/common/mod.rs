@@ -59,8 +59,12 @@ pub fn make_rootfs(dir: &Path) {
     for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
-    std::fs::copy(busybox(), bin.join("busybox")).unwrap();
-    let out = Command::new(bin.join("busybox")).arg("--list").output().unwrap();
+    let busybox = busybox();
+    std::fs::copy(&busybox, bin.join("busybox")).unwrap();
+    // Ask the original for its applets: exec-ing the fresh copy fails with
+    // ETXTBSY when another test thread forked while the copy was open for
+    // writing (the child holds the fd until it execs).
+    let out = Command::new(&busybox).arg("--list").output().unwrap();
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
         if applet != "busybox" {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
