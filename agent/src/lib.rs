@@ -23,7 +23,6 @@ pub fn main_entry(args: Vec<String>) -> i32 {
     // child (see container::spawn): they must not start servers or log.
     match args.get(1).map(String::as_str) {
         Some(container::stage2::ARG) => return container::stage2::run(),
-        Some(sandbox::PAUSE_ARG) => sandbox::pause_forever(),
         _ => {}
     }
     let cmd = match AgentConfig::parse(&args[1..]) {

@@ -101,7 +101,12 @@ fn reap_loop() {
         };
         let cell = registry().remove(&pid.as_raw());
         match cell {
-            Some(c) => c.set(status),
+            Some(c) => {
+                // One line per process the agent started: tells after the
+                // fact why a container or a pod's pause process went away.
+                log::info!("process {pid} exited (status {status})");
+                c.set(status)
+            }
             None => log::debug!("reaped orphan {pid} (status {status})"),
         }
     }

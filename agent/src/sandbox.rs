@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -22,20 +21,6 @@ use crate::container::process::Process;
 use crate::container::spawn::{self, Namespaces, PidNs};
 use crate::container::{seccomp, validate_id, validate_process, Error, InitConfig, InitMode};
 use crate::reaper::{lock, ExitCell};
-
-/// argv[1] of the pause process that keeps the pod namespaces alive.
-pub const PAUSE_ARG: &str = "__podbox_pause";
-
-/// Body of the pause process: as PID 1 of a shared PID namespace it must
-/// reap orphans; otherwise it just sleeps until killed.
-pub fn pause_forever() -> ! {
-    loop {
-        match nix::sys::wait::wait() {
-            Ok(_) => {}
-            Err(_) => std::thread::sleep(Duration::from_secs(3600)),
-        }
-    }
-}
 
 const OOM_POLL: Duration = Duration::from_millis(100);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -194,8 +179,11 @@ impl Sandbox {
         let p = pod
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("CreateSandbox has not been called".into()))?;
-        if p.pause.get().is_some() {
-            return Err(Error::FailedPrecondition(format!("sandbox {} lost its pause process", p.id)));
+        if let Some(status) = p.pause.get() {
+            return Err(Error::FailedPrecondition(format!(
+                "sandbox {} lost its pause process (pid {}, exit status {status})",
+                p.id, p.pause_pid
+            )));
         }
         Ok((p.pause_pid, p.shared_pid, p.cgroup_rel.clone()))
     }
@@ -420,11 +408,52 @@ fn spawn_pause(hostname: &str, shared_pid: bool) -> Result<(i32, Arc<ExitCell>),
             }
             unshare(flags).map_err(|e| Error::sys("unshare pod namespaces", e))?;
             nix::unistd::sethostname(&hostname).map_err(|e| Error::sys(format!("sethostname {hostname:?}"), e))?;
-            let mut cmd = Command::new("/proc/self/exe");
-            cmd.arg(PAUSE_ARG).env_clear().stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-            spawn::spawn_registered(&mut cmd)
+            fork_pause()
         })
         .join()
         .unwrap_or_else(|_| Err(Error::Setup("pause thread panicked".into())))
     })
+}
+
+/// Forks the pause process. It does not exec: in PVM guests a re-executed
+/// agent binary (`/proc/self/exe`) died with SIGSEGV at startup, in glibc's
+/// static TLS setup (`__ctype_init` read a null locale pointer through %fs),
+/// so the pod lost the holder of its namespaces moments after CreateSandbox.
+/// The forked child runs only async-signal-safe calls (it is a fork of a
+/// multi-threaded process): stdio to /dev/null, the agent's other fds
+/// closed (it must not hold container pipes or sockets open), then reap
+/// children for ever (it is PID 1 of the pod's PID namespace when shared).
+fn fork_pause() -> Result<(i32, Arc<ExitCell>), Error> {
+    let mut reg = crate::reaper::registry();
+    // SAFETY: the child only makes async-signal-safe calls and never returns.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::sys("fork pause process", nix::errno::Errno::last())),
+        // SAFETY: in the child; see above.
+        0 => unsafe { pause_child() },
+        pid => Ok((pid, crate::reaper::register(&mut reg, pid))),
+    }
+}
+
+/// # Safety
+/// Only in the child of `fork_pause`.
+unsafe fn pause_child() -> ! {
+    libc::setsid();
+    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+    if null >= 0 {
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+    }
+    if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+        for fd in 3..4096 {
+            libc::close(fd);
+        }
+    }
+    loop {
+        // No children (ECHILD): an orphan may still be reparented to us
+        // later in a shared PID namespace, so look again every second.
+        if libc::waitpid(-1, std::ptr::null_mut(), 0) < 0 {
+            libc::sleep(1);
+        }
+    }
 }

@@ -355,3 +355,36 @@ fn destroy_sandbox_leaves_no_mounts_cgroups_or_processes() {
     assert!(!cgroup_dir(&a.cgroup_parent).exists(), "cgroups left: {}", a.cgroup_parent);
     assert_eq!(a.host_mounts_under_dir(), Vec::<String>::new());
 }
+
+/// An exec's stdin fed in 64 KiB WriteStdin calls (as the shim does) while
+/// its stdout is read concurrently: everything comes back, in order.
+#[test]
+fn large_exec_stdin_comes_back_whole() {
+    let Some(a) = pod_for("large_exec_stdin_comes_back_whole", false) else { return };
+    a.run("shell", &spec(&["sleep", "1000"]));
+    a.exec("shell", "cat", &["cat"]);
+    let input: String = (0..5000).map(|i| format!("exec line {i}\n")).collect();
+    let reader = {
+        let client = a.client.clone();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            loop {
+                let req = ReadStreamRequest { container_id: "shell".into(), exec_id: "cat".into(), len: 64 * 1024, ..Default::default() };
+                let data = client.read_stdout(ctx(), &req).expect("ReadStdout").data;
+                if data.is_empty() {
+                    return out;
+                }
+                out.extend(data);
+            }
+        })
+    };
+    for chunk in input.as_bytes().chunks(64 * 1024) {
+        let w = WriteStreamRequest { container_id: "shell".into(), exec_id: "cat".into(), data: chunk.to_vec(), ..Default::default() };
+        assert_eq!(a.client.write_stdin(ctx(), &w).expect("WriteStdin").len as usize, chunk.len());
+    }
+    let c = CloseStdinRequest { container_id: "shell".into(), exec_id: "cat".into(), ..Default::default() };
+    a.client.close_stdin(ctx(), &c).expect("CloseStdin");
+    assert_eq!(a.wait("shell", "cat"), 0);
+    let out = reader.join().expect("reader thread");
+    assert!(out == input.as_bytes(), "{} of {} bytes back", out.len(), input.len());
+}

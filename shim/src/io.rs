@@ -70,8 +70,13 @@ struct StdinCopy {
     /// Set once the FIFO is open: from then on closing our side is not needed to unblock it.
     opened: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
+    /// CloseIO arrived: close the process's stdin once the FIFO is drained.
+    close_requested: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
+
+/// How often the stdin copy looks for a CloseIO while the FIFO is idle.
+const STDIN_IDLE_POLL_MS: i32 = 50;
 
 #[derive(Clone, Copy)]
 enum Stream {
@@ -97,6 +102,24 @@ impl ProcessIo {
         }
         let stdin = (!paths.stdin.is_empty()).then(|| copy_stdin(target.clone(), paths.stdin.clone()));
         Ok(ProcessIo { outputs, stdin, logger })
+    }
+
+    /// CloseIO for stdin. Returns false when no stdin copy runs (the
+    /// caller closes the process's stdin in the agent itself).
+    ///
+    /// The copy closes stdin in the agent once it has forwarded everything
+    /// the client wrote: clients (ctr) send CloseIO right after their last
+    /// write, with that data still in the FIFO or in a WriteStdin call, so
+    /// closing the agent's side here at once would cut the input short.
+    pub fn request_stdin_close(&self) -> bool {
+        let Some(stdin) = self.stdin.as_ref() else { return false };
+        stdin.close_requested.store(true, Ordering::SeqCst);
+        if !stdin.opened.load(Ordering::SeqCst) {
+            // No client ever opened the FIFO: unblock the copy's open(2);
+            // it then reads EOF and closes stdin.
+            let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&stdin.path);
+        }
+        true
     }
 
     /// Waits for the output threads (the process has exited: the agent
@@ -198,7 +221,8 @@ fn copy_output(target: Target, stream: Stream, mut sink: Option<File>) -> JoinHa
 fn copy_stdin(target: Target, path: String) -> StdinCopy {
     let opened = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let (opened_flag, done_flag, fifo) = (opened.clone(), done.clone(), path.clone());
+    let close_requested = Arc::new(AtomicBool::new(false));
+    let (opened_flag, done_flag, close_flag, fifo) = (opened.clone(), done.clone(), close_requested.clone(), path.clone());
     let thread = std::thread::spawn(move || {
         // A blocking open waits for containerd's client to open its end.
         let file = File::open(&fifo);
@@ -214,6 +238,21 @@ fn copy_stdin(target: Target, path: String) -> StdinCopy {
         loop {
             if done_flag.load(Ordering::SeqCst) {
                 return;
+            }
+            // Wait for data without blocking in read(2): a client may keep
+            // its end open after CloseIO, and then only an empty FIFO
+            // tells us that everything before CloseIO went through.
+            let mut pollfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one valid pollfd that outlives the call.
+            let ready = unsafe { libc::poll(&mut pollfd, 1, STDIN_IDLE_POLL_MS) };
+            if ready < 0 {
+                continue; // EINTR: the only error poll(2) can give here
+            }
+            if ready == 0 {
+                if close_flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                continue;
             }
             let n = match file.read(&mut buffer) {
                 Ok(0) => break,
@@ -244,7 +283,7 @@ fn copy_stdin(target: Target, path: String) -> StdinCopy {
         }
         close_stdin(&target);
     });
-    StdinCopy { path, opened, done, thread }
+    StdinCopy { path, opened, done, close_requested, thread }
 }
 
 /// Closes the process's stdin in the agent (EOF, or ^D on a terminal).

@@ -46,6 +46,9 @@ pub struct Process {
     pub process_json: Vec<u8>,
     pub exit: Arc<watch::Sender<Option<Exit>>>,
     pub io: Arc<Mutex<Option<ProcessIo>>>,
+    /// CloseIO came before the exec was started (ctr sends it as soon as
+    /// its own stdin ends): honoured once the process and its stdin copy exist.
+    pub stdin_close_pending: bool,
 }
 
 impl Process {
@@ -57,6 +60,7 @@ impl Process {
             process_json,
             exit: Arc::new(watch::channel(None).0),
             io: Arc::new(Mutex::new(None)),
+            stdin_close_pending: false,
         }
     }
 

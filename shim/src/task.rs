@@ -523,7 +523,13 @@ impl Task for PodService {
             blocking(move || agent.exec_process(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("ExecProcess", e))?;
             let io = ProcessIo::start(&target, &process.stdio).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()));
             match io {
-                Ok(io) => *process.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io),
+                Ok(io) => {
+                    if process.stdin_close_pending && !io.request_stdin_close() {
+                        let target = target.clone();
+                        blocking(move || close_stdin(&target)).await?;
+                    }
+                    *process.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
+                }
                 Err(e) => {
                     let kill = SignalProcessRequest { container_id: req.id.clone(), exec_id: req.exec_id.clone(), signal: 9, ..Default::default() };
                     let agent = vm.agent.agent.clone();
@@ -687,10 +693,20 @@ impl Task for PodService {
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         if req.stdin {
             let target = {
-                let pod = self.inner.pod.lock().await;
-                let container = pod.containers.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-                container.process(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
-                pod.target(&self.inner.namespace, &req.id, &req.exec_id).ok_or_else(|| status(Code::UNAVAILABLE, "no VM"))?
+                let mut pod = self.inner.pod.lock().await;
+                let target = pod.target(&self.inner.namespace, &req.id, &req.exec_id);
+                let container = pod.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
+                let process = container.process_mut(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+                if !process.started && !req.exec_id.is_empty() {
+                    // The exec does not exist in the agent yet: Start closes it.
+                    process.stdin_close_pending = true;
+                    return Ok(Empty::new());
+                }
+                let handled = process.io.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|io| io.request_stdin_close());
+                if handled {
+                    return Ok(Empty::new());
+                }
+                target.ok_or_else(|| status(Code::UNAVAILABLE, "no VM"))?
             };
             blocking(move || close_stdin(&target)).await?;
         }
