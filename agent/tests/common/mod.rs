@@ -243,6 +243,12 @@ impl Drop for Agent {
     /// Cleanup even after a failed assertion: kill the agent and whatever
     /// it left in its cgroups, then remove those cgroups.
     fn drop(&mut self) {
+        // The pod's pause process is the agent's child outside the pod's
+        // cgroups: kill the agent's children first, while they are still
+        // findable by their parent pid.
+        for pid in children_of(self.child.id() as i32) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let base = Path::new("/sys/fs/cgroup");
@@ -318,4 +324,18 @@ pub fn spec(args: &[&str]) -> Value {
             "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
         }
     })
+}
+
+/// Pids whose parent is `parent` (from /proc/<pid>/stat).
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            ppid == Some(parent)
+        })
+        .collect()
 }
