@@ -132,15 +132,15 @@ impl StateDir {
     }
 }
 
-/// Mount points at or below `dir`, deepest first, from /proc/self/mountinfo.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+/// Mount points of this mount namespace, from /proc/self/mountinfo.
+pub fn mount_points() -> Vec<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_field(field)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
+    mountinfo.lines().filter_map(|line| line.split(' ').nth(4)).map(|field| PathBuf::from(unescape_mount_field(field))).collect()
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mount_points().into_iter().filter(|p| p.starts_with(dir)).collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     points

@@ -10,6 +10,7 @@
 //! live at once (tests run on parallel threads): each has its own sockets,
 //! bridge name, subnet and cgroup parent.
 
+use podbox_shim::vm::mount_points;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -655,32 +656,6 @@ fn io_error(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error
 
 fn write_file(path: &Path, contents: &str) -> Result<(), ContainerdError> {
     std::fs::write(path, contents).map_err(|source| io_error("writing", path, source))
-}
-
-/// Mount points of this mount namespace, octal escapes (`\040`) decoded.
-fn mount_points() -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo.lines().filter_map(|line| line.split(' ').nth(4)).map(|field| PathBuf::from(unescape_mount_field(field))).collect()
-}
-
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| u8::from_str_radix(d, 8).ok());
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn unmount(path: &Path) {
