@@ -31,3 +31,8 @@ pub fn kvm_available(test: &str) -> bool {
         false
     }
 }
+
+/// The host's kernel release (`uname -r`), to tell a guest kernel from it.
+pub fn host_kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading the host kernel release").trim().to_string()
+}

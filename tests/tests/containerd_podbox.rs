@@ -25,14 +25,12 @@ use podbox_tests::containerd::{Containerd, ContainerdOptions, PODBOX_HANDLER, PO
 use podbox_tests::cri::{container_config, pod_sandbox_config};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{bin_dir, pod_leftovers, processes_mentioning, virtiofsd, vmm_pid, write_shim_config};
+use podbox_tests::host_kernel_release;
 
 /// From `ctr run` to a running task: one guest boot, on a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn host_kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("host kernel release").trim().to_string()
-}
 
 fn host_boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("host boot id").trim().to_string()

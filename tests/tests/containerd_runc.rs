@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use podbox_tests::containerd::{Containerd, RUNC_HANDLER, RUNC_RUNTIME, TEST_NAMESPACE};
 use podbox_tests::cri::{container_config, pod_sandbox_config, CriClient};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
+use podbox_tests::host_kernel_release;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -15,9 +16,6 @@ fn containerd() -> Containerd {
     Containerd::start().unwrap_or_else(|e| panic!("starting the test containerd: {e}"))
 }
 
-fn host_kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading the host kernel release").trim().to_string()
-}
 
 #[test]
 fn ctr_run_with_runc_shows_the_host_kernel_release() {

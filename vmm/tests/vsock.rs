@@ -14,7 +14,7 @@ use podbox_tests::guest::{guest_kernel, KernelVariant};
 use podbox_tests::guest_image::{
     fnv1a64, source_byte, vsock_test_initramfs, GUEST_HELLO, HOST_HELLO_PORT, TEST_IMAGE_CMDLINE,
 };
-use podbox_tests::kvm_available;
+use podbox_tests::{host_kernel_release, kvm_available};
 use podbox_tests::vm::{spawn_vmm, BOOT_DEADLINE};
 use podbox_tests::vsock::{echo, pattern, sink, source};
 use sha2::{Digest, Sha256};
@@ -25,9 +25,6 @@ const STREAM_BYTES: usize = 64 * 1024;
 const LARGE_BYTES: usize = 8 << 20;
 const RPC: Duration = Duration::from_secs(30);
 
-fn host_kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_owned()
-}
 
 /// Accepts one connection on `listener` within `timeout` and reads it to EOF.
 fn accept_and_read(listener: &UnixListener, timeout: Duration) -> Option<String> {
