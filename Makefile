@@ -17,7 +17,7 @@ build: deps
 	$(CARGO) build --workspace
 
 test: deps
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 demo: deps
 	scripts/demo.sh
