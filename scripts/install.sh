@@ -35,9 +35,11 @@ if [ ! -e "$CONFIG" ]; then
 kernel = "$SHARE/vmlinux"
 initrd = "$SHARE/initramfs.cpio"
 virtiofsd = "/usr/libexec/virtiofsd"
-default_vcpus = 1
+default_vcpus = 2
 default_memory_mib = 256
 log_level = "info"
+# virtiofsd cache: always (default; needed on PVM hosts), auto or never:
+fs_cache = "always"
 # io.podbox.* annotations pods may set (none unless listed):
 allowed_annotations = []
 CONF

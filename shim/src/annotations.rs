@@ -25,7 +25,11 @@ pub fn is_known_annotation(key: &str) -> bool {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AnnotationError {
     #[error("annotation {key}={value:?}: {reason}")]
-    Invalid { key: String, value: String, reason: String },
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("annotation {key} is not a podbox annotation; known: {KNOWN_ANNOTATIONS:?}")]
     Unknown { key: String },
     #[error("annotation {key} is not allowed by this node's podbox config (allowed_annotations)")]
@@ -46,12 +50,16 @@ pub enum PodRole {
 }
 
 impl PodRole {
-    pub fn from_annotations(annotations: &HashMap<String, String>) -> Result<PodRole, AnnotationError> {
+    pub fn from_annotations(
+        annotations: &HashMap<String, String>,
+    ) -> Result<PodRole, AnnotationError> {
         match annotations.get(CONTAINER_TYPE).map(String::as_str) {
             None => Ok(PodRole::Standalone),
             Some("sandbox") => Ok(PodRole::Sandbox),
             Some("container") => match annotations.get(SANDBOX_ID) {
-                Some(id) if !id.is_empty() => Ok(PodRole::Container { sandbox_id: id.clone() }),
+                Some(id) if !id.is_empty() => Ok(PodRole::Container {
+                    sandbox_id: id.clone(),
+                }),
                 _ => Err(AnnotationError::MissingSandboxId),
             },
             Some(other) => Err(AnnotationError::Invalid {
@@ -84,7 +92,10 @@ pub struct VmSettings {
 impl VmSettings {
     /// Every `io.podbox.*` annotation must be known, allowed by `config`,
     /// and well-formed; other annotations are none of the shim's business.
-    pub fn resolve(config: &Config, annotations: &HashMap<String, String>) -> Result<VmSettings, AnnotationError> {
+    pub fn resolve(
+        config: &Config,
+        annotations: &HashMap<String, String>,
+    ) -> Result<VmSettings, AnnotationError> {
         let mut settings = VmSettings {
             vcpus: config.default_vcpus,
             memory_mib: config.default_memory_mib,
@@ -92,8 +103,10 @@ impl VmSettings {
             initrd: config.initrd.clone(),
         };
         // Sorted, so that with several bad annotations the error is always the same one.
-        let mut podbox_annotations: Vec<(&String, &String)> =
-            annotations.iter().filter(|(key, _)| key.starts_with(PODBOX_PREFIX)).collect();
+        let mut podbox_annotations: Vec<(&String, &String)> = annotations
+            .iter()
+            .filter(|(key, _)| key.starts_with(PODBOX_PREFIX))
+            .collect();
         podbox_annotations.sort();
         for (key, value) in podbox_annotations {
             if !is_known_annotation(key) {
@@ -115,11 +128,22 @@ impl VmSettings {
 }
 
 fn invalid(key: &str, value: &str, reason: String) -> AnnotationError {
-    AnnotationError::Invalid { key: key.to_string(), value: value.to_string(), reason }
+    AnnotationError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason,
+    }
 }
 
-fn parse_in_range(key: &str, value: &str, range: std::ops::RangeInclusive<u32>) -> Result<u32, AnnotationError> {
-    let number: u32 = value.trim().parse().map_err(|e| invalid(key, value, format!("not a whole number: {e}")))?;
+fn parse_in_range(
+    key: &str,
+    value: &str,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, AnnotationError> {
+    let number: u32 = value
+        .trim()
+        .parse()
+        .map_err(|e| invalid(key, value, format!("not a whole number: {e}")))?;
     if !range.contains(&number) {
         return Err(invalid(key, value, format!("not in {range:?}")));
     }
@@ -139,17 +163,28 @@ mod tests {
     use super::*;
 
     fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn config_allowing(keys: &[&str]) -> Config {
-        Config { allowed_annotations: keys.iter().map(|k| k.to_string()).collect(), ..Config::default() }
+        Config {
+            allowed_annotations: keys.iter().map(|k| k.to_string()).collect(),
+            ..Config::default()
+        }
     }
 
     #[test]
     fn no_annotations_give_the_config_defaults() {
-        let config = Config { default_vcpus: 3, default_memory_mib: 768, ..Config::default() };
-        let settings = VmSettings::resolve(&config, &annotations(&[("unrelated", "x")])).expect("valid");
+        let config = Config {
+            default_vcpus: 3,
+            default_memory_mib: 768,
+            ..Config::default()
+        };
+        let settings =
+            VmSettings::resolve(&config, &annotations(&[("unrelated", "x")])).expect("valid");
         assert_eq!((settings.vcpus, settings.memory_mib), (3, 768));
         assert_eq!(settings.kernel, config.kernel);
     }
@@ -159,7 +194,11 @@ mod tests {
         let config = config_allowing(&[VCPUS, MEMORY_MIB, KERNEL]);
         let settings = VmSettings::resolve(
             &config,
-            &annotations(&[(VCPUS, "4"), (MEMORY_MIB, "2048"), (KERNEL, "/opt/vmlinux-test")]),
+            &annotations(&[
+                (VCPUS, "4"),
+                (MEMORY_MIB, "2048"),
+                (KERNEL, "/opt/vmlinux-test"),
+            ]),
         )
         .expect("valid");
         assert_eq!((settings.vcpus, settings.memory_mib), (4, 2048));
@@ -169,15 +208,33 @@ mod tests {
 
     #[test]
     fn an_annotation_the_config_does_not_allow_is_refused() {
-        let error = VmSettings::resolve(&config_allowing(&[VCPUS]), &annotations(&[(MEMORY_MIB, "512")])).expect_err("refused");
-        assert_eq!(error, AnnotationError::NotAllowed { key: MEMORY_MIB.to_string() });
+        let error = VmSettings::resolve(
+            &config_allowing(&[VCPUS]),
+            &annotations(&[(MEMORY_MIB, "512")]),
+        )
+        .expect_err("refused");
+        assert_eq!(
+            error,
+            AnnotationError::NotAllowed {
+                key: MEMORY_MIB.to_string()
+            }
+        );
         assert!(error.to_string().contains(MEMORY_MIB));
     }
 
     #[test]
     fn a_misspelt_podbox_annotation_is_named() {
-        let error = VmSettings::resolve(&config_allowing(&[VCPUS]), &annotations(&[("io.podbox.cpus", "2")])).expect_err("unknown");
-        assert_eq!(error, AnnotationError::Unknown { key: "io.podbox.cpus".to_string() });
+        let error = VmSettings::resolve(
+            &config_allowing(&[VCPUS]),
+            &annotations(&[("io.podbox.cpus", "2")]),
+        )
+        .expect_err("unknown");
+        assert_eq!(
+            error,
+            AnnotationError::Unknown {
+                key: "io.podbox.cpus".to_string()
+            }
+        );
     }
 
     #[test]
@@ -196,24 +253,48 @@ mod tests {
             (INITRD, ""),
         ] {
             match VmSettings::resolve(&config, &annotations(&[(key, value)])) {
-                Err(AnnotationError::Invalid { key: named, value: shown, .. }) => {
+                Err(AnnotationError::Invalid {
+                    key: named,
+                    value: shown,
+                    ..
+                }) => {
                     assert_eq!((named.as_str(), shown.as_str()), (key, value));
                 }
                 other => panic!("{key}={value:?}: expected an invalid-value error, got {other:?}"),
             }
         }
-        let message = VmSettings::resolve(&config, &annotations(&[(VCPUS, "0")])).expect_err("invalid").to_string();
+        let message = VmSettings::resolve(&config, &annotations(&[(VCPUS, "0")]))
+            .expect_err("invalid")
+            .to_string();
         assert_eq!(message, "annotation io.podbox.vcpus=\"0\": not in 1..=64");
     }
 
     #[test]
     fn pod_roles_come_from_the_cri_annotations() {
-        assert_eq!(PodRole::from_annotations(&annotations(&[])), Ok(PodRole::Standalone));
-        assert_eq!(PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "sandbox")])), Ok(PodRole::Sandbox));
-        let member = PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "pod1")]))
-            .expect("a pod container");
-        assert_eq!(member, PodRole::Container { sandbox_id: "pod1".to_string() });
-        assert_eq!(member.shim_grouping("ctr9"), "pod1", "a pod container goes to its sandbox's shim");
+        assert_eq!(
+            PodRole::from_annotations(&annotations(&[])),
+            Ok(PodRole::Standalone)
+        );
+        assert_eq!(
+            PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "sandbox")])),
+            Ok(PodRole::Sandbox)
+        );
+        let member = PodRole::from_annotations(&annotations(&[
+            (CONTAINER_TYPE, "container"),
+            (SANDBOX_ID, "pod1"),
+        ]))
+        .expect("a pod container");
+        assert_eq!(
+            member,
+            PodRole::Container {
+                sandbox_id: "pod1".to_string()
+            }
+        );
+        assert_eq!(
+            member.shim_grouping("ctr9"),
+            "pod1",
+            "a pod container goes to its sandbox's shim"
+        );
         assert_eq!(PodRole::Sandbox.shim_grouping("pod1"), "pod1");
         assert_eq!(
             PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "container")])),

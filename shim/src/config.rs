@@ -5,9 +5,10 @@
 //! kernel = "/usr/share/podbox/vmlinux"
 //! initrd = "/usr/share/podbox/initramfs.cpio"
 //! virtiofsd = "/usr/libexec/virtiofsd"
-//! default_vcpus = 1
+//! default_vcpus = 2
 //! default_memory_mib = 256
 //! log_level = "info"
+//! fs_cache = "always"
 //! allowed_annotations = ["io.podbox.vcpus", "io.podbox.memory_mib"]
 //! ```
 //!
@@ -28,15 +29,24 @@ pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
 /// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=1_048_576;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+/// virtiofsd's cache modes (podbox-vmm `--fs-cache`).
+pub const FS_CACHE_MODES: [&str; 3] = ["always", "auto", "never"];
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("reading podbox config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing podbox config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("podbox config {path}: key `{key}`: {reason}")]
-    Invalid { path: PathBuf, key: &'static str, reason: String },
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
 }
 
 /// The validated configuration.
@@ -49,10 +59,20 @@ pub struct Config {
     pub initrd: PathBuf,
     /// virtiofsd, which serves container root filesystems and volumes to the guest.
     pub virtiofsd: PathBuf,
+    /// 2 by default: on PVM hosts a 1-vCPU guest lost 9 of 12 freshly
+    /// started container processes to start-up crashes, a 2-vCPU guest 1 of
+    /// 12 (see `fs_cache` and the README's "Nested PVM hosts").
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     /// The shim's own log level: error, warn, info, debug or trace.
     pub log_level: String,
+    /// How the guest caches the share (virtiofsd `--cache`). "always" keeps
+    /// a file's pages while it is open elsewhere; "auto" and "never" drop
+    /// them on every open, and on PVM hosts a process that had those pages
+    /// mapped (a running busybox when another busybox starts) then read
+    /// zeros and died with SIGSEGV. Host-side changes to a volume show up
+    /// in the guest only with "auto" or "never".
+    pub fs_cache: String,
     /// The `io.podbox.*` annotations pods may set; none unless the operator says so.
     pub allowed_annotations: Vec<String>,
 }
@@ -64,9 +84,10 @@ impl Default for Config {
             kernel: PathBuf::from("/usr/share/podbox/vmlinux"),
             initrd: PathBuf::from("/usr/share/podbox/initramfs.cpio"),
             virtiofsd: PathBuf::from("/usr/libexec/virtiofsd"),
-            default_vcpus: 1,
+            default_vcpus: 2,
             default_memory_mib: 256,
             log_level: "info".to_string(),
+            fs_cache: "always".to_string(),
             allowed_annotations: Vec::new(),
         }
     }
@@ -90,42 +111,82 @@ impl Config {
     }
 
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         config.validate(path)?;
         Ok(config)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key, reason };
-        for (key, value) in [("kernel", &self.kernel), ("initrd", &self.initrd), ("virtiofsd", &self.virtiofsd)] {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        for (key, value) in [
+            ("kernel", &self.kernel),
+            ("initrd", &self.initrd),
+            ("virtiofsd", &self.virtiofsd),
+        ] {
             if !value.is_absolute() {
-                return Err(invalid(key, format!("{} is not an absolute path", value.display())));
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", value.display()),
+                ));
             }
         }
         if !VCPUS_RANGE.contains(&self.default_vcpus) {
-            return Err(invalid("default_vcpus", format!("{} is not in {VCPUS_RANGE:?}", self.default_vcpus)));
+            return Err(invalid(
+                "default_vcpus",
+                format!("{} is not in {VCPUS_RANGE:?}", self.default_vcpus),
+            ));
         }
         if !MEMORY_MIB_RANGE.contains(&self.default_memory_mib) {
-            return Err(invalid("default_memory_mib", format!("{} is not in {MEMORY_MIB_RANGE:?}", self.default_memory_mib)));
+            return Err(invalid(
+                "default_memory_mib",
+                format!("{} is not in {MEMORY_MIB_RANGE:?}", self.default_memory_mib),
+            ));
         }
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
-            return Err(invalid("log_level", format!("{:?} is not one of {LOG_LEVELS:?}", self.log_level)));
+            return Err(invalid(
+                "log_level",
+                format!("{:?} is not one of {LOG_LEVELS:?}", self.log_level),
+            ));
         }
-        if let Some(unknown) = self.allowed_annotations.iter().find(|a| !is_known_annotation(a)) {
-            return Err(invalid("allowed_annotations", format!("{unknown:?} is not a podbox annotation; known: {KNOWN_ANNOTATIONS:?}")));
+        if !FS_CACHE_MODES.contains(&self.fs_cache.as_str()) {
+            return Err(invalid(
+                "fs_cache",
+                format!("{:?} is not one of {FS_CACHE_MODES:?}", self.fs_cache),
+            ));
+        }
+        if let Some(unknown) = self
+            .allowed_annotations
+            .iter()
+            .find(|a| !is_known_annotation(a))
+        {
+            return Err(invalid(
+                "allowed_annotations",
+                format!("{unknown:?} is not a podbox annotation; known: {KNOWN_ANNOTATIONS:?}"),
+            ));
         }
         Ok(())
     }
 
     pub fn allows_annotation(&self, key: &str) -> bool {
-        self.allowed_annotations.iter().any(|allowed| allowed == key)
+        self.allowed_annotations
+            .iter()
+            .any(|allowed| allowed == key)
     }
 }
 
@@ -151,7 +212,7 @@ mod tests {
             kernel = "/k/vmlinux"
             initrd = "/k/initrd"
             virtiofsd = "/bin/virtiofsd"
-            default_vcpus = 2
+            default_vcpus = 3
             default_memory_mib = 512
             log_level = "debug"
             allowed_annotations = ["io.podbox.vcpus"]
@@ -161,7 +222,7 @@ mod tests {
         assert_eq!(config.kernel, Path::new("/k/vmlinux"));
         assert_eq!(config.initrd, Path::new("/k/initrd"));
         assert_eq!(config.virtiofsd, Path::new("/bin/virtiofsd"));
-        assert_eq!((config.default_vcpus, config.default_memory_mib), (2, 512));
+        assert_eq!((config.default_vcpus, config.default_memory_mib), (3, 512));
         assert_eq!(config.log_level, "debug");
         assert!(config.allows_annotation("io.podbox.vcpus"));
         assert!(!config.allows_annotation("io.podbox.memory_mib"));
@@ -170,17 +231,33 @@ mod tests {
     #[test]
     fn missing_keys_take_the_defaults() {
         let config = parse("default_vcpus = 4").expect("valid config");
-        assert_eq!(config, Config { default_vcpus: 4, ..Config::default() });
-        assert!(config.allowed_annotations.is_empty(), "no annotation is allowed unless the operator says so");
+        assert_eq!(
+            config,
+            Config {
+                default_vcpus: 4,
+                ..Config::default()
+            }
+        );
+        assert!(
+            config.allowed_annotations.is_empty(),
+            "no annotation is allowed unless the operator says so"
+        );
     }
 
     #[test]
     fn unknown_and_mistyped_keys_are_named() {
-        let message = parse("default_cpus = 2").expect_err("unknown key").to_string();
+        let message = parse("default_cpus = 2")
+            .expect_err("unknown key")
+            .to_string();
         assert!(message.contains("default_cpus"), "{message}");
-        let message = parse("default_vcpus = \"two\"").expect_err("mistyped value").to_string();
+        let message = parse("default_vcpus = \"two\"")
+            .expect_err("mistyped value")
+            .to_string();
         assert!(message.contains("default_vcpus"), "{message}");
-        assert!(message.contains("/test/config.toml"), "the file is named: {message}");
+        assert!(
+            message.contains("/test/config.toml"),
+            "the file is named: {message}"
+        );
     }
 
     #[test]
@@ -189,17 +266,26 @@ mod tests {
         assert_eq!(invalid_key("default_vcpus = 65"), "default_vcpus");
         assert_eq!(invalid_key("default_memory_mib = 32"), "default_memory_mib");
         assert_eq!(invalid_key("log_level = \"loud\""), "log_level");
+        assert_eq!(invalid_key("fs_cache = \"sometimes\""), "fs_cache");
         assert_eq!(invalid_key("kernel = \"vmlinux\""), "kernel");
         assert_eq!(invalid_key("initrd = \"\""), "initrd");
         assert_eq!(invalid_key("virtiofsd = \"bin/virtiofsd\""), "virtiofsd");
-        assert_eq!(invalid_key("allowed_annotations = [\"io.podbox.cpus\"]"), "allowed_annotations");
+        assert_eq!(
+            invalid_key("allowed_annotations = [\"io.podbox.cpus\"]"),
+            "allowed_annotations"
+        );
         let message = parse("default_vcpus = 0").expect_err("invalid").to_string();
-        assert_eq!(message, "podbox config /test/config.toml: key `default_vcpus`: 0 is not in 1..=64");
+        assert_eq!(
+            message,
+            "podbox config /test/config.toml: key `default_vcpus`: 0 is not in 1..=64"
+        );
     }
 
     #[test]
     fn a_negative_number_is_an_error_not_a_wraparound() {
-        let message = parse("default_memory_mib = -1").expect_err("negative").to_string();
+        let message = parse("default_memory_mib = -1")
+            .expect_err("negative")
+            .to_string();
         assert!(message.contains("default_memory_mib"), "{message}");
     }
 
@@ -207,9 +293,17 @@ mod tests {
     fn an_explicit_config_path_must_exist_but_the_default_need_not() {
         let dir = tempfile::tempdir().expect("temp dir");
         let missing = dir.path().join("absent.toml");
-        assert!(matches!(Config::load(Some(&missing)), Err(ConfigError::Read { .. })));
+        assert!(matches!(
+            Config::load(Some(&missing)),
+            Err(ConfigError::Read { .. })
+        ));
         let present = dir.path().join("config.toml");
         std::fs::write(&present, "default_memory_mib = 1024\n").expect("writing config");
-        assert_eq!(Config::load(Some(&present)).expect("loads").default_memory_mib, 1024);
+        assert_eq!(
+            Config::load(Some(&present))
+                .expect("loads")
+                .default_memory_mib,
+            1024
+        );
     }
 }

@@ -32,11 +32,18 @@ const CHUNK: u32 = 64 * 1024;
 #[derive(Debug, Error)]
 pub enum IoError {
     #[error("{what} {path}: {source}")]
-    Open { what: &'static str, path: String, source: std::io::Error },
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("log URI {uri:?}: {reason}")]
     Uri { uri: String, reason: String },
     #[error("starting logging binary {path}: {source}")]
-    Logger { path: String, source: std::io::Error },
+    Logger {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// The three streams containerd gave for one process.
@@ -93,15 +100,27 @@ impl ProcessIo {
             logger = Some(child);
             (Some(out), Some(err))
         } else {
-            (open_sink(&paths.stdout)?, if paths.terminal { None } else { open_sink(&paths.stderr)? })
+            (
+                open_sink(&paths.stdout)?,
+                if paths.terminal {
+                    None
+                } else {
+                    open_sink(&paths.stderr)?
+                },
+            )
         };
         let mut outputs = vec![copy_output(target.clone(), Stream::Stdout, stdout_sink)];
         // With a terminal, stdout carries the pty and stderr is always empty.
         if !paths.terminal {
             outputs.push(copy_output(target.clone(), Stream::Stderr, stderr_sink));
         }
-        let stdin = (!paths.stdin.is_empty()).then(|| copy_stdin(target.clone(), paths.stdin.clone()));
-        Ok(ProcessIo { outputs, stdin, logger })
+        let stdin =
+            (!paths.stdin.is_empty()).then(|| copy_stdin(target.clone(), paths.stdin.clone()));
+        Ok(ProcessIo {
+            outputs,
+            stdin,
+            logger,
+        })
     }
 
     /// CloseIO for stdin. Returns false when no stdin copy runs (the
@@ -112,12 +131,17 @@ impl ProcessIo {
     /// write, with that data still in the FIFO or in a WriteStdin call, so
     /// closing the agent's side here at once would cut the input short.
     pub fn request_stdin_close(&self) -> bool {
-        let Some(stdin) = self.stdin.as_ref() else { return false };
+        let Some(stdin) = self.stdin.as_ref() else {
+            return false;
+        };
         stdin.close_requested.store(true, Ordering::SeqCst);
         if !stdin.opened.load(Ordering::SeqCst) {
             // No client ever opened the FIFO: unblock the copy's open(2);
             // it then reads EOF and closes stdin.
-            let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&stdin.path);
+            let _ = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&stdin.path);
         }
         true
     }
@@ -142,7 +166,10 @@ impl ProcessIo {
             if !stdin.opened.load(Ordering::SeqCst) {
                 // The copy thread still waits in open(2) for a writer that
                 // will never come: become that writer for a moment.
-                let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&stdin.path);
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&stdin.path);
             }
             if stdin.thread.is_finished() {
                 let _ = stdin.thread.join();
@@ -169,11 +196,18 @@ fn open_sink(uri: &str) -> Result<Option<File>, IoError> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| IoError::Open { what: "opening log file", path: path.to_string(), source })?;
+            .map_err(|source| IoError::Open {
+                what: "opening log file",
+                path: path.to_string(),
+                source,
+            })?;
         return Ok(Some(file));
     }
     if uri.contains("://") && !uri.starts_with("fifo://") {
-        return Err(IoError::Uri { uri: uri.to_string(), reason: "only FIFO paths, file:// and binary:// are supported".into() });
+        return Err(IoError::Uri {
+            uri: uri.to_string(),
+            reason: "only FIFO paths, file:// and binary:// are supported".into(),
+        });
     }
     let path = uri.strip_prefix("fifo://").unwrap_or(uri);
     // Read-write, as containerd's own shims do: the open never blocks and a
@@ -182,7 +216,11 @@ fn open_sink(uri: &str) -> Result<Option<File>, IoError> {
         .read(true)
         .write(true)
         .open(path)
-        .map_err(|source| IoError::Open { what: "opening output FIFO", path: path.to_string(), source })?;
+        .map_err(|source| IoError::Open {
+            what: "opening output FIFO",
+            path: path.to_string(),
+            source,
+        })?;
     Ok(Some(file))
 }
 
@@ -222,7 +260,12 @@ fn copy_stdin(target: Target, path: String) -> StdinCopy {
     let opened = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
     let close_requested = Arc::new(AtomicBool::new(false));
-    let (opened_flag, done_flag, close_flag, fifo) = (opened.clone(), done.clone(), close_requested.clone(), path.clone());
+    let (opened_flag, done_flag, close_flag, fifo) = (
+        opened.clone(),
+        done.clone(),
+        close_requested.clone(),
+        path.clone(),
+    );
     let thread = std::thread::spawn(move || {
         // A blocking open waits for containerd's client to open its end.
         let file = File::open(&fifo);
@@ -242,7 +285,11 @@ fn copy_stdin(target: Target, path: String) -> StdinCopy {
             // Wait for data without blocking in read(2): a client may keep
             // its end open after CloseIO, and then only an empty FIFO
             // tells us that everything before CloseIO went through.
-            let mut pollfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pollfd = libc::pollfd {
+                fd: file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: poll(2) on one valid pollfd that outlives the call.
             let ready = unsafe { libc::poll(&mut pollfd, 1, STDIN_IDLE_POLL_MS) };
             if ready < 0 {
@@ -283,12 +330,22 @@ fn copy_stdin(target: Target, path: String) -> StdinCopy {
         }
         close_stdin(&target);
     });
-    StdinCopy { path, opened, done, close_requested, thread }
+    StdinCopy {
+        path,
+        opened,
+        done,
+        close_requested,
+        thread,
+    }
 }
 
 /// Closes the process's stdin in the agent (EOF, or ^D on a terminal).
 pub fn close_stdin(target: &Target) {
-    let request = CloseStdinRequest { container_id: target.container_id.clone(), exec_id: target.exec_id.clone(), ..Default::default() };
+    let request = CloseStdinRequest {
+        container_id: target.container_id.clone(),
+        exec_id: target.exec_id.clone(),
+        ..Default::default()
+    };
     if let Err(e) = target.agent.close_stdin(ctx(CALL_TIMEOUT), &request) {
         tracing::debug!(container = %target.container_id, exec = %target.exec_id, "closing stdin: {e}");
     }
@@ -302,7 +359,10 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
     let rest = uri.strip_prefix("binary://").unwrap_or(uri);
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if !path.starts_with('/') {
-        return Err(IoError::Uri { uri: uri.to_string(), reason: "the binary path must be absolute".into() });
+        return Err(IoError::Uri {
+            uri: uri.to_string(),
+            reason: "the binary path must be absolute".into(),
+        });
     }
     let mut args = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -312,7 +372,10 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
             args.push(value.to_string());
         }
     }
-    let logger_error = |source| IoError::Logger { path: path.to_string(), source };
+    let logger_error = |source| IoError::Logger {
+        path: path.to_string(),
+        source,
+    };
     let (out_r, out_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
     let (err_r, err_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
     let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
@@ -366,8 +429,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("logs/out.log");
         let uri = format!("file://{}", path.display());
-        open_sink(&uri).expect("opens").expect("a file").write_all(b"one\n").expect("writes");
-        open_sink(&uri).expect("opens").expect("a file").write_all(b"two\n").expect("writes");
+        open_sink(&uri)
+            .expect("opens")
+            .expect("a file")
+            .write_all(b"one\n")
+            .expect("writes");
+        open_sink(&uri)
+            .expect("opens")
+            .expect("a file")
+            .write_all(b"two\n")
+            .expect("writes");
         assert_eq!(std::fs::read_to_string(&path).expect("reads"), "one\ntwo\n");
     }
 
@@ -376,7 +447,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = fifo_path(dir.path(), "stdout");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
-        let mut sink = open_sink(&path.display().to_string()).expect("opens").expect("a FIFO");
-        sink.write_all(b"buffered").expect("writes into the pipe buffer");
+        let mut sink = open_sink(&path.display().to_string())
+            .expect("opens")
+            .expect("a FIFO");
+        sink.write_all(b"buffered")
+            .expect("writes into the pipe buffer");
     }
 }

@@ -22,7 +22,11 @@ fn main() -> ExitCode {
                 Reply::Deleted(response) => response.as_slice(),
             };
             let mut stdout = std::io::stdout();
-            if stdout.write_all(bytes).and_then(|()| stdout.flush()).is_err() {
+            if stdout
+                .write_all(bytes)
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
@@ -36,7 +40,10 @@ fn main() -> ExitCode {
 }
 
 fn serve(flags: containerd_shim::Flags) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("containerd-shim-podbox-v2: starting the async runtime: {error}");

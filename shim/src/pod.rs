@@ -171,9 +171,18 @@ mod tests {
         process.started = true;
         assert_eq!(process.phase(false), Phase::Running);
         assert_eq!(process.phase(true), Phase::Paused);
-        let first = Exit { status: 3, at: Timestamp::default() };
+        let first = Exit {
+            status: 3,
+            at: Timestamp::default(),
+        };
         assert!(set_exit_once(&process.exit, first.clone()));
-        assert!(!set_exit_once(&process.exit, Exit { status: VM_LOST_EXIT_STATUS, at: Timestamp::default() }));
+        assert!(!set_exit_once(
+            &process.exit,
+            Exit {
+                status: VM_LOST_EXIT_STATUS,
+                at: Timestamp::default()
+            }
+        ));
         assert_eq!(process.exit(), Some(first), "the first exit wins");
         assert_eq!(process.phase(false), Phase::Stopped);
     }

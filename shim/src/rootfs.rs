@@ -15,9 +15,17 @@ use crate::vm::{mounts_under, GUEST_SHARE};
 #[derive(Debug, Error)]
 pub enum RootfsError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("mounting {source_desc} on {target}: {reason}")]
-    Mount { source_desc: String, target: PathBuf, reason: String },
+    Mount {
+        source_desc: String,
+        target: PathBuf,
+        reason: String,
+    },
     #[error("the bundle's OCI spec {path}: {reason}")]
     Spec { path: PathBuf, reason: String },
 }
@@ -31,7 +39,10 @@ pub struct ContainerShare {
 
 impl ContainerShare {
     pub fn new(share: &Path, container_id: &str) -> Self {
-        ContainerShare { host_dir: share.join(container_id), guest_dir: Path::new(GUEST_SHARE).join(container_id) }
+        ContainerShare {
+            host_dir: share.join(container_id),
+            guest_dir: Path::new(GUEST_SHARE).join(container_id),
+        }
     }
     pub fn host_rootfs(&self) -> PathBuf {
         self.host_dir.join("rootfs")
@@ -43,19 +54,29 @@ impl ContainerShare {
     /// Mounts the container's root filesystem at `<share>/<id>/rootfs`:
     /// containerd's snapshot mounts when it sent some, else the bundle's
     /// `rootfs` directory (`ctr run --rootfs`, or a bundle already mounted).
-    pub async fn mount_rootfs(&self, mounts: &[ContainerdMount], bundle: &Path) -> Result<(), RootfsError> {
+    pub async fn mount_rootfs(
+        &self,
+        mounts: &[ContainerdMount],
+        bundle: &Path,
+    ) -> Result<(), RootfsError> {
         let target = self.host_rootfs();
-        std::fs::create_dir_all(&target).map_err(|source| RootfsError::Io { what: "creating", path: target.clone(), source })?;
+        std::fs::create_dir_all(&target).map_err(|source| RootfsError::Io {
+            what: "creating",
+            path: target.clone(),
+            source,
+        })?;
         if mounts.is_empty() {
             let source = bundle.join("rootfs");
             return bind(&source, &target, false);
         }
         for m in mounts {
-            containerd_shim::util::mount_rootfs(m, &target).await.map_err(|e| RootfsError::Mount {
-                source_desc: format!("{} ({})", m.source, m.type_),
-                target: target.clone(),
-                reason: e.to_string(),
-            })?;
+            containerd_shim::util::mount_rootfs(m, &target)
+                .await
+                .map_err(|e| RootfsError::Mount {
+                    source_desc: format!("{} ({})", m.source, m.type_),
+                    target: target.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         Ok(())
     }
@@ -81,10 +102,17 @@ impl ContainerShare {
     /// into the share.
     pub fn guest_spec(&self, bundle: &Path) -> Result<Value, RootfsError> {
         let path = bundle.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io { what: "reading", path: path.clone(), source })?;
-        let mut spec: Value =
-            serde_json::from_str(&text).map_err(|e| RootfsError::Spec { path: path.clone(), reason: e.to_string() })?;
-        let volumes = rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        let mut spec: Value = serde_json::from_str(&text).map_err(|e| RootfsError::Spec {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let volumes =
+            rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
         for volume in volumes {
             bind(&volume.host_source, &volume.share_path, true)?;
         }
@@ -108,13 +136,24 @@ pub struct Volume {
 ///   the container into the pod's namespaces in the guest);
 /// - hooks are dropped (they are host programs).
 pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volume>, String> {
-    let object = spec.as_object_mut().ok_or("the spec is not a JSON object")?;
-    let root = object.entry("root").or_insert_with(|| Value::Object(Default::default()));
+    let object = spec
+        .as_object_mut()
+        .ok_or("the spec is not a JSON object")?;
+    let root = object
+        .entry("root")
+        .or_insert_with(|| Value::Object(Default::default()));
     let root = root.as_object_mut().ok_or("root is not an object")?;
-    root.insert("path".into(), Value::String(share.guest_rootfs().display().to_string()));
+    root.insert(
+        "path".into(),
+        Value::String(share.guest_rootfs().display().to_string()),
+    );
     object.remove("hooks");
 
-    if let Some(namespaces) = object.get_mut("linux").and_then(|l| l.get_mut("namespaces")).and_then(Value::as_array_mut) {
+    if let Some(namespaces) = object
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    {
         for ns in namespaces.iter_mut().filter_map(Value::as_object_mut) {
             ns.remove("path");
         }
@@ -123,24 +162,58 @@ pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volu
     let mut volumes = Vec::new();
     if let Some(mounts) = object.get_mut("mounts").and_then(Value::as_array_mut) {
         for (index, m) in mounts.iter_mut().enumerate() {
-            let m = m.as_object_mut().ok_or(format!("mounts[{index}] is not an object"))?;
-            let options: Vec<String> =
-                m.get("options").and_then(Value::as_array).map(|o| o.iter().filter_map(Value::as_str).map(String::from).collect()).unwrap_or_default();
-            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind") || options.iter().any(|o| o == "bind" || o == "rbind");
+            let m = m
+                .as_object_mut()
+                .ok_or(format!("mounts[{index}] is not an object"))?;
+            let options: Vec<String> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| {
+                    o.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
+                || options.iter().any(|o| o == "bind" || o == "rbind");
             if !is_bind {
                 continue;
             }
-            let destination = m.get("destination").and_then(Value::as_str).unwrap_or_default().to_string();
+            let destination = m
+                .get("destination")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             if destination == "/dev/shm" {
                 m.insert("type".into(), "tmpfs".into());
                 m.insert("source".into(), "shm".into());
-                m.insert("options".into(), serde_json::json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]));
+                m.insert(
+                    "options".into(),
+                    serde_json::json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+                );
                 continue;
             }
-            let source = m.get("source").and_then(Value::as_str).ok_or(format!("bind mount on {destination} has no source"))?;
+            let source = m
+                .get("source")
+                .and_then(Value::as_str)
+                .ok_or(format!("bind mount on {destination} has no source"))?;
             let name = format!("{index}");
-            volumes.push(Volume { host_source: PathBuf::from(source), share_path: share.host_dir.join("mounts").join(&name) });
-            m.insert("source".into(), Value::String(share.guest_dir.join("mounts").join(&name).display().to_string()));
+            volumes.push(Volume {
+                host_source: PathBuf::from(source),
+                share_path: share.host_dir.join("mounts").join(&name),
+            });
+            m.insert(
+                "source".into(),
+                Value::String(
+                    share
+                        .guest_dir
+                        .join("mounts")
+                        .join(&name)
+                        .display()
+                        .to_string(),
+                ),
+            );
         }
     }
     Ok(volumes)
@@ -160,9 +233,18 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), RootfsError
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
         }
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(target).map_err(io_err("creating", target))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map_err(io_err("creating", target))?;
     }
-    let flags = if recursive { MsFlags::MS_BIND | MsFlags::MS_REC } else { MsFlags::MS_BIND };
+    let flags = if recursive {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_BIND
+    };
     mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| RootfsError::Mount {
         source_desc: source.display().to_string(),
         target: target.to_path_buf(),
@@ -193,15 +275,33 @@ mod tests {
         assert_eq!(spec["root"]["path"], "/run/podbox/shared/c1/rootfs");
         assert!(spec.get("hooks").is_none(), "host hooks are dropped");
         assert_eq!(spec["mounts"][0]["source"], "proc", "non-bind mounts stay");
-        assert_eq!(spec["mounts"][1]["source"], "/run/podbox/shared/c1/mounts/1");
-        assert_eq!(spec["mounts"][2]["type"], "tmpfs", "/dev/shm is a guest tmpfs");
-        assert_eq!(spec["mounts"][3]["source"], "/run/podbox/shared/c1/mounts/3");
-        assert!(spec["linux"]["namespaces"][0].get("path").is_none(), "host namespace paths are dropped");
+        assert_eq!(
+            spec["mounts"][1]["source"],
+            "/run/podbox/shared/c1/mounts/1"
+        );
+        assert_eq!(
+            spec["mounts"][2]["type"], "tmpfs",
+            "/dev/shm is a guest tmpfs"
+        );
+        assert_eq!(
+            spec["mounts"][3]["source"],
+            "/run/podbox/shared/c1/mounts/3"
+        );
+        assert!(
+            spec["linux"]["namespaces"][0].get("path").is_none(),
+            "host namespace paths are dropped"
+        );
         assert_eq!(
             volumes,
             vec![
-                Volume { host_source: "/var/lib/containerd/hosts".into(), share_path: "/run/podbox/pod/share/c1/mounts/1".into() },
-                Volume { host_source: "/srv/data".into(), share_path: "/run/podbox/pod/share/c1/mounts/3".into() },
+                Volume {
+                    host_source: "/var/lib/containerd/hosts".into(),
+                    share_path: "/run/podbox/pod/share/c1/mounts/1".into()
+                },
+                Volume {
+                    host_source: "/srv/data".into(),
+                    share_path: "/run/podbox/pod/share/c1/mounts/3".into()
+                },
             ]
         );
     }
@@ -210,6 +310,10 @@ mod tests {
     fn a_spec_that_is_not_an_object_is_refused() {
         let share = ContainerShare::new(Path::new("/s"), "c");
         assert!(rewrite_spec(&mut serde_json::json!([1]), &share).is_err());
-        assert!(rewrite_spec(&mut serde_json::json!({"mounts": [{"destination": "/x", "type": "bind"}]}), &share).is_err());
+        assert!(rewrite_spec(
+            &mut serde_json::json!({"mounts": [{"destination": "/x", "type": "bind"}]}),
+            &share
+        )
+        .is_err());
     }
 }

@@ -39,7 +39,10 @@ pub enum ServeError {
     #[error("connecting the event publisher to {address}: {reason}")]
     Publisher { address: String, reason: String },
     #[error("listening on {path}: {source}")]
-    Listen { path: PathBuf, source: std::io::Error },
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("ttrpc server: {0}")]
     Server(String),
 }
@@ -55,24 +58,46 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
     tracing::info!(id = %flags.id, namespace = %flags.namespace, socket = %flags.socket, "podbox shim serving");
 
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| ServeError::NoTtrpcAddress)?;
-    let publisher = RemotePublisher::new(&ttrpc_address)
-        .await
-        .map_err(|e| ServeError::Publisher { address: ttrpc_address.clone(), reason: e.to_string() })?;
+    let publisher =
+        RemotePublisher::new(&ttrpc_address)
+            .await
+            .map_err(|e| ServeError::Publisher {
+                address: ttrpc_address.clone(),
+                reason: e.to_string(),
+            })?;
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<EventMessage>();
     let namespace = flags.namespace.clone();
     let publishing = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
             let topic = event.topic();
             let message: Box<dyn containerd_shim::protos::protobuf::MessageDyn> = event;
-            if let Err(e) = publisher.publish(containerd_shim::Context::default(), &topic, &namespace, message).await {
+            if let Err(e) = publisher
+                .publish(
+                    containerd_shim::Context::default(),
+                    &topic,
+                    &namespace,
+                    message,
+                )
+                .await
+            {
                 tracing::warn!("publishing {topic}: {e}");
             }
         }
     });
 
     let exit = Arc::new(ExitSignal::default());
-    let service = Arc::new(PodService::new(&flags.namespace, config, events_tx, exit.clone()));
-    let socket_path = PathBuf::from(flags.socket.strip_prefix("unix://").unwrap_or(&flags.socket));
+    let service = Arc::new(PodService::new(
+        &flags.namespace,
+        config,
+        events_tx,
+        exit.clone(),
+    ));
+    let socket_path = PathBuf::from(
+        flags
+            .socket
+            .strip_prefix("unix://")
+            .unwrap_or(&flags.socket),
+    );
     let listener = listen(&socket_path)?;
     let listener = Listener::try_from(listener).map_err(|e| ServeError::Server(e.to_string()))?;
     let task: Arc<dyn Task + Send + Sync> = service.clone();
@@ -83,8 +108,13 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
     if let Some(v2) = create_task(task).remove(TASK_SERVICE_V3) {
         services.insert(TASK_SERVICE_V2.to_string(), v2);
     }
-    let mut server = Server::new().add_listener(listener).register_service(services);
-    server.start().await.map_err(|e| ServeError::Server(e.to_string()))?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services);
+    server
+        .start()
+        .await
+        .map_err(|e| ServeError::Server(e.to_string()))?;
     // `start` reads our stdout until it closes: that is the "ready" signal.
     release_stdout();
 
@@ -100,7 +130,10 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
 }
 
 fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, ServeError> {
-    let listen_error = |source| ServeError::Listen { path: path.to_path_buf(), source };
+    let listen_error = |source| ServeError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(listen_error)?;
     }
@@ -122,9 +155,16 @@ fn release_stdout() {
 /// reads; stderr where there is none (running by hand).
 fn init_logging(level: &str, debug: bool) {
     let level = if debug { "debug" } else { level };
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},ttrpc=warn")).unwrap_or_else(|_| "info".into());
-    let fifo = std::fs::OpenOptions::new().write(true).custom_flags_nonblock().open("log");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},ttrpc=warn"))
+        .unwrap_or_else(|_| "info".into());
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags_nonblock()
+        .open("log");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false);
     match fifo {
         Ok(file) => {
             clear_nonblock(&file);

@@ -39,24 +39,39 @@ pub enum ShimError {
     #[error("reading runtime options from stdin: {0}")]
     Stdin(std::io::Error),
     #[error("decoding runtime options ({what}): {source}")]
-    RuntimeOptions { what: &'static str, source: containerd_shim::protos::protobuf::Error },
+    RuntimeOptions {
+        what: &'static str,
+        source: containerd_shim::protos::protobuf::Error,
+    },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("reading the bundle's OCI spec {path}: {reason}")]
     Spec { path: PathBuf, reason: String },
     #[error("bundle {bundle}: {source}")]
-    Annotations { bundle: PathBuf, source: AnnotationError },
+    Annotations {
+        bundle: PathBuf,
+        source: AnnotationError,
+    },
     #[error("container {id} belongs to pod {sandbox_id}, whose shim is not running (no socket at {address})")]
-    NoSandboxShim { id: String, sandbox_id: String, address: String },
+    NoSandboxShim {
+        id: String,
+        sandbox_id: String,
+        address: String,
+    },
     #[error("{0}: the current directory: {1}")]
     Cwd(&'static str, std::io::Error),
     #[error("unmounting {path}: {source}")]
-    Unmount { path: PathBuf, source: containerd_shim::Error },
+    Unmount {
+        path: PathBuf,
+        source: containerd_shim::Error,
+    },
     #[error("encoding the DeleteResponse: {0}")]
     Encode(containerd_shim::protos::protobuf::Error),
     #[error("starting the shim server for {id}: {source}")]
     SpawnServer { id: String, source: std::io::Error },
-    #[error("the shim server for {id} exited before serving {address} (its log is in containerd's log)")]
+    #[error(
+        "the shim server for {id} exited before serving {address} (its log is in containerd's log)"
+    )]
     ServerDidNotStart { id: String, address: String },
 }
 
@@ -78,7 +93,11 @@ pub fn run(args: &[String], stdin: &mut dyn Read) -> Result<Reply, ShimError> {
     }
 }
 
-fn require<'a>(value: &'a str, flag: &'static str, action: &'static str) -> Result<&'a str, ShimError> {
+fn require<'a>(
+    value: &'a str,
+    flag: &'static str,
+    action: &'static str,
+) -> Result<&'a str, ShimError> {
     if value.is_empty() {
         Err(ShimError::MissingFlag(flag, action))
     } else {
@@ -90,45 +109,78 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
     let id = require(&flags.id, "id", "start")?;
     let namespace = require(&flags.namespace, "namespace", "start")?;
     let containerd_address = require(&flags.address, "address", "start")?;
-    let bundle = std::env::current_dir().map_err(|e| ShimError::Cwd("start runs in the bundle", e))?;
+    let bundle =
+        std::env::current_dir().map_err(|e| ShimError::Cwd("start runs in the bundle", e))?;
 
     let mut options = Vec::new();
     stdin.read_to_end(&mut options).map_err(ShimError::Stdin)?;
     let config = Config::load(config_path_from_runtime_options(&options)?.as_deref())?;
     let annotations = read_annotations(&bundle)?;
-    let annotation_error = |source| ShimError::Annotations { bundle: bundle.clone(), source };
+    let annotation_error = |source| ShimError::Annotations {
+        bundle: bundle.clone(),
+        source,
+    };
     let role = PodRole::from_annotations(&annotations).map_err(annotation_error)?;
     // Checked here so that a bad annotation fails `start` with a clear
     // message in the client's error, before any VM is booted.
     VmSettings::resolve(&config, &annotations).map_err(annotation_error)?;
 
-    let address = containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
+    let address =
+        containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
     if let PodRole::Container { sandbox_id } = &role {
         // The sandbox's shim serves every container of the pod.
         return if socket_path(&address).exists() {
             Ok(address)
         } else {
-            Err(ShimError::NoSandboxShim { id: id.to_string(), sandbox_id: sandbox_id.clone(), address })
+            Err(ShimError::NoSandboxShim {
+                id: id.to_string(),
+                sandbox_id: sandbox_id.clone(),
+                address,
+            })
         };
     }
-    if socket_path(&address).exists() && std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok() {
+    if socket_path(&address).exists()
+        && std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok()
+    {
         // Already served (containerd retried start): one shim per pod.
         return Ok(address);
     }
-    spawn_server(flags, id, &address, config_path_from_runtime_options(&options)?.as_deref())?;
+    spawn_server(
+        flags,
+        id,
+        &address,
+        config_path_from_runtime_options(&options)?.as_deref(),
+    )?;
     Ok(address)
 }
 
 /// Starts the long-lived shim (this binary without an action, with
 /// `-socket`) in the bundle and waits until it serves: it closes its
 /// stdout once it listens.
-fn spawn_server(flags: &containerd_shim::Flags, id: &str, address: &str, config_path: Option<&Path>) -> Result<(), ShimError> {
+fn spawn_server(
+    flags: &containerd_shim::Flags,
+    id: &str,
+    address: &str,
+    config_path: Option<&Path>,
+) -> Result<(), ShimError> {
     use std::os::unix::process::CommandExt;
-    let spawn_error = |source| ShimError::SpawnServer { id: id.to_string(), source };
+    let spawn_error = |source| ShimError::SpawnServer {
+        id: id.to_string(),
+        source,
+    };
     let exe = std::env::current_exe().map_err(spawn_error)?;
     let mut command = std::process::Command::new(exe);
     command
-        .args(["-namespace", &flags.namespace, "-id", id, "-address", &flags.address, "-socket", address])
+        .args([
+            "-namespace",
+            &flags.namespace,
+            "-id",
+            id,
+            "-address",
+            &flags.address,
+            "-socket",
+            address,
+        ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -151,7 +203,10 @@ fn spawn_server(flags: &containerd_shim::Flags, id: &str, address: &str, config_
     }
     // The server lives on; if it already exited, it failed.
     if let Ok(Some(_)) = child.try_wait() {
-        return Err(ShimError::ServerDidNotStart { id: id.to_string(), address: address.to_string() });
+        return Err(ShimError::ServerDidNotStart {
+            id: id.to_string(),
+            address: address.to_string(),
+        });
     }
     Ok(())
 }
@@ -168,11 +223,17 @@ fn config_path_from_runtime_options(bytes: &[u8]) -> Result<Option<PathBuf>, Shi
     if bytes.is_empty() {
         return Ok(None);
     }
-    let any = Any::parse_from_bytes(bytes).map_err(|source| ShimError::RuntimeOptions { what: "Any", source })?;
+    let any = Any::parse_from_bytes(bytes).map_err(|source| ShimError::RuntimeOptions {
+        what: "Any",
+        source,
+    })?;
     if !any.type_url.ends_with(RUNTIME_OPTIONS_TYPE) {
         return Ok(None);
     }
-    let decode_error = |source| ShimError::RuntimeOptions { what: RUNTIME_OPTIONS_TYPE, source };
+    let decode_error = |source| ShimError::RuntimeOptions {
+        what: RUNTIME_OPTIONS_TYPE,
+        source,
+    };
     let mut input = CodedInputStream::from_bytes(&any.value);
     let mut config_path = String::new();
     while let Some(tag) = input.read_raw_tag_or_eof().map_err(decode_error)? {
@@ -201,8 +262,14 @@ fn read_annotations(bundle: &Path) -> Result<HashMap<String, String>, ShimError>
         annotations: HashMap<String, String>,
     }
     let path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ShimError::Spec { path: path.clone(), reason: e.to_string() })?;
-    let spec: SpecAnnotations = serde_json::from_str(&text).map_err(|e| ShimError::Spec { path, reason: e.to_string() })?;
+    let text = std::fs::read_to_string(&path).map_err(|e| ShimError::Spec {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let spec: SpecAnnotations = serde_json::from_str(&text).map_err(|e| ShimError::Spec {
+        path,
+        reason: e.to_string(),
+    })?;
     Ok(spec.annotations)
 }
 
@@ -220,8 +287,12 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let target = rootfs.to_string_lossy().into_owned();
-        containerd_shim::mount::umount_recursive(Some(&target), 0)
-            .map_err(|source| ShimError::Unmount { path: rootfs.clone(), source })?;
+        containerd_shim::mount::umount_recursive(Some(&target), 0).map_err(|source| {
+            ShimError::Unmount {
+                path: rootfs.clone(),
+                source,
+            }
+        })?;
     }
     let response = DeleteResponse {
         pid: 0,
@@ -235,15 +306,26 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
 /// Kills a VMM the dead shim left (its pid file) and removes the pod's
 /// state directory with every mount under it.
 fn remove_pod_leftovers(id: &str) {
-    let Ok(state) = crate::vm::StateDir::for_pod(id) else { return };
+    let Ok(state) = crate::vm::StateDir::for_pod(id) else {
+        return;
+    };
     if !state.dir.exists() {
         return;
     }
-    if let Some(pid) = std::fs::read_to_string(state.vmm_pid_file()).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
-        let is_vmm = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.split(|b| *b == 0).next().is_some_and(|arg0| arg0.ends_with(crate::vm::VMM_BINARY.as_bytes())));
+    if let Some(pid) = std::fs::read_to_string(state.vmm_pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        let is_vmm = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .next()
+                .is_some_and(|arg0| arg0.ends_with(crate::vm::VMM_BINARY.as_bytes()))
+        });
         if is_vmm {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
@@ -264,21 +346,37 @@ mod tests {
             value.push(text.len() as u8);
             value.extend_from_slice(text.as_bytes());
         }
-        let any = Any { type_url: type_url.to_string(), value, ..Default::default() };
+        let any = Any {
+            type_url: type_url.to_string(),
+            value,
+            ..Default::default()
+        };
         any.write_to_bytes().expect("encoding an Any")
     }
 
     #[test]
     fn the_config_path_comes_from_cri_runtime_options() {
-        let bytes = runtime_options_any("type.googleapis.com/runtimeoptions.v1.Options", "/etc/podbox/other.toml");
-        assert_eq!(config_path_from_runtime_options(&bytes).expect("decodes"), Some(PathBuf::from("/etc/podbox/other.toml")));
+        let bytes = runtime_options_any(
+            "type.googleapis.com/runtimeoptions.v1.Options",
+            "/etc/podbox/other.toml",
+        );
+        assert_eq!(
+            config_path_from_runtime_options(&bytes).expect("decodes"),
+            Some(PathBuf::from("/etc/podbox/other.toml"))
+        );
     }
 
     #[test]
     fn no_or_foreign_runtime_options_mean_the_default_config() {
-        assert_eq!(config_path_from_runtime_options(&[]).expect("empty stdin"), None);
+        assert_eq!(
+            config_path_from_runtime_options(&[]).expect("empty stdin"),
+            None
+        );
         let runc = runtime_options_any("containerd.runc.v1.Options", "/ignored");
-        assert_eq!(config_path_from_runtime_options(&runc).expect("decodes"), None);
+        assert_eq!(
+            config_path_from_runtime_options(&runc).expect("decodes"),
+            None
+        );
     }
 
     #[test]
@@ -290,18 +388,33 @@ mod tests {
     #[test]
     fn unknown_actions_and_missing_flags_are_refused() {
         let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-        let error = run(&args(&["-id", "x", "frobnicate"]), &mut std::io::empty()).err().expect("refused");
+        let error = run(&args(&["-id", "x", "frobnicate"]), &mut std::io::empty())
+            .err()
+            .expect("refused");
         assert!(matches!(error, ShimError::UnknownAction(action) if action == "frobnicate"));
-        let error = run(&args(&["-namespace", "ns", "-address", "/a.sock", "start"]), &mut std::io::empty()).err().expect("refused");
-        assert!(matches!(error, ShimError::MissingFlag("id", "start")), "{error}");
+        let error = run(
+            &args(&["-namespace", "ns", "-address", "/a.sock", "start"]),
+            &mut std::io::empty(),
+        )
+        .err()
+        .expect("refused");
+        assert!(
+            matches!(error, ShimError::MissingFlag("id", "start")),
+            "{error}"
+        );
     }
 
     #[test]
     fn delete_reports_the_task_killed() {
         let bundle = tempfile::tempdir().expect("temp dir");
-        let args: Vec<String> =
-            ["-namespace", "ns", "-id", "c1", "-bundle"].iter().map(|a| a.to_string()).chain([bundle.path().display().to_string(), "delete".into()]).collect();
-        let Ok(Reply::Deleted(bytes)) = run(&args, &mut std::io::empty()) else { panic!("delete failed") };
+        let args: Vec<String> = ["-namespace", "ns", "-id", "c1", "-bundle"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([bundle.path().display().to_string(), "delete".into()])
+            .collect();
+        let Ok(Reply::Deleted(bytes)) = run(&args, &mut std::io::empty()) else {
+            panic!("delete failed")
+        };
         let response = DeleteResponse::parse_from_bytes(&bytes).expect("a DeleteResponse");
         assert_eq!(response.exit_status, 137);
         assert!(response.exited_at.is_some(), "exited_at is set");
@@ -310,13 +423,26 @@ mod tests {
     #[test]
     fn annotations_are_read_from_the_bundle_spec() {
         let bundle = tempfile::tempdir().expect("temp dir");
-        std::fs::write(bundle.path().join("config.json"), r#"{"ociVersion":"1.0.2","annotations":{"io.podbox.vcpus":"2"}}"#)
-            .expect("writing config.json");
+        std::fs::write(
+            bundle.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2","annotations":{"io.podbox.vcpus":"2"}}"#,
+        )
+        .expect("writing config.json");
         let annotations = read_annotations(bundle.path()).expect("reads");
-        assert_eq!(annotations.get("io.podbox.vcpus").map(String::as_str), Some("2"));
-        std::fs::write(bundle.path().join("config.json"), r#"{"ociVersion":"1.0.2"}"#).expect("writing config.json");
+        assert_eq!(
+            annotations.get("io.podbox.vcpus").map(String::as_str),
+            Some("2")
+        );
+        std::fs::write(
+            bundle.path().join("config.json"),
+            r#"{"ociVersion":"1.0.2"}"#,
+        )
+        .expect("writing config.json");
         assert!(read_annotations(bundle.path()).expect("reads").is_empty());
         std::fs::write(bundle.path().join("config.json"), "{").expect("writing config.json");
-        assert!(matches!(read_annotations(bundle.path()), Err(ShimError::Spec { .. })));
+        assert!(matches!(
+            read_annotations(bundle.path()),
+            Err(ShimError::Spec { .. })
+        ));
     }
 }

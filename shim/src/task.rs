@@ -12,15 +12,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use containerd_shim::api::{
-    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, ExecProcessRequest,
-    KillRequest, PauseRequest, PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
-    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest, PidsResponse,
+    ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
+    StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
 use containerd_shim::event::Event;
 use containerd_shim::protos::api::{ProcessInfo, Status};
-use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
@@ -30,17 +34,20 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::{DeleteResponse, ExitSignal, Task, TtrpcContext, TtrpcResult};
 use podbox_agent_client::{ctx, AgentClient};
 use podbox_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, ExecProcessRequest as AgentExec, GetOOMEventRequest,
-    ListProcessesRequest, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerRequest, Storage, TtyWinResizeRequest, UpdateContainerRequest, WaitProcessRequest,
-    IPAddress, Interface, UpdateInterfaceRequest,
+    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
+    ExecProcessRequest as AgentExec, GetOOMEventRequest, IPAddress, Interface,
+    ListProcessesRequest, PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, Storage,
+    TtyWinResizeRequest, UpdateContainerRequest, UpdateInterfaceRequest, WaitProcessRequest,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 
 use crate::annotations::{PodRole, VmSettings};
 use crate::config::Config;
 use crate::io::{close_stdin, ProcessIo, StdioPaths, Target};
-use crate::pod::{set_exit_once, Container, Exit, Phase, PodState, Process, Vm, VM_LOST_EXIT_STATUS};
+use crate::pod::{
+    set_exit_once, Container, Exit, Phase, PodState, Process, Vm, VM_LOST_EXIT_STATUS,
+};
 use crate::rootfs::ContainerShare;
 use crate::vm::{self, StateDir, VmLaunch, AGENT_DEADLINE, GUEST_SHARE, SHARE_TAG};
 
@@ -71,8 +78,21 @@ struct Inner {
 }
 
 impl PodService {
-    pub fn new(namespace: &str, config: Config, events: mpsc::UnboundedSender<EventMessage>, exit: Arc<ExitSignal>) -> Self {
-        PodService { inner: Arc::new(Inner { namespace: namespace.to_string(), config, pod: Mutex::new(PodState::default()), events, exit }) }
+    pub fn new(
+        namespace: &str,
+        config: Config,
+        events: mpsc::UnboundedSender<EventMessage>,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        PodService {
+            inner: Arc::new(Inner {
+                namespace: namespace.to_string(),
+                config,
+                pod: Mutex::new(PodState::default()),
+                events,
+                exit,
+            }),
+        }
     }
 
     /// Tears down whatever is left (on shim exit): the VM and every mount.
@@ -94,9 +114,15 @@ fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
 
 fn not_found(id: &str, exec_id: &str) -> ttrpc::Error {
     if exec_id.is_empty() {
-        status(Code::NOT_FOUND, format!("container {id} not found in this pod"))
+        status(
+            Code::NOT_FOUND,
+            format!("container {id} not found in this pod"),
+        )
     } else {
-        status(Code::NOT_FOUND, format!("exec {exec_id} of container {id} not found"))
+        status(
+            Code::NOT_FOUND,
+            format!("exec {exec_id} of container {id} not found"),
+        )
     }
 }
 
@@ -108,7 +134,10 @@ fn agent_error(what: &str, error: ttrpc::Error) -> ttrpc::Error {
             s.message = format!("{what}: {}", s.message);
             ttrpc::Error::RpcStatus(s)
         }
-        other => status(Code::UNAVAILABLE, format!("{what}: the pod's agent is unreachable: {other}")),
+        other => status(
+            Code::UNAVAILABLE,
+            format!("{what}: the pod's agent is unreachable: {other}"),
+        ),
     }
 }
 
@@ -124,7 +153,9 @@ fn log_problems(what: &str, problems: Vec<String>) {
 
 /// Runs a blocking agent call off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> TtrpcResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| status(Code::INTERNAL, format!("agent call panicked: {e}")))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| status(Code::INTERNAL, format!("agent call panicked: {e}")))
 }
 
 impl Inner {
@@ -136,7 +167,11 @@ impl Inner {
     fn publish_exit(&self, container_id: &str, exec_id: &str, pid: u32, exit: &Exit) {
         self.publish(Box::new(TaskExit {
             container_id: container_id.to_string(),
-            id: if exec_id.is_empty() { container_id.to_string() } else { exec_id.to_string() },
+            id: if exec_id.is_empty() {
+                container_id.to_string()
+            } else {
+                exec_id.to_string()
+            },
             pid,
             exit_status: exit.status,
             exited_at: MessageField::some(exit.at.clone()),
@@ -145,14 +180,21 @@ impl Inner {
     }
 
     /// Boots the pod's VM for `sandbox_id` and creates the agent's sandbox.
-    async fn boot_vm(self: &Arc<Self>, sandbox_id: &str, settings: VmSettings, hostname: String) -> TtrpcResult<Arc<Vm>> {
-        let state = StateDir::for_pod(sandbox_id).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+    async fn boot_vm(
+        self: &Arc<Self>,
+        sandbox_id: &str,
+        settings: VmSettings,
+        hostname: String,
+    ) -> TtrpcResult<Arc<Vm>> {
+        let state = StateDir::for_pod(sandbox_id)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         // A previous shim of this pod that was killed may have left it.
         log_problems(sandbox_id, state.remove());
         let launch = VmLaunch {
             vmm: vm::find_vmm().map_err(|e| status(Code::FAILED_PRECONDITION, e.to_string()))?,
             settings,
             virtiofsd: Some(self.config.virtiofsd.clone()).filter(|p| p.is_file()),
+            fs_cache: self.config.fs_cache.clone(),
         };
         state.create().map_err(|e| {
             log_problems(sandbox_id, state.remove());
@@ -166,7 +208,13 @@ impl Inner {
             }
         };
         let vmm_pid = child.id().unwrap_or_default();
-        tracing::info!(pod = sandbox_id, vmm_pid, "started {} {:?}", launch.vmm.display(), vm::vmm_args(&launch, &state));
+        tracing::info!(
+            pod = sandbox_id,
+            vmm_pid,
+            "started {} {:?}",
+            launch.vmm.display(),
+            vm::vmm_args(&launch, &state)
+        );
 
         let gone = Arc::new(watch::channel(None).0);
         let mut gone_rx = gone.subscribe();
@@ -185,14 +233,18 @@ impl Inner {
                 }
             };
             supervisor_gone.send_replace(Some(exit_status));
-            let vm = vm_slot_for_supervisor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let vm = vm_slot_for_supervisor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if let Some(vm) = vm {
                 inner.vm_exited(&vm, exit_status).await;
             }
         });
 
         let socket = state.vsock_socket();
-        let connect = tokio::task::spawn_blocking(move || AgentClient::connect(&socket, AGENT_DEADLINE));
+        let connect =
+            tokio::task::spawn_blocking(move || AgentClient::connect(&socket, AGENT_DEADLINE));
         let boot_failed = |reason: String| {
             let console = vm::tail(&state.console_log(), 20);
             let vmm_log = vm::tail(&state.vmm_log(), 20);
@@ -238,7 +290,10 @@ impl Inner {
             }],
             ..Default::default()
         };
-        if let Err(e) = blocking(move || agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("CreateSandbox", e)) {
+        if let Err(e) = blocking(move || agent.create_sandbox(ctx(CREATE_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("CreateSandbox", e))
+        {
             stop_vm(&vm).await;
             return Err(e);
         }
@@ -248,12 +303,20 @@ impl Inner {
         let lo = UpdateInterfaceRequest {
             interface: MessageField::some(Interface {
                 name: "lo".into(),
-                ip_addresses: vec![IPAddress { family: "inet".into(), address: "127.0.0.1".into(), mask: "8".into(), ..Default::default() }],
+                ip_addresses: vec![IPAddress {
+                    family: "inet".into(),
+                    address: "127.0.0.1".into(),
+                    mask: "8".into(),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             ..Default::default()
         };
-        if let Err(e) = blocking(move || agent.update_interface(ctx(CALL_TIMEOUT), &lo)).await?.map_err(|e| agent_error("UpdateInterface lo", e)) {
+        if let Err(e) = blocking(move || agent.update_interface(ctx(CALL_TIMEOUT), &lo))
+            .await?
+            .map_err(|e| agent_error("UpdateInterface lo", e))
+        {
             stop_vm(&vm).await;
             return Err(e);
         }
@@ -266,10 +329,16 @@ impl Inner {
         let agent = vm.agent.agent.clone();
         let inner = self.clone();
         std::thread::spawn(move || loop {
-            match agent.get_oom_event(ctx(Duration::from_secs(24 * 3600)), &GetOOMEventRequest::default()) {
+            match agent.get_oom_event(
+                ctx(Duration::from_secs(24 * 3600)),
+                &GetOOMEventRequest::default(),
+            ) {
                 Ok(event) => {
                     tracing::warn!(container = %event.container_id, "OOM kill in the guest");
-                    inner.publish(Box::new(TaskOOM { container_id: event.container_id, ..Default::default() }));
+                    inner.publish(Box::new(TaskOOM {
+                        container_id: event.container_id,
+                        ..Default::default()
+                    }));
                 }
                 Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => continue,
                 Err(e) => {
@@ -298,7 +367,10 @@ impl Inner {
         for container in pod.containers.values() {
             let processes = std::iter::once(&container.init).chain(container.execs.values());
             for process in processes {
-                let exit = Exit { status: VM_LOST_EXIT_STATUS, at: at.clone() };
+                let exit = Exit {
+                    status: VM_LOST_EXIT_STATUS,
+                    at: at.clone(),
+                };
                 if set_exit_once(&process.exit, exit.clone()) {
                     self.publish_exit(&container.id, &process.exec_id, vm.vmm_pid, &exit);
                 }
@@ -310,7 +382,13 @@ impl Inner {
 
     /// Waits for a started process in the agent, then for its output to
     /// drain, then records the exit and publishes TaskExit.
-    fn spawn_waiter(self: &Arc<Self>, target: Target, pid: u32, exit_cell: Arc<watch::Sender<Option<Exit>>>, io: Arc<StdMutex<Option<ProcessIo>>>) {
+    fn spawn_waiter(
+        self: &Arc<Self>,
+        target: Target,
+        pid: u32,
+        exit_cell: Arc<watch::Sender<Option<Exit>>>,
+        io: Arc<StdMutex<Option<ProcessIo>>>,
+    ) {
         let inner = self.clone();
         std::thread::spawn(move || {
             let request = WaitProcessRequest {
@@ -319,8 +397,13 @@ impl Inner {
                 ..Default::default()
             };
             let waited = loop {
-                match target.agent.wait_process(ctx(Duration::from_secs(24 * 3600)), &request) {
-                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => continue,
+                match target
+                    .agent
+                    .wait_process(ctx(Duration::from_secs(24 * 3600)), &request)
+                {
+                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => {
+                        continue
+                    }
                     other => break other,
                 }
             };
@@ -349,7 +432,10 @@ async fn kill_vmm(pid: u32, gone: &watch::Sender<Option<std::process::ExitStatus
         return;
     }
     if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     let mut rx = gone.subscribe();
     let _ = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.is_some())).await;
@@ -362,17 +448,34 @@ async fn stop_vm(vm: &Arc<Vm>) {
     vm.mark_stopping();
     if !vm.is_gone() {
         let agent = vm.agent.agent.clone();
-        let destroyed = blocking(move || agent.destroy_sandbox(ctx(Duration::from_secs(30)), &DestroySandboxRequest::default())).await;
+        let destroyed = blocking(move || {
+            agent.destroy_sandbox(
+                ctx(Duration::from_secs(30)),
+                &DestroySandboxRequest::default(),
+            )
+        })
+        .await;
         if let Ok(Err(e)) = destroyed {
             tracing::warn!("DestroySandbox: {e}");
         }
         let mut rx = vm.gone.subscribe();
-        if tokio::time::timeout(VM_STOP_GRACE, rx.wait_for(|s| s.is_some())).await.is_err() {
-            tracing::warn!("podbox-vmm still running {VM_STOP_GRACE:?} after DestroySandbox; SIGTERM");
+        if tokio::time::timeout(VM_STOP_GRACE, rx.wait_for(|s| s.is_some()))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "podbox-vmm still running {VM_STOP_GRACE:?} after DestroySandbox; SIGTERM"
+            );
             if let Ok(pid) = i32::try_from(vm.vmm_pid) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
-            if tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.is_some())).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.is_some()))
+                .await
+                .is_err()
+            {
                 kill_vmm(vm.vmm_pid, &vm.gone).await;
             }
         }
@@ -390,8 +493,18 @@ fn bundle_facts(bundle: &Path) -> TtrpcResult<(std::collections::HashMap<String,
         hostname: String,
     }
     let path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| status(Code::INVALID_ARGUMENT, format!("reading {}: {e}", path.display())))?;
-    let facts: Facts = serde_json::from_str(&text).map_err(|e| status(Code::INVALID_ARGUMENT, format!("parsing {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        status(
+            Code::INVALID_ARGUMENT,
+            format!("reading {}: {e}", path.display()),
+        )
+    })?;
+    let facts: Facts = serde_json::from_str(&text).map_err(|e| {
+        status(
+            Code::INVALID_ARGUMENT,
+            format!("parsing {}: {e}", path.display()),
+        )
+    })?;
     Ok((facts.annotations, facts.hostname))
 }
 
@@ -406,37 +519,65 @@ fn state_status(phase: Phase) -> Status {
 
 #[async_trait]
 impl Task for PodService {
-    async fn create(&self, _ctx: &TtrpcContext, req: CreateTaskRequest) -> TtrpcResult<CreateTaskResponse> {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
         let inner = &self.inner;
         if !req.checkpoint.is_empty() {
-            return Err(status(Code::UNIMPLEMENTED, "podbox cannot restore checkpoints"));
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                "podbox cannot restore checkpoints",
+            ));
         }
         let bundle = PathBuf::from(&req.bundle);
         let (annotations, hostname) = bundle_facts(&bundle)?;
-        let role = PodRole::from_annotations(&annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let role = PodRole::from_annotations(&annotations)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let mut pod = inner.pod.lock().await;
         if pod.containers.contains_key(&req.id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("container {} already exists", req.id)));
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {} already exists", req.id),
+            ));
         }
         let owns_vm = pod.vm.is_none();
         if owns_vm {
             if let PodRole::Container { sandbox_id } = &role {
-                return Err(status(Code::FAILED_PRECONDITION, format!("pod {sandbox_id} has no VM in this shim")));
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("pod {sandbox_id} has no VM in this shim"),
+                ));
             }
-            let settings = VmSettings::resolve(&inner.config, &annotations).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-            let hostname = if hostname.is_empty() { req.id.clone() } else { hostname };
+            let settings = VmSettings::resolve(&inner.config, &annotations)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            let hostname = if hostname.is_empty() {
+                req.id.clone()
+            } else {
+                hostname
+            };
             pod.vm = Some(inner.boot_vm(&req.id, settings, hostname).await?);
         }
-        let vm = pod.vm.clone().ok_or_else(|| status(Code::INTERNAL, "the pod VM vanished"))?;
+        let vm = pod
+            .vm
+            .clone()
+            .ok_or_else(|| status(Code::INTERNAL, "the pod VM vanished"))?;
         if vm.is_gone() {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
         }
 
         let share = ContainerShare::new(&vm.state.share(), &req.id);
         let prepared = async {
-            share.mount_rootfs(&req.rootfs, &bundle).await.map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-            let spec = share.guest_spec(&bundle).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-            let spec_json = serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            share
+                .mount_rootfs(&req.rootfs, &bundle)
+                .await
+                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            let spec = share
+                .guest_spec(&bundle)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            let spec_json =
+                serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
             let agent = vm.agent.agent.clone();
             let request = CreateContainerRequest {
                 container_id: req.id.clone(),
@@ -444,7 +585,9 @@ impl Task for PodService {
                 rootfs: share.guest_rootfs().display().to_string(),
                 ..Default::default()
             };
-            blocking(move || agent.create_container(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("CreateContainer", e))?;
+            blocking(move || agent.create_container(ctx(CREATE_TIMEOUT), &request))
+                .await?
+                .map_err(|e| agent_error("CreateContainer", e))?;
             Ok::<(), ttrpc::Error>(())
         }
         .await;
@@ -458,14 +601,24 @@ impl Task for PodService {
             return Err(e);
         }
 
-        let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let init = Process::new("", stdio.clone(), Vec::new());
-        let target = pod.target(&inner.namespace, &req.id, "").ok_or_else(|| status(Code::INTERNAL, "no VM"))?;
+        let target = pod
+            .target(&inner.namespace, &req.id, "")
+            .ok_or_else(|| status(Code::INTERNAL, "no VM"))?;
         match ProcessIo::start(&target, &stdio) {
             Ok(io) => *init.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io),
             Err(e) => {
                 let agent = vm.agent.agent.clone();
-                let request = RemoveContainerRequest { container_id: req.id.clone(), ..Default::default() };
+                let request = RemoveContainerRequest {
+                    container_id: req.id.clone(),
+                    ..Default::default()
+                };
                 let _ = blocking(move || agent.remove_container(ctx(CALL_TIMEOUT), &request)).await;
                 log_problems(&req.id, share.remove());
                 if owns_vm {
@@ -478,7 +631,15 @@ impl Task for PodService {
         }
         pod.containers.insert(
             req.id.clone(),
-            Container { id: req.id.clone(), bundle: bundle.clone(), share, owns_vm, paused: false, init, execs: Default::default() },
+            Container {
+                id: req.id.clone(),
+                bundle: bundle.clone(),
+                share,
+                owns_vm,
+                paused: false,
+                init,
+                execs: Default::default(),
+            },
         );
         tracing::info!(container = %req.id, ?role, "created");
         inner.publish(Box::new(TaskCreate {
@@ -496,23 +657,44 @@ impl Task for PodService {
             pid: vm.vmm_pid,
             ..Default::default()
         }));
-        Ok(CreateTaskResponse { pid: vm.vmm_pid, ..Default::default() })
+        Ok(CreateTaskResponse {
+            pid: vm.vmm_pid,
+            ..Default::default()
+        })
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         let inner = &self.inner;
         let mut pod = inner.pod.lock().await;
-        let vm = pod.vm.clone().ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod has no VM"))?;
-        let target = pod.target(&inner.namespace, &req.id, &req.exec_id).ok_or_else(|| status(Code::INTERNAL, "no VM"))?;
-        let container = pod.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-        let process = container.process_mut(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+        let vm = pod
+            .vm
+            .clone()
+            .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod has no VM"))?;
+        let target = pod
+            .target(&inner.namespace, &req.id, &req.exec_id)
+            .ok_or_else(|| status(Code::INTERNAL, "no VM"))?;
+        let container = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
+        let process = container
+            .process_mut(&req.exec_id)
+            .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
         if process.started {
-            return Err(status(Code::FAILED_PRECONDITION, format!("{} {} already started", req.id, req.exec_id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("{} {} already started", req.id, req.exec_id),
+            ));
         }
         let agent = vm.agent.agent.clone();
         if req.exec_id.is_empty() {
-            let request = StartContainerRequest { container_id: req.id.clone(), ..Default::default() };
-            blocking(move || agent.start_container(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("StartContainer", e))?;
+            let request = StartContainerRequest {
+                container_id: req.id.clone(),
+                ..Default::default()
+            };
+            blocking(move || agent.start_container(ctx(CREATE_TIMEOUT), &request))
+                .await?
+                .map_err(|e| agent_error("StartContainer", e))?;
         } else {
             let request = AgentExec {
                 container_id: req.id.clone(),
@@ -520,8 +702,11 @@ impl Task for PodService {
                 process_json: process.process_json.clone(),
                 ..Default::default()
             };
-            blocking(move || agent.exec_process(ctx(CREATE_TIMEOUT), &request)).await?.map_err(|e| agent_error("ExecProcess", e))?;
-            let io = ProcessIo::start(&target, &process.stdio).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()));
+            blocking(move || agent.exec_process(ctx(CREATE_TIMEOUT), &request))
+                .await?
+                .map_err(|e| agent_error("ExecProcess", e))?;
+            let io = ProcessIo::start(&target, &process.stdio)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()));
             match io {
                 Ok(io) => {
                     if process.stdin_close_pending && !io.request_stdin_close() {
@@ -531,7 +716,12 @@ impl Task for PodService {
                     *process.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
                 }
                 Err(e) => {
-                    let kill = SignalProcessRequest { container_id: req.id.clone(), exec_id: req.exec_id.clone(), signal: 9, ..Default::default() };
+                    let kill = SignalProcessRequest {
+                        container_id: req.id.clone(),
+                        exec_id: req.exec_id.clone(),
+                        signal: 9,
+                        ..Default::default()
+                    };
                     let agent = vm.agent.agent.clone();
                     let _ = blocking(move || agent.signal_process(ctx(CALL_TIMEOUT), &kill)).await;
                     return Err(e);
@@ -540,7 +730,11 @@ impl Task for PodService {
         }
         process.started = true;
         if req.exec_id.is_empty() {
-            inner.publish(Box::new(TaskStart { container_id: req.id.clone(), pid: vm.vmm_pid, ..Default::default() }));
+            inner.publish(Box::new(TaskStart {
+                container_id: req.id.clone(),
+                pid: vm.vmm_pid,
+                ..Default::default()
+            }));
         } else {
             inner.publish(Box::new(TaskExecStarted {
                 container_id: req.id.clone(),
@@ -550,32 +744,66 @@ impl Task for PodService {
             }));
         }
         inner.spawn_waiter(target, vm.vmm_pid, process.exit.clone(), process.io.clone());
-        Ok(StartResponse { pid: vm.vmm_pid, ..Default::default() })
+        Ok(StartResponse {
+            pid: vm.vmm_pid,
+            ..Default::default()
+        })
     }
 
-    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<containerd_shim::api::DeleteResponse> {
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> TtrpcResult<containerd_shim::api::DeleteResponse> {
         let inner = &self.inner;
         let mut pod = inner.pod.lock().await;
         let vm = pod.vm.clone();
         let pid = vm.as_ref().map(|vm| vm.vmm_pid).unwrap_or_default();
-        let container = pod.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
+        let container = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
         if !req.exec_id.is_empty() {
-            let process = container.execs.get(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            let process = container
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
             if process.started && process.exit().is_none() {
-                return Err(status(Code::FAILED_PRECONDITION, format!("exec {} is still running", req.exec_id)));
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("exec {} is still running", req.exec_id),
+                ));
             }
-            let exit = process.exit().unwrap_or(Exit { status: 0, at: now() });
+            let exit = process.exit().unwrap_or(Exit {
+                status: 0,
+                at: now(),
+            });
             container.execs.remove(&req.exec_id);
-            return Ok(DeleteResponse { pid, exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() });
+            return Ok(DeleteResponse {
+                pid,
+                exit_status: exit.status,
+                exited_at: MessageField::some(exit.at),
+                ..Default::default()
+            });
         }
         if container.init.started && container.init.exit().is_none() {
-            return Err(status(Code::FAILED_PRECONDITION, format!("container {} is still running", req.id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is still running", req.id),
+            ));
         }
-        let Some(container) = pod.containers.remove(&req.id) else { return Err(not_found(&req.id, "")) };
+        let Some(container) = pod.containers.remove(&req.id) else {
+            return Err(not_found(&req.id, ""));
+        };
         if let Some(vm) = vm.as_ref().filter(|vm| !vm.is_gone()) {
             let agent = vm.agent.agent.clone();
-            let request = RemoveContainerRequest { container_id: req.id.clone(), ..Default::default() };
-            if let Ok(Err(e)) = blocking(move || agent.remove_container(ctx(CALL_TIMEOUT), &request)).await {
+            let request = RemoveContainerRequest {
+                container_id: req.id.clone(),
+                ..Default::default()
+            };
+            if let Ok(Err(e)) =
+                blocking(move || agent.remove_container(ctx(CALL_TIMEOUT), &request)).await
+            {
                 tracing::warn!(container = %req.id, "RemoveContainer: {e}");
             }
         }
@@ -585,7 +813,10 @@ impl Task for PodService {
             }
         }
         log_problems(&req.id, container.share.remove());
-        let exit = container.init.exit().unwrap_or(Exit { status: 0, at: now() });
+        let exit = container.init.exit().unwrap_or(Exit {
+            status: 0,
+            at: now(),
+        });
         if container.owns_vm {
             if let Some(vm) = pod.vm.take() {
                 stop_vm(&vm).await;
@@ -600,33 +831,73 @@ impl Task for PodService {
             id: req.id.clone(),
             ..Default::default()
         }));
-        Ok(DeleteResponse { pid, exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
+        Ok(DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
         let inner = &self.inner;
         let mut pod = inner.pod.lock().await;
-        let container = pod.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
+        let container = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
         if req.exec_id.is_empty() || container.execs.contains_key(&req.exec_id) {
-            return Err(status(Code::ALREADY_EXISTS, format!("exec id {:?} is empty or taken", req.exec_id)));
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("exec id {:?} is empty or taken", req.exec_id),
+            ));
         }
         if container.init.exit().is_some() {
-            return Err(status(Code::FAILED_PRECONDITION, format!("container {} has exited", req.id)));
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} has exited", req.id),
+            ));
         }
-        let spec = req.spec.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
         if !spec.type_url.is_empty() && !spec.type_url.ends_with(EXEC_SPEC_TYPE) {
-            return Err(status(Code::INVALID_ARGUMENT, format!("exec spec of type {:?}, expected {EXEC_SPEC_TYPE}", spec.type_url)));
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "exec spec of type {:?}, expected {EXEC_SPEC_TYPE}",
+                    spec.type_url
+                ),
+            ));
         }
-        let stdio = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
-        container.execs.insert(req.exec_id.clone(), Process::new(&req.exec_id, stdio, spec.value.clone()));
-        inner.publish(Box::new(TaskExecAdded { container_id: req.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() }));
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        container.execs.insert(
+            req.exec_id.clone(),
+            Process::new(&req.exec_id, stdio, spec.value.clone()),
+        );
+        inner.publish(Box::new(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        }));
         Ok(Empty::new())
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
         let pod = self.inner.pod.lock().await;
-        let container = pod.containers.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-        let process = container.process(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+        let container = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
+        let process = container
+            .process(&req.exec_id)
+            .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
         let exit = process.exit();
         Ok(StateResponse {
             id: req.id.clone(),
@@ -647,47 +918,95 @@ impl Task for PodService {
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let mut exit = {
             let pod = self.inner.pod.lock().await;
-            let container = pod.containers.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-            container.process(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?.exit.subscribe()
+            let container = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?;
+            container
+                .process(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?
+                .exit
+                .subscribe()
         };
         let exit = exit
             .wait_for(|e| e.is_some())
             .await
-            .map_err(|_| status(Code::NOT_FOUND, format!("{} {} was deleted while waiting", req.id, req.exec_id)))?
+            .map_err(|_| {
+                status(
+                    Code::NOT_FOUND,
+                    format!("{} {} was deleted while waiting", req.id, req.exec_id),
+                )
+            })?
             .clone()
-            .unwrap_or(Exit { status: VM_LOST_EXIT_STATUS, at: now() });
-        Ok(WaitResponse { exit_status: exit.status, exited_at: MessageField::some(exit.at), ..Default::default() })
+            .unwrap_or(Exit {
+                status: VM_LOST_EXIT_STATUS,
+                at: now(),
+            });
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         let pod = self.inner.pod.lock().await;
-        let container = pod.containers.get(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-        let process = container.process(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+        let container = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
+        let process = container
+            .process(&req.exec_id)
+            .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
         if process.exit().is_some() {
-            return Err(status(Code::NOT_FOUND, format!("process {} {} already finished", req.id, req.exec_id)));
+            return Err(status(
+                Code::NOT_FOUND,
+                format!("process {} {} already finished", req.id, req.exec_id),
+            ));
         }
-        let vm = pod.vm.clone().ok_or_else(|| status(Code::UNAVAILABLE, "the pod has no VM"))?;
+        let vm = pod
+            .vm
+            .clone()
+            .ok_or_else(|| status(Code::UNAVAILABLE, "the pod has no VM"))?;
         drop(pod);
         // `all` needs no more: the init of a container is PID 1 of its PID
         // namespace in the guest, and the kernel kills the rest with it.
         let agent = vm.agent.agent.clone();
-        let request = SignalProcessRequest { container_id: req.id.clone(), exec_id: req.exec_id.clone(), signal: req.signal, ..Default::default() };
-        blocking(move || agent.signal_process(ctx(CALL_TIMEOUT), &request)).await?.map_err(|e| agent_error("SignalProcess", e))?;
+        let request = SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            ..Default::default()
+        };
+        blocking(move || agent.signal_process(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("SignalProcess", e))?;
         Ok(Empty::new())
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let vm = self.vm_for(&req.id).await?;
         let agent = vm.agent.agent.clone();
-        let request = ListProcessesRequest { container_id: req.id.clone(), ..Default::default() };
-        let response = blocking(move || agent.list_processes(ctx(CALL_TIMEOUT), &request)).await?.map_err(|e| agent_error("ListProcesses", e))?;
+        let request = ListProcessesRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let response = blocking(move || agent.list_processes(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("ListProcesses", e))?;
         let processes = response
             .pids
             .iter()
             .filter_map(|pid| u32::try_from(*pid).ok())
-            .map(|pid| ProcessInfo { pid, ..Default::default() })
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
             .collect();
-        Ok(PidsResponse { processes, ..Default::default() })
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
@@ -695,14 +1014,24 @@ impl Task for PodService {
             let target = {
                 let mut pod = self.inner.pod.lock().await;
                 let target = pod.target(&self.inner.namespace, &req.id, &req.exec_id);
-                let container = pod.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id, ""))?;
-                let process = container.process_mut(&req.exec_id).ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+                let container = pod
+                    .containers
+                    .get_mut(&req.id)
+                    .ok_or_else(|| not_found(&req.id, ""))?;
+                let process = container
+                    .process_mut(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
                 if !process.started && !req.exec_id.is_empty() {
                     // The exec does not exist in the agent yet: Start closes it.
                     process.stdin_close_pending = true;
                     return Ok(Empty::new());
                 }
-                let handled = process.io.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|io| io.request_stdin_close());
+                let handled = process
+                    .io
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|io| io.request_stdin_close());
                 if handled {
                     return Ok(Empty::new());
                 }
@@ -716,38 +1045,83 @@ impl Task for PodService {
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let vm = self.vm_for(&req.id).await?;
         let agent = vm.agent.agent.clone();
-        let request =
-            TtyWinResizeRequest { container_id: req.id.clone(), exec_id: req.exec_id.clone(), row: req.height, column: req.width, ..Default::default() };
-        blocking(move || agent.tty_win_resize(ctx(CALL_TIMEOUT), &request)).await?.map_err(|e| agent_error("TtyWinResize", e))?;
+        let request = TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            row: req.height,
+            column: req.width,
+            ..Default::default()
+        };
+        blocking(move || agent.tty_win_resize(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("TtyWinResize", e))?;
         Ok(Empty::new())
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
         let vm = self.vm_for(&req.id).await?;
-        let resources = req.resources.as_ref().ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
         // containerd sends LinuxResources as JSON in the Any, which is what the agent takes.
         let agent = vm.agent.agent.clone();
-        let request = UpdateContainerRequest { container_id: req.id.clone(), resources_json: resources.value.clone(), ..Default::default() };
-        blocking(move || agent.update_container(ctx(CALL_TIMEOUT), &request)).await?.map_err(|e| agent_error("UpdateContainer", e))?;
+        let request = UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources_json: resources.value.clone(),
+            ..Default::default()
+        };
+        blocking(move || agent.update_container(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("UpdateContainer", e))?;
         Ok(Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         let vm = self.vm_for(&req.id).await?;
         let agent = vm.agent.agent.clone();
-        let request = StatsContainerRequest { container_id: req.id.clone(), ..Default::default() };
-        let s = blocking(move || agent.stats_container(ctx(CALL_TIMEOUT), &request)).await?.map_err(|e| agent_error("StatsContainer", e))?;
-        let metrics = Metrics {
-            memory: MessageField::some(MemoryStat {
-                usage: MessageField::some(MemoryEntry { usage: s.memory_usage, max: s.memory_max_usage, limit: s.memory_limit, ..Default::default() }),
-                ..Default::default()
-            }),
-            cpu: MessageField::some(CPUStat { usage: MessageField::some(CPUUsage { total: s.cpu_usage_ns, ..Default::default() }), ..Default::default() }),
-            pids: MessageField::some(PidsStat { current: s.pids_current, limit: s.pids_limit, ..Default::default() }),
+        let request = StatsContainerRequest {
+            container_id: req.id.clone(),
             ..Default::default()
         };
-        let value = metrics.write_to_bytes().map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
-        Ok(StatsResponse { stats: MessageField::some(Any { type_url: METRICS_TYPE.into(), value, ..Default::default() }), ..Default::default() })
+        let s = blocking(move || agent.stats_container(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("StatsContainer", e))?;
+        let metrics = Metrics {
+            memory: MessageField::some(MemoryStat {
+                usage: MessageField::some(MemoryEntry {
+                    usage: s.memory_usage,
+                    max: s.memory_max_usage,
+                    limit: s.memory_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let value = metrics
+            .write_to_bytes()
+            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(Any {
+                type_url: METRICS_TYPE.into(),
+                value,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
@@ -758,7 +1132,11 @@ impl Task for PodService {
         self.set_paused(&req.id, false).await
     }
 
-    async fn connect(&self, _ctx: &TtrpcContext, _req: ConnectRequest) -> TtrpcResult<ConnectResponse> {
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
         let pod = self.inner.pod.lock().await;
         Ok(ConnectResponse {
             shim_pid: std::process::id(),
@@ -786,7 +1164,10 @@ impl PodService {
         if !pod.containers.contains_key(container_id) {
             return Err(not_found(container_id, ""));
         }
-        let vm = pod.vm.clone().ok_or_else(|| status(Code::UNAVAILABLE, "the pod has no VM"))?;
+        let vm = pod
+            .vm
+            .clone()
+            .ok_or_else(|| status(Code::UNAVAILABLE, "the pod has no VM"))?;
         if vm.is_gone() {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
         }
@@ -799,21 +1180,48 @@ impl PodService {
         let container_id = id.to_string();
         blocking(move || {
             if paused {
-                agent.pause_container(ctx(CALL_TIMEOUT), &PauseContainerRequest { container_id, ..Default::default() })
+                agent.pause_container(
+                    ctx(CALL_TIMEOUT),
+                    &PauseContainerRequest {
+                        container_id,
+                        ..Default::default()
+                    },
+                )
             } else {
-                agent.resume_container(ctx(CALL_TIMEOUT), &ResumeContainerRequest { container_id, ..Default::default() })
+                agent.resume_container(
+                    ctx(CALL_TIMEOUT),
+                    &ResumeContainerRequest {
+                        container_id,
+                        ..Default::default()
+                    },
+                )
             }
         })
         .await?
-        .map_err(|e| agent_error(if paused { "PauseContainer" } else { "ResumeContainer" }, e))?;
+        .map_err(|e| {
+            agent_error(
+                if paused {
+                    "PauseContainer"
+                } else {
+                    "ResumeContainer"
+                },
+                e,
+            )
+        })?;
         let mut pod = self.inner.pod.lock().await;
         if let Some(container) = pod.containers.get_mut(id) {
             container.paused = paused;
         }
         if paused {
-            self.inner.publish(Box::new(TaskPaused { container_id: id.to_string(), ..Default::default() }));
+            self.inner.publish(Box::new(TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            }));
         } else {
-            self.inner.publish(Box::new(TaskResumed { container_id: id.to_string(), ..Default::default() }));
+            self.inner.publish(Box::new(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            }));
         }
         Ok(Empty::new())
     }

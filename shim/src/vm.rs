@@ -43,23 +43,42 @@ pub const AGENT_DEADLINE: Duration = Duration::from_secs(600);
 #[derive(Debug, Error)]
 pub enum VmError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} {path}: {source}")]
-    Sys { what: &'static str, path: PathBuf, source: nix::Error },
+    Sys {
+        what: &'static str,
+        path: PathBuf,
+        source: nix::Error,
+    },
     #[error("no {VMM_BINARY} beside {shim} or on PATH")]
     NoVmm { shim: PathBuf },
     #[error("starting {binary}: {source}")]
-    Spawn { binary: PathBuf, source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pod id {0:?} cannot name a directory")]
     BadId(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
-    move |source| VmError::Io { what, path: path.to_path_buf(), source }
+    move |source| VmError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn sys<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> VmError + 'a {
-    move |source| VmError::Sys { what, path: path.to_path_buf(), source }
+    move |source| VmError::Sys {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The pod's directory under [`STATE_ROOT`].
@@ -75,11 +94,15 @@ impl StateDir {
         let valid = !pod_id.is_empty()
             && pod_id != "."
             && pod_id != ".."
-            && pod_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            && pod_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !valid {
             return Err(VmError::BadId(pod_id.to_string()));
         }
-        Ok(StateDir { dir: Path::new(STATE_ROOT).join(pod_id) })
+        Ok(StateDir {
+            dir: Path::new(STATE_ROOT).join(pod_id),
+        })
     }
 
     pub fn vsock_socket(&self) -> PathBuf {
@@ -108,9 +131,22 @@ impl StateDir {
     pub fn create(&self) -> Result<(), VmError> {
         let share = self.share();
         std::fs::create_dir_all(&share).map_err(io("creating", &share))?;
-        mount(Some(&share), &share, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(sys("bind-mounting", &share))?;
-        mount(None::<&str>, &share, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-            .map_err(sys("making a shared mount of", &share))?;
+        mount(
+            Some(&share),
+            &share,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys("bind-mounting", &share))?;
+        mount(
+            None::<&str>,
+            &share,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(sys("making a shared mount of", &share))?;
         Ok(())
     }
 
@@ -135,12 +171,19 @@ impl StateDir {
 /// Mount points of this mount namespace, from /proc/self/mountinfo.
 pub fn mount_points() -> Vec<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo.lines().filter_map(|line| line.split(' ').nth(4)).map(|field| PathBuf::from(unescape_mount_field(field))).collect()
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_field(field)))
+        .collect()
 }
 
 /// Mount points at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mount_points().into_iter().filter(|p| p.starts_with(dir)).collect();
+    let mut points: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|p| p.starts_with(dir))
+        .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     points
@@ -152,7 +195,10 @@ fn unescape_mount_field(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| u8::from_str_radix(d, 8).ok());
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(byte)) => {
                 out.push(byte);
@@ -171,11 +217,18 @@ fn unescape_mount_field(field: &str) -> String {
 /// both), else on PATH.
 pub fn find_vmm() -> Result<PathBuf, VmError> {
     let shim = std::env::current_exe().unwrap_or_default();
-    if let Some(beside) = shim.parent().map(|d| d.join(VMM_BINARY)).filter(|p| p.is_file()) {
+    if let Some(beside) = shim
+        .parent()
+        .map(|d| d.join(VMM_BINARY))
+        .filter(|p| p.is_file())
+    {
         return Ok(beside);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(VMM_BINARY)).find(|p| p.is_file()).ok_or(VmError::NoVmm { shim })
+    std::env::split_paths(&path)
+        .map(|d| d.join(VMM_BINARY))
+        .find(|p| p.is_file())
+        .ok_or(VmError::NoVmm { shim })
 }
 
 /// What the VMM needs beyond the pod's [`VmSettings`].
@@ -185,6 +238,8 @@ pub struct VmLaunch {
     pub settings: VmSettings,
     /// virtiofsd for the share; None lets podbox-vmm find one itself.
     pub virtiofsd: Option<PathBuf>,
+    /// virtiofsd's cache mode (the config's `fs_cache`).
+    pub fs_cache: String,
 }
 
 /// The podbox-vmm command line for `state`.
@@ -209,6 +264,8 @@ pub fn vmm_args(launch: &VmLaunch, state: &StateDir) -> Vec<String> {
         SHARE_TAG.into(),
         "--fs-socket".into(),
         path(state.fs_socket()),
+        "--fs-cache".into(),
+        launch.fs_cache.clone(),
     ];
     if let Some(virtiofsd) = &launch.virtiofsd {
         args.extend(["--virtiofsd".into(), path(virtiofsd.clone())]);
@@ -242,7 +299,10 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
         // running a pod nobody can reach.
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| VmError::Spawn { binary: launch.vmm.clone(), source })?;
+        .map_err(|source| VmError::Spawn {
+            binary: launch.vmm.clone(),
+            source,
+        })?;
     if let Some(pid) = child.id() {
         let pid_file = state.vmm_pid_file();
         std::fs::write(&pid_file, pid.to_string()).map_err(io("writing", &pid_file))?;
@@ -264,7 +324,10 @@ mod tests {
     #[test]
     fn pod_ids_that_could_escape_the_state_root_are_refused() {
         for bad in ["", ".", "..", "a/b", "../x", "a b"] {
-            assert!(matches!(StateDir::for_pod(bad), Err(VmError::BadId(_))), "{bad:?}");
+            assert!(
+                matches!(StateDir::for_pod(bad), Err(VmError::BadId(_))),
+                "{bad:?}"
+            );
         }
         let state = StateDir::for_pod("pod-1_a.b").expect("valid id");
         assert_eq!(state.dir, Path::new("/run/podbox/pod-1_a.b"));
@@ -275,15 +338,21 @@ mod tests {
     fn the_vmm_gets_the_pod_settings_and_the_share() {
         let launch = VmLaunch {
             vmm: "/bin/podbox-vmm".into(),
-            settings: VmSettings { vcpus: 2, memory_mib: 512, kernel: "/k".into(), initrd: "/i".into() },
+            settings: VmSettings {
+                vcpus: 2,
+                memory_mib: 512,
+                kernel: "/k".into(),
+                initrd: "/i".into(),
+            },
             virtiofsd: Some("/usr/libexec/virtiofsd".into()),
+            fs_cache: "always".into(),
         };
         let args = vmm_args(&launch, &StateDir::for_pod("p").expect("valid id")).join(" ");
         assert_eq!(
             args,
             "--kernel /k --initrd /i --vcpus 2 --memory-mib 512 --serial /run/podbox/p/console.log \
              --vsock-socket /run/podbox/p/vsock.sock --shared-dir /run/podbox/p/share --fs-tag podbox \
-             --fs-socket /run/podbox/p/virtiofsd.sock --virtiofsd /usr/libexec/virtiofsd"
+             --fs-socket /run/podbox/p/virtiofsd.sock --fs-cache always --virtiofsd /usr/libexec/virtiofsd"
         );
     }
 

@@ -24,24 +24,46 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PODBOX_BIN_DIR") {
         return dir.into();
     }
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(dir) = built.as_ref() {
         return dir.clone();
     }
     // The test executable is <target>/<profile>/deps/<name>.
     let exe = std::env::current_exe().expect("the test executable's path");
-    let target = exe.ancestors().nth(3).map(Path::to_path_buf).unwrap_or_else(|| repo_root().join("target"));
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_root().join("target"));
     let target = target.join("e2e");
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(repo_root())
-        .args(["build", "-p", "podbox-shim", "-p", "podbox-vmm", "--target-dir"])
+        .args([
+            "build",
+            "-p",
+            "podbox-shim",
+            "-p",
+            "podbox-vmm",
+            "--target-dir",
+        ])
         .arg(&target)
         .output()
         .expect("running cargo build for the shim and VMM");
-    assert!(out.status.success(), "building the shim and VMM failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "building the shim and VMM failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dir = target.join("debug");
     for binary in [SHIM_BINARY, VMM_BINARY] {
-        assert!(dir.join(binary).is_file(), "{} was not built", dir.join(binary).display());
+        assert!(
+            dir.join(binary).is_file(),
+            "{} was not built",
+            dir.join(binary).display()
+        );
     }
     *built = Some(dir.clone());
     dir
@@ -56,7 +78,7 @@ pub fn virtiofsd() -> Option<PathBuf> {
 pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
     let path = dir.join("podbox-config.toml");
     let text = format!(
-        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 1\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
+        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 2\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
         guest_kernel(KernelVariant::Podbox).display(),
         agent_initramfs().display(),
         virtiofsd.display()
@@ -74,31 +96,48 @@ pub fn pod_leftovers(pod_id: &str) -> Vec<String> {
         left.push(format!("directory {}", dir.display()));
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for mount in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| Path::new(m).starts_with(&dir)) {
+    for mount in mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(&dir))
+    {
         left.push(format!("mount {mount}"));
     }
     let needle = dir.display().to_string();
     for pid in processes_mentioning(&needle) {
-        left.push(format!("process {pid} ({})", std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim()));
+        left.push(format!(
+            "process {pid} ({})",
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+        ));
     }
     left
 }
 
 /// Pids whose command line contains `needle` in one of its arguments.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| *pid != std::process::id())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle)))
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .any(|arg| String::from_utf8_lossy(arg).contains(needle))
+            })
         })
         .collect()
 }
 
 /// The pid of the pod's podbox-vmm, from the shim's pid file.
 pub fn vmm_pid(pod_id: &str) -> Option<u32> {
-    std::fs::read_to_string(Path::new(STATE_ROOT).join(pod_id).join("vmm.pid")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(Path::new(STATE_ROOT).join(pod_id).join("vmm.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

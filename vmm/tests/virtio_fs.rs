@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use podbox_agent_client::{ctx, AgentClient};
 use podbox_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, ReadStreamRequest, StartContainerRequest,
-    Storage, WaitProcessRequest,
+    CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest, ReadStreamRequest,
+    StartContainerRequest, Storage, WaitProcessRequest,
 };
 use podbox_tests::guest::{busybox, guest_kernel, KernelVariant};
 use podbox_tests::guest_image::agent_initramfs;
@@ -63,20 +63,43 @@ fn run_container(vm: &RunningVm, agent: &AgentClient, id: &str, args: &[&str]) -
         rootfs: format!("{GUEST_SHARE}/rootfs"),
         ..Default::default()
     };
-    agent.agent.create_container(ctx(RPC), &create).unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}\n{}", vm.transcript()));
-    let start = StartContainerRequest { container_id: id.into(), ..Default::default() };
-    agent.agent.start_container(ctx(RPC), &start).unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}\n{}", vm.transcript()));
+    agent
+        .agent
+        .create_container(ctx(RPC), &create)
+        .unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}\n{}", vm.transcript()));
+    let start = StartContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    agent
+        .agent
+        .start_container(ctx(RPC), &start)
+        .unwrap_or_else(|e| panic!("StartContainer {id}: {e:?}\n{}", vm.transcript()));
     let mut out = Vec::new();
     loop {
-        let req = ReadStreamRequest { container_id: id.into(), ..Default::default() };
-        let data = agent.agent.read_stdout(ctx(RPC), &req).unwrap_or_else(|e| panic!("ReadStdout {id}: {e:?}\n{}", vm.transcript())).data;
+        let req = ReadStreamRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let data = agent
+            .agent
+            .read_stdout(ctx(RPC), &req)
+            .unwrap_or_else(|e| panic!("ReadStdout {id}: {e:?}\n{}", vm.transcript()))
+            .data;
         if data.is_empty() {
             break;
         }
         out.extend(data);
     }
-    let wait = WaitProcessRequest { container_id: id.into(), ..Default::default() };
-    let status = agent.agent.wait_process(ctx(RPC), &wait).unwrap_or_else(|e| panic!("WaitProcess {id}: {e:?}\n{}", vm.transcript())).status;
+    let wait = WaitProcessRequest {
+        container_id: id.into(),
+        ..Default::default()
+    };
+    let status = agent
+        .agent
+        .wait_process(ctx(RPC), &wait)
+        .unwrap_or_else(|e| panic!("WaitProcess {id}: {e:?}\n{}", vm.transcript()))
+        .status;
     (String::from_utf8_lossy(&out).into_owned(), status)
 }
 
@@ -108,23 +131,36 @@ fn virtio_fs_share_in_a_booted_vm_rootfs_exec_both_ways_and_teardown() {
         VMM.as_ref(),
         dir.path(),
         &[
-            "--kernel", kernel.to_str().unwrap(),
-            "--initrd", initrd.to_str().unwrap(),
-            "--vcpus", "2",
-            "--memory-mib", "256",
-            "--vsock-socket", vsock.to_str().unwrap(),
-            "--shared-dir", share.to_str().unwrap(),
-            "--fs-socket", fs_socket.to_str().unwrap(),
-            "--fs-tag", TAG,
-            "--fs-cache", "never",
-            "--virtiofsd", virtiofsd.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "256",
+            "--vsock-socket",
+            vsock.to_str().unwrap(),
+            "--shared-dir",
+            share.to_str().unwrap(),
+            "--fs-socket",
+            fs_socket.to_str().unwrap(),
+            "--fs-tag",
+            TAG,
+            "--fs-cache",
+            "always",
+            "--virtiofsd",
+            virtiofsd.to_str().unwrap(),
         ],
     );
 
     // 1. The agent answers; the pod's storage mounts the share by tag.
     let agent = AgentClient::connect(&vsock, BOOT_DEADLINE)
         .unwrap_or_else(|e| panic!("agent unreachable: {e}\n{}", vm.transcript()));
-    eprintln!("agent answered {:.1} s after VMM start (virtio-fs configured)", vm.started().elapsed().as_secs_f64());
+    eprintln!(
+        "agent answered {:.1} s after VMM start (virtio-fs configured)",
+        vm.started().elapsed().as_secs_f64()
+    );
     let virtiofsd_pid: i32 = vm
         .transcript()
         .split("virtiofsd (pid ")
@@ -133,9 +169,21 @@ fn virtio_fs_share_in_a_booted_vm_rootfs_exec_both_ways_and_teardown() {
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("VMM did not log virtiofsd's pid\n{}", vm.transcript()));
     assert!(process_exists(virtiofsd_pid));
-    let storage = Storage { driver: "virtiofs".into(), source: TAG.into(), mount_point: GUEST_SHARE.into(), ..Default::default() };
-    let sandbox = CreateSandboxRequest { sandbox_id: "fs-pod".into(), storages: vec![storage], ..Default::default() };
-    agent.agent.create_sandbox(ctx(RPC), &sandbox).unwrap_or_else(|e| panic!("CreateSandbox: {e:?}\n{}", vm.transcript()));
+    let storage = Storage {
+        driver: "virtiofs".into(),
+        source: TAG.into(),
+        mount_point: GUEST_SHARE.into(),
+        ..Default::default()
+    };
+    let sandbox = CreateSandboxRequest {
+        sandbox_id: "fs-pod".into(),
+        storages: vec![storage],
+        ..Default::default()
+    };
+    agent
+        .agent
+        .create_sandbox(ctx(RPC), &sandbox)
+        .unwrap_or_else(|e| panic!("CreateSandbox: {e:?}\n{}", vm.transcript()));
 
     // 2. Containers whose rootfs is on the share: output and exit codes
     //    reach the host, and /proc/version is the guest kernel's.
@@ -143,25 +191,52 @@ fn virtio_fs_share_in_a_booted_vm_rootfs_exec_both_ways_and_teardown() {
     assert_eq!(status, 0, "cat /proc/version: {version}");
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert!(version.starts_with("Linux version "), "{version}");
-    assert!(!version.contains(host_release.trim()), "guest shows the host kernel: {version}");
+    assert!(
+        !version.contains(host_release.trim()),
+        "guest shows the host kernel: {version}"
+    );
     let (hello, status) = run_container(&vm, &agent, "hello", &["echo", "hello"]);
     assert_eq!((hello.as_str(), status), ("hello\n", 0));
 
     // 3. Host -> guest and guest -> host through the share, and a non-zero
     //    exit code.
-    let (seen, status) =
-        run_container(&vm, &agent, "both-ways", &["sh", "-c", "cat /from-host.txt; echo written by the guest > /from-guest.txt; exit 3"]);
+    let (seen, status) = run_container(
+        &vm,
+        &agent,
+        "both-ways",
+        &[
+            "sh",
+            "-c",
+            "cat /from-host.txt; echo written by the guest > /from-guest.txt; exit 3",
+        ],
+    );
     assert_eq!(seen, "written by the host\n");
     assert_eq!(status, 3);
-    assert_eq!(std::fs::read_to_string(rootfs.join("from-guest.txt")).unwrap(), "written by the guest\n");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("from-guest.txt")).unwrap(),
+        "written by the guest\n"
+    );
 
     // 4. DestroySandbox ends the VM: status 0, virtiofsd gone, sockets removed.
-    agent.agent.destroy_sandbox(ctx(RPC), &DestroySandboxRequest::default()).unwrap();
+    agent
+        .agent
+        .destroy_sandbox(ctx(RPC), &DestroySandboxRequest::default())
+        .unwrap();
     let run = vm.wait(BOOT_DEADLINE);
     let t = run.transcript();
-    assert_eq!(run.status.code(), Some(0), "VMM must exit 0 after DestroySandbox\n{t}");
-    assert!(!process_exists(virtiofsd_pid), "virtiofsd {virtiofsd_pid} outlived the VM");
-    assert!(!fs_socket.exists() && !pid_file(&fs_socket).exists(), "virtiofsd socket left behind");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "VMM must exit 0 after DestroySandbox\n{t}"
+    );
+    assert!(
+        !process_exists(virtiofsd_pid),
+        "virtiofsd {virtiofsd_pid} outlived the VM"
+    );
+    assert!(
+        !fs_socket.exists() && !pid_file(&fs_socket).exists(),
+        "virtiofsd socket left behind"
+    );
     assert!(!vsock.exists(), "vsock socket left behind");
     assert!(!t.contains("panicked"), "{t}");
 }
@@ -182,26 +257,50 @@ fn virtio_fs_virtiofsd_failures_are_reported_not_hung_on() {
     std::fs::write(&dying, "#!/bin/sh\necho 'cannot serve today' >&2\nexit 1\n").unwrap();
     std::fs::set_permissions(&dying, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let cases: [(&str, &Path, &str); 3] = [
-        ("missing shared dir", &dir.path().join("nope"), "shared directory"),
+        (
+            "missing shared dir",
+            &dir.path().join("nope"),
+            "shared directory",
+        ),
         ("virtiofsd exits at once", &share, "cannot serve today"),
-        ("no such virtiofsd", &share, "starting /nonexistent/virtiofsd"),
+        (
+            "no such virtiofsd",
+            &share,
+            "starting /nonexistent/virtiofsd",
+        ),
     ];
     for (what, shared, expect) in cases {
-        let binary = if what == "no such virtiofsd" { Path::new("/nonexistent/virtiofsd") } else { dying.as_path() };
+        let binary = if what == "no such virtiofsd" {
+            Path::new("/nonexistent/virtiofsd")
+        } else {
+            dying.as_path()
+        };
         let start = Instant::now();
         let run = run_vmm(
             VMM.as_ref(),
             dir.path(),
             &[
-                "--kernel", kernel.to_str().unwrap(),
-                "--shared-dir", shared.to_str().unwrap(),
-                "--virtiofsd", binary.to_str().unwrap(),
-                "--fs-socket", dir.path().join("fs.sock").to_str().unwrap(),
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--shared-dir",
+                shared.to_str().unwrap(),
+                "--virtiofsd",
+                binary.to_str().unwrap(),
+                "--fs-socket",
+                dir.path().join("fs.sock").to_str().unwrap(),
             ],
             Duration::from_secs(60),
         );
         assert_eq!(run.status.code(), Some(1), "{what}: {}", run.transcript());
-        assert!(run.stderr.contains("error: virtio-fs") && run.stderr.contains(expect), "{what}: {}", run.transcript());
-        assert!(start.elapsed() < Duration::from_secs(15), "{what}: took {:?}", start.elapsed());
+        assert!(
+            run.stderr.contains("error: virtio-fs") && run.stderr.contains(expect),
+            "{what}: {}",
+            run.transcript()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{what}: took {:?}",
+            start.elapsed()
+        );
     }
 }

@@ -48,7 +48,10 @@ fn join(path: &PathBuf, kind: CloneFlags) -> Result<(), Error> {
 
 /// Forks `cmd` from a thread that first enters `ns`; registers the child
 /// with the reaper before anyone can reap it.
-pub fn fork_in_namespaces(ns: &Namespaces, mut cmd: Command) -> Result<(i32, Arc<ExitCell>), Error> {
+pub fn fork_in_namespaces(
+    ns: &Namespaces,
+    mut cmd: Command,
+) -> Result<(i32, Arc<ExitCell>), Error> {
     std::thread::scope(|s| {
         s.spawn(move || {
             if let Some(p) = &ns.ipc {
@@ -58,7 +61,8 @@ pub fn fork_in_namespaces(ns: &Namespaces, mut cmd: Command) -> Result<(i32, Arc
                 join(p, CloneFlags::CLONE_NEWUTS)?;
             }
             match &ns.pid {
-                PidNs::New => unshare(CloneFlags::CLONE_NEWPID).map_err(|e| Error::sys("unshare pid namespace", e))?,
+                PidNs::New => unshare(CloneFlags::CLONE_NEWPID)
+                    .map_err(|e| Error::sys("unshare pid namespace", e))?,
                 PidNs::Join(p) => join(p, CloneFlags::CLONE_NEWPID)?,
             }
             spawn_registered(&mut cmd)
@@ -71,7 +75,9 @@ pub fn fork_in_namespaces(ns: &Namespaces, mut cmd: Command) -> Result<(i32, Arc
 /// Spawns `cmd` and registers the child with the reaper under its lock.
 pub fn spawn_registered(cmd: &mut Command) -> Result<(i32, Arc<ExitCell>), Error> {
     let mut reg = reaper::registry();
-    let child = cmd.spawn().map_err(|e| Error::io("spawn helper process", e))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io("spawn helper process", e))?;
     let pid = child.id() as i32;
     // The reaper thread collects the status; std's Child is not used to
     // wait.
@@ -85,7 +91,9 @@ fn stage2_command(stdio: [OwnedFd; 3], sync: OwnedFd) -> Command {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(stage2::ARG).env_clear();
     let [i, o, e] = stdio;
-    cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e));
+    cmd.stdin(Stdio::from(i))
+        .stdout(Stdio::from(o))
+        .stderr(Stdio::from(e));
     let fd = sync.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe calls (dup2, fcntl).
@@ -105,13 +113,71 @@ fn stage2_command(stdio: [OwnedFd; 3], sync: OwnedFd) -> Command {
     cmd
 }
 
+/// How many times a stage 2 helper that died of SIGSEGV or SIGBUS before
+/// its first report is started again. In guests on PVM hosts (nested test
+/// VMs) a freshly exec'd process intermittently dies in libc start-up,
+/// reading memory that should hold its TLS block (see the README, "Nested
+/// PVM hosts"). Nothing of the container has run at that point (stage 2
+/// reports before it execs anything), so starting it again is safe.
+const HELPER_CRASH_RETRIES: u32 = 3;
+
 /// Spawns stage 2 for `cfg`, waits until it reports its setup done (it
 /// then waits for `Process::start`). On any error the helper is killed.
-pub fn spawn(ns: &Namespaces, cgroup: &Cgroup, terminal: bool, cfg: &InitConfig) -> Result<Process, Error> {
-    let (io, child_fds) = ProcessIo::new(terminal)?;
-    let (mut ours, theirs) = UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
-    let (pid, exit) = fork_in_namespaces(ns, stage2_command(child_fds, theirs.into()))?;
-    let proc_ = Process::new(pid, exit, io, ours.try_clone().map_err(|e| Error::io("dup sync socket", e))?);
+pub fn spawn(
+    ns: &Namespaces,
+    cgroup: &Cgroup,
+    terminal: bool,
+    cfg: &InitConfig,
+) -> Result<Process, Error> {
+    let mut attempt = 0;
+    loop {
+        match spawn_once(ns, cgroup, terminal, cfg) {
+            Err(Failed {
+                error,
+                crash_signal: Some(sig),
+            }) if attempt < HELPER_CRASH_RETRIES => {
+                attempt += 1;
+                log::warn!("container setup helper died of signal {sig} before its report ({error}); starting it again ({attempt}/{HELPER_CRASH_RETRIES})");
+            }
+            Err(failed) => return Err(failed.error),
+            Ok(process) => return Ok(process),
+        }
+    }
+}
+
+/// A failed spawn, and the signal that killed the helper if it crashed.
+struct Failed {
+    error: Error,
+    crash_signal: Option<i32>,
+}
+
+fn spawn_once(
+    ns: &Namespaces,
+    cgroup: &Cgroup,
+    terminal: bool,
+    cfg: &InitConfig,
+) -> Result<Process, Failed> {
+    let plain = |error| Failed {
+        error,
+        crash_signal: None,
+    };
+    let (io, child_fds) = ProcessIo::new(terminal).map_err(plain)?;
+    let (mut ours, theirs) = UnixStream::pair().map_err(|e| plain(Error::io("socketpair", e)))?;
+    let (pid, exit) =
+        fork_in_namespaces(ns, stage2_command(child_fds, theirs.into())).map_err(plain)?;
+    let sync = ours
+        .try_clone()
+        .map_err(|e| Error::io("dup sync socket", e));
+    let proc_ = match sync {
+        Ok(sync) => Process::new(pid, exit, io, sync),
+        Err(e) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(plain(e));
+        }
+    };
     let setup = (|| {
         // Into the cgroup before it runs any container code, so limits
         // and OOM accounting cover everything it does.
@@ -119,16 +185,26 @@ pub fn spawn(ns: &Namespaces, cgroup: &Cgroup, terminal: bool, cfg: &InitConfig)
         let mut line = serde_json::to_vec(cfg)
             .map_err(|e| Error::InvalidArgument(format!("cannot encode process config: {e}")))?;
         line.push(b'\n');
-        ours.write_all(&line).map_err(|e| Error::io("send config to container setup", e))?;
+        ours.write_all(&line)
+            .map_err(|e| Error::io("send config to container setup", e))?;
         read_status(&mut ours)
     })();
     match setup {
         Ok(()) => Ok(proc_),
-        Err(e) => {
+        Err(error) => {
             if !proc_.kill_and_wait(std::time::Duration::from_secs(5)) {
                 log::error!("container helper {pid} did not exit after SIGKILL");
             }
-            Err(e)
+            // The reaper reports 128 + signal for a process killed by one.
+            let crash_signal = proc_
+                .exit
+                .get()
+                .map(|status| status - 128)
+                .filter(|&sig| sig == libc::SIGSEGV || sig == libc::SIGBUS);
+            Err(Failed {
+                error,
+                crash_signal,
+            })
         }
     }
 }
