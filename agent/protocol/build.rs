@@ -13,7 +13,10 @@ fn main() {
         .inputs(protos)
         .include("protos")
         .rust_protobuf()
-        .customize(Customize { gen_mod: true, ..Default::default() })
+        .customize(Customize {
+            gen_mod: true,
+            ..Default::default()
+        })
         .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(true))
         .run()
         .expect("ttrpc-codegen failed");
@@ -22,6 +25,9 @@ fn main() {
     // carry their own copy of it.
     let mod_rs = std::path::Path::new(&out_dir).join("mod.rs");
     let text = std::fs::read_to_string(&mod_rs).expect("reading the generated mod.rs");
-    let kept: Vec<&str> = text.lines().filter(|line| !line.starts_with("#![")).collect();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with("#!["))
+        .collect();
     std::fs::write(&mod_rs, kept.join("\n") + "\n").expect("rewriting the generated mod.rs");
 }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-pub const USAGE: &str = "usage: podbox-agent [--listen ADDR] [--init|--no-init] [--cgroup-root PATH] \
+pub const USAGE: &str =
+    "usage: podbox-agent [--listen ADDR] [--init|--no-init] [--cgroup-root PATH] \
 [--cgroup-parent NAME] [--log-level LEVEL]
 
   --listen ADDR         vsock://PORT (default vsock://1024) or unix:///path/to/socket
@@ -77,7 +78,9 @@ impl AgentConfig {
 fn listen_addr(a: &str) -> Result<String, String> {
     if let Some(port) = a.strip_prefix("vsock://") {
         let port = port.rsplit(':').next().unwrap_or(port);
-        let port: u32 = port.parse().map_err(|_| format!("bad vsock port in {a:?}"))?;
+        let port: u32 = port
+            .parse()
+            .map_err(|_| format!("bad vsock port in {a:?}"))?;
         return Ok(format!("vsock://-1:{port}"));
     }
     if let Some(path) = a.strip_prefix("unix://") {
@@ -86,7 +89,9 @@ fn listen_addr(a: &str) -> Result<String, String> {
         }
         return Ok(a.to_string());
     }
-    Err(format!("--listen takes vsock://PORT or unix:///path, not {a:?}"))
+    Err(format!(
+        "--listen takes vsock://PORT or unix:///path, not {a:?}"
+    ))
 }
 
 #[cfg(test)]
@@ -96,7 +101,10 @@ mod tests {
     #[test]
     fn listen_addresses() {
         assert_eq!(listen_addr("vsock://1024").unwrap(), "vsock://-1:1024");
-        assert_eq!(listen_addr("unix:///run/a.sock").unwrap(), "unix:///run/a.sock");
+        assert_eq!(
+            listen_addr("unix:///run/a.sock").unwrap(),
+            "unix:///run/a.sock"
+        );
         assert!(listen_addr("unix://rel").is_err());
         assert!(listen_addr("tcp://1").is_err());
     }

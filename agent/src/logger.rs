@@ -11,7 +11,13 @@ impl log::Log for ConsoleLogger {
 
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            let _ = writeln!(std::io::stderr(), "podbox-agent[{}] {}: {}", std::process::id(), r.level(), r.args());
+            let _ = writeln!(
+                std::io::stderr(),
+                "podbox-agent[{}] {}: {}",
+                std::process::id(),
+                r.level(),
+                r.args()
+            );
         }
     }
 

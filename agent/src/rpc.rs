@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use podbox_protocol::agent::*;
 use podbox_protocol::agent_ttrpc::{create_agent_service, AgentService};
-use podbox_protocol::health::{health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse};
+use podbox_protocol::health::{
+    health_check_response::ServingStatus, CheckRequest, HealthCheckResponse, VersionCheckResponse,
+};
 use podbox_protocol::health_ttrpc::{create_health, Health};
 use ttrpc::{Code, TtrpcContext};
 
@@ -44,16 +46,28 @@ pub struct Agent {
 
 impl Agent {
     fn read_stream(&self, r: &ReadStreamRequest, stderr: bool) -> Res<ReadStreamResponse> {
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
-        let max = if r.len == 0 { 32 * 1024 } else { r.len as usize };
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
+        let max = if r.len == 0 {
+            32 * 1024
+        } else {
+            r.len as usize
+        };
         let stream = if stderr { &p.io.stderr } else { &p.io.stdout };
-        Ok(ReadStreamResponse { data: stream.read(max), ..Default::default() })
+        Ok(ReadStreamResponse {
+            data: stream.read(max),
+            ..Default::default()
+        })
     }
 }
 
 impl AgentService for Agent {
     fn create_sandbox(&self, _: &TtrpcContext, r: CreateSandboxRequest) -> Res<Empty> {
-        ok(self.sandbox.create(&r.sandbox_id, &r.hostname, r.shared_pid_ns, &r.storages))
+        ok(self
+            .sandbox
+            .create(&r.sandbox_id, &r.hostname, r.shared_pid_ns, &r.storages))
     }
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> Res<Empty> {
@@ -72,7 +86,9 @@ impl AgentService for Agent {
     }
 
     fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> Res<Empty> {
-        ok(self.sandbox.create_container(&r.container_id, &r.oci_spec_json, &r.rootfs))
+        ok(self
+            .sandbox
+            .create_container(&r.container_id, &r.oci_spec_json, &r.rootfs))
     }
 
     fn start_container(&self, _: &TtrpcContext, r: StartContainerRequest) -> Res<Empty> {
@@ -80,36 +96,62 @@ impl AgentService for Agent {
     }
 
     fn remove_container(&self, _: &TtrpcContext, r: RemoveContainerRequest) -> Res<Empty> {
-        let t = Duration::from_secs(if r.timeout == 0 { 10 } else { u64::from(r.timeout) });
+        let t = Duration::from_secs(if r.timeout == 0 {
+            10
+        } else {
+            u64::from(r.timeout)
+        });
         ok(self.sandbox.remove_container(&r.container_id, t))
     }
 
     fn exec_process(&self, _: &TtrpcContext, r: ExecProcessRequest) -> Res<Empty> {
-        ok(self.sandbox.exec(&r.container_id, &r.exec_id, &r.process_json))
+        ok(self
+            .sandbox
+            .exec(&r.container_id, &r.exec_id, &r.process_json))
     }
 
     fn signal_process(&self, _: &TtrpcContext, r: SignalProcessRequest) -> Res<Empty> {
         let sig = i32::try_from(r.signal)
             .ok()
             .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
-            .ok_or_else(|| status(Error::InvalidArgument(format!("{} is not a signal number", r.signal))))?;
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
+            .ok_or_else(|| {
+                status(Error::InvalidArgument(format!(
+                    "{} is not a signal number",
+                    r.signal
+                )))
+            })?;
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
         ok(p.signal(sig))
     }
 
     fn wait_process(&self, _: &TtrpcContext, r: WaitProcessRequest) -> Res<WaitProcessResponse> {
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
         if !p.started() {
-            return Err(status(Error::FailedPrecondition("process has not been started".into())));
+            return Err(status(Error::FailedPrecondition(
+                "process has not been started".into(),
+            )));
         }
-        Ok(WaitProcessResponse { status: p.exit.wait(), ..Default::default() })
+        Ok(WaitProcessResponse {
+            status: p.exit.wait(),
+            ..Default::default()
+        })
     }
 
     fn update_container(&self, _: &TtrpcContext, r: UpdateContainerRequest) -> Res<Empty> {
         ok(self.sandbox.update(&r.container_id, &r.resources_json))
     }
 
-    fn stats_container(&self, _: &TtrpcContext, r: StatsContainerRequest) -> Res<StatsContainerResponse> {
+    fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        r: StatsContainerRequest,
+    ) -> Res<StatsContainerResponse> {
         let s = self.sandbox.stats(&r.container_id).map_err(status)?;
         Ok(StatsContainerResponse {
             memory_usage: s.memory_usage,
@@ -131,19 +173,35 @@ impl AgentService for Agent {
         ok(self.sandbox.set_paused(&r.container_id, false))
     }
 
-    fn list_processes(&self, _: &TtrpcContext, r: ListProcessesRequest) -> Res<ListProcessesResponse> {
+    fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        r: ListProcessesRequest,
+    ) -> Res<ListProcessesResponse> {
         let pids = self.sandbox.pids(&r.container_id).map_err(status)?;
-        Ok(ListProcessesResponse { pids, ..Default::default() })
+        Ok(ListProcessesResponse {
+            pids,
+            ..Default::default()
+        })
     }
 
     fn write_stdin(&self, _: &TtrpcContext, r: WriteStreamRequest) -> Res<WriteStreamResponse> {
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
         let n = p.io.write_stdin(&r.data).map_err(status)?;
-        Ok(WriteStreamResponse { len: n as u32, ..Default::default() })
+        Ok(WriteStreamResponse {
+            len: n as u32,
+            ..Default::default()
+        })
     }
 
     fn close_stdin(&self, _: &TtrpcContext, r: CloseStdinRequest) -> Res<Empty> {
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
         ok(p.io.close_stdin())
     }
 
@@ -156,16 +214,26 @@ impl AgentService for Agent {
     }
 
     fn tty_win_resize(&self, _: &TtrpcContext, r: TtyWinResizeRequest) -> Res<Empty> {
-        let p = self.sandbox.process(&r.container_id, &r.exec_id).map_err(status)?;
+        let p = self
+            .sandbox
+            .process(&r.container_id, &r.exec_id)
+            .map_err(status)?;
         let (rows, cols) = match (u16::try_from(r.row), u16::try_from(r.column)) {
             (Ok(a), Ok(b)) => (a, b),
-            _ => return Err(status(Error::InvalidArgument("window size out of range".into()))),
+            _ => {
+                return Err(status(Error::InvalidArgument(
+                    "window size out of range".into(),
+                )))
+            }
         };
         ok(p.io.resize(rows, cols))
     }
 
     fn get_oom_event(&self, _: &TtrpcContext, _: GetOOMEventRequest) -> Res<OOMEvent> {
-        Ok(OOMEvent { container_id: self.sandbox.next_oom(), ..Default::default() })
+        Ok(OOMEvent {
+            container_id: self.sandbox.next_oom(),
+            ..Default::default()
+        })
     }
 
     fn update_interface(&self, _: &TtrpcContext, r: UpdateInterfaceRequest) -> Res<Interface> {
@@ -173,11 +241,18 @@ impl AgentService for Agent {
             .interface
             .into_option()
             .ok_or_else(|| status(Error::InvalidArgument("interface is missing".into())))?;
-        let name = if iface.name.is_empty() { &iface.device } else { &iface.name };
+        let name = if iface.name.is_empty() {
+            &iface.device
+        } else {
+            &iface.name
+        };
         let mut addrs = Vec::new();
         for a in &iface.ip_addresses {
             if !(a.family.is_empty() || a.family == "inet" || a.family == "4") {
-                return Err(status(Error::Unsupported(format!("address family {:?} (only IPv4)", a.family))));
+                return Err(status(Error::Unsupported(format!(
+                    "address family {:?} (only IPv4)",
+                    a.family
+                ))));
             }
             addrs.push(Ipv4Net::parse(&a.address, &a.mask).map_err(status)?);
         }
@@ -193,7 +268,10 @@ impl AgentService for Agent {
                 None
             } else {
                 Some(rt.gateway.parse().map_err(|_| {
-                    status(Error::InvalidArgument(format!("gateway {:?} is not an IPv4 address", rt.gateway)))
+                    status(Error::InvalidArgument(format!(
+                        "gateway {:?} is not an IPv4 address",
+                        rt.gateway
+                    )))
                 })?)
             };
             network::add_route(&dest, gw, &rt.device).map_err(status)?;
@@ -201,7 +279,11 @@ impl AgentService for Agent {
         Ok(routes)
     }
 
-    fn get_guest_details(&self, _: &TtrpcContext, _: GuestDetailsRequest) -> Res<GuestDetailsResponse> {
+    fn get_guest_details(
+        &self,
+        _: &TtrpcContext,
+        _: GuestDetailsRequest,
+    ) -> Res<GuestDetailsResponse> {
         Ok(guest_details())
     }
 }
@@ -214,7 +296,9 @@ pub fn guest_details() -> GuestDetailsResponse {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let cpu_count = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0);
+    let cpu_count = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(0);
     let mem_total_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -238,7 +322,10 @@ struct HealthService;
 
 impl Health for HealthService {
     fn check(&self, _: &TtrpcContext, _: CheckRequest) -> Res<HealthCheckResponse> {
-        Ok(HealthCheckResponse { status: ServingStatus::SERVING.into(), ..Default::default() })
+        Ok(HealthCheckResponse {
+            status: ServingStatus::SERVING.into(),
+            ..Default::default()
+        })
     }
 
     fn version(&self, _: &TtrpcContext, _: CheckRequest) -> Res<VersionCheckResponse> {
@@ -271,7 +358,9 @@ pub fn serve(cfg: AgentConfig) -> Result<(), String> {
         .set_thread_count_default(4)
         .set_thread_count_min(2)
         .set_thread_count_max(MAX_THREADS);
-    server.start().map_err(|e| format!("start ttrpc server: {e}"))?;
+    server
+        .start()
+        .map_err(|e| format!("start ttrpc server: {e}"))?;
     log::info!("listening on {listen}");
     loop {
         std::thread::park();

@@ -119,10 +119,21 @@ impl Sandbox {
                 return Err(e);
             }
         };
-        let hostname = if hostname.is_empty() { id.to_string() } else { hostname.to_string() };
+        let hostname = if hostname.is_empty() {
+            id.to_string()
+        } else {
+            hostname.to_string()
+        };
         match spawn_pause(&hostname, shared_pid) {
             Ok((pause_pid, pause)) => {
-                *pod = Some(Pod { id: id.to_string(), pause, pause_pid, shared_pid, cgroup_rel, storages: mounted });
+                *pod = Some(Pod {
+                    id: id.to_string(),
+                    pause,
+                    pause_pid,
+                    shared_pid,
+                    cgroup_rel,
+                    storages: mounted,
+                });
             }
             Err(e) => {
                 crate::storage::unmount_all(&mounted);
@@ -201,20 +212,26 @@ impl Sandbox {
     pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<(), Error> {
         validate_id("container id", id)?;
         let (pause_pid, shared_pid, pod_cg) = self.pod_info()?;
-        let spec: Spec = serde_json::from_slice(spec_json)
-            .map_err(|e| Error::InvalidArgument(format!("OCI spec is not valid JSON of a runtime spec: {e}")))?;
+        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| {
+            Error::InvalidArgument(format!("OCI spec is not valid JSON of a runtime spec: {e}"))
+        })?;
         let process = spec
             .process()
             .clone()
             .ok_or_else(|| Error::InvalidArgument("OCI spec has no process".into()))?;
         validate_process(&process)?;
         let rootfs = if rootfs.is_empty() {
-            spec.root().as_ref().map(|r| r.path().clone()).unwrap_or_default()
+            spec.root()
+                .as_ref()
+                .map(|r| r.path().clone())
+                .unwrap_or_default()
         } else {
             PathBuf::from(rootfs)
         };
         if !rootfs.is_absolute() || !rootfs.is_dir() {
-            return Err(Error::InvalidArgument(format!("rootfs {rootfs:?} is not an absolute path to a directory")));
+            return Err(Error::InvalidArgument(format!(
+                "rootfs {rootfs:?} is not an absolute path to a directory"
+            )));
         }
         // Compiled here, before anything is set up, so a bad profile is an
         // INVALID_ARGUMENT with nothing to clean up.
@@ -234,11 +251,18 @@ impl Sandbox {
             let ns = Namespaces {
                 ipc: Some(format!("/proc/{pause_pid}/ns/ipc").into()),
                 uts: Some(format!("/proc/{pause_pid}/ns/uts").into()),
-                pid: if shared_pid { PidNs::Join(format!("/proc/{pause_pid}/ns/pid").into()) } else { PidNs::New },
+                pid: if shared_pid {
+                    PidNs::Join(format!("/proc/{pause_pid}/ns/pid").into())
+                } else {
+                    PidNs::New
+                },
             };
             let terminal = process.terminal().unwrap_or(false);
             let cfg = InitConfig {
-                mode: InitMode::Create { rootfs: rootfs.clone(), spec: Box::new(spec.clone()) },
+                mode: InitMode::Create {
+                    rootfs: rootfs.clone(),
+                    spec: Box::new(spec.clone()),
+                },
                 process,
                 seccomp: seccomp.clone(),
             };
@@ -301,11 +325,14 @@ impl Sandbox {
     pub fn exec(&self, cid: &str, exec_id: &str, process_json: &[u8]) -> Result<(), Error> {
         validate_id("exec id", exec_id)?;
         let c = self.container(cid)?;
-        let process: OciProcess = serde_json::from_slice(process_json)
-            .map_err(|e| Error::InvalidArgument(format!("process is not valid JSON of an OCI process: {e}")))?;
+        let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| {
+            Error::InvalidArgument(format!("process is not valid JSON of an OCI process: {e}"))
+        })?;
         validate_process(&process)?;
         if !c.init.started() || c.init.exit.get().is_some() {
-            return Err(Error::FailedPrecondition(format!("container {cid:?} is not running")));
+            return Err(Error::FailedPrecondition(format!(
+                "container {cid:?} is not running"
+            )));
         }
         if lock(&c.execs).contains_key(exec_id) {
             return Err(Error::AlreadyExists(format!("process {exec_id:?}")));
@@ -317,7 +344,11 @@ impl Sandbox {
             pid: PidNs::Join(format!("/proc/{target}/ns/pid").into()),
         };
         let terminal = process.terminal().unwrap_or(false);
-        let cfg = InitConfig { mode: InitMode::Exec { target_pid: target }, process, seccomp: c.seccomp.clone() };
+        let cfg = InitConfig {
+            mode: InitMode::Exec { target_pid: target },
+            process,
+            seccomp: c.seccomp.clone(),
+        };
         let p = Arc::new(spawn::spawn(&ns, &c.cgroup, terminal, &cfg)?);
         if let Err(e) = p.start() {
             p.kill_and_wait(KILL_TIMEOUT);
@@ -329,8 +360,11 @@ impl Sandbox {
 
     pub fn update(&self, cid: &str, resources_json: &[u8]) -> Result<(), Error> {
         let c = self.container(cid)?;
-        let res: LinuxResources = serde_json::from_slice(resources_json)
-            .map_err(|e| Error::InvalidArgument(format!("resources are not valid JSON of OCI LinuxResources: {e}")))?;
+        let res: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "resources are not valid JSON of OCI LinuxResources: {e}"
+            ))
+        })?;
         c.cgroup.apply(&res)
     }
 
@@ -361,7 +395,10 @@ impl Sandbox {
         }
         self.destroyed.store(true, Ordering::SeqCst);
         if let Some(pod) = lock(&self.pod).take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pod.pause_pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pod.pause_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             if pod.pause.wait_timeout(KILL_TIMEOUT).is_none() {
                 errors.push("pause process did not exit".into());
             }
@@ -407,7 +444,8 @@ fn spawn_pause(hostname: &str, shared_pid: bool) -> Result<(i32, Arc<ExitCell>),
                 flags |= CloneFlags::CLONE_NEWPID;
             }
             unshare(flags).map_err(|e| Error::sys("unshare pod namespaces", e))?;
-            nix::unistd::sethostname(&hostname).map_err(|e| Error::sys(format!("sethostname {hostname:?}"), e))?;
+            nix::unistd::sethostname(&hostname)
+                .map_err(|e| Error::sys(format!("sethostname {hostname:?}"), e))?;
             fork_pause()
         })
         .join()

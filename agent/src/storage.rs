@@ -24,16 +24,27 @@ pub struct Checked {
 /// Everything in a Storage comes from the host: check it before mounting.
 pub fn check(s: &Storage) -> Result<Checked, Error> {
     if s.driver != DRIVER_VIRTIOFS {
-        return Err(Error::Unsupported(format!("storage driver {:?} (only {DRIVER_VIRTIOFS:?})", s.driver)));
+        return Err(Error::Unsupported(format!(
+            "storage driver {:?} (only {DRIVER_VIRTIOFS:?})",
+            s.driver
+        )));
     }
     // The virtio-fs tag is at most 36 bytes (virtio 1.2, 5.11.4).
     if s.source.is_empty() || s.source.len() > 36 || s.source.contains('\0') {
-        return Err(Error::InvalidArgument(format!("virtiofs tag {:?}: 1 to 36 bytes without NUL", s.source)));
+        return Err(Error::InvalidArgument(format!(
+            "virtiofs tag {:?}: 1 to 36 bytes without NUL",
+            s.source
+        )));
     }
     let mp = Path::new(&s.mount_point);
-    let plain = mp.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let plain = mp
+        .components()
+        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if !mp.is_absolute() || !plain || mp == Path::new("/") || s.mount_point.contains('\0') {
-        return Err(Error::InvalidArgument(format!("storage mount point {:?}: an absolute path without .. other than /", s.mount_point)));
+        return Err(Error::InvalidArgument(format!(
+            "storage mount point {:?}: an absolute path without .. other than /",
+            s.mount_point
+        )));
     }
     let mut flags = MsFlags::empty();
     for o in &s.options {
@@ -46,7 +57,11 @@ pub fn check(s: &Storage) -> Result<Checked, Error> {
             other => return Err(Error::InvalidArgument(format!("storage option {other:?}"))),
         };
     }
-    Ok(Checked { source: s.source.clone(), mount_point: mp.to_owned(), flags })
+    Ok(Checked {
+        source: s.source.clone(),
+        mount_point: mp.to_owned(),
+        flags,
+    })
 }
 
 /// Mounts all of `storages` or none: on a failure the ones already
@@ -58,15 +73,31 @@ pub fn mount_all(storages: &[Storage]) -> Result<Vec<PathBuf>, Error> {
         let result = std::fs::create_dir_all(&c.mount_point)
             .map_err(|e| Error::io(format!("creating {}", c.mount_point.display()), e))
             .and_then(|()| {
-                mount(Some(c.source.as_str()), &c.mount_point, Some(DRIVER_VIRTIOFS), c.flags, None::<&str>).map_err(|source| {
-                    Error::Sys { context: format!("mounting virtiofs {:?} on {}", c.source, c.mount_point.display()), source }
+                mount(
+                    Some(c.source.as_str()),
+                    &c.mount_point,
+                    Some(DRIVER_VIRTIOFS),
+                    c.flags,
+                    None::<&str>,
+                )
+                .map_err(|source| Error::Sys {
+                    context: format!(
+                        "mounting virtiofs {:?} on {}",
+                        c.source,
+                        c.mount_point.display()
+                    ),
+                    source,
                 })
             });
         if let Err(e) = result {
             unmount_all(&done);
             return Err(e);
         }
-        log::info!("mounted virtiofs {:?} on {}", c.source, c.mount_point.display());
+        log::info!(
+            "mounted virtiofs {:?} on {}",
+            c.source,
+            c.mount_point.display()
+        );
         done.push(c.mount_point);
     }
     Ok(done)
@@ -100,12 +131,34 @@ mod tests {
 
     #[test]
     fn virtiofs_storage_is_checked_before_mounting() {
-        let ok = check(&storage("virtiofs", "podbox", "/run/podbox/shared", &["nodev", "nosuid"])).unwrap();
+        let ok = check(&storage(
+            "virtiofs",
+            "podbox",
+            "/run/podbox/shared",
+            &["nodev", "nosuid"],
+        ))
+        .unwrap();
         assert_eq!(ok.flags, MsFlags::MS_NODEV | MsFlags::MS_NOSUID);
-        assert!(matches!(check(&storage("9p", "t", "/m", &[])), Err(Error::Unsupported(_))));
-        for (tag, mp, opt) in [("", "/m", ""), (&"t".repeat(37) as &str, "/m", ""), ("t", "rel", ""), ("t", "/a/../etc", ""), ("t", "/", ""), ("t", "/m", "bind")] {
+        assert!(matches!(
+            check(&storage("9p", "t", "/m", &[])),
+            Err(Error::Unsupported(_))
+        ));
+        for (tag, mp, opt) in [
+            ("", "/m", ""),
+            (&"t".repeat(37) as &str, "/m", ""),
+            ("t", "rel", ""),
+            ("t", "/a/../etc", ""),
+            ("t", "/", ""),
+            ("t", "/m", "bind"),
+        ] {
             let opts: Vec<&str> = if opt.is_empty() { vec![] } else { vec![opt] };
-            assert!(matches!(check(&storage("virtiofs", tag, mp, &opts)), Err(Error::InvalidArgument(_))), "{tag} {mp} {opt}");
+            assert!(
+                matches!(
+                    check(&storage("virtiofs", tag, mp, &opts)),
+                    Err(Error::InvalidArgument(_))
+                ),
+                "{tag} {mp} {opt}"
+            );
         }
     }
 }

@@ -22,11 +22,24 @@ fn ns_of(pid: i32, ns: &str) -> String {
 /// process of theirs remains.
 fn assert_nothing_left(a: &Agent, ids: &[&str]) {
     for id in ids {
-        assert!(!cgroup_dir(&format!("{}/pod1/{id}", a.cgroup_parent)).exists(), "cgroup of {id} left behind");
-        let r = a.client.list_processes(ctx(), &ListProcessesRequest { container_id: id.to_string(), ..Default::default() });
+        assert!(
+            !cgroup_dir(&format!("{}/pod1/{id}", a.cgroup_parent)).exists(),
+            "cgroup of {id} left behind"
+        );
+        let r = a.client.list_processes(
+            ctx(),
+            &ListProcessesRequest {
+                container_id: id.to_string(),
+                ..Default::default()
+            },
+        );
         assert!(r.is_err(), "{id} must not exist");
     }
-    assert_eq!(a.host_mounts_under_dir(), Vec::<String>::new(), "no mounts leak to the host");
+    assert_eq!(
+        a.host_mounts_under_dir(),
+        Vec::<String>::new(),
+        "no mounts leak to the host"
+    );
     let pod_cg = cgroup_dir(&format!("{}/pod1", a.cgroup_parent));
     let procs = std::fs::read_to_string(pod_cg.join("cgroup.procs")).unwrap_or_default();
     assert_eq!(procs.trim(), "", "no process left in the pod cgroup");
@@ -34,27 +47,64 @@ fn assert_nothing_left(a: &Agent, ids: &[&str]) {
 
 #[test]
 fn two_containers_share_network_but_not_mounts_or_pids() {
-    let Some(a) = pod_for("two_containers_share_network_but_not_mounts_or_pids", false) else { return };
-    let long = ["sh", "-c", "echo mine > /tmp/only-here; echo pid=$$; hostname; sleep 1000"];
+    let Some(a) = pod_for("two_containers_share_network_but_not_mounts_or_pids", false) else {
+        return;
+    };
+    let long = [
+        "sh",
+        "-c",
+        "echo mine > /tmp/only-here; echo pid=$$; hostname; sleep 1000",
+    ];
     a.run("c1", &spec(&long));
     a.run("c2", &spec(&["sleep", "1000"]));
     let (p1, p2) = (a.pids("c1"), a.pids("c2"));
     assert_eq!(p2.len(), 1, "c2 runs one process: {p2:?}");
     let (p1, p2) = (p1[0], p2[0]);
-    assert_eq!(ns_of(p1, "net"), ns_of(p2, "net"), "network namespace is shared in the pod");
-    assert_eq!(ns_of(p1, "ipc"), ns_of(p2, "ipc"), "ipc namespace is shared in the pod");
-    assert_eq!(ns_of(p1, "uts"), ns_of(p2, "uts"), "uts namespace is shared in the pod");
-    assert_ne!(ns_of(p1, "mnt"), ns_of(p2, "mnt"), "each container has its own mounts");
-    assert_ne!(ns_of(p1, "pid"), ns_of(p2, "pid"), "each container has its own pids");
+    assert_eq!(
+        ns_of(p1, "net"),
+        ns_of(p2, "net"),
+        "network namespace is shared in the pod"
+    );
+    assert_eq!(
+        ns_of(p1, "ipc"),
+        ns_of(p2, "ipc"),
+        "ipc namespace is shared in the pod"
+    );
+    assert_eq!(
+        ns_of(p1, "uts"),
+        ns_of(p2, "uts"),
+        "uts namespace is shared in the pod"
+    );
+    assert_ne!(
+        ns_of(p1, "mnt"),
+        ns_of(p2, "mnt"),
+        "each container has its own mounts"
+    );
+    assert_ne!(
+        ns_of(p1, "pid"),
+        ns_of(p2, "pid"),
+        "each container has its own pids"
+    );
     assert_ne!(ns_of(p1, "mnt"), ns_of(std::process::id() as i32, "mnt"));
 
     // Inside: c1 is PID 1 of its namespace and sees the pod hostname; c2
     // does not see c1's /tmp file nor its processes.
-    a.exec("c2", "look", &["sh", "-c", "ls /tmp; tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args; hostname"]);
+    a.exec(
+        "c2",
+        "look",
+        &[
+            "sh",
+            "-c",
+            "ls /tmp; tr '\\0' ' ' < /proc/1/cmdline; echo; ps -o args; hostname",
+        ],
+    );
     assert_eq!(a.wait("c2", "look"), 0);
     let out = a.stdout("c2", "look");
     assert!(!out.contains("only-here"), "c2 sees c1's /tmp: {out}");
-    assert!(out.starts_with("sleep 1000 \n"), "c2's PID 1 is its own sleep: {out}");
+    assert!(
+        out.starts_with("sleep 1000 \n"),
+        "c2's PID 1 is its own sleep: {out}"
+    );
     assert!(!out.contains("echo mine"), "c2 sees c1's processes: {out}");
     assert!(out.ends_with("podhost\n"), "pod hostname: {out}");
     a.exec("c1", "cat", &["cat", "/tmp/only-here"]);
@@ -62,13 +112,21 @@ fn two_containers_share_network_but_not_mounts_or_pids() {
     assert_eq!(a.wait("c1", "cat"), 0);
 
     let rm = |id: &str| {
-        let req = RemoveContainerRequest { container_id: id.into(), ..Default::default() };
-        a.client.remove_container(ctx(), &req).expect("RemoveContainer");
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        a.client
+            .remove_container(ctx(), &req)
+            .expect("RemoveContainer");
     };
     // c1's shell is PID 1 of its own namespace and has the pod hostname.
     let mut early = Vec::new();
     while !early.ends_with(b"podhost\n") {
-        let r = ReadStreamRequest { container_id: "c1".into(), ..Default::default() };
+        let r = ReadStreamRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        };
         let d = a.client.read_stdout(ctx(), &r).expect("ReadStdout").data;
         assert!(!d.is_empty(), "c1 stdout ended early: {early:?}");
         early.extend(d);
@@ -77,35 +135,67 @@ fn two_containers_share_network_but_not_mounts_or_pids() {
     rm("c1");
     rm("c2");
     assert!(!cgroup_dir(&format!("{}/pod1/c1", a.cgroup_parent)).exists());
-    let err = a.client.list_processes(ctx(), &ListProcessesRequest { container_id: "c1".into(), ..Default::default() });
+    let err = a.client.list_processes(
+        ctx(),
+        &ListProcessesRequest {
+            container_id: "c1".into(),
+            ..Default::default()
+        },
+    );
     assert!(err.is_err(), "removed container is gone");
 }
 
 #[test]
 fn shared_pid_namespace_when_asked() {
-    let Some(a) = pod_for("shared_pid_namespace_when_asked", true) else { return };
+    let Some(a) = pod_for("shared_pid_namespace_when_asked", true) else {
+        return;
+    };
     a.run("c1", &spec(&["sleep", "1000"]));
     a.run("c2", &spec(&["sleep", "1001"]));
     let (p1, p2) = (a.pids("c1")[0], a.pids("c2")[0]);
     assert_eq!(ns_of(p1, "pid"), ns_of(p2, "pid"));
-    a.exec("c2", "ps", &["sh", "-c", "ps -o args | grep -c '^sleep 100[01]'"]);
-    assert_eq!(a.stdout("c2", "ps"), "2\n", "c2 sees both sleeps in the shared pid namespace");
+    a.exec(
+        "c2",
+        "ps",
+        &["sh", "-c", "ps -o args | grep -c '^sleep 100[01]'"],
+    );
+    assert_eq!(
+        a.stdout("c2", "ps"),
+        "2\n",
+        "c2 sees both sleeps in the shared pid namespace"
+    );
 }
 
 #[test]
 fn stdin_to_stdout_round_trip_exec_and_exit_codes() {
-    let Some(a) = pod_for("stdin_to_stdout_round_trip_exec_and_exit_codes", false) else { return };
+    let Some(a) = pod_for("stdin_to_stdout_round_trip_exec_and_exit_codes", false) else {
+        return;
+    };
     a.run("cat", &spec(&["cat"]));
-    let w = WriteStreamRequest { container_id: "cat".into(), data: b"hello podbox\n".to_vec(), ..Default::default() };
+    let w = WriteStreamRequest {
+        container_id: "cat".into(),
+        data: b"hello podbox\n".to_vec(),
+        ..Default::default()
+    };
     assert_eq!(a.client.write_stdin(ctx(), &w).expect("WriteStdin").len, 13);
-    let c = CloseStdinRequest { container_id: "cat".into(), ..Default::default() };
+    let c = CloseStdinRequest {
+        container_id: "cat".into(),
+        ..Default::default()
+    };
     a.client.close_stdin(ctx(), &c).expect("CloseStdin");
     assert_eq!(a.stdout("cat", ""), "hello podbox\n");
     assert_eq!(a.wait("cat", ""), 0);
-    assert!(a.client.write_stdin(ctx(), &w).is_err(), "stdin stays closed");
+    assert!(
+        a.client.write_stdin(ctx(), &w).is_err(),
+        "stdin stays closed"
+    );
 
     a.run("shell", &spec(&["sleep", "1000"]));
-    a.exec("shell", "e1", &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    a.exec(
+        "shell",
+        "e1",
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
     assert_eq!(a.wait("shell", "e1"), 3);
     // Output written right before exit is still there after WaitProcess.
     assert_eq!(a.stdout("shell", "e1"), "out\n");
@@ -124,10 +214,22 @@ fn stdin_to_stdout_round_trip_exec_and_exit_codes() {
 
 #[test]
 fn signals_reach_processes() {
-    let Some(a) = pod_for("signals_reach_processes", false) else { return };
+    let Some(a) = pod_for("signals_reach_processes", false) else {
+        return;
+    };
     // As PID 1 of its namespace the shell only gets signals it handles.
-    a.run("trap", &spec(&["sh", "-c", "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.05; done"]));
-    let r = ReadStreamRequest { container_id: "trap".into(), ..Default::default() };
+    a.run(
+        "trap",
+        &spec(&[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 42' TERM; echo ready; while true; do sleep 0.05; done",
+        ]),
+    );
+    let r = ReadStreamRequest {
+        container_id: "trap".into(),
+        ..Default::default()
+    };
     let first = a.client.read_stdout(ctx(), &r).expect("read").data;
     assert_eq!(first, b"ready\n");
     a.signal("trap", "", 15);
@@ -137,30 +239,56 @@ fn signals_reach_processes() {
     a.run("victim", &spec(&["sleep", "1000"]));
     a.exec("victim", "sleeper", &["sleep", "1000"]);
     a.signal("victim", "sleeper", 15);
-    assert_eq!(a.wait("victim", "sleeper"), 128 + 15, "exec'd sleep dies of SIGTERM");
+    assert_eq!(
+        a.wait("victim", "sleeper"),
+        128 + 15,
+        "exec'd sleep dies of SIGTERM"
+    );
     a.signal("victim", "", 9);
     assert_eq!(a.wait("victim", ""), 128 + 9);
 
-    let bad = SignalProcessRequest { container_id: "victim".into(), signal: 999, ..Default::default() };
-    let e = a.client.signal_process(ctx(), &bad).expect_err("bogus signal");
+    let bad = SignalProcessRequest {
+        container_id: "victim".into(),
+        signal: 999,
+        ..Default::default()
+    };
+    let e = a
+        .client
+        .signal_process(ctx(), &bad)
+        .expect_err("bogus signal");
     assert!(format!("{e:?}").contains("not a signal"), "{e:?}");
 }
 
 #[test]
 fn memory_limit_is_enforced_and_oom_reported() {
-    let Some(a) = pod_for("memory_limit_is_enforced_and_oom_reported", false) else { return };
+    let Some(a) = pod_for("memory_limit_is_enforced_and_oom_reported", false) else {
+        return;
+    };
     let mut s = spec(&["sh", "-c", "tail /dev/zero"]);
     s["linux"]["resources"]["memory"] = json!({"limit": 32 * 1024 * 1024});
     a.run("hog", &s);
-    assert_eq!(a.wait("hog", ""), 128 + 9, "the OOM killer SIGKILLs the hog");
+    assert_eq!(
+        a.wait("hog", ""),
+        128 + 9,
+        "the OOM killer SIGKILLs the hog"
+    );
     let ev = a
         .client
-        .get_oom_event(ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64), &GetOOMEventRequest::new())
+        .get_oom_event(
+            ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64),
+            &GetOOMEventRequest::new(),
+        )
         .expect("GetOOMEvent");
     assert_eq!(ev.container_id, "hog");
     let st = a
         .client
-        .stats_container(ctx(), &StatsContainerRequest { container_id: "hog".into(), ..Default::default() })
+        .stats_container(
+            ctx(),
+            &StatsContainerRequest {
+                container_id: "hog".into(),
+                ..Default::default()
+            },
+        )
         .expect("StatsContainer");
     assert_eq!(st.memory_limit, 32 * 1024 * 1024);
     assert!(st.oom_kills >= 1);
@@ -169,13 +297,28 @@ fn memory_limit_is_enforced_and_oom_reported() {
 
 #[test]
 fn terminal_container() {
-    let Some(a) = pod_for("terminal_container", false) else { return };
-    let mut s = spec(&["sh", "-c", "read line; test -t 0 && echo is-a-tty; stty size; echo got $line"]);
+    let Some(a) = pod_for("terminal_container", false) else {
+        return;
+    };
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "read line; test -t 0 && echo is-a-tty; stty size; echo got $line",
+    ]);
     s["process"]["terminal"] = json!(true);
     a.run("tty", &s);
-    let rs = TtyWinResizeRequest { container_id: "tty".into(), row: 40, column: 100, ..Default::default() };
+    let rs = TtyWinResizeRequest {
+        container_id: "tty".into(),
+        row: 40,
+        column: 100,
+        ..Default::default()
+    };
     a.client.tty_win_resize(ctx(), &rs).expect("TtyWinResize");
-    let w = WriteStreamRequest { container_id: "tty".into(), data: b"typed\n".to_vec(), ..Default::default() };
+    let w = WriteStreamRequest {
+        container_id: "tty".into(),
+        data: b"typed\n".to_vec(),
+        ..Default::default()
+    };
     a.client.write_stdin(ctx(), &w).expect("WriteStdin");
     let out = a.stdout("tty", "");
     assert_eq!(a.wait("tty", ""), 0, "output: {out}");
@@ -188,7 +331,9 @@ fn terminal_container() {
 
 #[test]
 fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
-    let Some(a) = agent_for("bad_input_is_rejected_with_clear_errors_and_leaves_nothing") else { return };
+    let Some(a) = agent_for("bad_input_is_rejected_with_clear_errors_and_leaves_nothing") else {
+        return;
+    };
     let msg = |r: ttrpc::Result<Empty>| match r {
         Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
         other => panic!("expected an error status, got {other:?}"),
@@ -198,7 +343,11 @@ fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
     assert!(m.contains("CreateSandbox"), "{m}");
     a.create_sandbox(false);
 
-    let req = CreateContainerRequest { container_id: "junk".into(), oci_spec_json: b"{not json".to_vec(), ..Default::default() };
+    let req = CreateContainerRequest {
+        container_id: "junk".into(),
+        oci_spec_json: b"{not json".to_vec(),
+        ..Default::default()
+    };
     let (code, m) = msg(a.client.create_container(ctx(), &req));
     assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
     assert!(m.contains("OCI spec is not valid JSON"), "{m}");
@@ -231,22 +380,42 @@ fn bad_input_is_rejected_with_clear_errors_and_leaves_nothing() {
     assert_nothing_left(&a, &["badmount", "noexe", "noexe2"]);
 
     // Unknown ids and wrong states.
-    let w = WaitProcessRequest { container_id: "ghost".into(), ..Default::default() };
-    let e = a.client.wait_process(ctx(), &w).expect_err("unknown container");
+    let w = WaitProcessRequest {
+        container_id: "ghost".into(),
+        ..Default::default()
+    };
+    let e = a
+        .client
+        .wait_process(ctx(), &w)
+        .expect_err("unknown container");
     assert!(format!("{e:?}").contains("not found"), "{e:?}");
-    let ex = ExecProcessRequest { container_id: "ghost".into(), exec_id: "x".into(), process_json: b"[]".to_vec(), ..Default::default() };
+    let ex = ExecProcessRequest {
+        container_id: "ghost".into(),
+        exec_id: "x".into(),
+        process_json: b"[]".to_vec(),
+        ..Default::default()
+    };
     assert!(a.client.exec_process(ctx(), &ex).is_err());
-    let up = UpdateContainerRequest { container_id: "ghost".into(), resources_json: b"{}".to_vec(), ..Default::default() };
+    let up = UpdateContainerRequest {
+        container_id: "ghost".into(),
+        resources_json: b"{}".to_vec(),
+        ..Default::default()
+    };
     assert!(a.client.update_container(ctx(), &up).is_err());
 
     // The agent survived all of it.
-    let h = a.health.check(ctx(), &CheckRequest::new()).expect("health check");
+    let h = a
+        .health
+        .check(ctx(), &CheckRequest::new())
+        .expect("health check");
     assert_eq!(h.status.value(), 1);
 }
 
 #[test]
 fn seccomp_profile_from_the_spec_is_enforced() {
-    let Some(a) = pod_for("seccomp_profile_from_the_spec_is_enforced", false) else { return };
+    let Some(a) = pod_for("seccomp_profile_from_the_spec_is_enforced", false) else {
+        return;
+    };
     let deny_mkdir = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
@@ -256,28 +425,47 @@ fn seccomp_profile_from_the_spec_is_enforced() {
             {"names": ["no_such_syscall_on_any_kernel"], "action": "SCMP_ACT_KILL"}
         ]
     });
-    let mut s = spec(&["sh", "-c", "echo ok; mkdir /tmp/x; echo rc=$?; touch /tmp/file && echo touched; sleep 1000"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "echo ok; mkdir /tmp/x; echo rc=$?; touch /tmp/file && echo touched; sleep 1000",
+    ]);
     s["linux"]["seccomp"] = deny_mkdir.clone();
     a.run("sc", &s);
     let w = std::time::Instant::now();
     let mut out = String::new();
     while !out.contains("touched") && w.elapsed() < Duration::from_secs(20) {
-        let r = ReadStreamRequest { container_id: "sc".into(), len: 4096, ..Default::default() };
+        let r = ReadStreamRequest {
+            container_id: "sc".into(),
+            len: 4096,
+            ..Default::default()
+        };
         let d = a.client.read_stdout(ctx(), &r).expect("ReadStdout");
         if d.data.is_empty() {
             break;
         }
         out.push_str(&String::from_utf8_lossy(&d.data));
     }
-    assert!(out.starts_with("ok\n") && out.contains("rc=1\ntouched"), "stdout: {out:?}");
+    assert!(
+        out.starts_with("ok\n") && out.contains("rc=1\ntouched"),
+        "stdout: {out:?}"
+    );
     // Exec'd processes get the container's filter too.
     a.exec("sc", "e1", &["mkdir", "/tmp/y"]);
     assert_eq!(a.wait("sc", "e1"), 1);
-    assert!(a.stderr("sc", "e1").contains("Operation not permitted"), "{}", a.stderr("sc", "e1"));
+    assert!(
+        a.stderr("sc", "e1").contains("Operation not permitted"),
+        "{}",
+        a.stderr("sc", "e1")
+    );
 
     // No CAP_SYS_ADMIN and noNewPrivileges false: the agent must set
     // no_new_privs itself or the kernel refuses the filter.
-    let mut s = spec(&["sh", "-c", "mkdir /tmp/x; grep NoNewPrivs /proc/self/status"]);
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/x; grep NoNewPrivs /proc/self/status",
+    ]);
     s["process"]["noNewPrivileges"] = json!(false);
     s["linux"]["seccomp"] = deny_mkdir;
     a.run("nnp", &s);
@@ -299,20 +487,49 @@ fn seccomp_profile_from_the_spec_is_enforced() {
 
 #[test]
 fn malformed_seccomp_profiles_are_rejected_and_leave_nothing() {
-    let Some(a) = pod_for("malformed_seccomp_profiles_are_rejected_and_leave_nothing", false) else { return };
+    let Some(a) = pod_for(
+        "malformed_seccomp_profiles_are_rejected_and_leave_nothing",
+        false,
+    ) else {
+        return;
+    };
     let msg = |r: ttrpc::Result<Empty>| match r {
         Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
         other => panic!("expected an error status, got {other:?}"),
     };
     let cases = [
-        ("badaction", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_BOGUS"}]}), "SCMP_ACT_BOGUS"),
-        ("baddefault", json!({"defaultAction": "SCMP_ACT_NOPE"}), "SCMP_ACT_NOPE"),
-        ("badop", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
-            "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_SOMETIMES"}]}]}), "SCMP_CMP_SOMETIMES"),
-        ("notify", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}), "SCMP_ACT_NOTIFY"),
-        ("badarch", json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_S390X"]}), "SCMP_ARCH_S390X"),
-        ("badindex", json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
-            "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}), "argument index 6"),
+        (
+            "badaction",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_BOGUS"}]}),
+            "SCMP_ACT_BOGUS",
+        ),
+        (
+            "baddefault",
+            json!({"defaultAction": "SCMP_ACT_NOPE"}),
+            "SCMP_ACT_NOPE",
+        ),
+        (
+            "badop",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+            "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_SOMETIMES"}]}]}),
+            "SCMP_CMP_SOMETIMES",
+        ),
+        (
+            "notify",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}),
+            "SCMP_ACT_NOTIFY",
+        ),
+        (
+            "badarch",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_S390X"]}),
+            "SCMP_ARCH_S390X",
+        ),
+        (
+            "badindex",
+            json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO",
+            "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}),
+            "argument index 6",
+        ),
     ];
     for (id, profile, want) in &cases {
         let mut s = spec(&["true"]);
@@ -331,7 +548,12 @@ fn malformed_seccomp_profiles_are_rejected_and_leave_nothing() {
 
 #[test]
 fn destroy_sandbox_leaves_no_mounts_cgroups_or_processes() {
-    let Some(mut a) = pod_for("destroy_sandbox_leaves_no_mounts_cgroups_or_processes", false) else { return };
+    let Some(mut a) = pod_for(
+        "destroy_sandbox_leaves_no_mounts_cgroups_or_processes",
+        false,
+    ) else {
+        return;
+    };
     a.run("c1", &spec(&["sleep", "1000"]));
     a.run("c2", &spec(&["sh", "-c", "sleep 1000 & sleep 1000"]));
     a.exec("c1", "e", &["sleep", "1000"]);
@@ -339,20 +561,50 @@ fn destroy_sandbox_leaves_no_mounts_cgroups_or_processes() {
     pids.extend(a.pids("c2"));
     assert_eq!(pids.len(), 4, "{pids:?}");
     a.client
-        .pause_container(ctx(), &PauseContainerRequest { container_id: "c2".into(), ..Default::default() })
+        .pause_container(
+            ctx(),
+            &PauseContainerRequest {
+                container_id: "c2".into(),
+                ..Default::default()
+            },
+        )
         .expect("PauseContainer");
 
-    let v = a.health.version(ctx(), &CheckRequest::new()).expect("Version");
+    let v = a
+        .health
+        .version(ctx(), &CheckRequest::new())
+        .expect("Version");
     assert!(!v.agent_version.is_empty());
-    let d = a.client.get_guest_details(ctx(), &GuestDetailsRequest::new()).expect("GetGuestDetails");
-    assert!(d.cpu_count >= 1 && d.mem_total_bytes > 0 && !d.kernel_version.is_empty() && d.boot_id.len() == 36);
+    let d = a
+        .client
+        .get_guest_details(ctx(), &GuestDetailsRequest::new())
+        .expect("GetGuestDetails");
+    assert!(
+        d.cpu_count >= 1
+            && d.mem_total_bytes > 0
+            && !d.kernel_version.is_empty()
+            && d.boot_id.len() == 36
+    );
 
-    a.client.destroy_sandbox(ctx(), &DestroySandboxRequest::new()).expect("DestroySandbox");
-    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0), "agent exits after DestroySandbox");
+    a.client
+        .destroy_sandbox(ctx(), &DestroySandboxRequest::new())
+        .expect("DestroySandbox");
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "agent exits after DestroySandbox"
+    );
     for p in pids {
-        assert!(!std::path::Path::new(&format!("/proc/{p}")).exists(), "process {p} survived");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "process {p} survived"
+        );
     }
-    assert!(!cgroup_dir(&a.cgroup_parent).exists(), "cgroups left: {}", a.cgroup_parent);
+    assert!(
+        !cgroup_dir(&a.cgroup_parent).exists(),
+        "cgroups left: {}",
+        a.cgroup_parent
+    );
     assert_eq!(a.host_mounts_under_dir(), Vec::<String>::new());
 }
 
@@ -360,7 +612,9 @@ fn destroy_sandbox_leaves_no_mounts_cgroups_or_processes() {
 /// its stdout is read concurrently: everything comes back, in order.
 #[test]
 fn large_exec_stdin_comes_back_whole() {
-    let Some(a) = pod_for("large_exec_stdin_comes_back_whole", false) else { return };
+    let Some(a) = pod_for("large_exec_stdin_comes_back_whole", false) else {
+        return;
+    };
     a.run("shell", &spec(&["sleep", "1000"]));
     a.exec("shell", "cat", &["cat"]);
     let input: String = (0..5000).map(|i| format!("exec line {i}\n")).collect();
@@ -369,7 +623,12 @@ fn large_exec_stdin_comes_back_whole() {
         std::thread::spawn(move || {
             let mut out = Vec::new();
             loop {
-                let req = ReadStreamRequest { container_id: "shell".into(), exec_id: "cat".into(), len: 64 * 1024, ..Default::default() };
+                let req = ReadStreamRequest {
+                    container_id: "shell".into(),
+                    exec_id: "cat".into(),
+                    len: 64 * 1024,
+                    ..Default::default()
+                };
                 let data = client.read_stdout(ctx(), &req).expect("ReadStdout").data;
                 if data.is_empty() {
                     return out;
@@ -379,12 +638,29 @@ fn large_exec_stdin_comes_back_whole() {
         })
     };
     for chunk in input.as_bytes().chunks(64 * 1024) {
-        let w = WriteStreamRequest { container_id: "shell".into(), exec_id: "cat".into(), data: chunk.to_vec(), ..Default::default() };
-        assert_eq!(a.client.write_stdin(ctx(), &w).expect("WriteStdin").len as usize, chunk.len());
+        let w = WriteStreamRequest {
+            container_id: "shell".into(),
+            exec_id: "cat".into(),
+            data: chunk.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(
+            a.client.write_stdin(ctx(), &w).expect("WriteStdin").len as usize,
+            chunk.len()
+        );
     }
-    let c = CloseStdinRequest { container_id: "shell".into(), exec_id: "cat".into(), ..Default::default() };
+    let c = CloseStdinRequest {
+        container_id: "shell".into(),
+        exec_id: "cat".into(),
+        ..Default::default()
+    };
     a.client.close_stdin(ctx(), &c).expect("CloseStdin");
     assert_eq!(a.wait("shell", "cat"), 0);
     let out = reader.join().expect("reader thread");
-    assert!(out == input.as_bytes(), "{} of {} bytes back", out.len(), input.len());
+    assert!(
+        out == input.as_bytes(),
+        "{} of {} bytes back",
+        out.len(),
+        input.len()
+    );
 }

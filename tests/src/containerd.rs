@@ -39,7 +39,10 @@ const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// a directory did not exist before this process started a containerd, the
 /// last guard to go removes the empty ones (anything in them is someone's).
 const HOST_DIRS_MADE_REGARDLESS: [(&str, &[&str]); 3] = [
-    ("/run/containerd", &["runc/podbox-test", "runc/k8s.io", "runc", "fifo", "s"]),
+    (
+        "/run/containerd",
+        &["runc/podbox-test", "runc/k8s.io", "runc", "fifo", "s"],
+    ),
     ("/var/lib/cni", &["results"]),
     ("/run/netns", &[]),
 ];
@@ -51,15 +54,32 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Error)]
 pub enum ContainerdError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("starting {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("containerd exited during startup ({status}); its log:\n{log}")]
     ExitedEarly { status: ExitStatus, log: String },
-    #[error("containerd's CRI plugin was not ready within {timeout:?} (last: {last}); its log:\n{log}")]
-    NotReady { timeout: Duration, last: String, log: String },
+    #[error(
+        "containerd's CRI plugin was not ready within {timeout:?} (last: {last}); its log:\n{log}"
+    )]
+    NotReady {
+        timeout: Duration,
+        last: String,
+        log: String,
+    },
     #[error("`ctr {args}` failed ({status}): {stderr}")]
-    Ctr { args: String, status: ExitStatus, stderr: String },
+    Ctr {
+        args: String,
+        status: ExitStatus,
+        stderr: String,
+    },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -127,7 +147,8 @@ impl Containerd {
     }
 
     pub fn start_with(options: ContainerdOptions) -> Result<Self, ContainerdError> {
-        HOST_DIRS_PREEXISTED.get_or_init(|| HOST_DIRS_MADE_REGARDLESS.map(|(dir, _)| Path::new(dir).exists()));
+        HOST_DIRS_PREEXISTED
+            .get_or_init(|| HOST_DIRS_MADE_REGARDLESS.map(|(dir, _)| Path::new(dir).exists()));
         let guard_number = NEXT_GUARD.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{}x{guard_number}", pid % 100_000);
@@ -136,7 +157,16 @@ impl Containerd {
             .tempdir()
             .map_err(|source| io_error("creating a temp dir in", std::env::temp_dir(), source))?;
         let paths = Paths::new(dir.path());
-        for sub in [&paths.root, &paths.state, &paths.opt, &paths.cni_conf, &paths.cni_ipam, &paths.fifo, &paths.runc_root, &paths.pod_logs] {
+        for sub in [
+            &paths.root,
+            &paths.state,
+            &paths.opt,
+            &paths.cni_conf,
+            &paths.cni_ipam,
+            &paths.fifo,
+            &paths.runc_root,
+            &paths.pod_logs,
+        ] {
             std::fs::create_dir_all(sub).map_err(|source| io_error("creating", sub, source))?;
         }
         let bridge = format!("pbx{tag}");
@@ -144,12 +174,21 @@ impl Containerd {
         // (isGateway false), so subnets never meet in the host's routes.
         let subnet = format!("10.{}.{}.0/24", 200 + guard_number % 50, pid % 256);
         let cgroup_parent = format!("/podbox-test-{tag}");
-        write_file(&paths.config, &containerd_config(&paths, options.podbox_config.as_deref()))?;
-        write_file(&paths.cni_conf.join("10-podbox-test.conflist"), &cni_conflist(&tag, &bridge, &subnet, &paths.cni_ipam))?;
+        write_file(
+            &paths.config,
+            &containerd_config(&paths, options.podbox_config.as_deref()),
+        )?;
+        write_file(
+            &paths.cni_conf.join("10-podbox-test.conflist"),
+            &cni_conflist(&tag, &bridge, &subnet, &paths.cni_ipam),
+        )?;
         write_test_images(&crate::guest::busybox(), &paths.images)?;
 
-        let log = std::fs::File::create(&paths.log).map_err(|source| io_error("creating", &paths.log, source))?;
-        let log_for_stderr = log.try_clone().map_err(|source| io_error("duplicating", &paths.log, source))?;
+        let log = std::fs::File::create(&paths.log)
+            .map_err(|source| io_error("creating", &paths.log, source))?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|source| io_error("duplicating", &paths.log, source))?;
         let mut search_path = std::env::join_paths(options.shim_dirs.iter()).unwrap_or_default();
         if let Some(host_path) = std::env::var_os("PATH") {
             if !search_path.is_empty() {
@@ -165,7 +204,10 @@ impl Containerd {
             .stdout(log)
             .stderr(log_for_stderr)
             .spawn()
-            .map_err(|source| ContainerdError::Spawn { program: "containerd".into(), source })?;
+            .map_err(|source| ContainerdError::Spawn {
+                program: "containerd".into(),
+                source,
+            })?;
         *LIVE_GUARDS.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         // From here on the guard exists, so a failure below still cleans up.
         let mut harness = Containerd {
@@ -180,14 +222,20 @@ impl Containerd {
         };
         harness.wait_until_ready()?;
         for namespace in [TEST_NAMESPACE, CRI_NAMESPACE] {
-            harness.ctr_ok(namespace, &["images", "import", &paths.images.display().to_string()])?;
+            harness.ctr_ok(
+                namespace,
+                &["images", "import", &paths.images.display().to_string()],
+            )?;
         }
         Ok(harness)
     }
 
     fn dir(&self) -> &Path {
         // Only Drop takes the dir out.
-        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
     }
 
     pub fn grpc_socket(&self) -> &Path {
@@ -222,7 +270,11 @@ impl Containerd {
 
     /// A name unique among all guards of this process, for containers and pods.
     pub fn unique_name(&self, prefix: &str) -> String {
-        format!("{prefix}-{}-{}", self.tag, NEXT_NAME.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{prefix}-{}-{}",
+            self.tag,
+            NEXT_NAME.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     pub fn cri(&self) -> Result<CriClient, CriError> {
@@ -234,7 +286,10 @@ impl Containerd {
         self.ctr_command(namespace, args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| ContainerdError::Spawn { program: "ctr".into(), source })
+            .map_err(|source| ContainerdError::Spawn {
+                program: "ctr".into(),
+                source,
+            })
     }
 
     /// Runs `ctr` and returns its stdout, failing on a non-zero exit.
@@ -254,18 +309,35 @@ impl Containerd {
     /// (e.g. to kill a task while `ctr run` waits on it).
     pub fn ctr_command(&self, namespace: &str, args: &[&str]) -> Command {
         let mut command = Command::new("ctr");
-        command.arg("--address").arg(&self.grpc_socket).args(["--namespace", namespace]).args(args);
+        command
+            .arg("--address")
+            .arg(&self.grpc_socket)
+            .args(["--namespace", namespace])
+            .args(args);
         command
     }
 
     /// The `ctr run` arguments up to and including the command: the container
     /// is removed at exit, keeps its FIFOs, runc state and cgroup under this
     /// guard, and gets a fresh unique id (returned first).
-    pub fn ctr_run_args(&self, runtime: &str, image: &str, command: &[&str]) -> (String, Vec<String>) {
+    pub fn ctr_run_args(
+        &self,
+        runtime: &str,
+        image: &str,
+        command: &[&str],
+    ) -> (String, Vec<String>) {
         let container_id = self.unique_name("ctr");
-        let mut args: Vec<String> = vec!["run".into(), "--rm".into(), "--runtime".into(), runtime.into()];
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--rm".into(),
+            "--runtime".into(),
+            runtime.into(),
+        ];
         args.extend(["--fifo-dir".into(), self.fifo_dir().display().to_string()]);
-        args.extend(["--cgroup".into(), format!("{}/{container_id}", self.cgroup_parent)]);
+        args.extend([
+            "--cgroup".into(),
+            format!("{}/{container_id}", self.cgroup_parent),
+        ]);
         if runtime == RUNC_RUNTIME {
             args.extend(["--runc-root".into(), self.runc_root().display().to_string()]);
         }
@@ -279,7 +351,13 @@ impl Containerd {
 
     /// `ctr run --rm` of `command` in `image` under `runtime`, feeding `stdin`
     /// (or nothing: stdin at EOF), and waits for it.
-    pub fn ctr_run(&self, runtime: &str, image: &str, command: &[&str], stdin: &[u8]) -> Result<CtrRunOutput, ContainerdError> {
+    pub fn ctr_run(
+        &self,
+        runtime: &str,
+        image: &str,
+        command: &[&str],
+        stdin: &[u8],
+    ) -> Result<CtrRunOutput, ContainerdError> {
         use std::io::Write;
         let (container_id, args) = self.ctr_run_args(runtime, image, command);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -290,12 +368,20 @@ impl Containerd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| ContainerdError::Spawn { program: "ctr".into(), source })?;
+            .map_err(|source| ContainerdError::Spawn {
+                program: "ctr".into(),
+                source,
+            })?;
         if let Some(mut pipe) = child.stdin.take() {
             // A task that exits without reading closes the pipe: not an error here.
             let _ = pipe.write_all(stdin);
         }
-        let output = child.wait_with_output().map_err(|source| ContainerdError::Spawn { program: "ctr".into(), source })?;
+        let output = child
+            .wait_with_output()
+            .map_err(|source| ContainerdError::Spawn {
+                program: "ctr".into(),
+                source,
+            })?;
         Ok(CtrRunOutput {
             container_id,
             status: output.status,
@@ -306,13 +392,21 @@ impl Containerd {
     }
 
     /// `ctr run` of the busybox test image under runc.
-    pub fn run_busybox_with_runc(&self, command: &[&str], stdin: &[u8]) -> Result<CtrRunOutput, ContainerdError> {
+    pub fn run_busybox_with_runc(
+        &self,
+        command: &[&str],
+        stdin: &[u8],
+    ) -> Result<CtrRunOutput, ContainerdError> {
         self.ctr_run(RUNC_RUNTIME, BUSYBOX_IMAGE, command, stdin)
     }
 
     /// What this guard has made so far, to check after drop that none of it is left.
     pub fn footprint(&self) -> Footprint {
-        let netns = self.cri().ok().map(|mut cri| pod_netns_paths(&mut cri)).unwrap_or_default();
+        let netns = self
+            .cri()
+            .ok()
+            .map(|mut cri| pod_netns_paths(&mut cri))
+            .unwrap_or_default();
         Footprint {
             daemon_pid: self.daemon_pid,
             dir: self.dir().to_path_buf(),
@@ -335,7 +429,10 @@ impl Containerd {
         while Instant::now() < deadline {
             if let Some(daemon) = self.daemon.as_mut() {
                 if let Ok(Some(status)) = daemon.try_wait() {
-                    return Err(ContainerdError::ExitedEarly { status, log: self.log() });
+                    return Err(ContainerdError::ExitedEarly {
+                        status,
+                        log: self.log(),
+                    });
                 }
             }
             if self.grpc_socket.exists() {
@@ -352,7 +449,11 @@ impl Containerd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(ContainerdError::NotReady { timeout: READY_TIMEOUT, last, log: self.log() })
+        Err(ContainerdError::NotReady {
+            timeout: READY_TIMEOUT,
+            last,
+            log: self.log(),
+        })
     }
 
     // --- teardown, in the order Drop runs it ---
@@ -369,7 +470,10 @@ impl Containerd {
         };
         let netns = pod_netns_paths(&mut cri);
         for pod in cri.list_pod_sandboxes().unwrap_or_default() {
-            if let Err(error) = cri.stop_pod_sandbox(&pod.id).and_then(|()| cri.remove_pod_sandbox(&pod.id)) {
+            if let Err(error) = cri
+                .stop_pod_sandbox(&pod.id)
+                .and_then(|()| cri.remove_pod_sandbox(&pod.id))
+            {
                 problems.push(format!("removing pod {}: {error}", pod.id));
             }
         }
@@ -378,20 +482,31 @@ impl Containerd {
 
     /// Kills and deletes every task and container left in any namespace.
     fn remove_tasks_and_containers(&self, problems: &mut Vec<String>) {
-        let namespaces = self.ctr_ok(TEST_NAMESPACE, &["namespaces", "ls", "-q"]).unwrap_or_default();
+        let namespaces = self
+            .ctr_ok(TEST_NAMESPACE, &["namespaces", "ls", "-q"])
+            .unwrap_or_default();
         for namespace in namespaces.lines().map(str::trim).filter(|n| !n.is_empty()) {
-            let tasks = self.ctr_ok(namespace, &["tasks", "ls", "-q"]).unwrap_or_default();
+            let tasks = self
+                .ctr_ok(namespace, &["tasks", "ls", "-q"])
+                .unwrap_or_default();
             for task in tasks.lines().map(str::trim).filter(|t| !t.is_empty()) {
                 // The task may have exited already; only the delete must succeed.
-                let _ = self.ctr(namespace, &["tasks", "kill", "--all", "--signal", "SIGKILL", task]);
+                let _ = self.ctr(
+                    namespace,
+                    &["tasks", "kill", "--all", "--signal", "SIGKILL", task],
+                );
                 if let Err(error) = self.ctr_ok(namespace, &["tasks", "delete", "--force", task]) {
                     problems.push(format!("deleting task {namespace}/{task}: {error}"));
                 }
             }
-            let containers = self.ctr_ok(namespace, &["containers", "ls", "-q"]).unwrap_or_default();
+            let containers = self
+                .ctr_ok(namespace, &["containers", "ls", "-q"])
+                .unwrap_or_default();
             for container in containers.lines().map(str::trim).filter(|c| !c.is_empty()) {
                 if let Err(error) = self.ctr_ok(namespace, &["containers", "rm", container]) {
-                    problems.push(format!("removing container {namespace}/{container}: {error}"));
+                    problems.push(format!(
+                        "removing container {namespace}/{container}: {error}"
+                    ));
                 }
             }
         }
@@ -399,16 +514,22 @@ impl Containerd {
 
     /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the daemon.
     fn stop_daemon(&mut self, problems: &mut Vec<String>) {
-        let Some(mut daemon) = self.daemon.take() else { return };
+        let Some(mut daemon) = self.daemon.take() else {
+            return;
+        };
         // SAFETY: kill(2) on the pid of our own unreaped child.
         unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match daemon.try_wait() {
                 Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => {
-                    problems.push(format!("containerd ignored SIGTERM for {STOP_TIMEOUT:?}; killed"));
+                    problems.push(format!(
+                        "containerd ignored SIGTERM for {STOP_TIMEOUT:?}; killed"
+                    ));
                     let _ = daemon.kill();
                     let _ = daemon.wait();
                     return;
@@ -435,8 +556,10 @@ impl Containerd {
 
     fn remove_host_state(&self, netns: &[PathBuf], problems: &mut Vec<String>) {
         // Mounts first, deepest first: snapshots, rootfs, shm, netns.
-        let mut mounts: Vec<PathBuf> =
-            mount_points().into_iter().filter(|m| m.starts_with(self.dir()) || netns.contains(m)).collect();
+        let mut mounts: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(self.dir()) || netns.contains(m))
+            .collect();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for mount in mounts {
             problems.push(format!("{} was still mounted; unmounted", mount.display()));
@@ -448,7 +571,9 @@ impl Containerd {
         }
         // The CNI bridge plugin creates the bridge but never deletes it.
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
-            let deleted = Command::new("ip").args(["link", "delete", &self.bridge]).status();
+            let deleted = Command::new("ip")
+                .args(["link", "delete", &self.bridge])
+                .status();
             if !deleted.is_ok_and(|s| s.success()) {
                 problems.push(format!("could not delete bridge {}", self.bridge));
             }
@@ -489,7 +614,11 @@ impl Drop for Containerd {
             }
         }
         if !problems.is_empty() {
-            eprintln!("containerd harness {} teardown:\n  {}", self.tag, problems.join("\n  "));
+            eprintln!(
+                "containerd harness {} teardown:\n  {}",
+                self.tag,
+                problems.join("\n  ")
+            );
         }
     }
 }
@@ -502,12 +631,18 @@ impl Footprint {
             left.push(format!("containerd process {}", self.daemon_pid));
         }
         for pid in processes_naming(&self.grpc_socket) {
-            left.push(format!("process {pid} naming {}", self.grpc_socket.display()));
+            left.push(format!(
+                "process {pid} naming {}",
+                self.grpc_socket.display()
+            ));
         }
         if self.dir.exists() {
             left.push(format!("directory {}", self.dir.display()));
         }
-        for mount in mount_points().into_iter().filter(|m| m.starts_with(&self.dir) || self.netns.contains(m)) {
+        for mount in mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&self.dir) || self.netns.contains(m))
+        {
             left.push(format!("mount {}", mount.display()));
         }
         for netns in self.netns.iter().filter(|p| p.exists()) {
@@ -647,11 +782,22 @@ fn cni_conflist(tag: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> Strin
 
 fn pod_netns_paths(cri: &mut CriClient) -> Vec<PathBuf> {
     let pods = cri.list_pod_sandboxes().unwrap_or_default();
-    pods.iter().filter_map(|pod| cri.pod_netns_path(&pod.id).ok().flatten()).filter(|p| p.starts_with(NETNS_DIR) || p.starts_with("/run/netns")).collect()
+    pods.iter()
+        .filter_map(|pod| cri.pod_netns_path(&pod.id).ok().flatten())
+        .filter(|p| p.starts_with(NETNS_DIR) || p.starts_with("/run/netns"))
+        .collect()
 }
 
-fn io_error(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> ContainerdError {
-    ContainerdError::Io { what, path: path.into(), source }
+fn io_error(
+    what: &'static str,
+    path: impl Into<PathBuf>,
+    source: std::io::Error,
+) -> ContainerdError {
+    ContainerdError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<(), ContainerdError> {
@@ -660,7 +806,9 @@ fn write_file(path: &Path, contents: &str) -> Result<(), ContainerdError> {
 
 fn unmount(path: &Path) {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
     // SAFETY: umount2(2) with a valid NUL-terminated path. Detach, because a
     // stuck mount must not stop the rest of the teardown.
     unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
@@ -671,7 +819,11 @@ fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
-        .filter(|line| line.split(" - ").nth(1).is_some_and(|fs| fs.starts_with("cgroup ") || fs.starts_with("cgroup2 ")))
+        .filter(|line| {
+            line.split(" - ")
+                .nth(1)
+                .is_some_and(|fs| fs.starts_with("cgroup ") || fs.starts_with("cgroup2 "))
+        })
         .filter_map(|line| line.split(' ').nth(4))
         .map(|mount| Path::new(mount).join(parent.trim_start_matches('/')))
         .filter(|dir| dir.is_dir())
@@ -701,20 +853,33 @@ fn remove_cgroup_tree(dir: &Path, problems: &mut Vec<String>) {
 }
 
 fn subdirectories(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
-    entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir() && !p.is_symlink()).collect()
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.is_symlink())
+        .collect()
 }
 
 /// Processes whose command line mentions `needle` as one argument.
 fn processes_naming(needle: &Path) -> Vec<u32> {
     let needle = needle.as_os_str().as_encoded_bytes();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str().and_then(|name| name.parse::<u32>().ok()))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+        })
         .filter(|pid| *pid != std::process::id())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == needle))
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == needle))
         })
         .collect()
 }

@@ -51,8 +51,18 @@ pub fn guest_kernel(variant: KernelVariant) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = PathBuf::from(stdout.lines().last().expect("build.sh prints the vmlinux path").trim());
-    assert!(path.is_file(), "build.sh printed {}, which is not a file", path.display());
+    let path = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the vmlinux path")
+            .trim(),
+    );
+    assert!(
+        path.is_file(),
+        "build.sh printed {}, which is not a file",
+        path.display()
+    );
     built.push((variant, path.clone()));
     path
 }
@@ -61,7 +71,11 @@ pub fn guest_kernel(variant: KernelVariant) -> PathBuf {
 pub fn busybox() -> PathBuf {
     let path = PathBuf::from("/bin/busybox");
     let out = Command::new(&path).output();
-    let is_static = Command::new("file").arg("-L").arg(&path).output().map(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"));
+    let is_static = Command::new("file")
+        .arg("-L")
+        .arg(&path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"));
     assert!(
         out.is_ok() && is_static.unwrap_or(true),
         "{} missing or not static: install Debian's busybox-static (make deps does)",
@@ -81,6 +95,10 @@ pub fn compile_static_c(dir: &Path, name: &str, source: &str) -> PathBuf {
         .arg(&src)
         .output()
         .expect("running cc (install gcc)");
-    assert!(out.status.success(), "cc {name}.c failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cc {name}.c failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     bin
 }

@@ -27,16 +27,35 @@ pub fn agent_initramfs() -> PathBuf {
     if let Some(path) = std::env::var_os("PODBOX_INITRAMFS") {
         return path.into();
     }
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     if let Some(path) = built.as_ref() {
         return path.clone();
     }
     let script = repo_root().join("guest-image/build.sh");
-    let out = Command::new(&script).output().unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "guest-image/build.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "guest-image/build.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = PathBuf::from(stdout.lines().last().expect("build.sh prints the image path").trim());
-    assert!(path.is_file(), "build.sh printed {}, which is not a file", path.display());
+    let path = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the image path")
+            .trim(),
+    );
+    assert!(
+        path.is_file(),
+        "build.sh printed {}, which is not a file",
+        path.display()
+    );
     *built = Some(path.clone());
     path
 }
@@ -47,7 +66,9 @@ pub fn agent_initramfs() -> PathBuf {
 pub fn vsock_test_initramfs(dir: &Path) -> PathBuf {
     let helper = compile_static_c(dir, "vsock_helper", include_str!("../guest/vsock_helper.c"));
     let mut overlay = Initramfs::new();
-    overlay.copy("podbox-test-init", 0o755, &helper).expect("adding the helper");
+    overlay
+        .copy("podbox-test-init", 0o755, &helper)
+        .expect("adding the helper");
     let mut image = std::fs::read(agent_initramfs()).expect("reading the guest image");
     image.extend_from_slice(&overlay.finish());
     let path = dir.join("vsock-test-initramfs.cpio");
@@ -57,7 +78,9 @@ pub fn vsock_test_initramfs(dir: &Path) -> PathBuf {
 
 /// FNV-1a 64, as the helper's sink computes it.
 pub fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The byte the helper's source sends at offset `i`.

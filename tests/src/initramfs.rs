@@ -16,7 +16,10 @@ const S_IFLNK: u32 = 0o120000;
 
 impl Initramfs {
     pub fn new() -> Self {
-        Self { data: Vec::new(), next_ino: 1 }
+        Self {
+            data: Vec::new(),
+            next_ino: 1,
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, body: &[u8]) {
@@ -85,7 +88,9 @@ mod tests {
     #[test]
     fn entries_are_aligned_and_end_with_a_trailer() {
         let mut fs = Initramfs::new();
-        fs.dir("bin").file("init", 0o755, b"#!/bin/sh\n").symlink("bin/sh", "busybox");
+        fs.dir("bin")
+            .file("init", 0o755, b"#!/bin/sh\n")
+            .symlink("bin/sh", "busybox");
         let img = fs.finish();
         assert_eq!(img.len() % 4, 0);
         assert!(img.starts_with(b"070701"));

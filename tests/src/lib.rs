@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repo").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo")
+        .to_path_buf()
 }
 
 /// True where KVM tests can run. Where /dev/kvm is absent, KVM tests say so
@@ -34,5 +37,8 @@ pub fn kvm_available(test: &str) -> bool {
 
 /// The host's kernel release (`uname -r`), to tell a guest kernel from it.
 pub fn host_kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading the host kernel release").trim().to_string()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading the host kernel release")
+        .trim()
+        .to_string()
 }

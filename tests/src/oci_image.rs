@@ -28,15 +28,30 @@ const PAUSE_SECONDS: &str = "2147483647";
 #[derive(Debug, Error)]
 pub enum ImageError {
     #[error("running `{program} --list` to enumerate busybox applets: {source}")]
-    BusyboxList { program: PathBuf, source: std::io::Error },
+    BusyboxList {
+        program: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{program} --list` failed ({status}); is it Debian's busybox-static?")]
-    BusyboxListFailed { program: PathBuf, status: std::process::ExitStatus },
+    BusyboxListFailed {
+        program: PathBuf,
+        status: std::process::ExitStatus,
+    },
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("building the tar entry {entry}: {source}")]
-    Tar { entry: String, source: std::io::Error },
+    Tar {
+        entry: String,
+        source: std::io::Error,
+    },
 }
 
 /// A content-addressed blob of the image layout.
@@ -98,41 +113,74 @@ pub fn write_test_images(busybox: &Path, dest: &Path) -> Result<(), ImageError> 
     let index = json!({ "schemaVersion": 2, "manifests": index_entries });
 
     let mut tarball = tar::Builder::new(Vec::new());
-    append_file(&mut tarball, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644)?;
+    append_file(
+        &mut tarball,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+    )?;
     append_file(&mut tarball, "index.json", &json_bytes(&index), 0o644)?;
     append_dir(&mut tarball, "blobs", 0o755)?;
     append_dir(&mut tarball, "blobs/sha256", 0o755)?;
     for blob in &blobs {
         let hex = blob.digest.trim_start_matches("sha256:");
-        append_file(&mut tarball, &format!("blobs/sha256/{hex}"), &blob.bytes, 0o644)?;
+        append_file(
+            &mut tarball,
+            &format!("blobs/sha256/{hex}"),
+            &blob.bytes,
+            0o644,
+        )?;
     }
     let bytes = finish(tarball)?;
-    std::fs::write(dest, bytes).map_err(|source| ImageError::Write { path: dest.to_path_buf(), source })
+    std::fs::write(dest, bytes).map_err(|source| ImageError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })
 }
 
 /// The one layer: the usual top-level directories, /bin/busybox and a
 /// symlink per applet, and a passwd/group naming root.
 fn busybox_layer(busybox: &Path) -> Result<Vec<u8>, ImageError> {
-    let binary = std::fs::read(busybox).map_err(|source| ImageError::Read { path: busybox.to_path_buf(), source })?;
+    let binary = std::fs::read(busybox).map_err(|source| ImageError::Read {
+        path: busybox.to_path_buf(),
+        source,
+    })?;
     let listing = Command::new(busybox)
         .arg("--list")
         .output()
-        .map_err(|source| ImageError::BusyboxList { program: busybox.to_path_buf(), source })?;
+        .map_err(|source| ImageError::BusyboxList {
+            program: busybox.to_path_buf(),
+            source,
+        })?;
     if !listing.status.success() {
-        return Err(ImageError::BusyboxListFailed { program: busybox.to_path_buf(), status: listing.status });
+        return Err(ImageError::BusyboxListFailed {
+            program: busybox.to_path_buf(),
+            status: listing.status,
+        });
     }
     let applets = String::from_utf8_lossy(&listing.stdout);
 
     let mut layer = tar::Builder::new(Vec::new());
-    for dir in ["bin", "dev", "etc", "proc", "root", "sys", "usr", "usr/bin", "var"] {
+    for dir in [
+        "bin", "dev", "etc", "proc", "root", "sys", "usr", "usr/bin", "var",
+    ] {
         append_dir(&mut layer, dir, 0o755)?;
     }
     append_dir(&mut layer, "tmp", 0o1777)?;
     append_file(&mut layer, "bin/busybox", &binary, 0o755)?;
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
         append_symlink(&mut layer, &format!("bin/{applet}"), "busybox")?;
     }
-    append_file(&mut layer, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
+    append_file(
+        &mut layer,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
     append_file(&mut layer, "etc/group", b"root:x:0:\n", 0o644)?;
     finish(layer)
 }
@@ -155,27 +203,52 @@ fn header(entry_type: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     header
 }
 
-fn append_dir(builder: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> Result<(), ImageError> {
+fn append_dir(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    mode: u32,
+) -> Result<(), ImageError> {
     let mut header = header(tar::EntryType::Directory, mode, 0);
     builder
         .append_data(&mut header, format!("{path}/"), std::io::empty())
-        .map_err(|source| ImageError::Tar { entry: path.to_string(), source })
+        .map_err(|source| ImageError::Tar {
+            entry: path.to_string(),
+            source,
+        })
 }
 
-fn append_file(builder: &mut tar::Builder<Vec<u8>>, path: &str, contents: &[u8], mode: u32) -> Result<(), ImageError> {
+fn append_file(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    contents: &[u8],
+    mode: u32,
+) -> Result<(), ImageError> {
     let mut header = header(tar::EntryType::Regular, mode, contents.len() as u64);
     builder
         .append_data(&mut header, path, contents)
-        .map_err(|source| ImageError::Tar { entry: path.to_string(), source })
+        .map_err(|source| ImageError::Tar {
+            entry: path.to_string(),
+            source,
+        })
 }
 
-fn append_symlink(builder: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) -> Result<(), ImageError> {
+fn append_symlink(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &str,
+    target: &str,
+) -> Result<(), ImageError> {
     let mut header = header(tar::EntryType::Symlink, 0o777, 0);
     builder
         .append_link(&mut header, path, target)
-        .map_err(|source| ImageError::Tar { entry: path.to_string(), source })
+        .map_err(|source| ImageError::Tar {
+            entry: path.to_string(),
+            source,
+        })
 }
 
 fn finish(builder: tar::Builder<Vec<u8>>) -> Result<Vec<u8>, ImageError> {
-    builder.into_inner().map_err(|source| ImageError::Tar { entry: "end of archive".to_string(), source })
+    builder.into_inner().map_err(|source| ImageError::Tar {
+        entry: "end of archive".to_string(),
+        source,
+    })
 }

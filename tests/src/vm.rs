@@ -22,7 +22,10 @@ pub struct VmRun {
 impl VmRun {
     /// The serial console and the VMM log, for assertion messages.
     pub fn transcript(&self) -> String {
-        format!("--- serial ---\n{}\n--- vmm stderr ---\n{}", self.serial, self.stderr)
+        format!(
+            "--- serial ---\n{}\n--- vmm stderr ---\n{}",
+            self.serial, self.stderr
+        )
     }
 }
 
@@ -56,7 +59,12 @@ pub fn spawn_vmm(vmm: &Path, dir: &Path, args: &[&str]) -> RunningVm {
         .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", vmm.display()));
-    RunningVm { child, serial_path, stderr_path, start }
+    RunningVm {
+        child,
+        serial_path,
+        stderr_path,
+        start,
+    }
 }
 
 impl RunningVm {
@@ -90,7 +98,10 @@ impl RunningVm {
             if waiting.elapsed() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("VMM still running after {deadline:?}; killed.\n{}", self.transcript());
+                panic!(
+                    "VMM still running after {deadline:?}; killed.\n{}",
+                    self.transcript()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };

@@ -36,7 +36,9 @@ pub fn echo(socket: &Path, data: &[u8]) -> io::Result<Vec<u8>> {
     let mut back = Vec::with_capacity(data.len());
     let mut reader = stream;
     let read = reader.read_to_end(&mut back);
-    sender.join().map_err(|_| io::Error::other("writer thread panicked"))??;
+    sender
+        .join()
+        .map_err(|_| io::Error::other("writer thread panicked"))??;
     read?;
     Ok(back)
 }

@@ -12,7 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
-    self, CMDLINE_MAX_SIZE, MPTABLE_START, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_START, ZERO_PAGE_START,
+    self, CMDLINE_MAX_SIZE, MPTABLE_START, VIRTIO_FIRST_IRQ, VIRTIO_LAST_IRQ, VIRTIO_MMIO_START,
+    ZERO_PAGE_START,
 };
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
 use crate::config::{ConfigError, FsBackend, PvmMode, SerialOutput, VmConfig};
@@ -36,7 +37,11 @@ pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("opening {what} {path}: {source}")]
-    Open { what: &'static str, path: PathBuf, source: std::io::Error },
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     Kvm(#[source] kvm_ioctls::Error),
     #[error("allocating {mib} MiB of guest memory: {source}")]
@@ -66,7 +71,10 @@ pub enum BuildError {
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
     #[error("attaching {device}: {detail}")]
-    Attach { device: &'static str, detail: String },
+    Attach {
+        device: &'static str,
+        detail: String,
+    },
 }
 
 /// Removes a unix socket the VMM created when the VMM stops, on every
@@ -94,7 +102,10 @@ struct Backends {
 /// The virtio devices the config asks for, in MMIO slot order, and their
 /// host-side pieces. A virtiofsd that dies while the VM runs ends the VM
 /// (exit status 6) rather than leaving the guest's file system hanging.
-fn virtio_devices(config: &VmConfig, exit: &Arc<ExitLatch>) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
+fn virtio_devices(
+    config: &VmConfig,
+    exit: &Arc<ExitLatch>,
+) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut backends = Backends::default();
     if let Some(v) = &config.vsock {
@@ -108,11 +119,17 @@ fn virtio_devices(config: &VmConfig, exit: &Arc<ExitLatch>) -> Result<(Vec<Box<d
             let exit = exit.clone();
             daemon.on_unexpected_exit(Box::new(move |detail| {
                 tracing::error!("{detail}");
-                exit.trigger(VmExit::BackendDied { device: "virtio-fs", detail });
+                exit.trigger(VmExit::BackendDied {
+                    device: "virtio-fs",
+                    detail,
+                });
             }))?;
             backends._virtiofsd = Some(daemon);
         }
-        devices.push(Box::new(fs::VhostUserFs::connect(f.backend.socket(), &f.tag)?));
+        devices.push(Box::new(fs::VhostUserFs::connect(
+            f.backend.socket(),
+            &f.tag,
+        )?));
     }
     Ok((devices, backends))
 }
@@ -129,7 +146,10 @@ fn mmio_slot(index: usize) -> Result<(u64, u32), BuildError> {
 /// The `virtio_mmio.device=` entry that tells the guest kernel where a
 /// device is (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
 fn virtio_cmdline_entry(base: u64, irq: u32) -> String {
-    format!("virtio_mmio.device={}K@{base:#x}:{irq}", MMIO_WINDOW_SIZE / 1024)
+    format!(
+        "virtio_mmio.device={}K@{base:#x}:{irq}",
+        MMIO_WINDOW_SIZE / 1024
+    )
 }
 
 /// Puts a device behind a virtio-mmio window: irqfd for its interrupt,
@@ -143,17 +163,29 @@ fn attach_virtio(
     device: Box<dyn VirtioDevice>,
 ) -> Result<(), BuildError> {
     let name = device.name();
-    let fail = |detail: String| BuildError::Attach { device: name, detail };
+    let fail = |detail: String| BuildError::Attach {
+        device: name,
+        detail,
+    };
     let (base, irq) = mmio_slot(index)?;
     let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(format!("irq eventfd: {e}")))?;
-    vm.fd.register_irqfd(&irqfd, irq).map_err(|e| fail(format!("irqfd for IRQ {irq}: {e}")))?;
-    let transport = MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irqfd))).map_err(|e| fail(e.to_string()))?;
+    vm.fd
+        .register_irqfd(&irqfd, irq)
+        .map_err(|e| fail(format!("irqfd for IRQ {irq}: {e}")))?;
+    let transport = MmioTransport::new(device, memory.clone(), Arc::new(Interrupt::new(irqfd)))
+        .map_err(|e| fail(e.to_string()))?;
     for (queue, evt) in transport.queue_events().iter().enumerate() {
         let addr = kvm_ioctls::IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
-        vm.fd.register_ioevent(evt, &addr, queue as u32).map_err(|e| fail(format!("ioeventfd for queue {queue}: {e}")))?;
+        vm.fd
+            .register_ioevent(evt, &addr, queue as u32)
+            .map_err(|e| fail(format!("ioeventfd for queue {queue}: {e}")))?;
     }
     tracing::info!("{name} at {base:#x}, IRQ {irq}");
-    bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(std::sync::Mutex::new(transport)));
+    bus.insert(
+        base,
+        MMIO_WINDOW_SIZE,
+        Arc::new(std::sync::Mutex::new(transport)),
+    );
     Ok(())
 }
 
@@ -185,16 +217,24 @@ fn stop_on_signals(exit: Arc<ExitLatch>) -> Result<(), BuildError> {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
-    File::open(path).map_err(|source| BuildError::Open { what, path: path.to_owned(), source })
+    File::open(path).map_err(|source| BuildError::Open {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// The full kernel command line: what the VMM needs, the user's part, then
 /// the host profile's additions.
 pub fn kernel_cmdline(user: &str, profile: &GuestProfile) -> Result<Cmdline, BuildError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
-    cmdline.insert_str(REQUIRED_CMDLINE).map_err(BuildError::Cmdline)?;
+    cmdline
+        .insert_str(REQUIRED_CMDLINE)
+        .map_err(BuildError::Cmdline)?;
     if !user.trim().is_empty() {
-        cmdline.insert_str(user.trim()).map_err(BuildError::Cmdline)?;
+        cmdline
+            .insert_str(user.trim())
+            .map_err(BuildError::Cmdline)?;
     }
     for extra in profile.cmdline_additions() {
         cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
@@ -211,7 +251,11 @@ fn console_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildE
                 .truncate(true)
                 .write(true)
                 .open(path)
-                .map_err(|source| BuildError::Open { what: "serial output file", path: path.clone(), source })?;
+                .map_err(|source| BuildError::Open {
+                    what: "serial output file",
+                    path: path.clone(),
+                    source,
+                })?;
             Box::new(LineWriter::new(file))
         }
     })
@@ -226,42 +270,88 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         PvmMode::Off => HostKind::HardwareKvm,
     };
     let profile = GuestProfile::new(host);
-    tracing::info!("host: {host:?}; {} vCPU(s), {} MiB", config.vcpus, config.memory_mib);
+    tracing::info!(
+        "host: {host:?}; {} vCPU(s), {} MiB",
+        config.vcpus,
+        config.memory_mib
+    );
 
     let exit = Arc::new(ExitLatch::new());
     stop_on_signals(exit.clone())?;
     let mut kernel = open("kernel", &config.kernel)?;
-    let mut initrd = config.initrd.as_deref().map(|p| open("initrd", p)).transpose()?;
+    let mut initrd = config
+        .initrd
+        .as_deref()
+        .map(|p| open("initrd", p))
+        .transpose()?;
     let serial_out = console_output(&config.serial)?;
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
 
     let ram = layout::ram_ranges(config.memory_bytes());
-    let ranges: Vec<(GuestAddress, usize)> = ram.iter().map(|&(a, l)| (GuestAddress(a), l as usize)).collect();
+    let ranges: Vec<(GuestAddress, usize)> = ram
+        .iter()
+        .map(|&(a, l)| (GuestAddress(a), l as usize))
+        .collect();
     // vhost-user backends map guest memory themselves: it must be shared.
-    let memory = memory::guest_memory(&ranges, config.fs.is_some())
-        .map_err(|source| BuildError::Memory { mib: config.memory_mib, source })?;
+    let memory = memory::guest_memory(&ranges, config.fs.is_some()).map_err(|source| {
+        BuildError::Memory {
+            mib: config.memory_mib,
+            source,
+        }
+    })?;
 
     // Bound now, so that host clients can connect while the guest boots,
     // and before the kernel is loaded so a failing backend fails fast.
     let (virtio, _backends) = virtio_devices(config, &exit)?;
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
-    let initrd = initrd.as_mut().map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end)).transpose()?;
+    let initrd = initrd
+        .as_mut()
+        .map(|f| loader::load_initrd(&memory, f, loaded.end, low_ram_end))
+        .transpose()?;
     let mut cmdline = kernel_cmdline(&config.cmdline, &profile)?;
     for index in 0..virtio.len() {
         let (base, irq) = mmio_slot(index)?;
-        cmdline.insert_str(virtio_cmdline_entry(base, irq)).map_err(BuildError::Cmdline)?;
+        cmdline
+            .insert_str(virtio_cmdline_entry(base, irq))
+            .map_err(BuildError::Cmdline)?;
     }
     loader::load_cmdline(&memory, &cmdline)?;
-    let cmdline_len = cmdline.as_cstring().map_err(BuildError::Cmdline)?.as_bytes_with_nul().len();
-    tracing::info!("kernel entry {:#x}, command line: {}", loaded.entry, cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default());
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(BuildError::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
+    tracing::info!(
+        "kernel entry {:#x}, command line: {}",
+        loaded.entry,
+        cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
 
-    let boot_data = |what| move |e: vm_memory::GuestMemoryError| BuildError::BootData { what, detail: e.to_string() };
-    let params = boot_params::build(&ram, cmdline_len, initrd)
-        .map_err(|e| BuildError::BootData { what: "boot_params", detail: e.to_string() })?;
-    memory.write_obj(params, GuestAddress(ZERO_PAGE_START)).map_err(boot_data("boot_params"))?;
-    let mp = mptable::build(config.vcpus).map_err(|e| BuildError::BootData { what: "MP table", detail: e.to_string() })?;
-    memory.write_slice(&mp, GuestAddress(MPTABLE_START)).map_err(boot_data("MP table"))?;
+    let boot_data = |what| {
+        move |e: vm_memory::GuestMemoryError| BuildError::BootData {
+            what,
+            detail: e.to_string(),
+        }
+    };
+    let params =
+        boot_params::build(&ram, cmdline_len, initrd).map_err(|e| BuildError::BootData {
+            what: "boot_params",
+            detail: e.to_string(),
+        })?;
+    memory
+        .write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(boot_data("boot_params"))?;
+    let mp = mptable::build(config.vcpus).map_err(|e| BuildError::BootData {
+        what: "MP table",
+        detail: e.to_string(),
+    })?;
+    memory
+        .write_slice(&mp, GuestAddress(MPTABLE_START))
+        .map_err(boot_data("MP table"))?;
     regs::write_boot_tables(&memory).map_err(boot_data("page tables and GDT"))?;
 
     let vm = Vm::new(&kvm, &memory)?;
@@ -269,8 +359,11 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     for (index, device) in virtio.into_iter().enumerate() {
         attach_virtio(&vm, &memory, &mut mmio, index, device)?;
     }
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
-    vm.fd.register_irqfd(&serial_irq, SERIAL_IRQ).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::SerialIrq(e.to_string()))?;
+    vm.fd
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| BuildError::SerialIrq(e.to_string()))?;
     let bus = IoBus::new(
         Serial::new(serial_irq, ConsoleOutput::new(serial_out, exit.clone())),
         I8042::new(exit.clone()),
@@ -280,7 +373,12 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id)?;
-        vcpu.configure(&supported, config.vcpus, &profile, (id == 0).then_some(loaded.entry))?;
+        vcpu.configure(
+            &supported,
+            config.vcpus,
+            &profile,
+            (id == 0).then_some(loaded.entry),
+        )?;
         vcpus.push(vcpu);
     }
 
@@ -304,7 +402,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     let reason = exit.wait();
     shared.bus.flush();
     if profile.emulation_fallback() {
-        tracing::info!("emulation fallback counts: {}", shared.fallback_stats.summary());
+        tracing::info!(
+            "emulation fallback counts: {}",
+            shared.fallback_stats.summary()
+        );
     }
     // vCPU threads still inside KVM_RUN end with the process.
     Ok(reason)
@@ -317,10 +418,19 @@ mod tests {
     #[test]
     fn cmdline_puts_required_then_user_then_profile() {
         let pvm = GuestProfile::new(HostKind::Pvm);
-        let c = kernel_cmdline("quiet rdinit=/init", &pvm).unwrap().as_cstring().unwrap();
+        let c = kernel_cmdline("quiet rdinit=/init", &pvm)
+            .unwrap()
+            .as_cstring()
+            .unwrap();
         let s = c.to_str().unwrap();
-        assert!(s.starts_with("console=ttyS0 reboot=k panic=1 quiet rdinit=/init "), "{s}");
-        assert!(s.ends_with("podbox.pvm_syscall rcupdate.rcu_cpu_stall_suppress=1"), "{s}");
+        assert!(
+            s.starts_with("console=ttyS0 reboot=k panic=1 quiet rdinit=/init "),
+            "{s}"
+        );
+        assert!(
+            s.ends_with("podbox.pvm_syscall rcupdate.rcu_cpu_stall_suppress=1"),
+            "{s}"
+        );
         let hw = GuestProfile::new(HostKind::HardwareKvm);
         let c = kernel_cmdline("", &hw).unwrap().as_cstring().unwrap();
         assert_eq!(c.to_str().unwrap(), REQUIRED_CMDLINE);
@@ -331,12 +441,18 @@ mod tests {
         assert_eq!(mmio_slot(0).unwrap(), (0xd000_0000, 5));
         assert_eq!(mmio_slot(1).unwrap(), (0xd000_1000, 6));
         assert!(matches!(mmio_slot(19), Err(BuildError::TooManyDevices)));
-        assert_eq!(virtio_cmdline_entry(0xd000_0000, 5), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            virtio_cmdline_entry(0xd000_0000, 5),
+            "virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 
     #[test]
     fn overlong_cmdline_is_an_error() {
         let hw = GuestProfile::new(HostKind::HardwareKvm);
-        assert!(matches!(kernel_cmdline(&"x".repeat(4096), &hw), Err(BuildError::Cmdline(_))));
+        assert!(matches!(
+            kernel_cmdline(&"x".repeat(4096), &hw),
+            Err(BuildError::Cmdline(_))
+        ));
     }
 }

@@ -146,20 +146,86 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_values_naming_the_flag() {
-        let err = VmConfig { vcpus: 0, ..config() }.validate().unwrap_err();
+        let err = VmConfig {
+            vcpus: 0,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
         assert!(err.to_string().starts_with("--vcpus 0"));
-        assert!(VmConfig { vcpus: MAX_VCPUS + 1, ..config() }.validate().is_err());
-        let err = VmConfig { memory_mib: 8, ..config() }.validate().unwrap_err();
+        assert!(VmConfig {
+            vcpus: MAX_VCPUS + 1,
+            ..config()
+        }
+        .validate()
+        .is_err());
+        let err = VmConfig {
+            memory_mib: 8,
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
         assert!(err.to_string().starts_with("--memory-mib 8"));
-        assert!(VmConfig { cmdline: "a\nb".into(), ..config() }.validate().is_err());
-        let vsock = |cid| Some(VsockConfig { cid, socket: "/s".into() });
-        let err = VmConfig { vsock: vsock(2), ..config() }.validate().unwrap_err();
+        assert!(VmConfig {
+            cmdline: "a\nb".into(),
+            ..config()
+        }
+        .validate()
+        .is_err());
+        let vsock = |cid| {
+            Some(VsockConfig {
+                cid,
+                socket: "/s".into(),
+            })
+        };
+        let err = VmConfig {
+            vsock: vsock(2),
+            ..config()
+        }
+        .validate()
+        .unwrap_err();
         assert!(err.to_string().starts_with("--vsock-cid 2"));
-        assert!(VmConfig { vsock: vsock(u64::from(u32::MAX)), ..config() }.validate().is_err());
-        assert_eq!(VmConfig { vsock: vsock(3), ..config() }.validate(), Ok(()));
-        let fs = |tag: &str| Some(FsConfig { tag: tag.into(), backend: FsBackend::Socket("/s".into()) });
-        assert!(VmConfig { fs: fs(""), ..config() }.validate().unwrap_err().to_string().starts_with("--fs-tag"));
-        assert!(VmConfig { fs: fs(&"t".repeat(37)), ..config() }.validate().is_err());
-        assert_eq!(VmConfig { fs: fs("podbox"), ..config() }.validate(), Ok(()));
+        assert!(VmConfig {
+            vsock: vsock(u64::from(u32::MAX)),
+            ..config()
+        }
+        .validate()
+        .is_err());
+        assert_eq!(
+            VmConfig {
+                vsock: vsock(3),
+                ..config()
+            }
+            .validate(),
+            Ok(())
+        );
+        let fs = |tag: &str| {
+            Some(FsConfig {
+                tag: tag.into(),
+                backend: FsBackend::Socket("/s".into()),
+            })
+        };
+        assert!(VmConfig {
+            fs: fs(""),
+            ..config()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .starts_with("--fs-tag"));
+        assert!(VmConfig {
+            fs: fs(&"t".repeat(37)),
+            ..config()
+        }
+        .validate()
+        .is_err());
+        assert_eq!(
+            VmConfig {
+                fs: fs("podbox"),
+                ..config()
+            }
+            .validate(),
+            Ok(())
+        );
     }
 }

@@ -18,11 +18,19 @@ pub enum VmExit {
     /// KVM failed to enter the guest or reported an internal error.
     Kvm { vcpu: u8, detail: String },
     /// The guest ran an instruction neither KVM nor the fallback can perform.
-    UnhandledInstruction { vcpu: u8, rip: u64, bytes: Vec<u8>, detail: String },
+    UnhandledInstruction {
+        vcpu: u8,
+        rip: u64,
+        bytes: Vec<u8>,
+        detail: String,
+    },
     /// The VMM was asked to stop (SIGTERM, SIGINT, SIGHUP).
     Signal(i32),
     /// A device's out-of-process backend (virtiofsd) died under the guest.
-    BackendDied { device: &'static str, detail: String },
+    BackendDied {
+        device: &'static str,
+        detail: String,
+    },
 }
 
 impl VmExit {
@@ -49,9 +57,18 @@ impl std::fmt::Display for VmExit {
             VmExit::Kvm { vcpu, detail } => write!(f, "vCPU {vcpu}: KVM error: {detail}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
             VmExit::BackendDied { device, detail } => write!(f, "{device} backend died: {detail}"),
-            VmExit::UnhandledInstruction { vcpu, rip, bytes, detail } => {
+            VmExit::UnhandledInstruction {
+                vcpu,
+                rip,
+                bytes,
+                detail,
+            } => {
                 let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
-                write!(f, "vCPU {vcpu}: cannot emulate instruction at {rip:#x} [{}]: {detail}", hex.join(" "))
+                write!(
+                    f,
+                    "vCPU {vcpu}: cannot emulate instruction at {rip:#x} [{}]: {detail}",
+                    hex.join(" ")
+                )
             }
         }
     }
@@ -79,7 +96,10 @@ impl ExitLatch {
     }
 
     pub fn is_set(&self) -> bool {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Blocks until a reason is recorded and returns it.
@@ -106,7 +126,10 @@ mod tests {
         let waiter = std::thread::spawn(move || l2.wait());
         latch.trigger(VmExit::GuestPanic("Kernel panic - not syncing: x".into()));
         latch.trigger(VmExit::GuestReset);
-        assert_eq!(waiter.join().unwrap(), VmExit::GuestPanic("Kernel panic - not syncing: x".into()));
+        assert_eq!(
+            waiter.join().unwrap(),
+            VmExit::GuestPanic("Kernel panic - not syncing: x".into())
+        );
     }
 
     #[test]
@@ -114,7 +137,12 @@ mod tests {
         assert_eq!(VmExit::GuestReset.exit_code(), 0);
         assert_ne!(VmExit::GuestPanic(String::new()).exit_code(), 0);
         assert_ne!(VmExit::TripleFault { vcpu: 0 }.exit_code(), 0);
-        let e = VmExit::UnhandledInstruction { vcpu: 1, rip: 0x10, bytes: vec![0x0f, 0xae], detail: "x".into() };
+        let e = VmExit::UnhandledInstruction {
+            vcpu: 1,
+            rip: 0x10,
+            bytes: vec![0x0f, 0xae],
+            detail: "x".into(),
+        };
         assert!(e.to_string().contains("[0f ae]"));
     }
 }

@@ -115,7 +115,10 @@ fn fs_config(args: &Args) -> Result<Option<FsConfig>, String> {
             })
         }
     };
-    Ok(Some(FsConfig { tag: args.fs_tag.clone(), backend }))
+    Ok(Some(FsConfig {
+        tag: args.fs_tag.clone(),
+        backend,
+    }))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,7 +133,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PODBOX_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("PODBOX_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
         .init();
@@ -157,7 +161,10 @@ fn main() -> ExitCode {
             PvmArg::On => PvmMode::On,
             PvmArg::Off => PvmMode::Off,
         },
-        vsock: args.vsock_socket.map(|socket| VsockConfig { cid: args.vsock_cid, socket }),
+        vsock: args.vsock_socket.map(|socket| VsockConfig {
+            cid: args.vsock_cid,
+            socket,
+        }),
         fs,
     };
     match builder::run(&config, started) {

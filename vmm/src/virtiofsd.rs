@@ -86,11 +86,22 @@ pub enum VirtiofsdError {
     #[error("shared directory {}: {reason}", path.display())]
     SharedDir { path: PathBuf, reason: String },
     #[error("starting {}: {source}", binary.display())]
-    Spawn { binary: PathBuf, source: std::io::Error },
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
     #[error("virtiofsd exited ({status}) before creating {}; its last output:\n{tail}", socket.display())]
-    ExitedEarly { socket: PathBuf, status: ExitStatus, tail: String },
+    ExitedEarly {
+        socket: PathBuf,
+        status: ExitStatus,
+        tail: String,
+    },
     #[error("virtiofsd did not create {} within {timeout:?}; stopped. Its last output:\n{tail}", socket.display())]
-    SocketTimeout { socket: PathBuf, timeout: Duration, tail: String },
+    SocketTimeout {
+        socket: PathBuf,
+        timeout: Duration,
+        tail: String,
+    },
     #[error("starting a virtiofsd supervisor thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -162,8 +173,18 @@ impl Virtiofsd {
         let dir = &config.shared_dir;
         match std::fs::metadata(dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(VirtiofsdError::SharedDir { path: dir.clone(), reason: "not a directory".into() }),
-            Err(e) => return Err(VirtiofsdError::SharedDir { path: dir.clone(), reason: e.to_string() }),
+            Ok(_) => {
+                return Err(VirtiofsdError::SharedDir {
+                    path: dir.clone(),
+                    reason: "not a directory".into(),
+                })
+            }
+            Err(e) => {
+                return Err(VirtiofsdError::SharedDir {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })
+            }
         }
         let _ = std::fs::remove_file(&config.socket);
         let _ = std::fs::remove_file(pid_file(&config.socket));
@@ -172,7 +193,12 @@ impl Virtiofsd {
             .arg(&config.socket)
             .arg("--shared-dir")
             .arg(dir)
-            .args(["--cache", config.cache.as_arg(), "--sandbox", config.sandbox.as_arg()])
+            .args([
+                "--cache",
+                config.cache.as_arg(),
+                "--sandbox",
+                config.sandbox.as_arg(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -189,8 +215,10 @@ impl Virtiofsd {
             });
         }
         tracing::info!("starting {cmd:?}");
-        let mut child =
-            cmd.spawn().map_err(|source| VirtiofsdError::Spawn { binary: config.binary.clone(), source })?;
+        let mut child = cmd.spawn().map_err(|source| VirtiofsdError::Spawn {
+            binary: config.binary.clone(),
+            source,
+        })?;
         let pid = child.id() as libc::pid_t;
         let tail = Tail::default();
         if let Some(stderr) = child.stderr.take() {
@@ -235,7 +263,11 @@ impl Virtiofsd {
                 me.stopped = true;
                 // Give the log thread a moment to take its last lines.
                 std::thread::sleep(Duration::from_millis(50));
-                return Err(VirtiofsdError::ExitedEarly { socket: me.socket.clone(), status, tail: me.tail.text() });
+                return Err(VirtiofsdError::ExitedEarly {
+                    socket: me.socket.clone(),
+                    status,
+                    tail: me.tail.text(),
+                });
             }
             if me.socket.exists() {
                 tracing::info!("virtiofsd (pid {pid}) ready after {:?}", start.elapsed());
@@ -243,7 +275,11 @@ impl Virtiofsd {
             }
             if start.elapsed() > timeout {
                 me.stop();
-                return Err(VirtiofsdError::SocketTimeout { socket: me.socket.clone(), timeout, tail: me.tail.text() });
+                return Err(VirtiofsdError::SocketTimeout {
+                    socket: me.socket.clone(),
+                    timeout,
+                    tail: me.tail.text(),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -266,7 +302,12 @@ impl Virtiofsd {
     /// [`stop`](Self::stop): a VMM ends the VM then, since the guest's file
     /// system is gone.
     pub fn on_unexpected_exit(&self, on_exit: OnUnexpectedExit) -> Result<(), VirtiofsdError> {
-        let (exit, stopping, tail, pid) = (self.exit.clone(), self.stopping.clone(), self.tail.clone(), self.pid);
+        let (exit, stopping, tail, pid) = (
+            self.exit.clone(),
+            self.stopping.clone(),
+            self.tail.clone(),
+            self.pid,
+        );
         std::thread::Builder::new()
             .name("virtiofsd-watch".into())
             .spawn(move || {
@@ -277,7 +318,10 @@ impl Virtiofsd {
                 };
                 if !stopping.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(50));
-                    on_exit(format!("virtiofsd (pid {pid}) exited unexpectedly ({status}); last output: {}", tail.text()));
+                    on_exit(format!(
+                        "virtiofsd (pid {pid}) exited unexpectedly ({status}); last output: {}",
+                        tail.text()
+                    ));
                 }
             })
             .map(|_| ())
@@ -294,13 +338,20 @@ impl Virtiofsd {
                 // SAFETY: kill(2) on our own unreaped child (see start()).
                 unsafe { libc::kill(self.pid, libc::SIGTERM) };
                 if self.exit.wait(STOP_GRACE).is_none() {
-                    tracing::warn!("virtiofsd (pid {}) ignored SIGTERM for {STOP_GRACE:?}; killing it", self.pid);
+                    tracing::warn!(
+                        "virtiofsd (pid {}) ignored SIGTERM for {STOP_GRACE:?}; killing it",
+                        self.pid
+                    );
                     // SAFETY: as above; still unreaped.
                     unsafe { libc::kill(self.pid, libc::SIGKILL) };
                     self.exit.wait(STOP_GRACE);
                 }
             }
-            tracing::info!("virtiofsd (pid {}) stopped: {:?}", self.pid, self.exit.get());
+            tracing::info!(
+                "virtiofsd (pid {}) stopped: {:?}",
+                self.pid,
+                self.exit.get()
+            );
         }
         // virtiofsd also leaves `<socket>.pid` (its single-instance lock).
         for path in [self.socket.clone(), pid_file(&self.socket)] {
@@ -355,8 +406,17 @@ mod tests {
     #[test]
     fn virtiofsd_missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Virtiofsd::start(&config("/nonexistent/virtiofsd", dir.path()), DEFAULT_START_TIMEOUT).err().unwrap();
-        assert!(err.to_string().starts_with("starting /nonexistent/virtiofsd"), "{err}");
+        let err = Virtiofsd::start(
+            &config("/nonexistent/virtiofsd", dir.path()),
+            DEFAULT_START_TIMEOUT,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("starting /nonexistent/virtiofsd"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -364,12 +424,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("fake-virtiofsd");
         std::fs::write(&script, "#!/bin/sh\necho 'fake: bad option' >&2\nexit 3\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let start = Instant::now();
-        let err = Virtiofsd::start(&config(script.to_str().unwrap(), dir.path()), DEFAULT_START_TIMEOUT).err().unwrap();
-        assert!(start.elapsed() < Duration::from_secs(5), "must not wait for the timeout");
+        let err = Virtiofsd::start(
+            &config(script.to_str().unwrap(), dir.path()),
+            DEFAULT_START_TIMEOUT,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "must not wait for the timeout"
+        );
         let text = err.to_string();
-        assert!(text.contains("exited") && text.contains("fake: bad option"), "{text}");
+        assert!(
+            text.contains("exited") && text.contains("fake: bad option"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -377,8 +449,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("silent-virtiofsd");
         std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let err = Virtiofsd::start(&config(script.to_str().unwrap(), dir.path()), Duration::from_millis(300)).err().unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let err = Virtiofsd::start(
+            &config(script.to_str().unwrap(), dir.path()),
+            Duration::from_millis(300),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(err, VirtiofsdError::SocketTimeout { .. }), "{err}");
     }
 
@@ -387,6 +465,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config("/bin/true", dir.path());
         c.shared_dir = dir.path().join("missing");
-        assert!(matches!(Virtiofsd::start(&c, DEFAULT_START_TIMEOUT), Err(VirtiofsdError::SharedDir { .. })));
+        assert!(matches!(
+            Virtiofsd::start(&c, DEFAULT_START_TIMEOUT),
+            Err(VirtiofsdError::SharedDir { .. })
+        ));
     }
 }

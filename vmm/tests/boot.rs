@@ -6,20 +6,26 @@ use std::path::PathBuf;
 
 use podbox_tests::guest::{busybox, compile_static_c, guest_kernel, KernelVariant};
 use podbox_tests::initramfs::Initramfs;
-use podbox_tests::vm::{run_vmm, BOOT_DEADLINE};
 use podbox_tests::kvm_available;
+use podbox_tests::vm::{run_vmm, BOOT_DEADLINE};
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
 const MARKER: &str = "PODBOX-BOOT-MARKER";
 
 /// A busybox initramfs whose /init is `init_script`, plus extra files.
-fn busybox_initramfs(dir: &std::path::Path, init_script: &str, extra: &[(&str, PathBuf)]) -> PathBuf {
+fn busybox_initramfs(
+    dir: &std::path::Path,
+    init_script: &str,
+    extra: &[(&str, PathBuf)],
+) -> PathBuf {
     let mut fs = Initramfs::new();
     for d in ["bin", "dev", "proc", "sys", "tmp"] {
         fs.dir(d);
     }
     fs.copy("bin/busybox", 0o755, &busybox()).unwrap();
-    for applet in ["sh", "mount", "cat", "echo", "grep", "nproc", "reboot", "uname"] {
+    for applet in [
+        "sh", "mount", "cat", "echo", "grep", "nproc", "reboot", "uname",
+    ] {
         fs.symlink(&format!("bin/{applet}"), "busybox");
     }
     fs.file("init", 0o755, init_script.as_bytes());
@@ -32,7 +38,9 @@ fn busybox_initramfs(dir: &std::path::Path, init_script: &str, extra: &[(&str, P
 }
 
 fn line_value<'a>(serial: &'a str, key: &str) -> Option<&'a str> {
-    serial.lines().find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
+    serial
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
 }
 
 #[test]
@@ -41,7 +49,11 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let probe = compile_static_c(dir.path(), "syscall_probe", include_str!("guest/syscall_probe.c"));
+    let probe = compile_static_c(
+        dir.path(),
+        "syscall_probe",
+        include_str!("guest/syscall_probe.c"),
+    );
     let init = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc\n\
@@ -57,42 +69,67 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
         VMM.as_ref(),
         dir.path(),
         &[
-            "--kernel", kernel.to_str().unwrap(),
-            "--initrd", initrd.to_str().unwrap(),
-            "--vcpus", "2",
-            "--memory-mib", "256",
-            "--cmdline", "quiet",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "256",
+            "--cmdline",
+            "quiet",
         ],
         BOOT_DEADLINE,
     );
     let t = run.transcript();
     assert!(run.serial.contains(MARKER), "init marker missing\n{t}");
-    assert_eq!(run.status.code(), Some(0), "reboot -f must end the VMM with 0\n{t}");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "reboot -f must end the VMM with 0\n{t}"
+    );
     assert_eq!(line_value(&run.serial, "cpus="), Some("2"), "{t}");
     let mem_kb: u64 = line_value(&run.serial, "MemTotal:")
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal line\n{t}"));
     // 256 MiB minus what the kernel image and reservations take.
-    assert!((200 * 1024..256 * 1024).contains(&mem_kb), "MemTotal {mem_kb} kB\n{t}");
+    assert!(
+        (200 * 1024..256 * 1024).contains(&mem_kb),
+        "MemTotal {mem_kb} kB\n{t}"
+    );
 
     // The syscall-completion patch must grant nothing to a forged jump.
-    let real = line_value(&run.serial, "probe real: ").unwrap_or_else(|| panic!("probe did not run\n{t}"));
+    let real =
+        line_value(&run.serial, "probe real: ").unwrap_or_else(|| panic!("probe did not run\n{t}"));
     assert!(real.ends_with("iopl=0"), "{real}");
-    let real_pid = real.split_whitespace().next().unwrap().trim_start_matches("pid=");
-    let forged = line_value(&run.serial, "probe forged: ").unwrap_or_else(|| panic!("no forged-jump result\n{t}"));
+    let real_pid = real
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_start_matches("pid=");
+    let forged = line_value(&run.serial, "probe forged: ")
+        .unwrap_or_else(|| panic!("no forged-jump result\n{t}"));
     let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
     if pvm {
         // The child completes a syscall (getpid of a forked child differs
         // from the parent's) and comes back with IOPL still 0.
         assert!(forged.starts_with("returned pid="), "{forged}\n{t}");
-        assert!(forged.ends_with("iopl=0"), "forged R11 must not raise IOPL: {forged}");
+        assert!(
+            forged.ends_with("iopl=0"),
+            "forged R11 must not raise IOPL: {forged}"
+        );
         assert_ne!(forged, format!("returned pid={real_pid} iopl=0"));
         assert!(run.stderr.contains("emulation fallback counts:"), "{t}");
     } else {
         // Without PVM the patch is off: the jump is a plain segfault.
         assert_eq!(forged, "signal=11", "{t}");
     }
-    assert_eq!(line_value(&run.serial, "probe noncanonical: "), Some("signal=11"), "{t}");
+    assert_eq!(
+        line_value(&run.serial, "probe noncanonical: "),
+        Some("signal=11"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -110,37 +147,71 @@ fn guest_panic_ends_the_vmm_with_a_nonzero_status_and_a_reason() {
     let run = run_vmm(
         VMM.as_ref(),
         dir.path(),
-        &["--kernel", kernel.to_str().unwrap(), "--initrd", initrd.to_str().unwrap(), "--cmdline", "quiet"],
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            "quiet",
+        ],
         BOOT_DEADLINE,
     );
     let t = run.transcript();
     assert_ne!(run.status.code(), Some(0), "{t}");
-    let reason = run.stderr.lines().find(|l| l.starts_with("podbox-vmm: ")).unwrap_or_else(|| panic!("no reason line\n{t}"));
-    assert!(reason.contains("guest kernel panic") && reason.contains("Attempted to kill init"), "{reason}");
-    assert!(reason.contains("exitcode=0x00000300"), "init's exit status 3 must be in the reason: {reason}");
+    let reason = run
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("podbox-vmm: "))
+        .unwrap_or_else(|| panic!("no reason line\n{t}"));
+    assert!(
+        reason.contains("guest kernel panic") && reason.contains("Attempted to kill init"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("exitcode=0x00000300"),
+        "init's exit status 3 must be in the reason: {reason}"
+    );
 }
 
 #[test]
 fn bad_flags_and_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-vmlinux");
-    let out = std::process::Command::new(VMM).arg("--kernel").arg(&missing).output().unwrap();
+    let out = std::process::Command::new(VMM)
+        .arg("--kernel")
+        .arg(&missing)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("opening kernel") && err.contains("no-such-vmlinux"), "{err}");
+    assert!(
+        err.contains("opening kernel") && err.contains("no-such-vmlinux"),
+        "{err}"
+    );
 
-    let out = std::process::Command::new(VMM).args(["--kernel", "/bin/sh", "--vcpus", "0"]).output().unwrap();
+    let out = std::process::Command::new(VMM)
+        .args(["--kernel", "/bin/sh", "--vcpus", "0"])
+        .output()
+        .unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus 0"));
 
-    let out = std::process::Command::new(VMM).args(["--kernel", "/bin/sh", "--memory-mib", "lots"]).output().unwrap();
+    let out = std::process::Command::new(VMM)
+        .args(["--kernel", "/bin/sh", "--memory-mib", "lots"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--memory-mib"));
 
     if kvm_available("bad_flags_and_files_get_clear_errors (kernel format)") {
         let not_elf = dir.path().join("bzImage");
         std::fs::write(&not_elf, vec![0x4d; 4096]).unwrap();
-        let out = std::process::Command::new(VMM).arg("--kernel").arg(&not_elf).output().unwrap();
+        let out = std::process::Command::new(VMM)
+            .arg("--kernel")
+            .arg(&not_elf)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(1));
         assert!(String::from_utf8_lossy(&out.stderr).contains("ELF vmlinux"));
     }

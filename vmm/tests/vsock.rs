@@ -14,9 +14,9 @@ use podbox_tests::guest::{guest_kernel, KernelVariant};
 use podbox_tests::guest_image::{
     fnv1a64, source_byte, vsock_test_initramfs, GUEST_HELLO, HOST_HELLO_PORT, TEST_IMAGE_CMDLINE,
 };
-use podbox_tests::{host_kernel_release, kvm_available};
 use podbox_tests::vm::{spawn_vmm, BOOT_DEADLINE};
 use podbox_tests::vsock::{echo, pattern, sink, source};
+use podbox_tests::{host_kernel_release, kvm_available};
 use sha2::{Digest, Sha256};
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
@@ -24,7 +24,6 @@ const CONCURRENT_STREAMS: usize = 32;
 const STREAM_BYTES: usize = 64 * 1024;
 const LARGE_BYTES: usize = 8 << 20;
 const RPC: Duration = Duration::from_secs(30);
-
 
 /// Accepts one connection on `listener` within `timeout` and reads it to EOF.
 fn accept_and_read(listener: &UnixListener, timeout: Duration) -> Option<String> {
@@ -62,25 +61,41 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
         VMM.as_ref(),
         dir.path(),
         &[
-            "--kernel", kernel.to_str().unwrap(),
-            "--initrd", initrd.to_str().unwrap(),
-            "--vcpus", "2",
-            "--memory-mib", "256",
-            "--cmdline", TEST_IMAGE_CMDLINE,
-            "--vsock-socket", socket.to_str().unwrap(),
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "256",
+            "--cmdline",
+            TEST_IMAGE_CMDLINE,
+            "--vsock-socket",
+            socket.to_str().unwrap(),
         ],
     );
 
     // 1. The agent answers a health check through the hybrid vsock socket.
     let agent = AgentClient::connect(&socket, BOOT_DEADLINE)
         .unwrap_or_else(|e| panic!("agent unreachable: {e}\n{}", vm.transcript()));
-    eprintln!("agent answered {:.1} s after VMM start", vm.started().elapsed().as_secs_f64());
+    eprintln!(
+        "agent answered {:.1} s after VMM start",
+        vm.started().elapsed().as_secs_f64()
+    );
     agent.check(RPC).unwrap();
 
     // 2. GetGuestDetails comes from the guest kernel, not the host's.
-    let details = agent.agent.get_guest_details(ctx(RPC), &GuestDetailsRequest::default()).unwrap();
+    let details = agent
+        .agent
+        .get_guest_details(ctx(RPC), &GuestDetailsRequest::default())
+        .unwrap();
     assert!(!details.kernel_version.is_empty(), "{details:?}");
-    assert_ne!(details.kernel_version, host_kernel_release(), "guest kernel release must differ from the host's");
+    assert_ne!(
+        details.kernel_version,
+        host_kernel_release(),
+        "guest kernel release must differ from the host's"
+    );
     assert_eq!(details.cpu_count, 2, "{details:?}");
 
     // 3. Guest-initiated stream to a host listener at <socket>_6000.
@@ -95,14 +110,21 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
             std::thread::spawn(move || {
                 let data = pattern(STREAM_BYTES, i as u64 + 1);
                 let back = echo(&socket, &data).unwrap_or_else(|e| panic!("stream {i}: {e}"));
-                assert!(back == data, "stream {i}: {} bytes back, content differs", back.len());
+                assert!(
+                    back == data,
+                    "stream {i}: {} bytes back, content differs",
+                    back.len()
+                );
             })
         })
         .collect();
     for w in workers {
         w.join().expect("a concurrent stream failed");
     }
-    eprintln!("{CONCURRENT_STREAMS} concurrent echo streams of {STREAM_BYTES} B: {:?}", start.elapsed());
+    eprintln!(
+        "{CONCURRENT_STREAMS} concurrent echo streams of {STREAM_BYTES} B: {:?}",
+        start.elapsed()
+    );
 
     // 5. A large transfer each way and echoed, checked by hash.
     let large = pattern(LARGE_BYTES, 99);
@@ -112,16 +134,32 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     assert_eq!(sha256(&back), sha256(&large), "echoed data differs");
     eprintln!("echo {} MiB: {:?}", LARGE_BYTES >> 20, start.elapsed());
     let (count, hash) = sink(&socket, &large).unwrap();
-    assert_eq!((count, hash), (LARGE_BYTES as u64, fnv1a64(&large)), "guest received different bytes");
+    assert_eq!(
+        (count, hash),
+        (LARGE_BYTES as u64, fnv1a64(&large)),
+        "guest received different bytes"
+    );
     let got = source(&socket, LARGE_BYTES as u64).unwrap();
     assert_eq!(got.len(), LARGE_BYTES);
-    assert!(got.iter().enumerate().all(|(i, &b)| b == source_byte(i as u64)), "guest sent different bytes");
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, &b)| b == source_byte(i as u64)),
+        "guest sent different bytes"
+    );
 
     // 6. DestroySandbox ends the VM: status 0, no socket left behind.
-    agent.agent.destroy_sandbox(ctx(RPC), &DestroySandboxRequest::default()).unwrap();
+    agent
+        .agent
+        .destroy_sandbox(ctx(RPC), &DestroySandboxRequest::default())
+        .unwrap();
     let run = vm.wait(BOOT_DEADLINE);
     let t = run.transcript();
-    assert_eq!(run.status.code(), Some(0), "VMM must exit 0 after DestroySandbox\n{t}");
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "VMM must exit 0 after DestroySandbox\n{t}"
+    );
     assert!(!socket.exists(), "the vsock socket must be removed at exit");
     assert!(!t.contains("panicked"), "{t}");
 }
@@ -139,19 +177,40 @@ fn vsock_socket_is_removed_when_the_vmm_is_stopped() {
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
-        &["--kernel", kernel.to_str().unwrap(), "--vsock-socket", socket.to_str().unwrap()],
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vsock-socket",
+            socket.to_str().unwrap(),
+        ],
     );
     let start = Instant::now();
     // Wait until the VMM is up (it logs its devices), then stop it.
     while !vm.transcript().contains("virtio-vsock at") {
-        assert!(start.elapsed() < Duration::from_secs(30), "VMM did not start\n{}", vm.transcript());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "VMM did not start\n{}",
+            vm.transcript()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(socket.exists());
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
     let run = vm.wait(Duration::from_secs(60));
-    assert_eq!(run.status.code(), Some(128 + libc::SIGTERM), "{}", run.transcript());
-    assert!(run.stderr.contains("stopped by signal"), "{}", run.transcript());
-    assert!(!Path::new(&socket).exists(), "socket left behind after SIGTERM");
+    assert_eq!(
+        run.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stderr.contains("stopped by signal"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        !Path::new(&socket).exists(),
+        "socket left behind after SIGTERM"
+    );
 }

@@ -39,15 +39,27 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("connecting to hybrid vsock socket {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("hybrid vsock {path} port {port}: {detail}")]
-    Handshake { path: PathBuf, port: u32, detail: String },
+    Handshake {
+        path: PathBuf,
+        port: u32,
+        detail: String,
+    },
     #[error("ttrpc: {0}")]
     Ttrpc(#[from] ttrpc::Error),
     #[error("agent health check answered {0:?}, not SERVING")]
     NotServing(ServingStatus),
     #[error("agent at {path} did not answer within {waited:?} ({attempts} attempts); last error: {last}")]
-    Deadline { path: PathBuf, waited: Duration, attempts: u32, last: Box<ClientError> },
+    Deadline {
+        path: PathBuf,
+        waited: Duration,
+        attempts: u32,
+        last: Box<ClientError>,
+    },
 }
 
 /// A ttrpc context with a timeout, for calls on the clients.
@@ -60,11 +72,21 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 /// (nobody listens on that port yet: the VMM closes the stream without an
 /// OK line) or `timeout` passes first.
 pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
-    let handshake = |detail: String| ClientError::Handshake { path: socket.to_owned(), port, detail };
-    let mut stream =
-        UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.to_owned(), source })?;
-    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(|e| handshake(e.to_string()))?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| handshake(format!("sending CONNECT: {e}")))?;
+    let handshake = |detail: String| ClientError::Handshake {
+        path: socket.to_owned(),
+        port,
+        detail,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(|e| handshake(e.to_string()))?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| handshake(format!("sending CONNECT: {e}")))?;
     // Byte by byte: whatever follows the newline is the guest's data.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -82,11 +104,16 @@ pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, C
         }
     }
     let text = String::from_utf8_lossy(&line);
-    match text.strip_prefix("OK ").and_then(|p| p.trim().parse::<u32>().ok()) {
+    match text
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    {
         Some(_host_port) => {}
         None => return Err(handshake(format!("unexpected reply {text:?}"))),
     }
-    stream.set_read_timeout(None).map_err(|e| handshake(e.to_string()))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| handshake(e.to_string()))?;
     Ok(stream)
 }
 
@@ -113,7 +140,10 @@ impl AgentClient {
             let left = deadline.saturating_sub(start.elapsed());
             let err = match Self::try_once(socket, port, left) {
                 Ok(client) => {
-                    tracing::debug!("agent answered after {:?} ({attempts} attempts)", start.elapsed());
+                    tracing::debug!(
+                        "agent answered after {:?} ({attempts} attempts)",
+                        start.elapsed()
+                    );
                     return Ok(client);
                 }
                 Err(e) => e,
@@ -142,7 +172,10 @@ impl AgentClient {
 
     /// Wraps an already-connected ttrpc client.
     pub fn from_client(client: ttrpc::Client) -> Self {
-        Self { agent: AgentServiceClient::new(client.clone()), health: HealthClient::new(client) }
+        Self {
+            agent: AgentServiceClient::new(client.clone()),
+            health: HealthClient::new(client),
+        }
     }
 
     /// Health.Check: Ok when the agent says SERVING.
@@ -189,11 +222,19 @@ mod tests {
     #[test]
     fn vsock_dial_errors_are_typed() {
         let (_d, path) = fake_vmm(b"");
-        assert!(matches!(dial(&path, 1024, Duration::from_secs(5)), Err(ClientError::Handshake { .. })));
+        assert!(matches!(
+            dial(&path, 1024, Duration::from_secs(5)),
+            Err(ClientError::Handshake { .. })
+        ));
         let (_d2, path) = fake_vmm(b"NO\n");
         let e = dial(&path, 1024, Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("unexpected reply"), "{e}");
-        let e = dial(Path::new("/nonexistent/v.sock"), 1024, Duration::from_secs(1)).unwrap_err();
+        let e = dial(
+            Path::new("/nonexistent/v.sock"),
+            1024,
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }));
     }
 
@@ -201,7 +242,9 @@ mod tests {
     fn vsock_connect_gives_up_at_the_deadline() {
         let (_d, path) = fake_vmm(b"");
         let start = Instant::now();
-        let e = AgentClient::connect(&path, Duration::from_millis(700)).err().unwrap();
+        let e = AgentClient::connect(&path, Duration::from_millis(700))
+            .err()
+            .unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
         match e {
             ClientError::Deadline { attempts, last, .. } => {

@@ -70,7 +70,10 @@ impl CgroupRoot {
     /// A handle on `rel` without creating anything.
     pub fn open(&self, rel: &str) -> Cgroup {
         match self {
-            CgroupRoot::V2(root) => Cgroup { v2: true, dirs: vec![("", root.join(rel))] },
+            CgroupRoot::V2(root) => Cgroup {
+                v2: true,
+                dirs: vec![("", root.join(rel))],
+            },
             CgroupRoot::V1(base) => Cgroup {
                 v2: false,
                 dirs: V1_CONTROLLERS
@@ -131,11 +134,12 @@ impl Cgroup {
     }
 
     fn write(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
-        let dir = self
-            .dir(controller)
-            .ok_or_else(|| Error::Unsupported(format!("cgroup controller {controller} is not available")))?;
+        let dir = self.dir(controller).ok_or_else(|| {
+            Error::Unsupported(format!("cgroup controller {controller} is not available"))
+        })?;
         let path = dir.join(file);
-        fs::write(&path, value).map_err(|e| Error::io(format!("write {value:?} to {}", path.display()), e))
+        fs::write(&path, value)
+            .map_err(|e| Error::io(format!("write {value:?} to {}", path.display()), e))
     }
 
     fn read(&self, controller: &str, file: &str) -> Option<String> {
@@ -163,7 +167,11 @@ impl Cgroup {
         if let Some(mem) = res.memory() {
             if let Some(limit) = mem.limit() {
                 if self.v2 {
-                    let v = if limit < 0 { "max".to_string() } else { limit.to_string() };
+                    let v = if limit < 0 {
+                        "max".to_string()
+                    } else {
+                        limit.to_string()
+                    };
                     self.write("memory", "memory.max", &v)?;
                     // Without this a limited group would swap instead of
                     // hitting the OOM killer the spec asks for.
@@ -177,7 +185,11 @@ impl Cgroup {
             let period = cpu.period().unwrap_or(100_000);
             if self.v2 {
                 if let Some(quota) = cpu.quota() {
-                    let q = if quota <= 0 { "max".to_string() } else { quota.to_string() };
+                    let q = if quota <= 0 {
+                        "max".to_string()
+                    } else {
+                        quota.to_string()
+                    };
                     self.write("cpu", "cpu.max", &format!("{q} {period}"))?;
                 }
                 if let Some(shares) = cpu.shares() {
@@ -197,7 +209,11 @@ impl Cgroup {
             }
         }
         if let Some(pids) = res.pids() {
-            let v = if pids.limit() <= 0 { "max".to_string() } else { pids.limit().to_string() };
+            let v = if pids.limit() <= 0 {
+                "max".to_string()
+            } else {
+                pids.limit().to_string()
+            };
             self.write("pids", "pids.max", &v)?;
         }
         Ok(())
@@ -229,8 +245,10 @@ impl Cgroup {
             let usage_usec = self
                 .read("cpu", "cpu.stat")
                 .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse::<u64>().ok()))
+                    s.lines().find_map(|l| {
+                        l.strip_prefix("usage_usec ")
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
                 })
                 .unwrap_or(0);
             CgroupStats {
@@ -267,7 +285,11 @@ impl Cgroup {
         if self.v2 {
             self.write("", "cgroup.freeze", if frozen { "1" } else { "0" })
         } else {
-            self.write("freezer", "freezer.state", if frozen { "FROZEN" } else { "THAWED" })
+            self.write(
+                "freezer",
+                "freezer.state",
+                if frozen { "FROZEN" } else { "THAWED" },
+            )
         }
     }
 
@@ -288,7 +310,10 @@ impl Cgroup {
                 );
             }
             if Instant::now() > deadline {
-                return Err(Error::Cleanup(format!("processes of cgroup {:?} did not die", self.dirs)));
+                return Err(Error::Cleanup(format!(
+                    "processes of cgroup {:?} did not die",
+                    self.dirs
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -320,7 +345,10 @@ impl Cgroup {
     pub fn destroy_if_empty(&self) -> Result<(), Error> {
         for (_, dir) in &self.dirs {
             let has_children = fs::read_dir(dir)
-                .map(|rd| rd.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir())))
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                })
                 .unwrap_or(false);
             if !has_children {
                 let _ = fs::remove_dir(dir);

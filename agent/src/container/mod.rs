@@ -50,11 +50,17 @@ pub enum Error {
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     pub fn sys(context: impl Into<String>, source: nix::errno::Errno) -> Error {
-        Error::Sys { context: context.into(), source }
+        Error::Sys {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -83,7 +89,9 @@ pub enum InitMode {
 pub fn validate_id(kind: &str, id: &str) -> Result<(), Error> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
         && !id.starts_with('.')
         && !id.starts_with('-');
     if ok {
@@ -99,14 +107,23 @@ pub fn validate_id(kind: &str, id: &str) -> Result<(), Error> {
 pub fn validate_process(p: &OciProcess) -> Result<(), Error> {
     match p.args() {
         Some(a) if !a.is_empty() && !a[0].is_empty() => {}
-        _ => return Err(Error::InvalidArgument("process.args must name a program".into())),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "process.args must name a program".into(),
+            ))
+        }
     }
     if !p.cwd().is_absolute() {
-        return Err(Error::InvalidArgument(format!("process.cwd {:?} must be absolute", p.cwd())));
+        return Err(Error::InvalidArgument(format!(
+            "process.cwd {:?} must be absolute",
+            p.cwd()
+        )));
     }
     for arg in p.args().iter().flatten().chain(p.env().iter().flatten()) {
         if arg.contains('\0') {
-            return Err(Error::InvalidArgument("process args and env must not contain NUL".into()));
+            return Err(Error::InvalidArgument(
+                "process args and env must not contain NUL".into(),
+            ));
         }
     }
     Ok(())

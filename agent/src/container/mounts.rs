@@ -12,7 +12,13 @@ use oci_spec::runtime::{Mount, Spec};
 
 type R<T> = Result<T, String>;
 
-fn do_mount(src: Option<&Path>, dest: &Path, typ: Option<&str>, flags: MsFlags, data: Option<&str>) -> R<()> {
+fn do_mount(
+    src: Option<&Path>,
+    dest: &Path,
+    typ: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> R<()> {
     mount(src, dest, typ, flags, data).map_err(|e| {
         format!(
             "mount {} on {} (type {}, flags {:?}, data {:?}): {e}",
@@ -30,15 +36,22 @@ fn do_mount(src: Option<&Path>, dest: &Path, typ: Option<&str>, flags: MsFlags, 
 /// the path exists.
 fn in_root(rootfs: &Path, dest: &Path) -> R<PathBuf> {
     if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
-        return Err(format!("mount destination {} must be absolute without '..'", dest.display()));
+        return Err(format!(
+            "mount destination {} must be absolute without '..'",
+            dest.display()
+        ));
     }
     Ok(rootfs.join(dest.strip_prefix("/").unwrap_or(dest)))
 }
 
 /// Refuses a path that a symlink in the rootfs made point outside it.
 fn check_inside(rootfs: &Path, p: &Path) -> R<()> {
-    let real = p.canonicalize().map_err(|e| format!("resolve {}: {e}", p.display()))?;
-    let root = rootfs.canonicalize().map_err(|e| format!("resolve {}: {e}", rootfs.display()))?;
+    let real = p
+        .canonicalize()
+        .map_err(|e| format!("resolve {}: {e}", p.display()))?;
+    let root = rootfs
+        .canonicalize()
+        .map_err(|e| format!("resolve {}: {e}", rootfs.display()))?;
     if real.starts_with(&root) {
         Ok(())
     } else {
@@ -54,7 +67,12 @@ struct MountOpts {
 }
 
 fn parse_options(opts: &[String]) -> MountOpts {
-    let mut m = MountOpts { flags: MsFlags::empty(), propagation: MsFlags::empty(), data: Vec::new(), bind: false };
+    let mut m = MountOpts {
+        flags: MsFlags::empty(),
+        propagation: MsFlags::empty(),
+        data: Vec::new(),
+        bind: false,
+    };
     for o in opts {
         let (set, clear) = match o.as_str() {
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
@@ -72,7 +90,9 @@ fn parse_options(opts: &[String]) -> MountOpts {
             "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
             "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "atime" | "diratime" | "norelatime" | "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            "atime" | "diratime" | "norelatime" | "defaults" => {
+                (MsFlags::empty(), MsFlags::empty())
+            }
             "bind" => {
                 m.bind = true;
                 (MsFlags::empty(), MsFlags::empty())
@@ -81,7 +101,8 @@ fn parse_options(opts: &[String]) -> MountOpts {
                 m.bind = true;
                 (MsFlags::MS_REC, MsFlags::empty())
             }
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable" | "runbindable" => {
+            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
+            | "runbindable" => {
                 let mut p = match o.trim_start_matches('r') {
                     "private" => MsFlags::MS_PRIVATE,
                     "slave" => MsFlags::MS_SLAVE,
@@ -112,16 +133,20 @@ fn mount_one(rootfs: &Path, mnt: &Mount) -> R<()> {
     let data = (!data.is_empty()).then_some(data.as_str());
 
     if opts.bind || typ == "bind" {
-        let src = mnt
-            .source()
-            .as_deref()
-            .ok_or_else(|| format!("bind mount on {} has no source", mnt.destination().display()))?;
-        let meta = fs::metadata(src).map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
+        let src = mnt.source().as_deref().ok_or_else(|| {
+            format!(
+                "bind mount on {} has no source",
+                mnt.destination().display()
+            )
+        })?;
+        let meta =
+            fs::metadata(src).map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
         if meta.is_dir() {
             fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
         } else if !dest.exists() {
             if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+                fs::create_dir_all(parent)
+                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
             }
             fs::File::create(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
         }
@@ -131,7 +156,13 @@ fn mount_one(rootfs: &Path, mnt: &Mount) -> R<()> {
         // Bind mounts ignore flags on the first call; they need a remount.
         let extra = opts.flags & !MsFlags::MS_REC;
         if !extra.is_empty() {
-            do_mount(None, &dest, None, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra, None)?;
+            do_mount(
+                None,
+                &dest,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                None,
+            )?;
         }
     } else {
         fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
@@ -139,11 +170,20 @@ fn mount_one(rootfs: &Path, mnt: &Mount) -> R<()> {
         if typ == "cgroup" || typ == "cgroup2" {
             // Best effort: the container sees its own cgroup (stage 2
             // entered a cgroup namespace) where cgroup2 is usable.
-            let _ = do_mount(Some(Path::new("cgroup2")), &dest, Some("cgroup2"), opts.flags, None);
+            let _ = do_mount(
+                Some(Path::new("cgroup2")),
+                &dest,
+                Some("cgroup2"),
+                opts.flags,
+                None,
+            );
             return Ok(());
         }
         if typ.is_empty() {
-            return Err(format!("mount on {} has no type", mnt.destination().display()));
+            return Err(format!(
+                "mount on {} has no type",
+                mnt.destination().display()
+            ));
         }
         let src = mnt.source().clone().unwrap_or_else(|| PathBuf::from(typ));
         do_mount(Some(&src), &dest, Some(typ), opts.flags, data)?;
@@ -189,13 +229,21 @@ fn pivot_root(rootfs: &Path) -> R<()> {
     // unmount of "." then drops the old root without a temporary dir.
     nix::unistd::chdir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
     match nix::unistd::pivot_root(".", ".") {
-        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?,
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?
+        }
         // The guest agent's own root is the initramfs (rootfs), which
         // pivot_root refuses to move. Do what runc's --no-pivot does: move
         // the container root over "/" and chroot into it. The VM, not this
         // chroot, is the sandbox's security boundary.
         Err(nix::errno::Errno::EINVAL) => {
-            do_mount(Some(Path::new(".")), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            do_mount(
+                Some(Path::new(".")),
+                Path::new("/"),
+                None,
+                MsFlags::MS_MOVE,
+                None,
+            )?;
             nix::unistd::chroot(".").map_err(|e| format!("chroot {}: {e}", rootfs.display()))?;
         }
         Err(e) => return Err(format!("pivot_root {}: {e}", rootfs.display())),
@@ -213,7 +261,13 @@ fn mask(path: &Path) -> R<()> {
             MsFlags::MS_RDONLY,
             Some("size=0"),
         ),
-        Ok(_) => do_mount(Some(Path::new("/dev/null")), path, None, MsFlags::MS_BIND, None),
+        Ok(_) => do_mount(
+            Some(Path::new("/dev/null")),
+            path,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        ),
     }
 }
 
@@ -221,7 +275,13 @@ fn make_readonly(path: &Path) -> R<()> {
     if fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
-    do_mount(Some(path), path, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    do_mount(
+        Some(path),
+        path,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     do_mount(
         None,
         path,
@@ -235,9 +295,21 @@ fn make_readonly(path: &Path) -> R<()> {
 /// unshared the mount namespace. Afterwards "/" is the container's root.
 pub fn setup_rootfs(rootfs: &Path, spec: &Spec) -> R<()> {
     // Nothing done below may leak back into the agent's namespace.
-    do_mount(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    do_mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
     // pivot_root needs the new root to be a mount point.
-    do_mount(Some(rootfs), rootfs, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    do_mount(
+        Some(rootfs),
+        rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     let mut dev_tmpfs = false;
     for m in spec.mounts().iter().flatten() {
         mount_one(rootfs, m)?;
@@ -257,7 +329,12 @@ pub fn setup_rootfs(rootfs: &Path, spec: &Spec) -> R<()> {
             make_readonly(Path::new(p))?;
         }
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
         do_mount(
             None,
             Path::new("/"),
@@ -275,7 +352,12 @@ mod tests {
 
     #[test]
     fn options() {
-        let o = parse_options(&["rbind".into(), "ro".into(), "rprivate".into(), "mode=755".into()]);
+        let o = parse_options(&[
+            "rbind".into(),
+            "ro".into(),
+            "rprivate".into(),
+            "mode=755".into(),
+        ]);
         assert!(o.bind);
         assert!(o.flags.contains(MsFlags::MS_REC | MsFlags::MS_RDONLY));
         assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
@@ -286,6 +368,9 @@ mod tests {
     fn destinations_stay_in_root() {
         assert!(in_root(Path::new("/r"), Path::new("/../etc")).is_err());
         assert!(in_root(Path::new("/r"), Path::new("etc")).is_err());
-        assert_eq!(in_root(Path::new("/r"), Path::new("/proc")).unwrap(), PathBuf::from("/r/proc"));
+        assert_eq!(
+            in_root(Path::new("/r"), Path::new("/proc")).unwrap(),
+            PathBuf::from("/r/proc")
+        );
     }
 }

@@ -32,14 +32,23 @@ pub(crate) fn read_status(sock: &mut UnixStream) -> Result<(), Error> {
         .map_err(|e| Error::io("read from container setup", e))?;
     match line.trim_end() {
         "ok" => Ok(()),
-        "" => Err(Error::Setup("container setup exited without a report".into())),
-        l => Err(Error::Setup(l.strip_prefix("err ").unwrap_or(l).to_string())),
+        "" => Err(Error::Setup(
+            "container setup exited without a report".into(),
+        )),
+        l => Err(Error::Setup(
+            l.strip_prefix("err ").unwrap_or(l).to_string(),
+        )),
     }
 }
 
 impl Process {
     pub(crate) fn new(pid: i32, exit: Arc<ExitCell>, io: ProcessIo, sync: UnixStream) -> Process {
-        Process { pid, exit, io, sync: Mutex::new(Some(sync)) }
+        Process {
+            pid,
+            exit,
+            io,
+            sync: Mutex::new(Some(sync)),
+        }
     }
 
     /// Lets the process exec its program; returns once exec succeeded, or
@@ -48,16 +57,20 @@ impl Process {
         let mut sock = lock(&self.sync)
             .take()
             .ok_or_else(|| Error::FailedPrecondition("process was already started".into()))?;
-        sock.write_all(b"s\n").map_err(|e| Error::io("tell container to start", e))?;
+        sock.write_all(b"s\n")
+            .map_err(|e| Error::io("tell container to start", e))?;
         // The socket is close-on-exec in stage 2: EOF without a message
         // means exec succeeded.
         let mut msg = String::new();
-        sock.read_to_string(&mut msg).map_err(|e| Error::io("wait for container exec", e))?;
+        sock.read_to_string(&mut msg)
+            .map_err(|e| Error::io("wait for container exec", e))?;
         let msg = msg.trim();
         if msg.is_empty() {
             Ok(())
         } else {
-            Err(Error::Setup(msg.strip_prefix("err ").unwrap_or(msg).to_string()))
+            Err(Error::Setup(
+                msg.strip_prefix("err ").unwrap_or(msg).to_string(),
+            ))
         }
     }
 

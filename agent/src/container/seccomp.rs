@@ -21,10 +21,13 @@
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
-use oci_spec::runtime::{Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator};
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
+    LinuxSeccompOperator,
+};
 use seccompiler::{
-    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +40,11 @@ pub enum SeccompError {
     #[error("seccomp: architecture {arch} is not supported by this agent (native {native}; the filter covers only the native syscall table)")]
     UnsupportedArch { arch: String, native: &'static str },
     #[error("seccomp: {what} action {action} is not supported{why}")]
-    UnsupportedAction { what: String, action: String, why: &'static str },
+    UnsupportedAction {
+        what: String,
+        action: String,
+        why: &'static str,
+    },
     #[error("seccomp: {syscall}: argument index {index} is out of range (0-5)")]
     ArgIndex { syscall: String, index: usize },
     #[error("seccomp: building the filter for {what}: {source}")]
@@ -72,9 +79,17 @@ pub struct Program {
 /// for the native table: seccompiler's arch check kills them).
 fn native() -> Option<(TargetArch, Arch, &'static [Arch])> {
     #[cfg(target_arch = "x86_64")]
-    return Some((TargetArch::x86_64, Arch::ScmpArchX86_64, &[Arch::ScmpArchX86, Arch::ScmpArchX32]));
+    return Some((
+        TargetArch::x86_64,
+        Arch::ScmpArchX86_64,
+        &[Arch::ScmpArchX86, Arch::ScmpArchX32],
+    ));
     #[cfg(target_arch = "aarch64")]
-    return Some((TargetArch::aarch64, Arch::ScmpArchAarch64, &[Arch::ScmpArchArm]));
+    return Some((
+        TargetArch::aarch64,
+        Arch::ScmpArchAarch64,
+        &[Arch::ScmpArchArm],
+    ));
     #[cfg(target_arch = "riscv64")]
     return Some((TargetArch::riscv64, Arch::ScmpArchRiscv64, &[]));
     #[allow(unreachable_code)]
@@ -82,7 +97,11 @@ fn native() -> Option<(TargetArch, Arch, &'static [Arch])> {
 }
 
 /// OCI action → seccompiler action. `errno` is the rule's errnoRet.
-fn action(what: &str, a: LinuxSeccompAction, errno: Option<u32>) -> Result<SeccompAction, SeccompError> {
+fn action(
+    what: &str,
+    a: LinuxSeccompAction,
+    errno: Option<u32>,
+) -> Result<SeccompAction, SeccompError> {
     use LinuxSeccompAction::*;
     Ok(match a {
         ScmpActAllow => SeccompAction::Allow,
@@ -125,14 +144,20 @@ fn op(a: &LinuxSeccompArg) -> SeccompCmpOp {
 type Rules = BTreeMap<i64, Option<Vec<SeccompRule>>>;
 
 /// The args of one OCI syscall entry → seccompiler rules (`None`: no args).
-fn rules_for(name: &str, args: &[LinuxSeccompArg]) -> Result<Option<Vec<SeccompRule>>, SeccompError> {
+fn rules_for(
+    name: &str,
+    args: &[LinuxSeccompArg],
+) -> Result<Option<Vec<SeccompRule>>, SeccompError> {
     if args.is_empty() {
         return Ok(None);
     }
     let mut conds = Vec::with_capacity(args.len());
     for a in args {
         if a.index() > 5 {
-            return Err(SeccompError::ArgIndex { syscall: name.to_string(), index: a.index() });
+            return Err(SeccompError::ArgIndex {
+                syscall: name.to_string(),
+                index: a.index(),
+            });
         }
         let value = match a.op() {
             LinuxSeccompOperator::ScmpCmpMaskedEq => a.value_two().unwrap_or(0),
@@ -140,7 +165,10 @@ fn rules_for(name: &str, args: &[LinuxSeccompArg]) -> Result<Option<Vec<SeccompR
         };
         // Qword: OCI values are 64-bit, as libseccomp compares them.
         let c = SeccompCondition::new(a.index() as u8, SeccompCmpArgLen::Qword, op(a), value)
-            .map_err(|source| SeccompError::Build { what: name.to_string(), source })?;
+            .map_err(|source| SeccompError::Build {
+                what: name.to_string(),
+                source,
+            })?;
         conds.push(c);
     }
     // runc's semantics (from libseccomp's limits): conditions on distinct
@@ -152,13 +180,19 @@ fn rules_for(name: &str, args: &[LinuxSeccompArg]) -> Result<Option<Vec<SeccompR
     let rules = if idx.len() == args.len() {
         vec![SeccompRule::new(conds)]
     } else {
-        conds.into_iter().map(|c| SeccompRule::new(vec![c])).collect()
+        conds
+            .into_iter()
+            .map(|c| SeccompRule::new(vec![c]))
+            .collect()
     };
     rules
         .into_iter()
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
-        .map_err(|source| SeccompError::Build { what: name.to_string(), source })
+        .map_err(|source| SeccompError::Build {
+            what: name.to_string(),
+            source,
+        })
 }
 
 /// Adds `rules` for syscall `nr`; an unconditional match absorbs the rest.
@@ -173,11 +207,29 @@ fn merge(into: &mut Rules, nr: i64, rules: &Option<Vec<SeccompRule>>) {
     }
 }
 
-fn build(what: &str, rules: &Rules, mismatch: SeccompAction, on_match: SeccompAction, arch: TargetArch) -> Result<Vec<Insn>, SeccompError> {
-    let rules = rules.iter().map(|(nr, r)| (*nr, r.clone().unwrap_or_default())).collect();
-    let err = |source| SeccompError::Build { what: what.to_string(), source };
-    let prog: BpfProgram = SeccompFilter::new(rules, mismatch, on_match, arch).map_err(err)?.try_into().map_err(err)?;
-    Ok(prog.into_iter().map(|i| Insn(i.code, i.jt, i.jf, i.k)).collect())
+fn build(
+    what: &str,
+    rules: &Rules,
+    mismatch: SeccompAction,
+    on_match: SeccompAction,
+    arch: TargetArch,
+) -> Result<Vec<Insn>, SeccompError> {
+    let rules = rules
+        .iter()
+        .map(|(nr, r)| (*nr, r.clone().unwrap_or_default()))
+        .collect();
+    let err = |source| SeccompError::Build {
+        what: what.to_string(),
+        source,
+    };
+    let prog: BpfProgram = SeccompFilter::new(rules, mismatch, on_match, arch)
+        .map_err(err)?
+        .try_into()
+        .map_err(err)?;
+    Ok(prog
+        .into_iter()
+        .map(|i| Insn(i.code, i.jt, i.jf, i.k))
+        .collect())
 }
 
 /// x86_64 only: x32 syscalls carry AUDIT_ARCH_X86_64 too (with bit 30 set
@@ -213,10 +265,17 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, SeccompError> {
             log::debug!("seccomp: {a} listed: syscalls through that ABI are killed (the filter covers the native table only)");
             continue;
         }
-        return Err(SeccompError::UnsupportedArch { arch: a.to_string(), native: std::env::consts::ARCH });
+        return Err(SeccompError::UnsupportedArch {
+            arch: a.to_string(),
+            native: std::env::consts::ARCH,
+        });
     }
 
-    let default = action("defaultAction", profile.default_action(), profile.default_errno_ret())?;
+    let default = action(
+        "defaultAction",
+        profile.default_action(),
+        profile.default_errno_ret(),
+    )?;
     // Every syscall with a rule whose action differs from the default
     // (the default filter lets these pass) and the rules by action.
     let mut listed = Rules::new();
@@ -238,7 +297,10 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, SeccompError> {
         };
         for name in sc.names() {
             let Ok(nr) = syscalls::Sysno::from_str(name) else {
-                log::debug!("seccomp: syscall {name:?} does not exist on {}, skipped", std::env::consts::ARCH);
+                log::debug!(
+                    "seccomp: syscall {name:?} does not exist on {}, skipped",
+                    std::env::consts::ARCH
+                );
                 continue;
             };
             let nr = i64::from(nr.id());
@@ -249,11 +311,23 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, SeccompError> {
 
     let mut filters = Vec::new();
     if default != SeccompAction::Allow {
-        filters.push(build("defaultAction", &listed, default.clone(), SeccompAction::Allow, arch)?);
+        filters.push(build(
+            "defaultAction",
+            &listed,
+            default.clone(),
+            SeccompAction::Allow,
+            arch,
+        )?);
     }
     for (act, rules) in &by_action {
         if *act != SeccompAction::Allow && !rules.is_empty() {
-            filters.push(build(&format!("action {act:?}"), rules, SeccompAction::Allow, act.clone(), arch)?);
+            filters.push(build(
+                &format!("action {act:?}"),
+                rules,
+                SeccompAction::Allow,
+                act.clone(),
+                arch,
+            )?);
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -266,7 +340,9 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, SeccompError> {
         flags |= match f {
             LinuxSeccompFilterFlag::SeccompFilterFlagTsync => libc::SECCOMP_FILTER_FLAG_TSYNC,
             LinuxSeccompFilterFlag::SeccompFilterFlagLog => libc::SECCOMP_FILTER_FLAG_LOG,
-            LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+            LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => {
+                libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+            }
         } as u32;
     }
     Ok(Program { flags, filters })
@@ -278,13 +354,28 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Program, SeccompError> {
 /// no_new_privs, which the spec may not ask for.
 pub fn install(prog: &Program) -> std::io::Result<()> {
     for f in &prog.filters {
-        let insns: Vec<libc::sock_filter> =
-            f.iter().map(|i| libc::sock_filter { code: i.0, jt: i.1, jf: i.2, k: i.3 }).collect();
-        let fprog = libc::sock_fprog { len: insns.len() as u16, filter: insns.as_ptr() as *mut _ };
+        let insns: Vec<libc::sock_filter> = f
+            .iter()
+            .map(|i| libc::sock_filter {
+                code: i.0,
+                jt: i.1,
+                jf: i.2,
+                k: i.3,
+            })
+            .collect();
+        let fprog = libc::sock_fprog {
+            len: insns.len() as u16,
+            filter: insns.as_ptr() as *mut _,
+        };
         // SAFETY: fprog points at `insns`, alive for the call; the kernel
         // copies the program.
         let rc = unsafe {
-            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, prog.flags as libc::c_ulong, &fprog as *const _)
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                prog.flags as libc::c_ulong,
+                &fprog as *const _,
+            )
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
@@ -310,7 +401,11 @@ mod tests {
         .unwrap();
         // errno filter + x32 guard on x86_64.
         let expect_errno = SECCOMP_RET_ERRNO_EPERM;
-        assert!(p.filters[0].iter().any(|i| i.3 == expect_errno), "{:?}", p.filters[0]);
+        assert!(
+            p.filters[0].iter().any(|i| i.3 == expect_errno),
+            "{:?}",
+            p.filters[0]
+        );
         assert!(p.filters.len() <= 2);
     }
     const SECCOMP_RET_ERRNO_EPERM: u32 = libc::SECCOMP_RET_ERRNO | 1;
@@ -323,8 +418,12 @@ mod tests {
                          {"names": ["read"], "action": "SCMP_ACT_ALLOW"}]
         })))
         .unwrap();
-        assert!(p.filters[0].iter().any(|i| i.3 == libc::SECCOMP_RET_ERRNO | 38));
-        assert!(p.filters[1].iter().any(|i| i.3 == libc::SECCOMP_RET_ERRNO | 13));
+        assert!(p.filters[0]
+            .iter()
+            .any(|i| i.3 == libc::SECCOMP_RET_ERRNO | 38));
+        assert!(p.filters[1]
+            .iter()
+            .any(|i| i.3 == libc::SECCOMP_RET_ERRNO | 13));
     }
 
     #[test]
@@ -335,14 +434,23 @@ mod tests {
         })))
         .unwrap();
         assert!(p.filters.is_empty(), "{p:?}");
-        assert_eq!(action("x", LinuxSeccompAction::ScmpActKill, None).unwrap(), SeccompAction::KillThread);
-        assert_eq!(action("x", LinuxSeccompAction::ScmpActTrace, Some(5)).unwrap(), SeccompAction::Trace(5));
+        assert_eq!(
+            action("x", LinuxSeccompAction::ScmpActKill, None).unwrap(),
+            SeccompAction::KillThread
+        );
+        assert_eq!(
+            action("x", LinuxSeccompAction::ScmpActTrace, Some(5)).unwrap(),
+            SeccompAction::Trace(5)
+        );
     }
 
     #[test]
     fn arg_ops_are_translated() {
         let arg = |op: &str, v: u64, v2: Option<u64>| -> LinuxSeccompArg {
-            serde_json::from_value(serde_json::json!({"index": 1, "value": v, "valueTwo": v2, "op": op})).unwrap()
+            serde_json::from_value(
+                serde_json::json!({"index": 1, "value": v, "valueTwo": v2, "op": op}),
+            )
+            .unwrap()
         };
         for (name, want) in [
             ("SCMP_CMP_NE", SeccompCmpOp::Ne),
@@ -356,14 +464,29 @@ mod tests {
             assert_eq!(op(&arg(name, 0xff, Some(2))), want, "{name}");
         }
         // MaskedEq compares against valueTwo; others against value.
-        let masked = rules_for("x", &[arg("SCMP_CMP_MASKED_EQ", 0xff, Some(2))]).unwrap().unwrap();
-        let want = SeccompCondition::new(1, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(0xff), 2).unwrap();
+        let masked = rules_for("x", &[arg("SCMP_CMP_MASKED_EQ", 0xff, Some(2))])
+            .unwrap()
+            .unwrap();
+        let want =
+            SeccompCondition::new(1, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(0xff), 2)
+                .unwrap();
         assert_eq!(masked, vec![SeccompRule::new(vec![want]).unwrap()]);
         // The same argument twice: ORed, one rule each.
-        let two = rules_for("x", &[arg("SCMP_CMP_EQ", 1, None), arg("SCMP_CMP_EQ", 2, None)]).unwrap().unwrap();
+        let two = rules_for(
+            "x",
+            &[arg("SCMP_CMP_EQ", 1, None), arg("SCMP_CMP_EQ", 2, None)],
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(two.len(), 2);
-        let bad: LinuxSeccompArg = serde_json::from_value(serde_json::json!({"index": 6, "value": 0, "op": "SCMP_CMP_EQ"})).unwrap();
-        assert!(matches!(rules_for("x", &[bad]), Err(SeccompError::ArgIndex { index: 6, .. })));
+        let bad: LinuxSeccompArg = serde_json::from_value(
+            serde_json::json!({"index": 6, "value": 0, "op": "SCMP_CMP_EQ"}),
+        )
+        .unwrap();
+        assert!(matches!(
+            rules_for("x", &[bad]),
+            Err(SeccompError::ArgIndex { index: 6, .. })
+        ));
     }
 
     #[test]

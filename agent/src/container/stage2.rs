@@ -79,14 +79,18 @@ fn prepare(sock: &mut UnixStream) -> R<Exec> {
     let cfg: InitConfig = serde_json::from_str(&line).map_err(|e| format!("decode config: {e}"))?;
     match &cfg.mode {
         InitMode::Create { rootfs, spec } => {
-            unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare mount namespace: {e}"))?;
+            unshare(CloneFlags::CLONE_NEWNS)
+                .map_err(|e| format!("unshare mount namespace: {e}"))?;
             // We are already in the container's cgroup: a cgroup namespace
             // makes that group the root of what the container sees.
             let _ = unshare(CloneFlags::CLONE_NEWCGROUP);
             mounts::setup_rootfs(rootfs, spec)?;
         }
         InitMode::Exec { target_pid } => {
-            for (ns, flag) in [("cgroup", CloneFlags::CLONE_NEWCGROUP), ("mnt", CloneFlags::CLONE_NEWNS)] {
+            for (ns, flag) in [
+                ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+                ("mnt", CloneFlags::CLONE_NEWNS),
+            ] {
                 let path = format!("/proc/{target_pid}/ns/{ns}");
                 let f = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
                 setns(&f, flag).map_err(|e| format!("setns {path}: {e}"))?;
@@ -98,8 +102,12 @@ fn prepare(sock: &mut UnixStream) -> R<Exec> {
         // The kernel only takes a filter from a process with no_new_privs
         // or CAP_SYS_ADMIN; set no_new_privs (as runc) only when needed,
         // since it also disables setuid binaries in the container.
-        let admin = caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SYS_ADMIN)
-            .map_err(|e| format!("read capabilities: {e}"))?;
+        let admin = caps::has_cap(
+            None,
+            caps::CapSet::Effective,
+            caps::Capability::CAP_SYS_ADMIN,
+        )
+        .map_err(|e| format!("read capabilities: {e}"))?;
         if !admin {
             set_no_new_privs()?;
         }
@@ -122,10 +130,15 @@ fn cstring(s: &str) -> R<CString> {
 
 /// Finds `prog` the way execvp would, with the container's PATH.
 fn resolve(prog: &str, env: &[String]) -> R<PathBuf> {
-    let executable = |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok() && p.is_file();
+    let executable =
+        |p: &Path| nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok() && p.is_file();
     if prog.contains('/') {
         let p = PathBuf::from(prog);
-        return if executable(&p) { Ok(p) } else { Err(format!("{prog:?} is not an executable file")) };
+        return if executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{prog:?} is not an executable file"))
+        };
     }
     let path = env
         .iter()
@@ -170,7 +183,9 @@ fn to_caps(set: &Option<oci_spec::runtime::Capabilities>) -> R<HashSet<caps::Cap
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
-        let cap = name.parse().map_err(|_| format!("unknown capability {name:?}"))?;
+        let cap = name
+            .parse()
+            .map_err(|_| format!("unknown capability {name:?}"))?;
         out.insert(cap);
     }
     Ok(out)
@@ -184,17 +199,25 @@ fn setup_process(p: &OciProcess) -> R<Exec> {
     nix::unistd::chdir(p.cwd()).map_err(|e| format!("chdir {}: {e}", p.cwd().display()))?;
     let path = resolve(prog, &env)?;
     let exec = Exec {
-        path: CString::new(path.as_os_str().as_bytes()).map_err(|_| "path contains NUL".to_string())?,
+        path: CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| "path contains NUL".to_string())?,
         argv: args.iter().map(|a| cstring(a)).collect::<R<_>>()?,
         env: env.iter().map(|a| cstring(a)).collect::<R<_>>()?,
         seccomp: None,
     };
 
     for rl in p.rlimits().iter().flatten() {
-        let lim = libc::rlimit { rlim_cur: rl.soft(), rlim_max: rl.hard() };
+        let lim = libc::rlimit {
+            rlim_cur: rl.soft(),
+            rlim_max: rl.hard(),
+        };
         // SAFETY: setrlimit reads one rlimit struct.
         if unsafe { libc::setrlimit(rlimit_resource(rl.typ()), &lim) } != 0 {
-            return Err(format!("setrlimit {}: {}", rl.typ(), std::io::Error::last_os_error()));
+            return Err(format!(
+                "setrlimit {}: {}",
+                rl.typ(),
+                std::io::Error::last_os_error()
+            ));
         }
     }
     if let Some(adj) = p.oom_score_adj() {
@@ -206,10 +229,18 @@ fn setup_process(p: &OciProcess) -> R<Exec> {
         nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
         // SAFETY: TIOCSCTTY on our stdin, which spawn.rs made the pty slave.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-            return Err(format!("set controlling terminal: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "set controlling terminal: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         if let Some(sz) = p.console_size() {
-            let ws = libc::winsize { ws_row: sz.height() as u16, ws_col: sz.width() as u16, ws_xpixel: 0, ws_ypixel: 0 };
+            let ws = libc::winsize {
+                ws_row: sz.height() as u16,
+                ws_col: sz.width() as u16,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
             // SAFETY: TIOCSWINSZ reads one winsize.
             unsafe { libc::ioctl(0, libc::TIOCSWINSZ, &ws) };
         }
@@ -229,7 +260,8 @@ fn set_credentials(p: &OciProcess) -> R<()> {
         let bounding = to_caps(c.bounding())?;
         for cap in caps::all() {
             if !bounding.contains(&cap) {
-                caps::drop(None, caps::CapSet::Bounding, cap).map_err(|e| format!("drop bounding {cap}: {e}"))?;
+                caps::drop(None, caps::CapSet::Bounding, cap)
+                    .map_err(|e| format!("drop bounding {cap}: {e}"))?;
             }
         }
     }
@@ -251,7 +283,8 @@ fn set_credentials(p: &OciProcess) -> R<()> {
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
     if let Some(c) = caps_spec {
         let set = |which, caps: &Option<oci_spec::runtime::Capabilities>| -> R<()> {
-            caps::set(None, which, &to_caps(caps)?).map_err(|e| format!("set {which:?} capabilities: {e}"))
+            caps::set(None, which, &to_caps(caps)?)
+                .map_err(|e| format!("set {which:?} capabilities: {e}"))
         };
         // Order matters to capset(2): inheritable may only grow while
         // permitted is still full, effective must stay within permitted

@@ -42,29 +42,31 @@ impl Stream {
     /// that the last slave closed) on a background thread.
     fn pump(self: &Arc<Self>, mut file: File) {
         let me = self.clone();
-        let spawned = std::thread::Builder::new().name("stdio-pump".into()).spawn(move || {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                {
-                    let g = lock(&me.state);
-                    let _g = me
-                        .cv
-                        .wait_while(g, |s| s.data.len() >= MAX_BUFFERED)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                match file.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        lock(&me.state).data.extend(&buf[..n]);
-                        me.cv.notify_all();
+        let spawned = std::thread::Builder::new()
+            .name("stdio-pump".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    {
+                        let g = lock(&me.state);
+                        let _g = me
+                            .cv
+                            .wait_while(g, |s| s.data.len() >= MAX_BUFFERED)
+                            .unwrap_or_else(|e| e.into_inner());
                     }
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => break,
+                    match file.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            lock(&me.state).data.extend(&buf[..n]);
+                            me.cv.notify_all();
+                        }
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
                 }
-            }
-            lock(&me.state).eof = true;
-            me.cv.notify_all();
-        });
+                lock(&me.state).eof = true;
+                me.cv.notify_all();
+            });
         if spawned.is_err() {
             log::error!("cannot spawn stdio pump thread; stream closed");
             lock(&self.state).eof = true;
@@ -127,8 +129,11 @@ impl ProcessIo {
     fn new_pty() -> Result<(ProcessIo, ChildFds), Error> {
         let pty = nix::pty::openpty(None, None).map_err(|e| Error::sys("openpty", e))?;
         for fd in [&pty.master, &pty.slave] {
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                .map_err(|e| Error::sys("set CLOEXEC on pty", e))?;
+            nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )
+            .map_err(|e| Error::sys("set CLOEXEC on pty", e))?;
         }
         let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Error::io("dup pty", e));
         let reader = File::from(dup(&pty.master)?);
@@ -159,7 +164,8 @@ impl ProcessIo {
         if self.pty_master.is_some() {
             let mut g = lock(&self.stdin);
             if let Some(f) = g.as_mut() {
-                f.write_all(&[4]).map_err(|e| Error::io("write EOF to pty", e))?;
+                f.write_all(&[4])
+                    .map_err(|e| Error::io("write EOF to pty", e))?;
             }
             return Ok(());
         }
@@ -172,7 +178,12 @@ impl ProcessIo {
             .pty_master
             .as_ref()
             .ok_or_else(|| Error::FailedPrecondition("process has no terminal".into()))?;
-        let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
         let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
         if rc < 0 {

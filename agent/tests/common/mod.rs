@@ -48,7 +48,10 @@ fn busybox() -> PathBuf {
         .args(["install", "-y", "busybox-static"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok && Path::new("/bin/busybox").exists(), "busybox-static is missing and apt-get could not install it");
+    assert!(
+        ok && Path::new("/bin/busybox").exists(),
+        "busybox-static is missing and apt-get could not install it"
+    );
     "/bin/busybox".into()
 }
 
@@ -78,7 +81,8 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// controller on v1, the unified tree on v2).
 pub fn cgroup_dir(rel: &str) -> PathBuf {
     let base = Path::new("/sys/fs/cgroup");
-    let v2 = std::fs::read_to_string(base.join("cgroup.controllers")).is_ok_and(|c| c.contains("memory"));
+    let v2 = std::fs::read_to_string(base.join("cgroup.controllers"))
+        .is_ok_and(|c| c.contains("memory"));
     if v2 {
         base.join(rel)
     } else {
@@ -98,7 +102,10 @@ pub struct Agent {
 impl Agent {
     /// Starts podbox-agent on a unix socket with its own cgroup parent.
     pub fn start(name: &str) -> Agent {
-        let dir = tempfile::Builder::new().prefix("podbox-agent-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("podbox-agent-test")
+            .tempdir()
+            .unwrap();
         let rootfs = dir.path().join("rootfs");
         make_rootfs(&rootfs);
         let sock = dir.path().join("agent.sock");
@@ -110,7 +117,13 @@ impl Agent {
         );
         let child = Command::new(env!("CARGO_BIN_EXE_podbox-agent"))
             .args(["--listen", &format!("unix://{}", sock.display())])
-            .args(["--no-init", "--cgroup-parent", &cgroup_parent, "--log-level", "info"])
+            .args([
+                "--no-init",
+                "--cgroup-parent",
+                &cgroup_parent,
+                "--log-level",
+                "info",
+            ])
             .spawn()
             .expect("start podbox-agent");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -139,7 +152,9 @@ impl Agent {
             shared_pid_ns: shared_pid,
             ..Default::default()
         };
-        self.client.create_sandbox(ctx(), &req).expect("CreateSandbox");
+        self.client
+            .create_sandbox(ctx(), &req)
+            .expect("CreateSandbox");
     }
 
     pub fn create(&self, id: &str, spec: &Value) -> ttrpc::Result<Empty> {
@@ -154,9 +169,15 @@ impl Agent {
 
     /// Creates and starts a container.
     pub fn run(&self, id: &str, spec: &Value) {
-        self.create(id, spec).unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
-        let req = StartContainerRequest { container_id: id.into(), ..Default::default() };
-        self.client.start_container(ctx(), &req).expect("StartContainer");
+        self.create(id, spec)
+            .unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
+        let req = StartContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client
+            .start_container(ctx(), &req)
+            .expect("StartContainer");
     }
 
     pub fn exec(&self, id: &str, exec_id: &str, args: &[&str]) {
@@ -170,14 +191,25 @@ impl Agent {
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> i32 {
-        let req = WaitProcessRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
-        self.client.wait_process(ctx(), &req).expect("WaitProcess").status
+        let req = WaitProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.client
+            .wait_process(ctx(), &req)
+            .expect("WaitProcess")
+            .status
     }
 
     fn read_all(&self, id: &str, exec_id: &str, stderr: bool) -> String {
         let mut out = Vec::new();
         loop {
-            let req = ReadStreamRequest { container_id: id.into(), exec_id: exec_id.into(), ..Default::default() };
+            let req = ReadStreamRequest {
+                container_id: id.into(),
+                exec_id: exec_id.into(),
+                ..Default::default()
+            };
             let r = if stderr {
                 self.client.read_stderr(ctx(), &req)
             } else {
@@ -207,12 +239,20 @@ impl Agent {
             signal: sig as u32,
             ..Default::default()
         };
-        self.client.signal_process(ctx(), &req).expect("SignalProcess");
+        self.client
+            .signal_process(ctx(), &req)
+            .expect("SignalProcess");
     }
 
     pub fn pids(&self, id: &str) -> Vec<i32> {
-        let req = ListProcessesRequest { container_id: id.into(), ..Default::default() };
-        self.client.list_processes(ctx(), &req).expect("ListProcesses").pids
+        let req = ListProcessesRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.client
+            .list_processes(ctx(), &req)
+            .expect("ListProcesses")
+            .pids
     }
 
     /// Mount points the host sees under the test's temp dir.
@@ -247,7 +287,10 @@ impl Drop for Agent {
         // cgroups: kill the agent's children first, while they are still
         // findable by their parent pid.
         for pid in children_of(self.child.id() as i32) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -267,7 +310,10 @@ impl Drop for Agent {
                     break;
                 }
                 for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -288,7 +334,15 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
 }
 
 pub fn process(args: &[&str], terminal: bool) -> Value {
-    let caps = json!(["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_NET_BIND_SERVICE"]);
+    let caps = json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_NET_BIND_SERVICE"
+    ]);
     json!({
         "terminal": terminal,
         "user": {"uid": 0, "gid": 0, "additionalGids": [10]},
@@ -328,13 +382,17 @@ pub fn spec(args: &[&str]) -> Value {
 
 /// Pids whose parent is `parent` (from /proc/<pid>/stat).
 fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
             ppid == Some(parent)
         })
         .collect()

@@ -35,14 +35,23 @@ pub fn marker_initramfs(path: &Path) -> std::io::Result<()> {
     for applet in ["sh", "echo", "reboot"] {
         fs.symlink(&format!("bin/{applet}"), "busybox");
     }
-    fs.file("init", 0o755, format!("#!/bin/sh\necho {MARKER}\nreboot -f\n").as_bytes());
+    fs.file(
+        "init",
+        0o755,
+        format!("#!/bin/sh\necho {MARKER}\nreboot -f\n").as_bytes(),
+    );
     fs.write_to(path)
 }
 
 /// Runs `cmd` with the guest console on its stdout; times the marker line.
 fn run_timed(mut cmd: Command) -> Result<(BootSample, String), String> {
     let start = Instant::now();
-    let super::Watched { child, stdout, log: err_reader, watchdog } = super::spawn_watched(&mut cmd, DEADLINE)?;
+    let super::Watched {
+        child,
+        stdout,
+        log: err_reader,
+        watchdog,
+    } = super::spawn_watched(&mut cmd, DEADLINE)?;
     let pid = child.id() as libc::pid_t;
     let mut to_marker = None;
     let mut console = String::new();
@@ -62,20 +71,38 @@ fn run_timed(mut cmd: Command) -> Result<(BootSample, String), String> {
     let total = start.elapsed();
     let _ = watchdog.join();
     let log = err_reader.join().unwrap_or_default();
-    let to_marker = to_marker.ok_or_else(|| format!("no init marker\n--- console ---\n{console}\n--- log ---\n{log}"))?;
+    let to_marker = to_marker
+        .ok_or_else(|| format!("no init marker\n--- console ---\n{console}\n--- log ---\n{log}"))?;
     let first_kvm_run = log
         .lines()
         .find_map(|l| l.split("first KVM_RUN at ").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|ms| ms.parse::<f64>().ok())
         .map(|ms| Duration::from_secs_f64(ms / 1e3));
-    Ok((BootSample { first_kvm_run, to_marker, total, max_rss_kib: usage.ru_maxrss as u64 }, log))
+    Ok((
+        BootSample {
+            first_kvm_run,
+            to_marker,
+            total,
+            max_rss_kib: usage.ru_maxrss as u64,
+        },
+        log,
+    ))
 }
 
 pub fn boot_podbox(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<BootSample, String> {
     let mut cmd = Command::new(vmm);
     cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
-    cmd.args(["--vcpus", &VCPUS.to_string(), "--memory-mib", &MEMORY_MIB.to_string(), "--cmdline", "quiet", "--serial", "-"]);
+    cmd.args([
+        "--vcpus",
+        &VCPUS.to_string(),
+        "--memory-mib",
+        &MEMORY_MIB.to_string(),
+        "--cmdline",
+        "quiet",
+        "--serial",
+        "-",
+    ]);
     run_timed(cmd).map(|(s, _)| s)
 }
 
@@ -83,15 +110,40 @@ pub fn boot_podbox(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<BootSampl
 /// through its PVH note; on PVM hosts the same cmdline additions and CX16
 /// hidden as podbox-vmm applies itself (`pvm_cmdline` is empty elsewhere).
 pub fn boot_qemu(kernel: &Path, initrd: &Path, pvm_cmdline: &[&str]) -> Result<BootSample, String> {
-    let mut append = format!("console=ttyS0 reboot=k panic=1 quiet {}", pvm_cmdline.join(" "));
+    let mut append = format!(
+        "console=ttyS0 reboot=k panic=1 quiet {}",
+        pvm_cmdline.join(" ")
+    );
     append = append.trim().to_string();
     let mut cmd = Command::new("qemu-system-x86_64");
     // PVM rejects the ARCH_CAPABILITIES MSR QEMU sets for `-cpu host`.
-    let cpu = if pvm_cmdline.is_empty() { "host" } else { "host,-cx16,-arch-capabilities" };
-    cmd.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off", "-enable-kvm", "-cpu", cpu]);
+    let cpu = if pvm_cmdline.is_empty() {
+        "host"
+    } else {
+        "host,-cx16,-arch-capabilities"
+    };
+    cmd.args([
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        cpu,
+    ]);
     cmd.args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEMORY_MIB}M")]);
-    cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(initrd).arg("-append").arg(append);
-    cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"]);
+    cmd.arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append);
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]);
     run_timed(cmd).map(|(s, _)| s)
 }
 
@@ -103,7 +155,8 @@ pub struct BootBench {
 }
 
 fn fmt_ms(d: Option<f64>) -> String {
-    d.map(|s| format!("{:.1} ms", s * 1e3)).unwrap_or_else(|| "n/a".into())
+    d.map(|s| format!("{:.1} ms", s * 1e3))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 impl BootBench {
@@ -113,13 +166,24 @@ impl BootBench {
         let podbox_kernel = guest_kernel(KernelVariant::Podbox);
         let qemu_kernel = guest_kernel(KernelVariant::Qemu);
         let pvm = podbox_vmm::pvm::GuestProfile::new(podbox_vmm::pvm::HostKind::detect());
-        let mut bench = BootBench { podbox: vec![], qemu: vec![], podbox_kernel, qemu_kernel };
+        let mut bench = BootBench {
+            podbox: vec![],
+            qemu: vec![],
+            podbox_kernel,
+            qemu_kernel,
+        };
         // Alternate the two so drift on a shared host hits both alike.
         for i in 0..runs {
             eprintln!("boot bench: run {}/{runs}: podbox-vmm", i + 1);
-            bench.podbox.push(boot_podbox(vmm, &bench.podbox_kernel, &initrd)?);
+            bench
+                .podbox
+                .push(boot_podbox(vmm, &bench.podbox_kernel, &initrd)?);
             eprintln!("boot bench: run {}/{runs}: qemu microvm", i + 1);
-            bench.qemu.push(boot_qemu(&bench.qemu_kernel, &initrd, pvm.cmdline_additions())?);
+            bench.qemu.push(boot_qemu(
+                &bench.qemu_kernel,
+                &initrd,
+                pvm.cmdline_additions(),
+            )?);
         }
         Ok(bench)
     }
@@ -128,7 +192,11 @@ impl BootBench {
     pub fn table(&self) -> String {
         let med = |v: &[BootSample], f: &dyn Fn(&BootSample) -> Option<f64>| {
             let mut xs: Vec<f64> = v.iter().filter_map(f).collect();
-            if xs.is_empty() { None } else { Some(super::median(&mut xs)) }
+            if xs.is_empty() {
+                None
+            } else {
+                Some(super::median(&mut xs))
+            }
         };
         let first = |s: &BootSample| s.first_kvm_run.map(super::secs);
         let marker = |s: &BootSample| Some(super::secs(s.to_marker));
@@ -138,8 +206,14 @@ impl BootBench {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "n/a".into(),
         };
-        let secs = |d: Option<f64>| d.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "n/a".into());
-        let mib = |d: Option<f64>| d.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
+        let secs = |d: Option<f64>| {
+            d.map(|s| format!("{s:.1} s"))
+                .unwrap_or_else(|| "n/a".into())
+        };
+        let mib = |d: Option<f64>| {
+            d.map(|m| format!("{m:.0} MiB"))
+                .unwrap_or_else(|| "n/a".into())
+        };
         let (p, q) = (&self.podbox, &self.qemu);
         let mut t = String::new();
         t.push_str(&format!(
@@ -147,10 +221,28 @@ impl BootBench {
             p.len()
         ));
         t.push_str("| measure | podbox-vmm | QEMU microvm | podbox / QEMU |\n|---|---|---|---|\n");
-        t.push_str(&format!("| VMM start to first KVM_RUN | {} | n/a (not logged) | n/a |\n", fmt_ms(med(p, &first))));
-        t.push_str(&format!("| VMM start to init marker | {} | {} | {} |\n", secs(med(p, &marker)), secs(med(q, &marker)), ratio(med(p, &marker), med(q, &marker))));
-        t.push_str(&format!("| VMM start to exit after `reboot -f` | {} | {} | {} |\n", secs(med(p, &total)), secs(med(q, &total)), ratio(med(p, &total), med(q, &total))));
-        t.push_str(&format!("| VMM peak RSS (guest RAM: {MEMORY_MIB} MiB) | {} | {} | {} |\n", mib(med(p, &rss)), mib(med(q, &rss)), ratio(med(p, &rss), med(q, &rss))));
+        t.push_str(&format!(
+            "| VMM start to first KVM_RUN | {} | n/a (not logged) | n/a |\n",
+            fmt_ms(med(p, &first))
+        ));
+        t.push_str(&format!(
+            "| VMM start to init marker | {} | {} | {} |\n",
+            secs(med(p, &marker)),
+            secs(med(q, &marker)),
+            ratio(med(p, &marker), med(q, &marker))
+        ));
+        t.push_str(&format!(
+            "| VMM start to exit after `reboot -f` | {} | {} | {} |\n",
+            secs(med(p, &total)),
+            secs(med(q, &total)),
+            ratio(med(p, &total), med(q, &total))
+        ));
+        t.push_str(&format!(
+            "| VMM peak RSS (guest RAM: {MEMORY_MIB} MiB) | {} | {} | {} |\n",
+            mib(med(p, &rss)),
+            mib(med(q, &rss)),
+            ratio(med(p, &rss), med(q, &rss))
+        ));
         t.push_str(&format!(
             "\nKernels: podbox-vmm boots `{}`; QEMU boots the `--variant qemu` build `{}` (same source and config plus patches/qemu/, which take out the int3 self-test and the fwait that podbox-vmm's emulation fallback performs on PVM hosts; QEMU has no such fallback).\n",
             self.podbox_kernel.display(),

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use podbox_vmm::virtiofsd::{find_virtiofsd, CachePolicy, SandboxMode, Virtiofsd, VirtiofsdConfig, DEFAULT_START_TIMEOUT};
+use podbox_vmm::virtiofsd::{
+    find_virtiofsd, CachePolicy, SandboxMode, Virtiofsd, VirtiofsdConfig, DEFAULT_START_TIMEOUT,
+};
 
 use crate::guest::{busybox, guest_kernel, KernelVariant};
 use crate::initramfs::Initramfs;
@@ -44,7 +46,10 @@ pub struct FsSample {
 impl FsSample {
     /// MiB/s of each pass.
     pub fn rates(&self) -> Vec<f64> {
-        self.passes.iter().map(|d| FILE_MIB as f64 / d.as_secs_f64()).collect()
+        self.passes
+            .iter()
+            .map(|d| FILE_MIB as f64 / d.as_secs_f64())
+            .collect()
     }
 }
 
@@ -56,9 +61,12 @@ pub fn fs_initramfs(path: &Path) -> std::io::Result<()> {
     for applet in ["sh", "echo", "mount", "dd", "reboot"] {
         fs.symlink(&format!("bin/{applet}"), "busybox");
     }
-    let mut init = format!("#!/bin/sh\nmount -t virtiofs {TAG} /mnt || {{ echo {FAIL}; reboot -f; }}\n");
+    let mut init =
+        format!("#!/bin/sh\nmount -t virtiofs {TAG} /mnt || {{ echo {FAIL}; reboot -f; }}\n");
     for _ in 0..PASSES {
-        init.push_str(&format!("echo {START}\ndd if=/mnt/{FILE} of=/dev/null bs=1M 2>&1\necho {END}\n"));
+        init.push_str(&format!(
+            "echo {START}\ndd if=/mnt/{FILE} of=/dev/null bs=1M 2>&1\necho {END}\n"
+        ));
     }
     init.push_str("reboot -f\n");
     fs.file("init", 0o755, init.as_bytes());
@@ -68,7 +76,9 @@ pub fn fs_initramfs(path: &Path) -> std::io::Result<()> {
 /// Writes the test file (non-sparse: every page really exists on the host).
 fn write_big_file(path: &Path) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     for _ in 0..FILE_MIB {
         f.write_all(&chunk)?;
     }
@@ -77,7 +87,12 @@ fn write_big_file(path: &Path) -> std::io::Result<()> {
 
 /// Runs a VMM with the guest console on its stdout; times the pass markers.
 fn run_passes(mut cmd: Command) -> Result<FsSample, String> {
-    let super::Watched { mut child, stdout, log, watchdog } = super::spawn_watched(&mut cmd, DEADLINE)?;
+    let super::Watched {
+        mut child,
+        stdout,
+        log,
+        watchdog,
+    } = super::spawn_watched(&mut cmd, DEADLINE)?;
     let mut sample = FsSample::default();
     let mut started = None;
     let mut console = String::new();
@@ -98,7 +113,10 @@ fn run_passes(mut cmd: Command) -> Result<FsSample, String> {
     let _ = watchdog.join();
     let log = log.join().unwrap_or_default();
     if sample.passes.len() != PASSES || console.contains(FAIL) {
-        return Err(format!("{status}: {} of {PASSES} passes\n--- console ---\n{console}\n--- log ---\n{log}", sample.passes.len()));
+        return Err(format!(
+            "{status}: {} of {PASSES} passes\n--- console ---\n{console}\n--- log ---\n{log}",
+            sample.passes.len()
+        ));
     }
     Ok(sample)
 }
@@ -126,10 +144,32 @@ impl Setup {
 fn run_podbox(vmm: &Path, kernel: &Path, s: &Setup) -> Result<FsSample, String> {
     let c = s.virtiofsd_config(s.work.join("podbox-fs.sock"));
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(&s.initrd);
-    cmd.args(["--vcpus", &VCPUS.to_string(), "--memory-mib", &MEMORY_MIB.to_string(), "--serial", "-"]);
-    cmd.arg("--shared-dir").arg(&c.shared_dir).arg("--fs-socket").arg(&c.socket).arg("--virtiofsd").arg(&c.binary);
-    cmd.args(["--fs-tag", TAG, "--fs-cache", c.cache.as_arg(), "--virtiofsd-sandbox", c.sandbox.as_arg()]);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(&s.initrd);
+    cmd.args([
+        "--vcpus",
+        &VCPUS.to_string(),
+        "--memory-mib",
+        &MEMORY_MIB.to_string(),
+        "--serial",
+        "-",
+    ]);
+    cmd.arg("--shared-dir")
+        .arg(&c.shared_dir)
+        .arg("--fs-socket")
+        .arg(&c.socket)
+        .arg("--virtiofsd")
+        .arg(&c.binary);
+    cmd.args([
+        "--fs-tag",
+        TAG,
+        "--fs-cache",
+        c.cache.as_arg(),
+        "--virtiofsd-sandbox",
+        c.sandbox.as_arg(),
+    ]);
     run_passes(cmd)
 }
 
@@ -138,16 +178,50 @@ fn run_podbox(vmm: &Path, kernel: &Path, s: &Setup) -> Result<FsSample, String> 
 fn run_qemu(kernel: &Path, s: &Setup, pvm_cmdline: &[&str]) -> Result<FsSample, String> {
     let c = s.virtiofsd_config(s.work.join("qemu-fs.sock"));
     let _daemon = Virtiofsd::start(&c, DEFAULT_START_TIMEOUT).map_err(|e| e.to_string())?;
-    let append = format!("console=ttyS0 reboot=k panic=1 quiet {}", pvm_cmdline.join(" "));
-    let cpu = if pvm_cmdline.is_empty() { "host" } else { "host,-cx16,-arch-capabilities" };
+    let append = format!(
+        "console=ttyS0 reboot=k panic=1 quiet {}",
+        pvm_cmdline.join(" ")
+    );
+    let cpu = if pvm_cmdline.is_empty() {
+        "host"
+    } else {
+        "host,-cx16,-arch-capabilities"
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-M", "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem", "-enable-kvm", "-cpu", cpu]);
+    cmd.args([
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
+        "-enable-kvm",
+        "-cpu",
+        cpu,
+    ]);
     cmd.args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEMORY_MIB}M")]);
-    cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on")]);
-    cmd.args(["-chardev", &format!("socket,id=char0,path={}", c.socket.display())]);
-    cmd.args(["-device", &format!("vhost-user-fs-device,queue-size=1024,chardev=char0,tag={TAG}")]);
-    cmd.arg("-kernel").arg(kernel).arg("-initrd").arg(&s.initrd).arg("-append").arg(append.trim());
-    cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"]);
+    cmd.args([
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"),
+    ]);
+    cmd.args([
+        "-chardev",
+        &format!("socket,id=char0,path={}", c.socket.display()),
+    ]);
+    cmd.args([
+        "-device",
+        &format!("vhost-user-fs-device,queue-size=1024,chardev=char0,tag={TAG}"),
+    ]);
+    cmd.arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(&s.initrd)
+        .arg("-append")
+        .arg(append.trim());
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]);
     run_passes(cmd)
 }
 
@@ -158,23 +232,34 @@ pub struct FsBench {
 
 impl FsBench {
     pub fn run(vmm: &Path, runs: usize, work: &Path) -> Result<Self, String> {
-        let virtiofsd = find_virtiofsd().ok_or("no virtiofsd on PATH or in ~/.cargo/bin (scripts/deps.sh installs it)")?;
+        let virtiofsd = find_virtiofsd()
+            .ok_or("no virtiofsd on PATH or in ~/.cargo/bin (scripts/deps.sh installs it)")?;
         let share = work.join("share");
         std::fs::create_dir_all(&share).map_err(|e| e.to_string())?;
         write_big_file(&share.join(FILE)).map_err(|e| format!("writing the test file: {e}"))?;
         let initrd = work.join("fs-bench-initramfs.cpio");
         fs_initramfs(&initrd).map_err(|e| e.to_string())?;
-        let setup = Setup { share, initrd, virtiofsd, work: work.to_owned() };
+        let setup = Setup {
+            share,
+            initrd,
+            virtiofsd,
+            work: work.to_owned(),
+        };
         let podbox_kernel = guest_kernel(KernelVariant::Podbox);
         let qemu_kernel = guest_kernel(KernelVariant::Qemu);
         let pvm = podbox_vmm::pvm::GuestProfile::new(podbox_vmm::pvm::HostKind::detect());
-        let mut bench = FsBench { podbox: vec![], qemu: vec![] };
+        let mut bench = FsBench {
+            podbox: vec![],
+            qemu: vec![],
+        };
         // Alternate the two so drift on a shared host hits both alike.
         for i in 0..runs {
             eprintln!("fs bench: run {}/{runs}: podbox-vmm", i + 1);
             bench.podbox.push(run_podbox(vmm, &podbox_kernel, &setup)?);
             eprintln!("fs bench: run {}/{runs}: qemu microvm", i + 1);
-            bench.qemu.push(run_qemu(&qemu_kernel, &setup, pvm.cmdline_additions())?);
+            bench
+                .qemu
+                .push(run_qemu(&qemu_kernel, &setup, pvm.cmdline_additions())?);
         }
         Ok(bench)
     }
@@ -192,12 +277,26 @@ impl FsBench {
             self.podbox.len()
         );
         t.push_str("| measure | podbox-vmm | QEMU microvm | podbox / QEMU |\n|---|---|---|---|\n");
-        t.push_str(&format!("| read MiB/s (median pass) | {pm:.2} | {qm:.2} | {:.2} |\n", pm / qm));
-        t.push_str(&format!("| read MiB/s (best pass) | {pb:.2} | {qb:.2} | {:.2} |\n", pb / qb));
-        let dd = |v: &[FsSample]| v.first().and_then(|s| s.dd_lines.first().cloned()).unwrap_or_default();
+        t.push_str(&format!(
+            "| read MiB/s (median pass) | {pm:.2} | {qm:.2} | {:.2} |\n",
+            pm / qm
+        ));
+        t.push_str(&format!(
+            "| read MiB/s (best pass) | {pb:.2} | {qb:.2} | {:.2} |\n",
+            pb / qb
+        ));
+        let dd = |v: &[FsSample]| {
+            v.first()
+                .and_then(|s| s.dd_lines.first().cloned())
+                .unwrap_or_default()
+        };
         // Busybox builds without dd's status line print nothing to quote.
         if !dd(&self.podbox).is_empty() {
-            t.push_str(&format!("\nFirst pass as the guest's dd saw it (guest clock): podbox `{}`; QEMU `{}`.\n", dd(&self.podbox), dd(&self.qemu)));
+            t.push_str(&format!(
+                "\nFirst pass as the guest's dd saw it (guest clock): podbox `{}`; QEMU `{}`.\n",
+                dd(&self.podbox),
+                dd(&self.qemu)
+            ));
         }
         t
     }

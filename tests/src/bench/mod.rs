@@ -46,7 +46,12 @@ pub fn spawn_watched(cmd: &mut Command, deadline: Duration) -> Result<Watched, S
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     });
-    Ok(Watched { child, stdout, log, watchdog })
+    Ok(Watched {
+        child,
+        stdout,
+        log,
+        watchdog,
+    })
 }
 
 /// Median of the samples (upper median for an even count).

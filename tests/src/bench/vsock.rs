@@ -44,20 +44,31 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
     let initrd = vsock_test_initramfs(work);
     let kernel = guest_kernel(KernelVariant::Podbox);
     let socket = work.join("vsock.sock");
-    let s = |p: &Path| p.to_str().map(str::to_owned).ok_or_else(|| format!("non-UTF-8 path {}", p.display()));
+    let s = |p: &Path| {
+        p.to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+    };
     let vm = spawn_vmm(
         vmm,
         work,
         &[
-            "--kernel", &s(&kernel)?,
-            "--initrd", &s(&initrd)?,
-            "--vcpus", "2",
-            "--memory-mib", "256",
-            "--cmdline", TEST_IMAGE_CMDLINE,
-            "--vsock-socket", &s(&socket)?,
+            "--kernel",
+            &s(&kernel)?,
+            "--initrd",
+            &s(&initrd)?,
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "256",
+            "--cmdline",
+            TEST_IMAGE_CMDLINE,
+            "--vsock-socket",
+            &s(&socket)?,
         ],
     );
-    let agent = AgentClient::connect(&socket, DEADLINE).map_err(|e| format!("{e}\n{}", vm.transcript()))?;
+    let agent =
+        AgentClient::connect(&socket, DEADLINE).map_err(|e| format!("{e}\n{}", vm.transcript()))?;
     let first_answer = vm.started().elapsed();
     let data = pattern(TRANSFER_BYTES, 7);
     let err = |what: &str, e: std::io::Error| format!("{what}: {e}");
@@ -66,13 +77,18 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
     let (count, hash) = sink(&socket, &data).map_err(|e| err("host to guest", e))?;
     let host_to_guest = mib_per_s(TRANSFER_BYTES, t.elapsed());
     if (count, hash) != (TRANSFER_BYTES as u64, fnv1a64(&data)) {
-        return Err(format!("host to guest: guest got {count} bytes, hash {hash:x}"));
+        return Err(format!(
+            "host to guest: guest got {count} bytes, hash {hash:x}"
+        ));
     }
     let t = Instant::now();
     let got = source(&socket, TRANSFER_BYTES as u64).map_err(|e| err("guest to host", e))?;
     let guest_to_host = mib_per_s(got.len(), t.elapsed());
     if got.len() != TRANSFER_BYTES {
-        return Err(format!("guest to host: {} of {TRANSFER_BYTES} bytes", got.len()));
+        return Err(format!(
+            "guest to host: {} of {TRANSFER_BYTES} bytes",
+            got.len()
+        ));
     }
     let t = Instant::now();
     let back = echo(&socket, &data).map_err(|e| err("echo", e))?;
@@ -82,13 +98,21 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
     }
     agent
         .agent
-        .destroy_sandbox(ctx(Duration::from_secs(30)), &DestroySandboxRequest::default())
+        .destroy_sandbox(
+            ctx(Duration::from_secs(30)),
+            &DestroySandboxRequest::default(),
+        )
         .map_err(|e| format!("DestroySandbox: {e}"))?;
     let run = vm.wait(DEADLINE);
     if run.status.code() != Some(0) {
         return Err(format!("VMM exit {:?}\n{}", run.status, run.transcript()));
     }
-    Ok(VsockSample { first_answer, host_to_guest, guest_to_host, echo: echo_rate })
+    Ok(VsockSample {
+        first_answer,
+        host_to_guest,
+        guest_to_host,
+        echo: echo_rate,
+    })
 }
 
 impl VsockBench {
@@ -105,7 +129,9 @@ impl VsockBench {
     }
 
     pub fn table(&self) -> String {
-        let med = |f: &dyn Fn(&VsockSample) -> f64| median(&mut self.samples.iter().map(f).collect::<Vec<_>>());
+        let med = |f: &dyn Fn(&VsockSample) -> f64| {
+            median(&mut self.samples.iter().map(f).collect::<Vec<_>>())
+        };
         let no_qemu = "n/a: no vhost_vsock on this host";
         let mut t = format!(
             "vsock: median of {} run(s), 2 vCPUs, 256 MiB, {} MiB per transfer, through the hybrid vsock unix socket\n\n",
@@ -118,11 +144,17 @@ impl VsockBench {
             med(&|s| secs(s.first_answer))
         ));
         for (what, f) in [
-            ("host to guest (sink)", &(|s: &VsockSample| s.host_to_guest) as &dyn Fn(&VsockSample) -> f64),
+            (
+                "host to guest (sink)",
+                &(|s: &VsockSample| s.host_to_guest) as &dyn Fn(&VsockSample) -> f64,
+            ),
             ("guest to host (source)", &|s: &VsockSample| s.guest_to_host),
             ("echo (both ways at once)", &|s: &VsockSample| s.echo),
         ] {
-            t.push_str(&format!("| vsock throughput, {what} | {:.1} MiB/s | {no_qemu} | n/a |\n", med(f)));
+            t.push_str(&format!(
+                "| vsock throughput, {what} | {:.1} MiB/s | {no_qemu} | n/a |\n",
+                med(f)
+            ));
         }
         t
     }

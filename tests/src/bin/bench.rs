@@ -21,7 +21,9 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(which) = args.first() else { return usage() };
+    let Some(which) = args.first() else {
+        return usage();
+    };
     let mut runs = 1usize;
     let mut vmm = repo_root().join("target/release/podbox-vmm");
     let mut rest = args[1..].iter();
@@ -39,7 +41,10 @@ fn main() -> ExitCode {
         }
     }
     if !vmm.is_file() {
-        eprintln!("{} not found: run `cargo build --release -p podbox-vmm` first", vmm.display());
+        eprintln!(
+            "{} not found: run `cargo build --release -p podbox-vmm` first",
+            vmm.display()
+        );
         return ExitCode::from(1);
     }
     let work = match tempfile::tempdir() {

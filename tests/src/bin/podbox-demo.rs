@@ -33,11 +33,21 @@ fn run() -> Result<(), String> {
     let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let config = write_shim_config(dir.path(), &virtiofsd);
-    eprintln!("==> starting a private containerd (CRI, runtimes runc and podbox) and importing busybox");
-    let containerd = Containerd::start_with(ContainerdOptions { shim_dirs: vec![bin_dir()], podbox_config: Some(config) })
-        .map_err(|e| format!("starting containerd: {e}"))?;
+    eprintln!(
+        "==> starting a private containerd (CRI, runtimes runc and podbox) and importing busybox"
+    );
+    let containerd = Containerd::start_with(ContainerdOptions {
+        shim_dirs: vec![bin_dir()],
+        podbox_config: Some(config),
+    })
+    .map_err(|e| format!("starting containerd: {e}"))?;
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
-    println!("host:\n  kernel:     {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
+    println!(
+        "host:\n  kernel:     {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
     for handler in [RUNC_HANDLER, PODBOX_HANDLER] {
         if handler == PODBOX_HANDLER {
             eprintln!("==> pod in a podbox microVM (the guest boots in RunPodSandbox: about a minute of CPU on PVM hosts)");
@@ -49,25 +59,36 @@ fn run() -> Result<(), String> {
         std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
         let pod_config = pod_sandbox_config(&name, &log_dir, containerd.cgroup_parent());
         let started = Instant::now();
-        let pod = cri.run_pod_sandbox(&pod_config, handler).map_err(|e| format!("RunPodSandbox ({handler}): {e}"))?;
+        let pod = cri
+            .run_pod_sandbox(&pod_config, handler)
+            .map_err(|e| format!("RunPodSandbox ({handler}): {e}"))?;
         let mut containers = Vec::new();
         for container in ["app", "sidecar"] {
             let id = cri
-                .create_container(&pod, &container_config(container, BUSYBOX_IMAGE, &["sleep", "3600"]), &pod_config)
+                .create_container(
+                    &pod,
+                    &container_config(container, BUSYBOX_IMAGE, &["sleep", "3600"]),
+                    &pod_config,
+                )
                 .map_err(|e| format!("CreateContainer {container}: {e}"))?;
-            cri.start_container(&id).map_err(|e| format!("StartContainer {container}: {e}"))?;
+            cri.start_container(&id)
+                .map_err(|e| format!("StartContainer {container}: {e}"))?;
             containers.push((container, id));
         }
         println!("pod under {handler} (ready in {:.1?}):", started.elapsed());
         for (name, id) in &containers {
-            let out = cri.exec_sync(id, &["sh", "-c", REPORT], Duration::from_secs(120)).map_err(|e| format!("ExecSync: {e}"))?;
+            let out = cri
+                .exec_sync(id, &["sh", "-c", REPORT], Duration::from_secs(120))
+                .map_err(|e| format!("ExecSync: {e}"))?;
             println!("  container {name}:");
             for line in out.stdout.lines() {
                 println!("    {line}");
             }
         }
-        cri.stop_pod_sandbox(&pod).map_err(|e| format!("StopPodSandbox: {e}"))?;
-        cri.remove_pod_sandbox(&pod).map_err(|e| format!("RemovePodSandbox: {e}"))?;
+        cri.stop_pod_sandbox(&pod)
+            .map_err(|e| format!("StopPodSandbox: {e}"))?;
+        cri.remove_pod_sandbox(&pod)
+            .map_err(|e| format!("RemovePodSandbox: {e}"))?;
     }
     Ok(())
 }

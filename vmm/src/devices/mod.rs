@@ -31,16 +31,21 @@ pub struct IoBus {
 
 impl IoBus {
     pub fn new(serial: Serial, i8042: I8042) -> Self {
-        Self { serial: Mutex::new(serial), i8042 }
+        Self {
+            serial: Mutex::new(serial),
+            i8042,
+        }
     }
 
     /// A guest IN: fills `data`. Ports nobody claims read as all ones, like
     /// an empty ISA bus.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         let value = match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + SERIAL_PORT_LEN).contains(&p) => {
-                self.serial.lock().unwrap_or_else(|e| e.into_inner()).read((p - SERIAL_PORT_BASE) as u8)
-            }
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + SERIAL_PORT_LEN).contains(&p) => self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read((p - SERIAL_PORT_BASE) as u8),
             I8042_DATA_PORT | I8042_COMMAND_PORT => self.i8042.read(port),
             p if CMOS_PORTS.contains(&p) => 0,
             _ => 0xff,
@@ -53,9 +58,11 @@ impl IoBus {
     pub fn write(&self, port: u16, data: &[u8]) {
         let Some(&value) = data.first() else { return };
         match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + SERIAL_PORT_LEN).contains(&p) => {
-                self.serial.lock().unwrap_or_else(|e| e.into_inner()).write((p - SERIAL_PORT_BASE) as u8, value)
-            }
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + SERIAL_PORT_LEN).contains(&p) => self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write((p - SERIAL_PORT_BASE) as u8, value),
             I8042_DATA_PORT | I8042_COMMAND_PORT => self.i8042.write(port, value),
             _ => {}
         }
@@ -63,7 +70,10 @@ impl IoBus {
 
     /// Flushes console output (at exit).
     pub fn flush(&self) {
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 }
 
@@ -96,7 +106,10 @@ impl MmioBus {
     /// A guest MMIO read; addresses nobody claims read as all ones.
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((dev, offset)) => dev.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data),
+            Some((dev, offset)) => dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(offset, data),
             None => data.fill(0xff),
         }
     }
@@ -104,7 +117,9 @@ impl MmioBus {
     /// A guest MMIO write; writes nobody claims vanish.
     pub fn write(&self, addr: u64, data: &[u8]) {
         if let Some((dev, offset)) = self.find(addr) {
-            dev.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(offset, data);
         }
     }
 }

@@ -39,7 +39,12 @@ pub struct ConsoleOutput {
 
 impl ConsoleOutput {
     pub fn new(out: Box<dyn Write + Send>, exit: Arc<ExitLatch>) -> Self {
-        Self { out, line: Vec::new(), exit, write_failed: false }
+        Self {
+            out,
+            line: Vec::new(),
+            exit,
+            write_failed: false,
+        }
     }
 
     fn watch(&mut self, bytes: &[u8]) {
@@ -47,7 +52,8 @@ impl ConsoleOutput {
             if b == b'\n' {
                 let line = String::from_utf8_lossy(&self.line);
                 if let Some(at) = line.find(PANIC_MARKER) {
-                    self.exit.trigger(VmExit::GuestPanic(line[at..].trim_end().to_string()));
+                    self.exit
+                        .trigger(VmExit::GuestPanic(line[at..].trim_end().to_string()));
                 }
                 self.line.clear();
             } else if self.line.len() < MAX_LINE {
@@ -82,7 +88,9 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: EventFd, out: ConsoleOutput) -> Self {
-        Self { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Self {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {
@@ -122,14 +130,21 @@ mod tests {
         let latch = Arc::new(ExitLatch::new());
         let sink = Sink::default();
         let mut out = ConsoleOutput::new(Box::new(sink.clone()), latch.clone());
-        out.write_all(b"booting\n[    1.0] Kernel panic - not syncing: Attempted to kill ").unwrap();
+        out.write_all(b"booting\n[    1.0] Kernel panic - not syncing: Attempted to kill ")
+            .unwrap();
         assert!(!latch.is_set(), "the line is not complete yet");
         out.write_all(b"init! exitcode=0x00000100\r\n").unwrap();
         assert_eq!(
             latch.wait(),
-            VmExit::GuestPanic("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100".into())
+            VmExit::GuestPanic(
+                "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100".into()
+            )
         );
-        assert!(sink.0.lock().unwrap().starts_with(b"booting\n[    1.0] Kernel panic"));
+        assert!(sink
+            .0
+            .lock()
+            .unwrap()
+            .starts_with(b"booting\n[    1.0] Kernel panic"));
     }
 
     #[test]
@@ -153,6 +168,10 @@ mod tests {
             serial.write(0, *b); // THR
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
-        assert_ne!(serial.read(5) & 0x20, 0, "LSR: transmitter holding register empty");
+        assert_ne!(
+            serial.read(5) & 0x20,
+            0,
+            "LSR: transmitter holding register empty"
+        );
     }
 }

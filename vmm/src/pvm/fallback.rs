@@ -56,7 +56,11 @@ pub enum Instruction {
     Clac,
     Stac,
     /// `popcnt dst, src` with a 2, 4 or 8 byte operand.
-    Popcnt { size: u8, dst: u8, src: Operand },
+    Popcnt {
+        size: u8,
+        dst: u8,
+        src: Operand,
+    },
 }
 
 impl Instruction {
@@ -151,7 +155,13 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FallbackError> {
                 _ => return Err(FallbackError::Unknown),
             },
             0xb8 if p.rep => {
-                let size = if p.rex & 0x8 != 0 { 8 } else if p.operand_size { 2 } else { 4 };
+                let size = if p.rex & 0x8 != 0 {
+                    8
+                } else if p.operand_size {
+                    2
+                } else {
+                    4
+                };
                 let (dst, src) = decode_modrm(&mut c, &p)?;
                 Instruction::Popcnt { size, dst, src }
             }
@@ -171,7 +181,12 @@ fn decode_modrm(c: &mut Cursor, p: &Prefixes) -> Result<(u8, Operand), FallbackE
     if mode == 3 {
         return Ok((reg, Operand::Reg(rm | rex_bit(0x1))));
     }
-    let mut mem = MemOperand { segment: p.segment, base: None, index: None, disp: 0 };
+    let mut mem = MemOperand {
+        segment: p.segment,
+        base: None,
+        index: None,
+        disp: 0,
+    };
     if rm == 4 {
         let sib = c.next()?;
         let index = ((sib >> 3) & 7) | rex_bit(0x2);
@@ -240,7 +255,11 @@ pub enum Effect {
 }
 
 /// Performs `d` on `regs` (RIP advanced past it).
-pub fn apply(d: &Decoded, regs: &mut kvm_regs, guest: &dyn GuestAccess) -> Result<Effect, FallbackError> {
+pub fn apply(
+    d: &Decoded,
+    regs: &mut kvm_regs,
+    guest: &dyn GuestAccess,
+) -> Result<Effect, FallbackError> {
     let next_rip = regs.rip.wrapping_add(d.len as u64);
     let mut effect = Effect::Resume;
     match d.insn {
@@ -249,7 +268,11 @@ pub fn apply(d: &Decoded, regs: &mut kvm_regs, guest: &dyn GuestAccess) -> Resul
         Instruction::Clac => regs.rflags &= !RFLAGS_AC,
         Instruction::Stac => regs.rflags |= RFLAGS_AC,
         Instruction::Popcnt { size, dst, src } => {
-            let mask = if size == 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 };
+            let mask = if size == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (size * 8)) - 1
+            };
             let value = match src {
                 Operand::Reg(r) => reg(regs, r),
                 Operand::Mem(m) => {
@@ -316,8 +339,10 @@ impl FallbackStats {
             ("stac", &self.stac),
             ("popcnt", &self.popcnt),
         ];
-        let parts: Vec<String> =
-            counts.iter().map(|(name, n)| format!("{name}={}", n.load(Ordering::Relaxed))).collect();
+        let parts: Vec<String> = counts
+            .iter()
+            .map(|(name, n)| format!("{name}={}", n.load(Ordering::Relaxed)))
+            .collect();
         parts.join(" ")
     }
 }
@@ -344,59 +369,167 @@ mod tests {
                 .iter()
                 .find(|(a, _)| *a == gva)
                 .map(|(_, v)| *v)
-                .ok_or(FallbackError::Memory { gva, reason: "unmapped".into() })
+                .ok_or(FallbackError::Memory {
+                    gva,
+                    reason: "unmapped".into(),
+                })
         }
     }
 
     fn no_memory() -> FakeGuest {
-        FakeGuest { gs_base: 0, mem: vec![] }
+        FakeGuest {
+            gs_base: 0,
+            mem: vec![],
+        }
     }
 
     #[test]
     fn decodes_the_simple_ones() {
-        assert_eq!(decode(&[0x9b, 0x90]).unwrap(), Decoded { insn: Instruction::Fwait, len: 1 });
-        assert_eq!(decode(&[0xcc]).unwrap(), Decoded { insn: Instruction::Int3, len: 1 });
-        assert_eq!(decode(&[0x0f, 0x01, 0xca]).unwrap(), Decoded { insn: Instruction::Clac, len: 3 });
-        assert_eq!(decode(&[0x0f, 0x01, 0xcb]).unwrap(), Decoded { insn: Instruction::Stac, len: 3 });
+        assert_eq!(
+            decode(&[0x9b, 0x90]).unwrap(),
+            Decoded {
+                insn: Instruction::Fwait,
+                len: 1
+            }
+        );
+        assert_eq!(
+            decode(&[0xcc]).unwrap(),
+            Decoded {
+                insn: Instruction::Int3,
+                len: 1
+            }
+        );
+        assert_eq!(
+            decode(&[0x0f, 0x01, 0xca]).unwrap(),
+            Decoded {
+                insn: Instruction::Clac,
+                len: 3
+            }
+        );
+        assert_eq!(
+            decode(&[0x0f, 0x01, 0xcb]).unwrap(),
+            Decoded {
+                insn: Instruction::Stac,
+                len: 3
+            }
+        );
     }
 
     #[test]
     fn decodes_popcnt_register_forms() {
         // popcnt %rdi,%rax (the kernel's hweight64 alternative)
         let d = decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]).unwrap();
-        assert_eq!(d, Decoded { insn: Instruction::Popcnt { size: 8, dst: 0, src: Operand::Reg(7) }, len: 5 });
+        assert_eq!(
+            d,
+            Decoded {
+                insn: Instruction::Popcnt {
+                    size: 8,
+                    dst: 0,
+                    src: Operand::Reg(7)
+                },
+                len: 5
+            }
+        );
         // popcnt %edi,%eax
         let d = decode(&[0xf3, 0x0f, 0xb8, 0xc7]).unwrap();
-        assert_eq!(d.insn, Instruction::Popcnt { size: 4, dst: 0, src: Operand::Reg(7) });
+        assert_eq!(
+            d.insn,
+            Instruction::Popcnt {
+                size: 4,
+                dst: 0,
+                src: Operand::Reg(7)
+            }
+        );
         // popcnt %r9w,%r10w: 66 F3 REX.RB
         let d = decode(&[0x66, 0xf3, 0x45, 0x0f, 0xb8, 0xd1]).unwrap();
-        assert_eq!(d.insn, Instruction::Popcnt { size: 2, dst: 10, src: Operand::Reg(9) });
+        assert_eq!(
+            d.insn,
+            Instruction::Popcnt {
+                size: 2,
+                dst: 10,
+                src: Operand::Reg(9)
+            }
+        );
     }
 
     #[test]
     fn decodes_popcnt_memory_forms() {
         // popcnt 0x10(%rbx,%rcx,8),%rdx
         let d = decode(&[0xf3, 0x48, 0x0f, 0xb8, 0x54, 0xcb, 0x10]).unwrap();
-        let mem = MemOperand { segment: None, base: Some(Base::Reg(3)), index: Some((1, 8)), disp: 0x10 };
-        assert_eq!(d, Decoded { insn: Instruction::Popcnt { size: 8, dst: 2, src: Operand::Mem(mem) }, len: 7 });
+        let mem = MemOperand {
+            segment: None,
+            base: Some(Base::Reg(3)),
+            index: Some((1, 8)),
+            disp: 0x10,
+        };
+        assert_eq!(
+            d,
+            Decoded {
+                insn: Instruction::Popcnt {
+                    size: 8,
+                    dst: 2,
+                    src: Operand::Mem(mem)
+                },
+                len: 7
+            }
+        );
         // popcnt %gs:0x1234(%rip),%eax
         let d = decode(&[0x65, 0xf3, 0x0f, 0xb8, 0x05, 0x34, 0x12, 0, 0]).unwrap();
-        let mem = MemOperand { segment: Some(Segment::Gs), base: Some(Base::Rip), index: None, disp: 0x1234 };
-        assert_eq!(d, Decoded { insn: Instruction::Popcnt { size: 4, dst: 0, src: Operand::Mem(mem) }, len: 9 });
+        let mem = MemOperand {
+            segment: Some(Segment::Gs),
+            base: Some(Base::Rip),
+            index: None,
+            disp: 0x1234,
+        };
+        assert_eq!(
+            d,
+            Decoded {
+                insn: Instruction::Popcnt {
+                    size: 4,
+                    dst: 0,
+                    src: Operand::Mem(mem)
+                },
+                len: 9
+            }
+        );
         // SIB with no base: popcnt 0x100(,%rsi,4),%eax
         let d = decode(&[0xf3, 0x0f, 0xb8, 0x04, 0xb5, 0, 1, 0, 0]).unwrap();
-        let mem = MemOperand { segment: None, base: None, index: Some((6, 4)), disp: 0x100 };
-        assert_eq!(d.insn, Instruction::Popcnt { size: 4, dst: 0, src: Operand::Mem(mem) });
+        let mem = MemOperand {
+            segment: None,
+            base: None,
+            index: Some((6, 4)),
+            disp: 0x100,
+        };
+        assert_eq!(
+            d.insn,
+            Instruction::Popcnt {
+                size: 4,
+                dst: 0,
+                src: Operand::Mem(mem)
+            }
+        );
     }
 
     #[test]
     fn refuses_unknown_and_truncated_bytes() {
-        assert_eq!(decode(&[0x0f, 0xae, 0x2f]).unwrap_err(), FallbackError::Unknown); // xrstor
-        assert_eq!(decode(&[0x0f, 0xb8, 0xc0]).unwrap_err(), FallbackError::Unknown); // jmpe, no F3
-        assert_eq!(decode(&[0xf3, 0x48, 0x0f, 0xb8]).unwrap_err(), FallbackError::Truncated);
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0x2f]).unwrap_err(),
+            FallbackError::Unknown
+        ); // xrstor
+        assert_eq!(
+            decode(&[0x0f, 0xb8, 0xc0]).unwrap_err(),
+            FallbackError::Unknown
+        ); // jmpe, no F3
+        assert_eq!(
+            decode(&[0xf3, 0x48, 0x0f, 0xb8]).unwrap_err(),
+            FallbackError::Truncated
+        );
         assert_eq!(decode(&[]).unwrap_err(), FallbackError::Truncated);
         assert_eq!(decode(&[0x66; 15]).unwrap_err(), FallbackError::Truncated);
-        assert_eq!(decode(&[0x67, 0x9b]).unwrap_err(), FallbackError::AddressSize);
+        assert_eq!(
+            decode(&[0x67, 0x9b]).unwrap_err(),
+            FallbackError::AddressSize
+        );
     }
 
     #[test]
@@ -414,31 +547,64 @@ mod tests {
 
     #[test]
     fn popcnt_computes_result_and_flags() {
-        let mut regs = kvm_regs { rip: 0x1000, rdi: 0xf0f0_0000_0000_0003, rax: 0xdead, rflags: 0x2 | 0x1, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            rdi: 0xf0f0_0000_0000_0003,
+            rax: 0xdead,
+            rflags: 0x2 | 0x1,
+            ..Default::default()
+        };
         let d = decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7]).unwrap();
         assert_eq!(apply(&d, &mut regs, &no_memory()).unwrap(), Effect::Resume);
         assert_eq!((regs.rax, regs.rip, regs.rflags), (10, 0x1005, 0x2));
 
         // 32-bit form counts only the low half and zero-extends.
-        let mut regs = kvm_regs { rdi: 0xffff_ffff_0000_0000, rax: u64::MAX, ..Default::default() };
-        apply(&decode(&[0xf3, 0x0f, 0xb8, 0xc7]).unwrap(), &mut regs, &no_memory()).unwrap();
+        let mut regs = kvm_regs {
+            rdi: 0xffff_ffff_0000_0000,
+            rax: u64::MAX,
+            ..Default::default()
+        };
+        apply(
+            &decode(&[0xf3, 0x0f, 0xb8, 0xc7]).unwrap(),
+            &mut regs,
+            &no_memory(),
+        )
+        .unwrap();
         assert_eq!(regs.rax, 0);
         assert_ne!(regs.rflags & RFLAGS_ZF, 0);
 
         // 16-bit form keeps the upper bits of the destination.
-        let mut regs = kvm_regs { r9: 0x1_00ff, r10: 0xaaaa_0000_0000_ffff, ..Default::default() };
-        apply(&decode(&[0x66, 0xf3, 0x45, 0x0f, 0xb8, 0xd1]).unwrap(), &mut regs, &no_memory()).unwrap();
+        let mut regs = kvm_regs {
+            r9: 0x1_00ff,
+            r10: 0xaaaa_0000_0000_ffff,
+            ..Default::default()
+        };
+        apply(
+            &decode(&[0x66, 0xf3, 0x45, 0x0f, 0xb8, 0xd1]).unwrap(),
+            &mut regs,
+            &no_memory(),
+        )
+        .unwrap();
         assert_eq!(regs.r10, 0xaaaa_0000_0000_0008);
     }
 
     #[test]
     fn popcnt_reads_memory_through_the_segment_base() {
-        let guest = FakeGuest { gs_base: 0x10_0000, mem: vec![(0x10_0000 + 0x2000 + 9 + 0x1234, 0b1011)] };
-        let mut regs = kvm_regs { rip: 0x2000, ..Default::default() };
+        let guest = FakeGuest {
+            gs_base: 0x10_0000,
+            mem: vec![(0x10_0000 + 0x2000 + 9 + 0x1234, 0b1011)],
+        };
+        let mut regs = kvm_regs {
+            rip: 0x2000,
+            ..Default::default()
+        };
         let d = decode(&[0x65, 0xf3, 0x0f, 0xb8, 0x05, 0x34, 0x12, 0, 0]).unwrap();
         apply(&d, &mut regs, &guest).unwrap();
         assert_eq!(regs.rax, 3);
-        let mut regs = kvm_regs { rip: 0x3000, ..Default::default() };
+        let mut regs = kvm_regs {
+            rip: 0x3000,
+            ..Default::default()
+        };
         let err = apply(&d, &mut regs, &guest).unwrap_err();
         assert!(matches!(err, FallbackError::Memory { .. }));
         assert_eq!(regs.rip, 0x3000, "a failed fallback leaves RIP alone");
@@ -446,12 +612,29 @@ mod tests {
 
     #[test]
     fn int3_and_smap_instructions() {
-        let mut regs = kvm_regs { rip: 0x500, rflags: 2, ..Default::default() };
-        assert_eq!(apply(&decode(&[0xcc]).unwrap(), &mut regs, &no_memory()).unwrap(), Effect::InjectBreakpoint);
+        let mut regs = kvm_regs {
+            rip: 0x500,
+            rflags: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            apply(&decode(&[0xcc]).unwrap(), &mut regs, &no_memory()).unwrap(),
+            Effect::InjectBreakpoint
+        );
         assert_eq!(regs.rip, 0x501);
-        apply(&decode(&[0x0f, 0x01, 0xcb]).unwrap(), &mut regs, &no_memory()).unwrap();
+        apply(
+            &decode(&[0x0f, 0x01, 0xcb]).unwrap(),
+            &mut regs,
+            &no_memory(),
+        )
+        .unwrap();
         assert_ne!(regs.rflags & RFLAGS_AC, 0);
-        apply(&decode(&[0x0f, 0x01, 0xca]).unwrap(), &mut regs, &no_memory()).unwrap();
+        apply(
+            &decode(&[0x0f, 0x01, 0xca]).unwrap(),
+            &mut regs,
+            &no_memory(),
+        )
+        .unwrap();
         assert_eq!(regs.rflags & RFLAGS_AC, 0);
         assert_eq!(regs.rip, 0x507);
     }

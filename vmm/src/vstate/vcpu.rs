@@ -10,7 +10,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::{IoBus, MmioBus};
 use crate::exit::{ExitLatch, VmExit};
-use crate::pvm::fallback::{self, Effect, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN};
+use crate::pvm::fallback::{
+    self, Effect, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN,
+};
 use crate::pvm::GuestProfile;
 
 /// KVM_INTERNAL_ERROR_EMULATION and its "instruction bytes present" flag.
@@ -28,7 +30,11 @@ pub enum VcpuError {
     #[error("creating vCPU {id}: {source}")]
     Create { id: u8, source: kvm_ioctls::Error },
     #[error("vCPU {id}: {what}: {source}")]
-    Configure { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    Configure {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {id}: CPUID table: {detail}")]
     Cpuid { id: u8, detail: String },
 }
@@ -52,7 +58,9 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Create { id, source })?;
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
         Ok(Self { fd, id })
     }
 
@@ -68,15 +76,26 @@ impl Vcpu {
         let id = self.id;
         let fail = |what| move |source| VcpuError::Configure { id, what, source };
         let entries = cpuid::build(supported_cpuid, cpuid::VcpuTopology { id, count }, profile);
-        let table = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid { id, detail: format!("{e:?}") })?;
+        let table = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid {
+            id,
+            detail: format!("{e:?}"),
+        })?;
         self.fd.set_cpuid2(&table).map_err(fail("KVM_SET_CPUID2"))?;
-        self.fd.set_msrs(&msr::boot_msrs()).map_err(fail("KVM_SET_MSRS"))?;
+        self.fd
+            .set_msrs(&msr::boot_msrs())
+            .map_err(fail("KVM_SET_MSRS"))?;
         self.set_lint().map_err(fail("LAPIC LINT0/LINT1"))?;
         if let Some(entry) = boot_entry {
-            self.fd.set_regs(&regs::boot_regs(entry)).map_err(fail("KVM_SET_REGS"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(fail("KVM_SET_REGS"))?;
             let sregs = self.fd.get_sregs().map_err(fail("KVM_GET_SREGS"))?;
-            self.fd.set_sregs(&regs::boot_sregs(sregs)).map_err(fail("KVM_SET_SREGS"))?;
-            self.fd.set_fpu(&regs::boot_fpu()).map_err(fail("KVM_SET_FPU"))?;
+            self.fd
+                .set_sregs(&regs::boot_sregs(sregs))
+                .map_err(fail("KVM_SET_SREGS"))?;
+            self.fd
+                .set_fpu(&regs::boot_fpu())
+                .map_err(fail("KVM_SET_FPU"))?;
         }
         Ok(())
     }
@@ -88,7 +107,8 @@ impl Vcpu {
             let bytes: &mut [u8] =
                 // SAFETY: c_char and u8 have the same size and alignment.
                 unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast(), lapic.regs.len()) };
-            let mut reg = u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
+            let mut reg =
+                u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"));
             reg = (reg & !0x700) | (mode << 8);
             bytes[offset..offset + 4].copy_from_slice(&reg.to_le_bytes());
         }
@@ -127,17 +147,32 @@ impl Vcpu {
                 Ok(VcpuExit::Hlt) => None,
                 Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: id }),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    tracing::info!("vcpu{id}: system event {kind} ({})", if kind == KVM_SYSTEM_EVENT_RESET { "reset" } else { "shutdown" });
+                    tracing::info!(
+                        "vcpu{id}: system event {kind} ({})",
+                        if kind == KVM_SYSTEM_EVENT_RESET {
+                            "reset"
+                        } else {
+                            "shutdown"
+                        }
+                    );
                     Some(VmExit::GuestReset)
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Kvm {
                     vcpu: id,
-                    detail: format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"),
+                    detail: format!(
+                        "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                    ),
                 }),
                 Ok(VcpuExit::InternalError) => self.handle_internal_error(&shared),
-                Ok(other) => Some(VmExit::Kvm { vcpu: id, detail: format!("unexpected exit {other:?}") }),
+                Ok(other) => Some(VmExit::Kvm {
+                    vcpu: id,
+                    detail: format!("unexpected exit {other:?}"),
+                }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(VmExit::Kvm { vcpu: id, detail: format!("KVM_RUN: {e}") }),
+                Err(e) => Some(VmExit::Kvm {
+                    vcpu: id,
+                    detail: format!("KVM_RUN: {e}"),
+                }),
             };
             if let Some(exit) = outcome {
                 shared.exit.trigger(exit);
@@ -158,7 +193,10 @@ impl Vcpu {
         if suberror != INTERNAL_ERROR_EMULATION || !shared.profile.emulation_fallback() {
             return Some(VmExit::Kvm {
                 vcpu: id,
-                detail: format!("internal error, suberror {suberror}, data {:x?} at rip {rip:#x}", &data[..(ndata as usize).min(data.len())]),
+                detail: format!(
+                    "internal error, suberror {suberror}, data {:x?} at rip {rip:#x}",
+                    &data[..(ndata as usize).min(data.len())]
+                ),
             });
         }
         let bytes = match instruction_bytes(ndata, &data) {
@@ -166,49 +204,80 @@ impl Vcpu {
             None => match self.read_guest_virt(shared, rip, MAX_INSN_LEN) {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    return Some(VmExit::UnhandledInstruction { vcpu: id, rip, bytes: vec![], detail: e.to_string() })
+                    return Some(VmExit::UnhandledInstruction {
+                        vcpu: id,
+                        rip,
+                        bytes: vec![],
+                        detail: e.to_string(),
+                    })
                 }
             },
         };
         match self.perform(shared, &bytes) {
             Ok(()) => None,
-            Err(e) => Some(VmExit::UnhandledInstruction { vcpu: id, rip, bytes, detail: e.to_string() }),
+            Err(e) => Some(VmExit::UnhandledInstruction {
+                vcpu: id,
+                rip,
+                bytes,
+                detail: e.to_string(),
+            }),
         }
     }
 
     fn perform(&mut self, shared: &VcpuShared, bytes: &[u8]) -> Result<(), FallbackError> {
-        let kvm_err = |what: &str, e: kvm_ioctls::Error| FallbackError::Memory { gva: 0, reason: format!("{what}: {e}") };
+        let kvm_err = |what: &str, e: kvm_ioctls::Error| FallbackError::Memory {
+            gva: 0,
+            reason: format!("{what}: {e}"),
+        };
         let decoded = fallback::decode(bytes)?;
         let mut regs = self.fd.get_regs().map_err(|e| kvm_err("KVM_GET_REGS", e))?;
         let effect = fallback::apply(&decoded, &mut regs, &VcpuGuest { vcpu: self, shared })?;
-        self.fd.set_regs(&regs).map_err(|e| kvm_err("KVM_SET_REGS", e))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| kvm_err("KVM_SET_REGS", e))?;
         if effect == Effect::InjectBreakpoint {
-            let mut events = self.fd.get_vcpu_events().map_err(|e| kvm_err("KVM_GET_VCPU_EVENTS", e))?;
+            let mut events = self
+                .fd
+                .get_vcpu_events()
+                .map_err(|e| kvm_err("KVM_GET_VCPU_EVENTS", e))?;
             events.exception.injected = 1;
             events.exception.nr = BP_VECTOR;
             events.exception.has_error_code = 0;
             events.exception.error_code = 0;
-            self.fd.set_vcpu_events(&events).map_err(|e| kvm_err("KVM_SET_VCPU_EVENTS", e))?;
+            self.fd
+                .set_vcpu_events(&events)
+                .map_err(|e| kvm_err("KVM_SET_VCPU_EVENTS", e))?;
         }
         shared.fallback_stats.record(&decoded.insn);
         Ok(())
     }
 
     /// Reads `len` bytes at guest-virtual `gva`, page by page.
-    fn read_guest_virt(&self, shared: &VcpuShared, gva: u64, len: usize) -> Result<Vec<u8>, FallbackError> {
+    fn read_guest_virt(
+        &self,
+        shared: &VcpuShared,
+        gva: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, FallbackError> {
         let mut out = vec![0u8; len];
         let mut done = 0;
         while done < len {
             let addr = gva.wrapping_add(done as u64);
             let fault = |reason: String| FallbackError::Memory { gva: addr, reason };
-            let t = self.fd.translate_gva(addr).map_err(|e| fault(format!("KVM_TRANSLATE: {e}")))?;
+            let t = self
+                .fd
+                .translate_gva(addr)
+                .map_err(|e| fault(format!("KVM_TRANSLATE: {e}")))?;
             if t.valid == 0 {
                 return Err(fault("not mapped".into()));
             }
             let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
             shared
                 .memory
-                .read_slice(&mut out[done..done + chunk], GuestAddress(t.physical_address))
+                .read_slice(
+                    &mut out[done..done + chunk],
+                    GuestAddress(t.physical_address),
+                )
                 .map_err(|e| fault(e.to_string()))?;
             done += chunk;
         }
@@ -247,7 +316,9 @@ impl GuestAccess for VcpuGuest<'_> {
     }
 
     fn read_virt(&self, gva: u64, size: u8) -> Result<u64, FallbackError> {
-        let bytes = self.vcpu.read_guest_virt(self.shared, gva, usize::from(size))?;
+        let bytes = self
+            .vcpu
+            .read_guest_virt(self.shared, gva, usize::from(size))?;
         let mut word = [0u8; 8];
         word[..bytes.len()].copy_from_slice(&bytes);
         Ok(u64::from_le_bytes(word))
@@ -256,7 +327,10 @@ impl GuestAccess for VcpuGuest<'_> {
 
 /// `KVM_GET_SUPPORTED_CPUID` as a plain list.
 pub fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<Vec<kvm_cpuid_entry2>, kvm_ioctls::Error> {
-    Ok(kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?.as_slice().to_vec())
+    Ok(kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?
+        .as_slice()
+        .to_vec())
 }
 
 #[cfg(test)]
@@ -272,7 +346,11 @@ mod tests {
         assert_eq!(instruction_bytes(3, &data), Some(vec![0xf3, 0x0f, 0xb8]));
         data[1] = u64::from_le_bytes([0xff, 1, 2, 3, 4, 5, 6, 7]);
         data[2] = u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]);
-        assert_eq!(instruction_bytes(3, &data).unwrap().len(), MAX_INSN_LEN, "guest-sized length is clamped");
+        assert_eq!(
+            instruction_bytes(3, &data).unwrap().len(),
+            MAX_INSN_LEN,
+            "guest-sized length is clamped"
+        );
         assert_eq!(instruction_bytes(1, &data), None);
         data[0] = 0;
         assert_eq!(instruction_bytes(3, &data), None);

@@ -12,7 +12,10 @@ pub enum VmError {
     #[error("creating the KVM VM: {0}")]
     Create(#[source] kvm_ioctls::Error),
     #[error("registering guest memory slot {slot}: {source}")]
-    MemorySlot { slot: u32, source: kvm_ioctls::Error },
+    MemorySlot {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("setting the TSS address: {0}")]
     Tss(#[source] kvm_ioctls::Error),
     #[error("creating the in-kernel irqchip: {0}")]
@@ -45,7 +48,10 @@ impl Vm {
         fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::Tss)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
         // The dummy speaker port keeps port 0x61 in the kernel too.
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
         Ok(Self { fd })
     }

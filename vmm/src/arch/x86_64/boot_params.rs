@@ -42,7 +42,11 @@ pub fn e820_map(ram: &[(u64, u64)]) -> Result<Vec<boot_e820_entry>, BootParamsEr
         Some((0, len)) if len > HIGH_MEMORY_START => {}
         _ => return Err(BootParamsError::NoBaseMemory(first)),
     }
-    let entry = |addr, size, kind| boot_e820_entry { addr, size, r#type: kind };
+    let entry = |addr, size, kind| boot_e820_entry {
+        addr,
+        size,
+        r#type: kind,
+    };
     let mut map = vec![
         entry(0, MPTABLE_START, E820_RAM),
         entry(MPTABLE_START, EBDA_END - MPTABLE_START, E820_RESERVED),
@@ -91,17 +95,32 @@ mod tests {
     use super::*;
 
     fn ram_entries(map: &[boot_e820_entry]) -> Vec<(u64, u64)> {
-        map.iter().filter(|e| e.r#type == E820_RAM).map(|e| (e.addr, e.size)).collect()
+        map.iter()
+            .filter(|e| e.r#type == E820_RAM)
+            .map(|e| (e.addr, e.size))
+            .collect()
     }
 
     #[test]
     fn e820_for_256_mib_reserves_the_mp_table_and_the_legacy_hole() {
         let map = e820_map(&[(0, 256 << 20)]).unwrap();
-        assert_eq!(ram_entries(&map), vec![(0, MPTABLE_START), (HIGH_MEMORY_START, (256 << 20) - HIGH_MEMORY_START)]);
-        let reserved: Vec<_> = map.iter().filter(|e| e.r#type == E820_RESERVED).map(|e| (e.addr, e.size)).collect();
+        assert_eq!(
+            ram_entries(&map),
+            vec![
+                (0, MPTABLE_START),
+                (HIGH_MEMORY_START, (256 << 20) - HIGH_MEMORY_START)
+            ]
+        );
+        let reserved: Vec<_> = map
+            .iter()
+            .filter(|e| e.r#type == E820_RESERVED)
+            .map(|e| (e.addr, e.size))
+            .collect();
         assert_eq!(reserved, vec![(MPTABLE_START, EBDA_END - MPTABLE_START)]);
         // Nothing claims the 640 KiB..1 MiB hole.
-        assert!(map.iter().all(|e| e.addr + e.size <= EBDA_END || e.addr >= HIGH_MEMORY_START));
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= EBDA_END || e.addr >= HIGH_MEMORY_START));
     }
 
     #[test]
@@ -115,13 +134,19 @@ mod tests {
 
     #[test]
     fn e820_rejects_memory_without_base_ram() {
-        assert!(matches!(e820_map(&[]), Err(BootParamsError::NoBaseMemory(None))));
+        assert!(matches!(
+            e820_map(&[]),
+            Err(BootParamsError::NoBaseMemory(None))
+        ));
         assert!(e820_map(&[(0, 0x8000)]).is_err());
     }
 
     #[test]
     fn zero_page_carries_header_cmdline_and_initrd() {
-        let initrd = InitrdPlacement { addr: 0x0f00_0000, size: 0x12345 };
+        let initrd = InitrdPlacement {
+            addr: 0x0f00_0000,
+            size: 0x12345,
+        };
         let p = build(&[(0, 256 << 20)], 42, Some(initrd)).unwrap();
         let hdr = p.hdr;
         assert_eq!({ hdr.header }, KERNEL_HDR_MAGIC);
@@ -135,7 +160,13 @@ mod tests {
 
     #[test]
     fn initrd_above_4g_is_an_error() {
-        let initrd = InitrdPlacement { addr: 0xffff_f000, size: 0x2000 };
-        assert!(matches!(build(&[(0, 256 << 20)], 1, Some(initrd)), Err(BootParamsError::InitrdAbove4G { .. })));
+        let initrd = InitrdPlacement {
+            addr: 0xffff_f000,
+            size: 0x2000,
+        };
+        assert!(matches!(
+            build(&[(0, 256 << 20)], 1, Some(initrd)),
+            Err(BootParamsError::InitrdAbove4G { .. })
+        ));
     }
 }

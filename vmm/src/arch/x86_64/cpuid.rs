@@ -52,7 +52,12 @@ fn topology_entries(leaf: u32, topo: VcpuTopology) -> Vec<kvm_cpuid_entry2> {
     };
     vec![
         level(0, 0, 1, TOPOLOGY_LEVEL_SMT),
-        level(1, core_id_bits(topo.count), u32::from(topo.count), TOPOLOGY_LEVEL_CORE),
+        level(
+            1,
+            core_id_bits(topo.count),
+            u32::from(topo.count),
+            TOPOLOGY_LEVEL_CORE,
+        ),
         // An invalid level ends the enumeration.
         level(2, 0, 0, 0),
     ]
@@ -126,7 +131,11 @@ mod tests {
     use crate::pvm::HostKind;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     fn supported() -> Vec<kvm_cpuid_entry2> {
@@ -139,11 +148,23 @@ mod tests {
         l4_l3.eax = 0x163; // level 3 unified cache
         let mut kvm = leaf(LEAF_KVM_FEATURES, 0);
         kvm.eax = 0x01ff_ffff;
-        vec![l1, l4_l1, l4_l3, leaf(0xa, 0), leaf(0xb, 0), leaf(0xb, 1), leaf(LEAF_HYPERVISOR, 0), kvm]
+        vec![
+            l1,
+            l4_l1,
+            l4_l3,
+            leaf(0xa, 0),
+            leaf(0xb, 0),
+            leaf(0xb, 1),
+            leaf(LEAF_HYPERVISOR, 0),
+            kvm,
+        ]
     }
 
     fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *entries.iter().find(|e| e.function == function && e.index == index).unwrap()
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
     }
 
     #[test]
@@ -173,11 +194,24 @@ mod tests {
         let smt = find(&out, 0xb, 0);
         let core = find(&out, 0xb, 1);
         let end = find(&out, 0xb, 2);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, TOPOLOGY_LEVEL_SMT, 2));
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (2, 3, TOPOLOGY_LEVEL_CORE, 2));
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8, smt.edx),
+            (0, 1, TOPOLOGY_LEVEL_SMT, 2)
+        );
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.edx),
+            (2, 3, TOPOLOGY_LEVEL_CORE, 2)
+        );
         assert_eq!(end.ecx >> 8, 0);
-        assert_eq!(out.iter().filter(|e| e.function == 0xb).count(), 3, "old 0xb entries replaced");
-        assert!(!out.iter().any(|e| e.function == 0x1f), "no 0x1f when KVM has none");
+        assert_eq!(
+            out.iter().filter(|e| e.function == 0xb).count(),
+            3,
+            "old 0xb entries replaced"
+        );
+        assert!(
+            !out.iter().any(|e| e.function == 0x1f),
+            "no 0x1f when KVM has none"
+        );
     }
 
     #[test]

@@ -43,7 +43,11 @@ pub fn segment(table: &[u64], index: usize) -> kvm_segment {
     let raw_limit = ((e >> 32) & 0x000f_0000) as u32 | (e & 0xffff) as u32;
     kvm_segment {
         base: ((e >> 32) & 0xff00_0000) | ((e >> 16) & 0x00ff_ffff),
-        limit: if granular == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granular == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: (index * 8) as u16,
         type_: access & 0xf,
         present: access >> 7,
@@ -66,7 +70,10 @@ mod tests {
     fn code_segment_is_64_bit_ring_0() {
         let gdt = boot_gdt();
         let cs = segment(&gdt, usize::from(CODE_SELECTOR / 8));
-        assert_eq!((cs.selector, cs.l, cs.db, cs.dpl, cs.present, cs.s, cs.type_), (0x08, 1, 0, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.dpl, cs.present, cs.s, cs.type_),
+            (0x08, 1, 0, 0, 1, 1, 0xb)
+        );
         assert_eq!((cs.base, cs.limit, cs.g), (0, 0xffff_ffff, 1));
     }
 
@@ -74,9 +81,15 @@ mod tests {
     fn data_and_tss_segments() {
         let gdt = boot_gdt();
         let ds = segment(&gdt, usize::from(DATA_SELECTOR / 8));
-        assert_eq!((ds.selector, ds.l, ds.db, ds.type_, ds.s), (0x10, 0, 1, 3, 1));
+        assert_eq!(
+            (ds.selector, ds.l, ds.db, ds.type_, ds.s),
+            (0x10, 0, 1, 3, 1)
+        );
         let tss = segment(&gdt, usize::from(TSS_SELECTOR / 8));
-        assert_eq!((tss.selector, tss.type_, tss.s, tss.present), (0x18, 0xb, 0, 1));
+        assert_eq!(
+            (tss.selector, tss.type_, tss.s, tss.present),
+            (0x18, 0xb, 0, 1)
+        );
     }
 
     #[test]

@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn large_memory_skips_the_mmio_gap() {
         let ranges = ram_ranges(4 << 30);
-        assert_eq!(ranges, vec![(0, MMIO_GAP_START), (1 << 32, (4 << 30) - MMIO_GAP_START)]);
+        assert_eq!(
+            ranges,
+            vec![(0, MMIO_GAP_START), (1 << 32, (4 << 30) - MMIO_GAP_START)]
+        );
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         assert_eq!(total, 4 << 30);
     }

@@ -21,7 +21,11 @@ pub enum LoadError {
     #[error("initramfs is empty")]
     InitrdEmpty,
     #[error("initramfs of {size} bytes does not fit in guest RAM above the kernel (kernel ends at {kernel_end:#x}, low RAM ends at {ram_end:#x}); give the VM more memory")]
-    InitrdTooLarge { size: u64, kernel_end: u64, ram_end: u64 },
+    InitrdTooLarge {
+        size: u64,
+        kernel_end: u64,
+        ram_end: u64,
+    },
     #[error("copying the initramfs into guest memory: {0}")]
     InitrdWrite(#[source] vm_memory::GuestMemoryError),
     #[error("kernel command line: {0}")]
@@ -41,17 +45,32 @@ pub struct LoadedKernel {
 pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKernel, LoadError> {
     let result = Elf::load(mem, None, kernel, Some(GuestAddress(HIGH_MEMORY_START)))
         .map_err(LoadError::Kernel)?;
-    Ok(LoadedKernel { entry: result.kernel_load.0, end: result.kernel_end })
+    Ok(LoadedKernel {
+        entry: result.kernel_load.0,
+        end: result.kernel_end,
+    })
 }
 
 /// Where an initramfs of `size` bytes goes: page-aligned at the top of low
 /// RAM, which keeps it clear of the kernel and of the kernel's early
 /// allocations that start right after the image.
-pub fn initrd_placement(size: u64, kernel_end: u64, low_ram_end: u64) -> Result<InitrdPlacement, LoadError> {
-    let too_large = LoadError::InitrdTooLarge { size, kernel_end, ram_end: low_ram_end };
+pub fn initrd_placement(
+    size: u64,
+    kernel_end: u64,
+    low_ram_end: u64,
+) -> Result<InitrdPlacement, LoadError> {
+    let too_large = LoadError::InitrdTooLarge {
+        size,
+        kernel_end,
+        ram_end: low_ram_end,
+    };
     let addr = low_ram_end.checked_sub(size).ok_or(too_large)? & !(PAGE_SIZE - 1);
     if addr < kernel_end.next_multiple_of(PAGE_SIZE) {
-        return Err(LoadError::InitrdTooLarge { size, kernel_end, ram_end: low_ram_end });
+        return Err(LoadError::InitrdTooLarge {
+            size,
+            kernel_end,
+            ram_end: low_ram_end,
+        });
     }
     Ok(InitrdPlacement { addr, size })
 }
@@ -63,7 +82,9 @@ pub fn load_initrd(
     kernel_end: u64,
     low_ram_end: u64,
 ) -> Result<InitrdPlacement, LoadError> {
-    let size = initrd.seek(SeekFrom::End(0)).map_err(LoadError::InitrdRead)?;
+    let size = initrd
+        .seek(SeekFrom::End(0))
+        .map_err(LoadError::InitrdRead)?;
     if size == 0 {
         return Err(LoadError::InitrdEmpty);
     }
@@ -99,7 +120,8 @@ mod tests {
     }
 
     fn write_temp(name: &str, bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("podbox-loader-{}-{name}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("podbox-loader-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         let file = File::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -164,6 +186,9 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(p.addr)).unwrap();
         assert_eq!(got, data);
         let mut empty = write_temp("empty", b"");
-        assert!(matches!(load_initrd(&mem, &mut empty, 0, 32 << 20), Err(LoadError::InitrdEmpty)));
+        assert!(matches!(
+            load_initrd(&mem, &mut empty, 0, 32 << 20),
+            Err(LoadError::InitrdEmpty)
+        ));
     }
 }

@@ -135,48 +135,63 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
     };
     for cpu in 0..vcpus {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
-        push(Processor {
-            entry_type: ENTRY_PROCESSOR,
-            apic_id: cpu,
-            apic_version: APIC_VERSION,
-            cpu_flags: flags,
-            signature: CPU_SIGNATURE,
-            features: CPU_FEATURES,
-            ..Default::default()
+        push(
+            Processor {
+                entry_type: ENTRY_PROCESSOR,
+                apic_id: cpu,
+                apic_version: APIC_VERSION,
+                cpu_flags: flags,
+                signature: CPU_SIGNATURE,
+                features: CPU_FEATURES,
+                ..Default::default()
+            }
+            .as_slice(),
+        );
+    }
+    push(
+        Bus {
+            entry_type: ENTRY_BUS,
+            bus_id: 0,
+            bus_type: *b"ISA   ",
         }
-        .as_slice());
-    }
-    push(Bus { entry_type: ENTRY_BUS, bus_id: 0, bus_type: *b"ISA   " }.as_slice());
-    push(Ioapic {
-        entry_type: ENTRY_IOAPIC,
-        apic_id: ioapic_id,
-        apic_version: IOAPIC_VERSION,
-        flags: MPC_APIC_USABLE,
-        address: IOAPIC_DEFAULT_PHYS_BASE,
-    }
-    .as_slice());
+        .as_slice(),
+    );
+    push(
+        Ioapic {
+            entry_type: ENTRY_IOAPIC,
+            apic_id: ioapic_id,
+            apic_version: IOAPIC_VERSION,
+            flags: MPC_APIC_USABLE,
+            address: IOAPIC_DEFAULT_PHYS_BASE,
+        }
+        .as_slice(),
+    );
     for irq in 0..IRQ_LINES {
-        push(Interrupt {
-            entry_type: ENTRY_INTSRC,
-            irq_type: INT_TYPE_INT,
-            irq_flags: 0, // bus-default polarity and trigger
-            src_bus: 0,
-            src_irq: irq,
-            dst_apic: ioapic_id,
-            dst_pin: irq,
-        }
-        .as_slice());
+        push(
+            Interrupt {
+                entry_type: ENTRY_INTSRC,
+                irq_type: INT_TYPE_INT,
+                irq_flags: 0, // bus-default polarity and trigger
+                src_bus: 0,
+                src_irq: irq,
+                dst_apic: ioapic_id,
+                dst_pin: irq,
+            }
+            .as_slice(),
+        );
     }
     for (irq_type, pin) in [(INT_TYPE_EXTINT, 0), (INT_TYPE_NMI, 1)] {
-        push(Interrupt {
-            entry_type: ENTRY_LINTSRC,
-            irq_type,
-            src_bus: 0,
-            dst_apic: DEST_ALL_LAPICS,
-            dst_pin: pin,
-            ..Default::default()
-        }
-        .as_slice());
+        push(
+            Interrupt {
+                entry_type: ENTRY_LINTSRC,
+                irq_type,
+                src_bus: 0,
+                dst_apic: DEST_ALL_LAPICS,
+                dst_pin: pin,
+                ..Default::default()
+            }
+            .as_slice(),
+        );
     }
 
     let fp_size = std::mem::size_of::<FloatingPointer>();
@@ -251,11 +266,18 @@ mod tests {
     fn one_processor_entry_per_vcpu_with_one_bsp() {
         for vcpus in [1u8, 2, 7, MAX_VCPUS] {
             let (_, _, entries) = parse(&build(vcpus).unwrap());
-            let cpus: Vec<_> = entries.iter().filter(|e| e.0 == ENTRY_PROCESSOR).map(|e| e.1.clone()).collect();
+            let cpus: Vec<_> = entries
+                .iter()
+                .filter(|e| e.0 == ENTRY_PROCESSOR)
+                .map(|e| e.1.clone())
+                .collect();
             assert_eq!(cpus.len(), vcpus as usize);
             let ids: Vec<u8> = cpus.iter().map(|c| c[1]).collect();
             assert_eq!(ids, (0..vcpus).collect::<Vec<_>>());
-            let bsps = cpus.iter().filter(|c| c[3] & CPU_BOOTPROCESSOR != 0).count();
+            let bsps = cpus
+                .iter()
+                .filter(|c| c[3] & CPU_BOOTPROCESSOR != 0)
+                .count();
             assert_eq!(bsps, 1);
             assert!(cpus.iter().all(|c| c[3] & CPU_ENABLED != 0));
         }
@@ -268,8 +290,11 @@ mod tests {
         let ioapic: Vec<_> = entries.iter().filter(|e| e.0 == ENTRY_IOAPIC).collect();
         assert_eq!(ioapic.len(), 1);
         assert_eq!(ioapic[0].1[1], 2, "IOAPIC id follows the CPU ids");
-        let routes: Vec<(u8, u8)> =
-            entries.iter().filter(|e| e.0 == ENTRY_INTSRC).map(|e| (e.1[5], e.1[7])).collect();
+        let routes: Vec<(u8, u8)> = entries
+            .iter()
+            .filter(|e| e.0 == ENTRY_INTSRC)
+            .map(|e| (e.1[5], e.1[7]))
+            .collect();
         assert_eq!(routes, (0..IRQ_LINES).map(|i| (i, i)).collect::<Vec<_>>());
         assert_eq!(entries.iter().filter(|e| e.0 == ENTRY_LINTSRC).count(), 2);
     }
@@ -283,6 +308,9 @@ mod tests {
     #[test]
     fn rejects_zero_and_too_many_vcpus() {
         assert_eq!(build(0).unwrap_err(), MptableError::VcpuCount(0));
-        assert_eq!(build(MAX_VCPUS + 1).unwrap_err(), MptableError::VcpuCount(MAX_VCPUS + 1));
+        assert_eq!(
+            build(MAX_VCPUS + 1).unwrap_err(),
+            MptableError::VcpuCount(MAX_VCPUS + 1)
+        );
     }
 }

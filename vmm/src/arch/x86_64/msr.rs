@@ -40,7 +40,11 @@ pub fn boot_msr_values() -> Vec<(u32, u64)> {
 pub fn boot_msrs() -> Msrs {
     let entries: Vec<kvm_msr_entry> = boot_msr_values()
         .into_iter()
-        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
     // The list is a fixed handful of entries, far below the FAM limit.
     Msrs::from_entries(&entries).expect("boot MSR list fits a kvm_msrs")

@@ -36,7 +36,11 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
 
 /// x87 control word and MXCSR as after FNINIT / reset.
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// Writes the boot GDT, an empty IDT and the identity page tables.
@@ -46,10 +50,16 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> 
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD maps 512 x 2 MiB = the first GiB.
-    mem.write_obj(PDPTE_START | PAGE_PRESENT_WRITABLE, GuestAddress(PML4_START))?;
+    mem.write_obj(
+        PDPTE_START | PAGE_PRESENT_WRITABLE,
+        GuestAddress(PML4_START),
+    )?;
     mem.write_obj(PDE_START | PAGE_PRESENT_WRITABLE, GuestAddress(PDPTE_START))?;
     for i in 0..512u64 {
-        mem.write_obj((i << 21) | PAGE_PRESENT_WRITABLE | PAGE_HUGE, GuestAddress(PDE_START + i * 8))?;
+        mem.write_obj(
+            (i << 21) | PAGE_PRESENT_WRITABLE | PAGE_HUGE,
+            GuestAddress(PDE_START + i * 8),
+        )?;
     }
     Ok(())
 }

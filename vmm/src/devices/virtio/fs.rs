@@ -18,7 +18,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{read_config_bytes, ActivateContext, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
+};
 
 /// The tag field of the config space (virtio 1.2, 5.11.4): UTF-8, not
 /// NUL-terminated when it fills all 36 bytes.
@@ -48,9 +50,15 @@ pub enum FsError {
     #[error("virtio-fs tag {0:?}: must be 1 to {TAG_LEN} bytes")]
     Tag(String),
     #[error("connecting to the vhost-user backend at {}: {source}", socket.display())]
-    Connect { socket: PathBuf, source: vhost::Error },
+    Connect {
+        socket: PathBuf,
+        source: vhost::Error,
+    },
     #[error("vhost-user {step}: {source}")]
-    Protocol { step: &'static str, source: vhost::Error },
+    Protocol {
+        step: &'static str,
+        source: vhost::Error,
+    },
     #[error("the vhost-user backend offers features {0:#x} without VIRTIO_F_VERSION_1")]
     NotModern(u64),
     #[error("the vhost-user backend serves {got} queues, virtio-fs needs {NUM_QUEUES}")]
@@ -83,9 +91,13 @@ impl VhostUserFs {
         let mut frontend = frontend;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if features & protocol_bit != 0 {
-            let offered = frontend.get_protocol_features().map_err(proto("GET_PROTOCOL_FEATURES"))?;
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(proto("GET_PROTOCOL_FEATURES"))?;
             let used = offered & WANTED_PROTOCOL;
-            frontend.set_protocol_features(used).map_err(proto("SET_PROTOCOL_FEATURES"))?;
+            frontend
+                .set_protocol_features(used)
+                .map_err(proto("SET_PROTOCOL_FEATURES"))?;
             if used.contains(VhostUserProtocolFeatures::MQ) {
                 let got = frontend.get_queue_num().map_err(proto("GET_QUEUE_NUM"))?;
                 if got < NUM_QUEUES as u64 {
@@ -94,19 +106,32 @@ impl VhostUserFs {
             }
             tracing::debug!("virtio-fs: backend protocol features {offered:?}, using {used:?}");
         }
-        tracing::info!("virtio-fs: backend at {} offers features {features:#x}", socket.display());
-        Ok(Self { config, frontend, backend_features: features, activated: false })
+        tracing::info!(
+            "virtio-fs: backend at {} offers features {features:#x}",
+            socket.display()
+        );
+        Ok(Self {
+            config,
+            frontend,
+            backend_features: features,
+            activated: false,
+        })
     }
 
     /// Everything from SET_FEATURES to enabling the rings; the guest's
     /// queues are valid (the transport checked) and its memory is shared.
     fn setup_backend(&mut self, ctx: &ActivateContext) -> Result<(), String> {
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = (ctx.acked_features & self.features()) | (self.backend_features & protocol_bit);
+        let features =
+            (ctx.acked_features & self.features()) | (self.backend_features & protocol_bit);
         let step = |name: &'static str| move |e: vhost::Error| format!("{name}: {e}");
-        self.frontend.set_features(features).map_err(step("SET_FEATURES"))?;
+        self.frontend
+            .set_features(features)
+            .map_err(step("SET_FEATURES"))?;
         let regions = memory_table(&ctx.memory)?;
-        self.frontend.set_mem_table(&regions).map_err(step("SET_MEM_TABLE"))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(step("SET_MEM_TABLE"))?;
         for (i, q) in ctx.queues.iter().enumerate() {
             let queue = &q.queue;
             let hva = |gpa: u64| {
@@ -126,18 +151,30 @@ impl VhostUserFs {
                 avail_ring_addr: hva(queue.avail_ring())?,
                 log_addr: None,
             };
-            self.frontend.set_vring_num(i, queue.size()).map_err(step("SET_VRING_NUM"))?;
-            self.frontend.set_vring_addr(i, &vring).map_err(step("SET_VRING_ADDR"))?;
-            self.frontend.set_vring_base(i, queue.next_avail()).map_err(step("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_num(i, queue.size())
+                .map_err(step("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(i, &vring)
+                .map_err(step("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, queue.next_avail())
+                .map_err(step("SET_VRING_BASE"))?;
             // The backend raises the device's KVM irqfd itself and is kicked
             // by the queue's KVM ioeventfd: no VMM thread on the data path.
-            self.frontend.set_vring_call(i, ctx.interrupt.irqfd()).map_err(step("SET_VRING_CALL"))?;
-            self.frontend.set_vring_kick(i, &q.notify).map_err(step("SET_VRING_KICK"))?;
+            self.frontend
+                .set_vring_call(i, ctx.interrupt.irqfd())
+                .map_err(step("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &q.notify)
+                .map_err(step("SET_VRING_KICK"))?;
         }
         if features & protocol_bit != 0 {
             // With protocol features, rings start disabled (vhost-user spec).
             for i in 0..ctx.queues.len() {
-                self.frontend.set_vring_enable(i, true).map_err(step("SET_VRING_ENABLE"))?;
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(step("SET_VRING_ENABLE"))?;
             }
         }
         Ok(())
@@ -163,10 +200,18 @@ fn connect_with_retry(socket: &Path) -> Result<Frontend, FsError> {
         match Frontend::connect(socket, NUM_QUEUES as u64) {
             Ok(f) => return Ok(f),
             Err(e) if start.elapsed() < CONNECT_TIMEOUT => {
-                tracing::debug!("virtio-fs: connecting to {}: {e}; retrying", socket.display());
+                tracing::debug!(
+                    "virtio-fs: connecting to {}: {e}; retrying",
+                    socket.display()
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(source) => return Err(FsError::Connect { socket: socket.to_owned(), source }),
+            Err(source) => {
+                return Err(FsError::Connect {
+                    socket: socket.to_owned(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -205,9 +250,16 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let fail = |detail: String| ActivateError::Failed { device: "virtio-fs", detail };
+        let fail = |detail: String| ActivateError::Failed {
+            device: "virtio-fs",
+            detail,
+        };
         if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount { device: "virtio-fs", expected: NUM_QUEUES, got: ctx.queues.len() });
+            return Err(ActivateError::QueueCount {
+                device: "virtio-fs",
+                expected: NUM_QUEUES,
+                got: ctx.queues.len(),
+            });
         }
         if self.activated {
             return Err(fail("activated twice".into()));
@@ -234,14 +286,19 @@ mod tests {
         assert!(c[6..TAG_LEN].iter().all(|&b| b == 0));
         assert_eq!(u32::from_le_bytes(c[TAG_LEN..].try_into().unwrap()), 1);
         assert!(config_space(&"x".repeat(TAG_LEN)).is_ok());
-        assert!(matches!(config_space(&"x".repeat(TAG_LEN + 1)), Err(FsError::Tag(_))));
+        assert!(matches!(
+            config_space(&"x".repeat(TAG_LEN + 1)),
+            Err(FsError::Tag(_))
+        ));
         assert!(matches!(config_space(""), Err(FsError::Tag(_))));
     }
 
     #[test]
     fn virtio_fs_connect_to_a_missing_socket_fails_within_the_timeout() {
         let start = Instant::now();
-        let err = VhostUserFs::connect(Path::new("/nonexistent/fs.sock"), "t").err().unwrap();
+        let err = VhostUserFs::connect(Path::new("/nonexistent/fs.sock"), "t")
+            .err()
+            .unwrap();
         assert!(matches!(err, FsError::Connect { .. }), "{err}");
         assert!(start.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
     }

@@ -58,7 +58,11 @@ pub enum MmioError {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Result<Self, MmioError> {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, MmioError> {
         let mut queues = Vec::new();
         let mut queue_events = Vec::new();
         for &max in device.queue_max_sizes() {
@@ -111,7 +115,10 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::debug!("virtio-mmio: {}-byte read of register {offset:#x} ignored", data.len());
+            tracing::debug!(
+                "virtio-mmio: {}-byte read of register {offset:#x} ignored",
+                data.len()
+            );
             data.fill(0);
             return;
         }
@@ -146,7 +153,10 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::debug!("virtio-mmio: {}-byte write of register {offset:#x} ignored", data.len());
+            tracing::debug!(
+                "virtio-mmio: {}-byte write of register {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
         let v = u32::from_le_bytes(bytes);
@@ -160,7 +170,10 @@ impl MmioTransport {
                 }
                 match self.driver_features_select {
                     0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
-                    1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
+                    1 => {
+                        self.acked_features =
+                            (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
                     s => tracing::debug!("virtio-mmio: driver features word {s} ignored"),
                 }
             }
@@ -177,7 +190,11 @@ impl MmioTransport {
                 }
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if setup => {
-                let (low, high) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                let (low, high) = if offset & 4 == 0 {
+                    (Some(v), None)
+                } else {
+                    (None, Some(v))
+                };
                 if let Some(q) = self.selected_queue() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(low, high),
@@ -216,13 +233,17 @@ impl MmioTransport {
         }
         // The driver may only add bits (virtio 1.2, 3.1.1).
         if v & self.status != self.status {
-            tracing::debug!("virtio-mmio: status {v:#x} drops bits of {:#x}; ignored", self.status);
+            tracing::debug!(
+                "virtio-mmio: status {v:#x} drops bits of {:#x}; ignored",
+                self.status
+            );
             return;
         }
         let new = v & !self.status;
         if new & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
-            if self.acked_features & !offered != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            if self.acked_features & !offered != 0 || self.acked_features & VIRTIO_F_VERSION_1 == 0
+            {
                 tracing::debug!(
                     "{}: driver features {:#x} not acceptable (offered {offered:#x})",
                     self.device.name(),
@@ -242,13 +263,19 @@ impl MmioTransport {
     fn activate(&mut self) {
         let required = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         if self.activated || self.status & required != required {
-            tracing::debug!("{}: DRIVER_OK without the earlier steps; not started", self.device.name());
+            tracing::debug!(
+                "{}: DRIVER_OK without the earlier steps; not started",
+                self.device.name()
+            );
             return;
         }
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter_mut().enumerate() {
             if !q.is_valid(&self.memory) {
-                tracing::warn!("{}: queue {i} is not set up validly; device not started", self.device.name());
+                tracing::warn!(
+                    "{}: queue {i} is not set up validly; device not started",
+                    self.device.name()
+                );
                 self.status |= STATUS_DEVICE_NEEDS_RESET;
                 self.interrupt.signal_config_change();
                 return;
@@ -264,7 +291,10 @@ impl MmioTransport {
             // The device owns the queue from now on; the transport keeps
             // a fresh one for a reset.
             let fresh = Queue::new(q.max_size()).unwrap_or_default();
-            queues.push(ActiveQueue { queue: std::mem::replace(q, fresh), notify });
+            queues.push(ActiveQueue {
+                queue: std::mem::replace(q, fresh),
+                notify,
+            });
         }
         let ctx = ActivateContext {
             memory: self.memory.clone(),
@@ -287,7 +317,10 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.activated && !self.device.reset() {
-            tracing::debug!("{}: reset after activation not supported; device keeps running", self.device.name());
+            tracing::debug!(
+                "{}: reset after activation not supported; device keeps running",
+                self.device.name()
+            );
             return;
         }
         self.activated = false;
@@ -339,7 +372,17 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let activated = Arc::new(Mutex::new(None));
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        (MmioTransport::new(Box::new(Dummy { activated: activated.clone() }), mem, irq).unwrap(), activated)
+        (
+            MmioTransport::new(
+                Box::new(Dummy {
+                    activated: activated.clone(),
+                }),
+                mem,
+                irq,
+            )
+            .unwrap(),
+            activated,
+        )
     }
 
     fn r32(t: &mut MmioTransport, off: u64) -> u32 {
@@ -373,7 +416,11 @@ mod tests {
         w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w32(&mut t, 0x24, 1);
         w32(&mut t, 0x20, 1);
-        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
         for q in 0..2u32 {
             w32(&mut t, 0x30, q);
@@ -385,7 +432,11 @@ mod tests {
             w32(&mut t, 0xa0, base + 0x2000);
             w32(&mut t, 0x44, 1);
         }
-        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
         assert_eq!(*activated.lock().unwrap(), Some(2));
     }
 
@@ -395,7 +446,11 @@ mod tests {
         // Features the device does not offer: FEATURES_OK is refused.
         w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w32(&mut t, 0x20, 0xffff_ffff);
-        w32(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r32(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
         // Queue selector out of range, odd sizes, unknown registers.
         w32(&mut t, 0x30, 0xffff_ffff);

@@ -32,9 +32,16 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("{device}: expected {expected} queues, got {got}")]
-    QueueCount { device: &'static str, expected: usize, got: usize },
+    QueueCount {
+        device: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("{device}: {detail}")]
-    Failed { device: &'static str, detail: String },
+    Failed {
+        device: &'static str,
+        detail: String,
+    },
 }
 
 /// One queue as handed to a device at activation: the queue state the driver
@@ -64,7 +71,11 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(irqfd: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), irqfd, used_ring_always: AtomicBool::new(false) }
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+            used_ring_always: AtomicBool::new(false),
+        }
     }
 
     /// From now on InterruptStatus always shows the used-ring bit: for a
@@ -98,7 +109,11 @@ impl Interrupt {
     }
 
     pub fn status(&self) -> u32 {
-        let sticky = if self.used_ring_always.load(Ordering::SeqCst) { INTERRUPT_USED_RING } else { 0 };
+        let sticky = if self.used_ring_always.load(Ordering::SeqCst) {
+            INTERRUPT_USED_RING
+        } else {
+            0
+        };
         self.status.load(Ordering::SeqCst) | sticky
     }
 
@@ -137,7 +152,9 @@ pub trait VirtioDevice: Send {
 /// beyond the end: config reads take guest-chosen offsets and sizes.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(offset) = usize::try_from(offset) else { return };
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
     if let Some(src) = config.get(offset..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
@@ -169,6 +186,10 @@ mod tests {
         assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
         irq.report_used_ring_always();
         irq.ack(u32::MAX);
-        assert_eq!(irq.status(), INTERRUPT_USED_RING, "vhost-user devices keep the used-ring bit");
+        assert_eq!(
+            irq.status(),
+            INTERRUPT_USED_RING,
+            "vhost-user devices keep the used-ring bit"
+        );
     }
 }

@@ -105,7 +105,8 @@ impl Connection {
 
     /// True when the guest should hear about freed buffer space.
     pub fn wants_credit_update(&self) -> bool {
-        self.credit_update_due || self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
+        self.credit_update_due
+            || self.fwd_cnt.wrapping_sub(self.fwd_cnt_sent) >= CREDIT_UPDATE_THRESHOLD
     }
 
     /// Guest→host payload: written to the host socket now, or buffered
@@ -118,7 +119,9 @@ impl Connection {
         }
         let rest = &data[written..];
         if self.tx_buf.len() + rest.len() > CONN_BUF_ALLOC as usize {
-            return Err(ConnError::CreditOverrun { buffered: self.tx_buf.len() + rest.len() });
+            return Err(ConnError::CreditOverrun {
+                buffered: self.tx_buf.len() + rest.len(),
+            });
         }
         self.tx_buf.extend(rest);
         Ok(())
@@ -172,12 +175,18 @@ impl Connection {
 
     /// Whether there is host data we could send right now.
     pub fn rx_ready(&self) -> bool {
-        self.state == State::Established && self.readable && !self.host_eof && self.peer_credit() > 0
+        self.state == State::Established
+            && self.readable
+            && !self.host_eof
+            && self.peer_credit() > 0
     }
 
     /// The host has data but the guest has no room: ask for its credit.
     pub fn starved_of_credit(&self) -> bool {
-        self.state == State::Established && self.readable && !self.host_eof && self.peer_credit() == 0
+        self.state == State::Established
+            && self.readable
+            && !self.host_eof
+            && self.peer_credit() == 0
     }
 }
 
@@ -212,12 +221,24 @@ mod tests {
         host.write_all(&[7u8; 1000]).unwrap();
         c.readable = true;
         let mut buf = [0u8; 4096];
-        assert_eq!(c.read_from_host(&mut buf).unwrap(), 0, "no credit before the guest advertises any");
-        c.update_peer_credit(&Header { buf_alloc: 300, fwd_cnt: 0, ..Default::default() });
+        assert_eq!(
+            c.read_from_host(&mut buf).unwrap(),
+            0,
+            "no credit before the guest advertises any"
+        );
+        c.update_peer_credit(&Header {
+            buf_alloc: 300,
+            fwd_cnt: 0,
+            ..Default::default()
+        });
         assert_eq!(c.read_from_host(&mut buf).unwrap(), 300);
         assert_eq!(c.peer_credit(), 0);
         assert!(c.starved_of_credit());
-        c.update_peer_credit(&Header { buf_alloc: 300, fwd_cnt: 300, ..Default::default() });
+        c.update_peer_credit(&Header {
+            buf_alloc: 300,
+            fwd_cnt: 300,
+            ..Default::default()
+        });
         assert_eq!(c.read_from_host(&mut buf).unwrap(), 300);
     }
 
@@ -239,7 +260,8 @@ mod tests {
     #[test]
     fn vsock_fwd_cnt_counts_delivered_bytes_and_triggers_updates() {
         let (mut c, mut host) = pair();
-        c.send_to_host(&vec![1u8; (CREDIT_UPDATE_THRESHOLD + 1) as usize]).unwrap();
+        c.send_to_host(&vec![1u8; (CREDIT_UPDATE_THRESHOLD + 1) as usize])
+            .unwrap();
         c.flush_to_host().unwrap();
         let mut got = vec![0u8; (CREDIT_UPDATE_THRESHOLD + 1) as usize];
         // The host may not have taken everything in one go; drain it all.

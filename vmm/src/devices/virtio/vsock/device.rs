@@ -12,7 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::{TxPacket, HDR_SIZE, MAX_PKT_PAYLOAD};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -33,7 +34,10 @@ impl Vsock {
     /// A device for guest CID `cid` whose host side is the unix socket the
     /// muxer listens on.
     pub fn new(cid: u64, muxer: Muxer) -> Self {
-        Self { cid, muxer: Some(muxer) }
+        Self {
+            cid,
+            muxer: Some(muxer),
+        }
     }
 }
 
@@ -60,22 +64,42 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let fail = |detail: String| ActivateError::Failed { device: "virtio-vsock", detail };
+        let fail = |detail: String| ActivateError::Failed {
+            device: "virtio-vsock",
+            detail,
+        };
         if ctx.queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount { device: "virtio-vsock", expected: QUEUE_SIZES.len(), got: ctx.queues.len() });
+            return Err(ActivateError::QueueCount {
+                device: "virtio-vsock",
+                expected: QUEUE_SIZES.len(),
+                got: ctx.queues.len(),
+            });
         }
-        let muxer = self.muxer.take().ok_or_else(|| fail("activated twice".into()))?;
+        let muxer = self
+            .muxer
+            .take()
+            .ok_or_else(|| fail("activated twice".into()))?;
         let mut queues = Vec::new();
         let mut events = Vec::new();
         for (i, q) in ctx.queues.into_iter().enumerate() {
             muxer
                 .epoll()
-                .ctl(ControlOperation::Add, q.notify.as_raw_fd(), EpollEvent::new(EventSet::IN, QUEUE_TOKEN + i as u64))
+                .ctl(
+                    ControlOperation::Add,
+                    q.notify.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, QUEUE_TOKEN + i as u64),
+                )
                 .map_err(|e| fail(format!("epoll add queue {i}: {e}")))?;
             queues.push(q.queue);
             events.push(q.notify);
         }
-        let mut worker = Worker { muxer, memory: ctx.memory, queues, events, interrupt: ctx.interrupt };
+        let mut worker = Worker {
+            muxer,
+            memory: ctx.memory,
+            queues,
+            events,
+            interrupt: ctx.interrupt,
+        };
         std::thread::Builder::new()
             .name("virtio-vsock".into())
             .spawn(move || worker.run())
@@ -152,12 +176,17 @@ impl Worker {
         let queue = &mut self.queues[RX];
         let mut scratch = vec![0u8; MAX_PKT_PAYLOAD];
         while self.muxer.has_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut writer = match Writer::new(mem, chain) {
                 Ok(w) if w.available_bytes() >= HDR_SIZE => w,
                 Ok(w) => {
-                    tracing::debug!("virtio-vsock: RX buffer of {} bytes is too small; skipped", w.available_bytes());
+                    tracing::debug!(
+                        "virtio-vsock: RX buffer of {} bytes is too small; skipped",
+                        w.available_bytes()
+                    );
                     let _ = queue.add_used(mem, head, 0);
                     used = true;
                     continue;
@@ -177,7 +206,9 @@ impl Worker {
             };
             hdr.len = n as u32;
             use std::io::Write;
-            let written = writer.write_all(&hdr.to_bytes()).and_then(|()| writer.write_all(&scratch[..n]));
+            let written = writer
+                .write_all(&hdr.to_bytes())
+                .and_then(|()| writer.write_all(&scratch[..n]));
             if let Err(e) = written {
                 // Writer::new validated the buffers; this is not expected.
                 tracing::warn!("virtio-vsock: writing an RX packet: {e}; packet lost");
@@ -211,17 +242,28 @@ mod tests {
         let tx = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
         let rx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
         let ev = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
-        let hdr = |op, len| Header { src_cid: 3, dst_cid: 2, src_port: 9, dst_port: 77, len, type_: TYPE_STREAM, op, ..Default::default() };
-        mem.write_slice(&hdr(OP_REQUEST, 1000).to_bytes(), GuestAddress(0x9_0000)).unwrap();
-        mem.write_slice(&hdr(OP_REQUEST, 0).to_bytes(), GuestAddress(0xa_0000)).unwrap();
+        let hdr = |op, len| Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 9,
+            dst_port: 77,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            ..Default::default()
+        };
+        mem.write_slice(&hdr(OP_REQUEST, 1000).to_bytes(), GuestAddress(0x9_0000))
+            .unwrap();
+        mem.write_slice(&hdr(OP_REQUEST, 0).to_bytes(), GuestAddress(0xa_0000))
+            .unwrap();
         let descs = [
-            (0x8_0000, 10, 0, 0),                   // shorter than a header
-            (0xffff_ffff_0000, 44, 0, 0),           // outside guest memory
-            (0x9_0000, 44, 0, 0),                   // claims 1000 payload bytes it lacks
-            (0xa_0000, 44, F_WRITE, 0),             // write-only: nothing to read
-            (0xa_0000, 44, F_NEXT, 4),              // a chain that loops on itself
-            (0x8_0000, u32::MAX, 0, 0),             // absurd length
-            (0xa_0000, 44, 0, 0),                   // finally a valid REQUEST
+            (0x8_0000, 10, 0, 0),         // shorter than a header
+            (0xffff_ffff_0000, 44, 0, 0), // outside guest memory
+            (0x9_0000, 44, 0, 0),         // claims 1000 payload bytes it lacks
+            (0xa_0000, 44, F_WRITE, 0),   // write-only: nothing to read
+            (0xa_0000, 44, F_NEXT, 4),    // a chain that loops on itself
+            (0x8_0000, u32::MAX, 0, 0),   // absurd length
+            (0xa_0000, 44, 0, 0),         // finally a valid REQUEST
         ];
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
@@ -230,7 +272,12 @@ mod tests {
         }
         tx.avail().idx().store(descs.len() as u16);
         // One RX buffer for the answer.
-        rx.desc_table().store(0, RawDescriptor::from(SplitDescriptor::new(0xb_0000, 4096, F_WRITE, 0))).unwrap();
+        rx.desc_table()
+            .store(
+                0,
+                RawDescriptor::from(SplitDescriptor::new(0xb_0000, 4096, F_WRITE, 0)),
+            )
+            .unwrap();
         rx.avail().ring().ref_at(0).unwrap().store(0);
         rx.avail().idx().store(1);
 
@@ -239,18 +286,29 @@ mod tests {
         let mut worker = Worker {
             muxer,
             memory: mem.clone(),
-            queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap(), ev.create_queue().unwrap()],
+            queues: vec![
+                rx.create_queue().unwrap(),
+                tx.create_queue().unwrap(),
+                ev.create_queue().unwrap(),
+            ],
             events: vec![],
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
         };
         assert!(worker.process_tx());
-        assert_eq!(tx.used().idx().load(), descs.len() as u16, "every chain is returned to the guest");
+        assert_eq!(
+            tx.used().idx().load(),
+            descs.len() as u16,
+            "every chain is returned to the guest"
+        );
         // The valid REQUEST (nobody listens on host port 77) gets an RST.
         assert!(worker.process_rx());
         assert_eq!(rx.used().idx().load(), 1);
         let mut raw = [0u8; HDR_SIZE];
         mem.read_slice(&mut raw, GuestAddress(0xb_0000)).unwrap();
         let answer = Header::from_bytes(&raw);
-        assert_eq!((answer.op, answer.dst_port, answer.src_port), (OP_RST, 9, 77));
+        assert_eq!(
+            (answer.op, answer.dst_port, answer.src_port),
+            (OP_RST, 9, 77)
+        );
     }
 }

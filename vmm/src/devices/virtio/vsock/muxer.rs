@@ -40,7 +40,10 @@ type Key = (u32, u32); // (local_port, peer_port)
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
     #[error("binding vsock socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("vsock epoll: {0}")]
     Epoll(#[source] std::io::Error),
 }
@@ -70,7 +73,10 @@ pub struct Muxer {
 
 /// Binds the unix socket, replacing a stale one left by a killed VMM.
 fn bind(path: &Path) -> Result<UnixListener, MuxerError> {
-    let bind_err = |source| MuxerError::Bind { path: path.to_owned(), source };
+    let bind_err = |source| MuxerError::Bind {
+        path: path.to_owned(),
+        source,
+    };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         // Only a socket nobody answers on is stale; anything else is an error.
@@ -88,7 +94,11 @@ impl Muxer {
         let listener = bind(path)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
         epoll
-            .ctl(ControlOperation::Add, listener.as_raw_fd(), EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64))
+            .ctl(
+                ControlOperation::Add,
+                listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, listener.as_raw_fd() as u64),
+            )
             .map_err(MuxerError::Epoll)?;
         Ok(Self {
             cid,
@@ -129,16 +139,28 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.pending.len() >= MAX_PENDING_HOST || stream.set_nonblocking(true).is_err() {
+                    if self.pending.len() >= MAX_PENDING_HOST
+                        || stream.set_nonblocking(true).is_err()
+                    {
                         tracing::warn!("vsock: too many host connections waiting; refusing one");
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64)) {
+                    if let Err(e) = self.epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, fd as u64),
+                    ) {
                         tracing::warn!("vsock: epoll add: {e}");
                         continue;
                     }
-                    self.pending.insert(fd, PendingHost { stream, line: Vec::new() });
+                    self.pending.insert(
+                        fd,
+                        PendingHost {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -153,7 +175,9 @@ impl Muxer {
     /// Reads the `CONNECT <port>\n` line byte by byte: nothing after the
     /// newline may be consumed, it belongs to the guest stream.
     fn read_connect_line(&mut self, fd: RawFd) {
-        let Some(p) = self.pending.get_mut(&fd) else { return };
+        let Some(p) = self.pending.get_mut(&fd) else {
+            return;
+        };
         let mut byte = [0u8; 1];
         let port = loop {
             match p.stream.read(&mut byte) {
@@ -165,10 +189,17 @@ impl Muxer {
                 Err(_) => break None,
             }
         };
-        let Some(p) = self.pending.remove(&fd) else { return };
-        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let Some(p) = self.pending.remove(&fd) else {
+            return;
+        };
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         let Some(peer_port) = port else {
-            tracing::debug!("vsock: host connection sent a bad CONNECT line {:?}", String::from_utf8_lossy(&p.line));
+            tracing::debug!(
+                "vsock: host connection sent a bad CONNECT line {:?}",
+                String::from_utf8_lossy(&p.line)
+            );
             return;
         };
         if self.conns.len() >= MAX_CONNECTIONS {
@@ -177,7 +208,12 @@ impl Muxer {
         }
         let local_port = self.alloc_local_port();
         let key = (local_port, peer_port);
-        if !self.add_connection(Connection::new(local_port, peer_port, p.stream, State::Connecting)) {
+        if !self.add_connection(Connection::new(
+            local_port,
+            peer_port,
+            p.stream,
+            State::Connecting,
+        )) {
             return;
         }
         self.push_control(key, OP_REQUEST, 0);
@@ -186,7 +222,10 @@ impl Muxer {
     fn alloc_local_port(&mut self) -> u32 {
         loop {
             let port = self.next_local_port;
-            self.next_local_port = self.next_local_port.checked_add(1).unwrap_or(FIRST_LOCAL_PORT);
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
             if !self.conns.keys().any(|&(local, _)| local == port) {
                 return port;
             }
@@ -197,7 +236,10 @@ impl Muxer {
     fn add_connection(&mut self, conn: Connection) -> bool {
         let fd = conn.stream.as_raw_fd();
         let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-        if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, fd as u64)) {
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(set, fd as u64))
+        {
             tracing::warn!("vsock: epoll add: {e}");
             return false;
         }
@@ -209,7 +251,9 @@ impl Muxer {
     fn remove(&mut self, key: Key) {
         if let Some(conn) = self.conns.remove(&key) {
             let fd = conn.stream.as_raw_fd();
-            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.by_fd.remove(&fd);
         }
     }
@@ -222,15 +266,22 @@ impl Muxer {
 
     fn push_control(&mut self, (local_port, peer_port): Key, op: u16, flags: u32) {
         if self.control.len() >= MAX_CONTROL_QUEUE {
-            tracing::debug!("vsock: control queue full (guest gives no RX buffers); op {op} dropped");
+            tracing::debug!(
+                "vsock: control queue full (guest gives no RX buffers); op {op} dropped"
+            );
             return;
         }
-        self.control.push_back(header_for(self.cid, (local_port, peer_port), op, flags));
+        self.control
+            .push_back(header_for(self.cid, (local_port, peer_port), op, flags));
     }
 
     fn conn_event(&mut self, key: Key, events: EventSet) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
-        if events.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if events
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
             conn.readable = true;
         }
         if events.contains(EventSet::OUT) && conn.has_pending_tx() {
@@ -246,7 +297,9 @@ impl Muxer {
     /// Half-closes the host side once the guest finished sending and all of
     /// it reached the host; resets the stream once both sides are done.
     fn maybe_finish(&mut self, key: Key) {
-        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return;
+        };
         if conn.guest_done_sending && !conn.has_pending_tx() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Write);
             if conn.host_eof {
@@ -259,7 +312,13 @@ impl Muxer {
     pub fn on_guest_packet(&mut self, pkt: TxPacket) {
         let h = pkt.hdr;
         if h.src_cid != self.cid || h.dst_cid != HOST_CID {
-            tracing::debug!("vsock: dropping packet {}:{} -> {}:{} (wrong CIDs)", h.src_cid, h.src_port, h.dst_cid, h.dst_port);
+            tracing::debug!(
+                "vsock: dropping packet {}:{} -> {}:{} (wrong CIDs)",
+                h.src_cid,
+                h.src_port,
+                h.dst_cid,
+                h.dst_port
+            );
             return;
         }
         let key = (h.dst_port, h.src_port);
@@ -287,7 +346,9 @@ impl Muxer {
                 conn.state = State::Established;
                 // A fresh socket's buffer takes this short line at once.
                 let line = format!("OK {}\n", conn.local_port);
-                conn.stream.write_all(line.as_bytes()).map_err(ConnError::from)
+                conn.stream
+                    .write_all(line.as_bytes())
+                    .map_err(ConnError::from)
             }
             (OP_RW, State::Established) => conn.send_to_host(&pkt.data),
             (OP_CREDIT_UPDATE, _) => Ok(()),
@@ -332,14 +393,19 @@ impl Muxer {
         }
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{}", key.0));
-        let stream = match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!("vsock: guest port {} -> {}: {e}; RST", key.1, Path::new(&target).display());
-                self.push_control(key, OP_RST, 0);
-                return;
-            }
-        };
+        let stream =
+            match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(
+                        "vsock: guest port {} -> {}: {e}; RST",
+                        key.1,
+                        Path::new(&target).display()
+                    );
+                    self.push_control(key, OP_RST, 0);
+                    return;
+                }
+            };
         let mut conn = Connection::new(key.0, key.1, stream, State::Established);
         conn.update_peer_credit(h);
         if self.add_connection(conn) {
@@ -353,7 +419,10 @@ impl Muxer {
     /// an RX buffer).
     pub fn has_rx(&self) -> bool {
         !self.control.is_empty()
-            || self.conns.values().any(|c| c.rx_ready() || c.wants_credit_update() || (c.host_eof && c.readable))
+            || self
+                .conns
+                .values()
+                .any(|c| c.rx_ready() || c.wants_credit_update() || (c.host_eof && c.readable))
     }
 
     /// The next packet for the guest: its header and `n` payload bytes
@@ -380,7 +449,6 @@ impl Muxer {
         }
         None
     }
-
 
     fn rx_for(&mut self, key: Key, buf: &mut [u8]) -> Option<(Header, usize)> {
         let cid = self.cid;
@@ -423,7 +491,16 @@ impl Muxer {
 
 /// A header from the host side of stream `key` (credit fields still to stamp).
 fn header_for(cid: u64, (local_port, peer_port): Key, op: u16, flags: u32) -> Header {
-    Header { src_cid: HOST_CID, dst_cid: cid, src_port: local_port, dst_port: peer_port, type_: TYPE_STREAM, op, flags, ..Default::default() }
+    Header {
+        src_cid: HOST_CID,
+        dst_cid: cid,
+        src_port: local_port,
+        dst_port: peer_port,
+        type_: TYPE_STREAM,
+        op,
+        flags,
+        ..Default::default()
+    }
 }
 
 /// `CONNECT <port>` (the newline already stripped).
@@ -495,12 +572,18 @@ mod tests {
         let mut got = vec![0u8; 64];
         let n = host.read(&mut got).unwrap();
         let text = String::from_utf8_lossy(&got[..n]).into_owned();
-        assert!(text.starts_with(&format!("OK {}\n", req.src_port)), "{text}");
+        assert!(
+            text.starts_with(&format!("OK {}\n", req.src_port)),
+            "{text}"
+        );
         poll(&mut m);
         let out = drain(&mut m);
         let rw: Vec<_> = out.iter().filter(|(h, _)| h.op == OP_RW).collect();
         assert_eq!(rw.len(), 1, "{out:?}");
-        assert_eq!(rw[0].1, b"early", "bytes after the CONNECT line belong to the stream");
+        assert_eq!(
+            rw[0].1, b"early",
+            "bytes after the CONNECT line belong to the stream"
+        );
         // The guest resets: the host sees EOF.
         m.on_guest_packet(guest(OP_RST, 1024, req.src_port, &[]));
         assert_eq!(m.connection_count(), 0);
@@ -514,7 +597,10 @@ mod tests {
         let listener = UnixListener::bind(format!("{}_5000", path.display())).unwrap();
         m.on_guest_packet(guest(OP_REQUEST, 40000, 5000, &[]));
         m.on_guest_packet(guest(OP_REQUEST, 40001, 5001, &[])); // nobody there
-        let ops: Vec<(u16, u32)> = drain(&mut m).iter().map(|(h, _)| (h.op, h.dst_port)).collect();
+        let ops: Vec<(u16, u32)> = drain(&mut m)
+            .iter()
+            .map(|(h, _)| (h.op, h.dst_port))
+            .collect();
         assert_eq!(ops, vec![(OP_RESPONSE, 40000), (OP_RST, 40001)]);
         let (mut s, _) = listener.accept().unwrap();
         m.on_guest_packet(guest(OP_RW, 40000, 5000, b"ping"));
@@ -528,7 +614,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Muxer::new(CID, &dir.path().join("v.sock")).unwrap();
         // Data, responses, shutdowns and unknown ops for streams that do not exist.
-        for op in [OP_RW, OP_RESPONSE, OP_SHUTDOWN, OP_CREDIT_UPDATE, 0, 99, u16::MAX] {
+        for op in [
+            OP_RW,
+            OP_RESPONSE,
+            OP_SHUTDOWN,
+            OP_CREDIT_UPDATE,
+            0,
+            99,
+            u16::MAX,
+        ] {
             m.on_guest_packet(guest(op, 1, 2, b"x"));
         }
         let out = drain(&mut m);

@@ -120,22 +120,32 @@ impl TxPacket {
             return Err(PacketError::ShortHeader(available));
         }
         let mut raw = [0u8; HDR_SIZE];
-        bytes.read_exact(&mut raw).map_err(|e| PacketError::Chain(e.to_string()))?;
+        bytes
+            .read_exact(&mut raw)
+            .map_err(|e| PacketError::Chain(e.to_string()))?;
         let hdr = Header::from_bytes(&raw);
         if hdr.len as usize > MAX_PKT_PAYLOAD {
             return Err(PacketError::PayloadTooLarge(hdr.len));
         }
         let rest = available - HDR_SIZE;
         if hdr.len as usize > rest {
-            return Err(PacketError::TruncatedPayload { claimed: hdr.len, available: rest });
+            return Err(PacketError::TruncatedPayload {
+                claimed: hdr.len,
+                available: rest,
+            });
         }
         let mut data = vec![0u8; hdr.len as usize];
-        bytes.read_exact(&mut data).map_err(|e| PacketError::Chain(e.to_string()))?;
+        bytes
+            .read_exact(&mut data)
+            .map_err(|e| PacketError::Chain(e.to_string()))?;
         Ok(Self { hdr, data })
     }
 
     /// Parses the packet a TX descriptor chain carries.
-    pub fn from_chain(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Self, PacketError> {
+    pub fn from_chain(
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<Self, PacketError> {
         let mut reader = Reader::new(mem, chain).map_err(|e| PacketError::Chain(e.to_string()))?;
         let available = reader.available_bytes();
         Self::parse(&mut reader, available)
@@ -160,8 +170,12 @@ pub fn write_rx(
     let mut payload = vec![0u8; (room - HDR_SIZE).min(MAX_PKT_PAYLOAD)];
     let n = fill(&mut payload).min(payload.len());
     hdr.len = n as u32;
-    writer.write_all(&hdr.to_bytes()).map_err(|e| PacketError::Write(e.to_string()))?;
-    writer.write_all(&payload[..n]).map_err(|e| PacketError::Write(e.to_string()))?;
+    writer
+        .write_all(&hdr.to_bytes())
+        .map_err(|e| PacketError::Write(e.to_string()))?;
+    writer
+        .write_all(&payload[..n])
+        .map_err(|e| PacketError::Write(e.to_string()))?;
     Ok((HDR_SIZE + n) as u32)
 }
 
@@ -206,23 +220,38 @@ mod tests {
     fn vsock_malformed_packets_are_errors_not_panics() {
         // Shorter than a header.
         let short = [0u8; 10];
-        assert_eq!(TxPacket::parse(&mut &short[..], short.len()), Err(PacketError::ShortHeader(10)));
-        assert_eq!(TxPacket::parse(&mut &[][..], 0), Err(PacketError::ShortHeader(0)));
+        assert_eq!(
+            TxPacket::parse(&mut &short[..], short.len()),
+            Err(PacketError::ShortHeader(10))
+        );
+        assert_eq!(
+            TxPacket::parse(&mut &[][..], 0),
+            Err(PacketError::ShortHeader(0))
+        );
         // Claims more payload than it carries.
         let mut wire = hdr(100).to_bytes().to_vec();
         wire.extend_from_slice(&[1, 2, 3]);
         assert_eq!(
             TxPacket::parse(&mut wire.as_slice(), wire.len()),
-            Err(PacketError::TruncatedPayload { claimed: 100, available: 3 })
+            Err(PacketError::TruncatedPayload {
+                claimed: 100,
+                available: 3
+            })
         );
         // Absurd lengths.
         for len in [u32::MAX, (MAX_PKT_PAYLOAD + 1) as u32] {
             let wire = hdr(len).to_bytes();
-            assert_eq!(TxPacket::parse(&mut &wire[..], wire.len()), Err(PacketError::PayloadTooLarge(len)));
+            assert_eq!(
+                TxPacket::parse(&mut &wire[..], wire.len()),
+                Err(PacketError::PayloadTooLarge(len))
+            );
         }
         // A reader that lies about its size.
         let wire = hdr(0).to_bytes();
-        assert!(matches!(TxPacket::parse(&mut &wire[..20], 44), Err(PacketError::Chain(_))));
+        assert!(matches!(
+            TxPacket::parse(&mut &wire[..20], 44),
+            Err(PacketError::Chain(_))
+        ));
         // Garbage of every length never panics.
         let mut seed = 0x1234_5678u32;
         for n in 0..200usize {
