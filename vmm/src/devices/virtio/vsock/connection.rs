@@ -141,6 +141,14 @@ impl Connection {
         Ok(())
     }
 
+    /// Flow-control counters, for logs.
+    pub fn describe(&self) -> String {
+        format!(
+            "host->guest {} bytes (guest consumed {}, its buffer {}), guest->host {} bytes delivered, {} buffered",
+            self.rx_cnt, self.peer_fwd_cnt, self.peer_buf_alloc, self.fwd_cnt, self.tx_buf.len()
+        )
+    }
+
     pub fn has_pending_tx(&self) -> bool {
         !self.tx_buf.is_empty()
     }

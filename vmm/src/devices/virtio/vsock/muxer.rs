@@ -250,6 +250,7 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(conn) = self.conns.remove(&key) {
+            tracing::debug!("vsock: stream {key:?} closed: {}", conn.describe());
             let fd = conn.stream.as_raw_fd();
             let _ = self
                 .epoll
