@@ -6,9 +6,9 @@
 //! loop, or be write-only. Each of those is an error here; the device drops
 //! the packet (and answers RST where a connection is named) and goes on.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
-use virtio_queue::{DescriptorChain, Reader, Writer};
+use virtio_queue::{DescriptorChain, Reader};
 use vm_memory::GuestMemoryMmap;
 
 /// Size of `struct virtio_vsock_hdr`.
@@ -54,10 +54,6 @@ pub enum PacketError {
     PayloadTooLarge(u32),
     #[error("header claims {claimed} payload bytes, chain carries {available}")]
     TruncatedPayload { claimed: u32, available: usize },
-    #[error("RX buffer of {0} writable bytes cannot hold a header")]
-    SmallRxBuffer(usize),
-    #[error("writing to guest memory: {0}")]
-    Write(String),
 }
 
 fn u16_at(b: &[u8; HDR_SIZE], at: usize) -> u16 {
@@ -150,33 +146,6 @@ impl TxPacket {
         let available = reader.available_bytes();
         Self::parse(&mut reader, available)
     }
-}
-
-/// Writes a header and payload into an RX chain; returns the bytes written
-/// (the used length). `fill` gets the room left for payload and writes at
-/// most that much, returning how many bytes it wrote; the header's `len` is
-/// set from that.
-pub fn write_rx(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mut hdr: Header,
-    fill: impl FnOnce(&mut [u8]) -> usize,
-) -> Result<u32, PacketError> {
-    let mut writer = Writer::new(mem, chain).map_err(|e| PacketError::Chain(e.to_string()))?;
-    let room = writer.available_bytes();
-    if room < HDR_SIZE {
-        return Err(PacketError::SmallRxBuffer(room));
-    }
-    let mut payload = vec![0u8; (room - HDR_SIZE).min(MAX_PKT_PAYLOAD)];
-    let n = fill(&mut payload).min(payload.len());
-    hdr.len = n as u32;
-    writer
-        .write_all(&hdr.to_bytes())
-        .map_err(|e| PacketError::Write(e.to_string()))?;
-    writer
-        .write_all(&payload[..n])
-        .map_err(|e| PacketError::Write(e.to_string()))?;
-    Ok((HDR_SIZE + n) as u32)
 }
 
 #[cfg(test)]
