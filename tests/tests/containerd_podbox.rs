@@ -98,7 +98,7 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-#[ignore = "PVM hosts: the 73 KB exec stdin copy stalls: the agent leaves the shim's WriteStdin to a running cat unanswered (README, Nested PVM hosts)"]
+#[ignore = "PVM hosts: the 73 KB exec stdin round trip fails: the shim's WriteStdin to a running cat went unanswered, or the output came back cut short (32768 of 73890 bytes) (README, Nested PVM hosts)"]
 fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let Some(containerd) = podbox_containerd("podbox_ctr_run_exec_and_kill_in_one_vm", dir.path())
