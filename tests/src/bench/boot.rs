@@ -106,45 +106,18 @@ pub fn boot_podbox(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<BootSampl
     run_timed(cmd).map(|(s, _)| s)
 }
 
-/// QEMU's command line: microvm, no firmware or ACPI, the kernel loaded
-/// through its PVH note; on PVM hosts the same cmdline additions and CX16
-/// hidden as podbox-vmm applies itself (`pvm_cmdline` is empty elsewhere).
+/// QEMU's `microvm` machine on the same kernel command line podbox-vmm
+/// builds (see `super::qemu_microvm`).
 pub fn boot_qemu(kernel: &Path, initrd: &Path, pvm_cmdline: &[&str]) -> Result<BootSample, String> {
-    let mut append = format!(
-        "console=ttyS0 reboot=k panic=1 quiet {}",
-        pvm_cmdline.join(" ")
-    );
-    append = append.trim().to_string();
-    let mut cmd = Command::new("qemu-system-x86_64");
-    // PVM rejects the ARCH_CAPABILITIES MSR QEMU sets for `-cpu host`.
-    let cpu = if pvm_cmdline.is_empty() {
-        "host"
-    } else {
-        "host,-cx16,-arch-capabilities"
-    };
-    cmd.args([
-        "-M",
-        "microvm,acpi=off,x-option-roms=off,rtc=off",
-        "-enable-kvm",
-        "-cpu",
-        cpu,
-    ]);
-    cmd.args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEMORY_MIB}M")]);
-    cmd.arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append);
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ]);
-    run_timed(cmd).map(|(s, _)| s)
+    run_timed(super::qemu_microvm(
+        kernel,
+        initrd,
+        pvm_cmdline,
+        VCPUS,
+        MEMORY_MIB,
+        "",
+    ))
+    .map(|(s, _)| s)
 }
 
 pub struct BootBench {

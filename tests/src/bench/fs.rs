@@ -178,24 +178,14 @@ fn run_podbox(vmm: &Path, kernel: &Path, s: &Setup) -> Result<FsSample, String> 
 fn run_qemu(kernel: &Path, s: &Setup, pvm_cmdline: &[&str]) -> Result<FsSample, String> {
     let c = s.virtiofsd_config(s.work.join("qemu-fs.sock"));
     let _daemon = Virtiofsd::start(&c, DEFAULT_START_TIMEOUT).map_err(|e| e.to_string())?;
-    let append = format!(
-        "console=ttyS0 reboot=k panic=1 quiet {}",
-        pvm_cmdline.join(" ")
+    let mut cmd = super::qemu_microvm(
+        kernel,
+        &s.initrd,
+        pvm_cmdline,
+        VCPUS,
+        MEMORY_MIB,
+        ",memory-backend=mem",
     );
-    let cpu = if pvm_cmdline.is_empty() {
-        "host"
-    } else {
-        "host,-cx16,-arch-capabilities"
-    };
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
-        "-enable-kvm",
-        "-cpu",
-        cpu,
-    ]);
-    cmd.args(["-smp", &VCPUS.to_string(), "-m", &format!("{MEMORY_MIB}M")]);
     cmd.args([
         "-object",
         &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"),
@@ -207,20 +197,6 @@ fn run_qemu(kernel: &Path, s: &Setup, pvm_cmdline: &[&str]) -> Result<FsSample, 
     cmd.args([
         "-device",
         &format!("vhost-user-fs-device,queue-size=1024,chardev=char0,tag={TAG}"),
-    ]);
-    cmd.arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(&s.initrd)
-        .arg("-append")
-        .arg(append.trim());
-    cmd.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
     ]);
     run_passes(cmd)
 }

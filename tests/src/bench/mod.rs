@@ -5,6 +5,7 @@ pub mod fs;
 pub mod vsock;
 
 use std::io::Read;
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -62,4 +63,54 @@ pub fn median(samples: &mut [f64]) -> f64 {
 
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// QEMU's `microvm` machine booting `kernel` and `initrd` the way
+/// podbox-vmm boots them: no firmware or ACPI, the kernel through its PVH
+/// note, the serial console on stdout, `reboot -f` ends QEMU. On PVM hosts
+/// it gets the command-line additions podbox-vmm applies itself and CX16
+/// hidden (`pvm_cmdline` is empty elsewhere). `machine_options` extend
+/// `-M microvm`; callers add their devices.
+pub fn qemu_microvm(
+    kernel: &Path,
+    initrd: &Path,
+    pvm_cmdline: &[&str],
+    vcpus: u32,
+    memory_mib: u32,
+    machine_options: &str,
+) -> Command {
+    let append = format!(
+        "console=ttyS0 reboot=k panic=1 quiet {}",
+        pvm_cmdline.join(" ")
+    );
+    // PVM rejects the ARCH_CAPABILITIES MSR QEMU sets for `-cpu host`.
+    let cpu = if pvm_cmdline.is_empty() {
+        "host"
+    } else {
+        "host,-cx16,-arch-capabilities"
+    };
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        &format!("microvm,acpi=off,x-option-roms=off,rtc=off{machine_options}"),
+        "-enable-kvm",
+        "-cpu",
+        cpu,
+    ]);
+    cmd.args(["-smp", &vcpus.to_string(), "-m", &format!("{memory_mib}M")]);
+    cmd.arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append.trim());
+    cmd.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]);
+    cmd
 }
