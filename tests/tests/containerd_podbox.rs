@@ -97,6 +97,19 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Stops the harness's containerd and asserts that neither it nor the pod
+/// `pod` left anything on the host.
+fn assert_nothing_left(containerd: Containerd, pod: &str) {
+    let footprint = containerd.footprint();
+    drop(containerd);
+    assert_eq!(
+        footprint.leftovers(),
+        Vec::<String>::new(),
+        "containerd left things behind"
+    );
+    assert_eq!(pod_leftovers(pod), Vec::<String>::new());
+}
+
 #[test]
 #[ignore = "PVM hosts: the 73 KB exec stdin round trip fails: the shim's WriteStdin to a running cat went unanswered, or the output came back cut short (32768 of 73890 bytes) (README, Nested PVM hosts)"]
 fn podbox_ctr_run_exec_and_kill_in_one_vm() {
@@ -270,14 +283,7 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
         Duration::from_secs(60),
         || pod_leftovers(&id).is_empty() && !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
     );
-    let footprint = containerd.footprint();
-    drop(containerd);
-    assert_eq!(
-        footprint.leftovers(),
-        Vec::<String>::new(),
-        "containerd left things behind"
-    );
-    assert_eq!(pod_leftovers(&id), Vec::<String>::new());
+    assert_nothing_left(containerd, &id);
 }
 
 /// One pod with two containers: `web` serves a file it wrote to its own
@@ -457,12 +463,5 @@ fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     wait_until("the podbox shim to exit", Duration::from_secs(60), || {
         processes_mentioning(&pod).is_empty()
     });
-    let footprint = containerd.footprint();
-    drop(containerd);
-    assert_eq!(
-        footprint.leftovers(),
-        Vec::<String>::new(),
-        "containerd left things behind"
-    );
-    assert_eq!(pod_leftovers(&pod), Vec::<String>::new());
+    assert_nothing_left(containerd, &pod);
 }
