@@ -27,7 +27,8 @@ demo-pods: deps
 	scripts/demo-pods.sh
 
 bench: deps
-	$(CARGO) run --release -p podbox-tests --bin podbox-bench
+	$(CARGO) build --release -p podbox-vmm
+	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- boot
 
 install: deps
 	scripts/install.sh
