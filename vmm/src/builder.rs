@@ -22,7 +22,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY
 use crate::devices::virtio::{fs, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
-use crate::pvm::{GuestProfile, HostKind};
+use crate::pvm::{xsave, GuestProfile, HostKind};
 use crate::virtiofsd::{Virtiofsd, VirtiofsdError, DEFAULT_START_TIMEOUT};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
@@ -370,6 +370,15 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     );
 
     let supported = vcpu::supported_cpuid(&kvm).map_err(BuildError::SupportedCpuid)?;
+    if profile.is_pvm() {
+        let leaking = xsave::host_xcr0().map_or(0, |x| xsave::unswitchable(x, &supported));
+        if leaking != 0 {
+            tracing::warn!(
+                "host XCR0 enables state components {leaking:#x} that KVM does not offer the \
+                 guest; guest processes using them can see each other's values"
+            );
+        }
+    }
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id)?;
@@ -389,6 +398,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         memory,
         profile,
         fallback_stats: Default::default(),
+        xsave_layout: xsave::Layout::from_cpuid(&supported),
         started,
     });
     for vcpu in vcpus {

@@ -54,6 +54,11 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
         "syscall_probe",
         include_str!("guest/syscall_probe.c"),
     );
+    let vector_probe = compile_static_c(
+        dir.path(),
+        "vector_state_probe",
+        include_str!("guest/vector_state_probe.c"),
+    );
     let init = format!(
         "#!/bin/sh\n\
          mount -t proc proc /proc\n\
@@ -61,9 +66,17 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
          echo \"cpus=$(nproc)\"\n\
          grep MemTotal /proc/meminfo\n\
          /syscall_probe\n\
+         /vector_state_probe\n\
          reboot -f\n"
     );
-    let initrd = busybox_initramfs(dir.path(), &init, &[("syscall_probe", probe)]);
+    let initrd = busybox_initramfs(
+        dir.path(),
+        &init,
+        &[
+            ("syscall_probe", probe),
+            ("vector_state_probe", vector_probe),
+        ],
+    );
     let kernel = guest_kernel(KernelVariant::Podbox);
     let run = run_vmm(
         VMM.as_ref(),
@@ -130,6 +143,28 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
         Some("signal=11"),
         "{t}"
     );
+
+    // Each guest process keeps its own AVX / AVX-512 registers across task
+    // switches (on PVM the guest kernel's XSAVE/XRSTOR run in the VMM's
+    // fallback; with FXSAVE alone they leaked between processes).
+    for set in ["avx", "avx512"] {
+        let result = line_value(&run.serial, &format!("vector probe {set}: "))
+            .unwrap_or_else(|| panic!("vector probe {set} did not report\n{t}"));
+        assert!(
+            result == "not supported" || result == "bad=0 of 2000",
+            "{set} registers leaked between guest processes: {result}\n{t}"
+        );
+    }
+    if pvm {
+        let xsaves = run
+            .stderr
+            .split("xsave=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no xsave count in the fallback counts\n{t}"));
+        assert!(xsaves > 0, "the guest kernel did not use XSAVE\n{t}");
+    }
 }
 
 #[test]

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_bindings::kvm_regs;
 
+use super::xsave::{self, XsaveFault};
+
 /// Longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
 const RFLAGS_AC: u64 = 1 << 18;
@@ -61,6 +63,14 @@ pub enum Instruction {
         dst: u8,
         src: Operand,
     },
+    /// `xsave` / `xrstor` (standard form) on the area at `area`, for the
+    /// components XCR0 & EDX:EAX; see [`xsave`].
+    Xsave {
+        area: MemOperand,
+    },
+    Xrstor {
+        area: MemOperand,
+    },
 }
 
 impl Instruction {
@@ -71,6 +81,8 @@ impl Instruction {
             Instruction::Clac => "clac",
             Instruction::Stac => "stac",
             Instruction::Popcnt { .. } => "popcnt",
+            Instruction::Xsave { .. } => "xsave",
+            Instruction::Xrstor { .. } => "xrstor",
         }
     }
 }
@@ -152,6 +164,13 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, FallbackError> {
             0x01 => match c.next()? {
                 0xca => Instruction::Clac,
                 0xcb => Instruction::Stac,
+                _ => return Err(FallbackError::Unknown),
+            },
+            // Group 15: /4 xsave, /5 xrstor with a memory operand (with
+            // REX.W the 64-bit forms; KVM's area has the 64-bit layout).
+            0xae if !p.rep && !p.operand_size => match decode_modrm(&mut c, &p)? {
+                (reg, Operand::Mem(area)) if reg & 7 == 4 => Instruction::Xsave { area },
+                (reg, Operand::Mem(area)) if reg & 7 == 5 => Instruction::Xrstor { area },
                 _ => return Err(FallbackError::Unknown),
             },
             0xb8 if p.rep => {
@@ -238,20 +257,108 @@ fn reg(regs: &kvm_regs, n: u8) -> u64 {
     *reg_mut(&mut copy, n)
 }
 
-/// What the guest sees besides its registers.
+/// What the guest sees besides its general registers.
 pub trait GuestAccess {
     /// Base of FS or GS.
     fn segment_base(&self, seg: Segment) -> u64;
     /// Reads `size` bytes (little endian) at guest-virtual `gva`.
     fn read_virt(&self, gva: u64, size: u8) -> Result<u64, FallbackError>;
+    /// Reads `len` bytes at `gva` as the guest kernel would (for a write
+    /// when `write`): the bytes, or the page fault the CPU would raise.
+    fn read_bytes(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Result<Vec<u8>, Exception>, FallbackError>;
+    /// Writes `data` at `gva` (already checked writable by `read_bytes`).
+    fn write_bytes(&self, gva: u64, data: &[u8]) -> Result<(), FallbackError>;
+    /// XCR0, the vCPU's extended state (KVM_GET_XSAVE's area) and where its
+    /// components sit.
+    fn xcr0(&self) -> Result<u64, FallbackError>;
+    fn xsave_area(&self) -> Result<Vec<u8>, FallbackError>;
+    fn set_xsave_area(&self, area: &[u8]) -> Result<(), FallbackError>;
+    fn xsave_layout(&self) -> &xsave::Layout;
 }
+
+/// An exception the instruction raises in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exception {
+    /// #BP after `int3` (RIP already past it).
+    Breakpoint,
+    /// #PF at `address` (CR2); RIP stays on the instruction.
+    PageFault { address: u64, error_code: u32 },
+    /// #GP(0); RIP stays on the instruction.
+    GeneralProtection,
+}
+
+/// Page-fault error code bits for a supervisor access.
+pub const PF_PRESENT: u32 = 1 << 0;
+pub const PF_WRITE: u32 = 1 << 1;
 
 /// What the VMM must do after [`apply`] besides writing back the registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
     Resume,
-    /// Inject #BP (the registers already point past the int3).
-    InjectBreakpoint,
+    Inject(Exception),
+}
+
+/// The guest-virtual address a memory operand names.
+fn effective_address(
+    m: &MemOperand,
+    regs: &kvm_regs,
+    next_rip: u64,
+    guest: &dyn GuestAccess,
+) -> u64 {
+    let mut gva = m.disp as u64;
+    gva = gva.wrapping_add(match m.base {
+        Some(Base::Reg(r)) => reg(regs, r),
+        Some(Base::Rip) => next_rip,
+        None => 0,
+    });
+    if let Some((r, scale)) = m.index {
+        gva = gva.wrapping_add(reg(regs, r).wrapping_mul(u64::from(scale)));
+    }
+    if let Some(seg) = m.segment {
+        gva = gva.wrapping_add(guest.segment_base(seg));
+    }
+    gva
+}
+
+/// XSAVE or XRSTOR on the area at `gva`: an exception, or done.
+fn xsave_or_xrstor(
+    save: bool,
+    gva: u64,
+    regs: &kvm_regs,
+    guest: &dyn GuestAccess,
+) -> Result<Option<Exception>, FallbackError> {
+    if !gva.is_multiple_of(64) {
+        return Ok(Some(Exception::GeneralProtection));
+    }
+    let xcr0 = guest.xcr0()?;
+    let rfbm = xcr0 & ((regs.rdx << 32) | (regs.rax & 0xffff_ffff));
+    let layout = guest.xsave_layout();
+    let mut image = match guest.read_bytes(gva, layout.image_len(rfbm), save)? {
+        Ok(bytes) => bytes,
+        Err(fault) => return Ok(Some(fault)),
+    };
+    let mut area = guest.xsave_area()?;
+    if area.len() != xsave::AREA_LEN {
+        return Err(FallbackError::Memory {
+            gva,
+            reason: format!("KVM_GET_XSAVE gave {} bytes", area.len()),
+        });
+    }
+    if save {
+        xsave::save(&area, rfbm, layout, &mut image);
+        guest.write_bytes(gva, &image)?;
+    } else {
+        match xsave::restore(&mut area, xcr0, rfbm, layout, &image) {
+            Ok(()) => guest.set_xsave_area(&area)?,
+            Err(XsaveFault::GeneralProtection) => return Ok(Some(Exception::GeneralProtection)),
+        }
+    }
+    Ok(None)
 }
 
 /// Performs `d` on `regs` (RIP advanced past it).
@@ -264,7 +371,7 @@ pub fn apply(
     let mut effect = Effect::Resume;
     match d.insn {
         Instruction::Fwait => {}
-        Instruction::Int3 => effect = Effect::InjectBreakpoint,
+        Instruction::Int3 => effect = Effect::Inject(Exception::Breakpoint),
         Instruction::Clac => regs.rflags &= !RFLAGS_AC,
         Instruction::Stac => regs.rflags |= RFLAGS_AC,
         Instruction::Popcnt { size, dst, src } => {
@@ -276,19 +383,7 @@ pub fn apply(
             let value = match src {
                 Operand::Reg(r) => reg(regs, r),
                 Operand::Mem(m) => {
-                    let mut gva = m.disp as u64;
-                    gva = gva.wrapping_add(match m.base {
-                        Some(Base::Reg(r)) => reg(regs, r),
-                        Some(Base::Rip) => next_rip,
-                        None => 0,
-                    });
-                    if let Some((r, scale)) = m.index {
-                        gva = gva.wrapping_add(reg(regs, r).wrapping_mul(u64::from(scale)));
-                    }
-                    if let Some(seg) = m.segment {
-                        gva = gva.wrapping_add(guest.segment_base(seg));
-                    }
-                    guest.read_virt(gva, size)?
+                    guest.read_virt(effective_address(&m, regs, next_rip, guest), size)?
                 }
             } & mask;
             let count = u64::from(value.count_ones());
@@ -301,6 +396,14 @@ pub fn apply(
             regs.rflags &= !RFLAGS_ARITH;
             if value == 0 {
                 regs.rflags |= RFLAGS_ZF;
+            }
+        }
+        Instruction::Xsave { area } | Instruction::Xrstor { area } => {
+            let save = matches!(d.insn, Instruction::Xsave { .. });
+            let gva = effective_address(&area, regs, next_rip, guest);
+            if let Some(fault) = xsave_or_xrstor(save, gva, regs, guest)? {
+                // A fault leaves RIP on the instruction, as the CPU does.
+                return Ok(Effect::Inject(fault));
             }
         }
     }
@@ -316,6 +419,8 @@ pub struct FallbackStats {
     clac: AtomicU64,
     stac: AtomicU64,
     popcnt: AtomicU64,
+    xsave: AtomicU64,
+    xrstor: AtomicU64,
 }
 
 impl FallbackStats {
@@ -326,6 +431,8 @@ impl FallbackStats {
             Instruction::Clac => &self.clac,
             Instruction::Stac => &self.stac,
             Instruction::Popcnt { .. } => &self.popcnt,
+            Instruction::Xsave { .. } => &self.xsave,
+            Instruction::Xrstor { .. } => &self.xrstor,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -338,6 +445,8 @@ impl FallbackStats {
             ("clac", &self.clac),
             ("stac", &self.stac),
             ("popcnt", &self.popcnt),
+            ("xsave", &self.xsave),
+            ("xrstor", &self.xrstor),
         ];
         let parts: Vec<String> = counts
             .iter()
@@ -373,6 +482,35 @@ mod tests {
                     gva,
                     reason: "unmapped".into(),
                 })
+        }
+        fn read_bytes(
+            &self,
+            _gva: u64,
+            _len: usize,
+            _write: bool,
+        ) -> Result<Result<Vec<u8>, Exception>, FallbackError> {
+            self.unused()
+        }
+        fn write_bytes(&self, _gva: u64, _data: &[u8]) -> Result<(), FallbackError> {
+            self.unused()
+        }
+        fn xcr0(&self) -> Result<u64, FallbackError> {
+            self.unused()
+        }
+        fn xsave_area(&self) -> Result<Vec<u8>, FallbackError> {
+            self.unused()
+        }
+        fn set_xsave_area(&self, _area: &[u8]) -> Result<(), FallbackError> {
+            self.unused()
+        }
+        fn xsave_layout(&self) -> &xsave::Layout {
+            unimplemented!("FakeGuest has no XSAVE state")
+        }
+    }
+
+    impl FakeGuest {
+        fn unused<T>(&self) -> Result<T, FallbackError> {
+            Err(FallbackError::Unknown)
         }
     }
 
@@ -511,11 +649,45 @@ mod tests {
     }
 
     #[test]
+    fn decodes_xsave_and_xrstor() {
+        // xsave64 (%rdi) and xrstor64 0x40(%rsi), as the guest kernel has them.
+        let rdi = MemOperand {
+            segment: None,
+            base: Some(Base::Reg(7)),
+            index: None,
+            disp: 0,
+        };
+        assert_eq!(
+            decode(&[0x48, 0x0f, 0xae, 0x27]).unwrap(),
+            Decoded {
+                insn: Instruction::Xsave { area: rdi },
+                len: 4
+            }
+        );
+        let rsi_40 = MemOperand {
+            base: Some(Base::Reg(6)),
+            disp: 0x40,
+            ..rdi
+        };
+        assert_eq!(
+            decode(&[0x48, 0x0f, 0xae, 0x6e, 0x40]).unwrap(),
+            Decoded {
+                insn: Instruction::Xrstor { area: rsi_40 },
+                len: 5
+            }
+        );
+    }
+
+    #[test]
     fn refuses_unknown_and_truncated_bytes() {
         assert_eq!(
-            decode(&[0x0f, 0xae, 0x2f]).unwrap_err(),
+            decode(&[0x0f, 0xae, 0x3f]).unwrap_err(),
             FallbackError::Unknown
-        ); // xrstor
+        ); // clflush
+        assert_eq!(
+            decode(&[0x0f, 0xae, 0xe8]).unwrap_err(),
+            FallbackError::Unknown
+        ); // lfence (group 15 /5 with a register operand)
         assert_eq!(
             decode(&[0x0f, 0xb8, 0xc0]).unwrap_err(),
             FallbackError::Unknown
@@ -619,7 +791,7 @@ mod tests {
         };
         assert_eq!(
             apply(&decode(&[0xcc]).unwrap(), &mut regs, &no_memory()).unwrap(),
-            Effect::InjectBreakpoint
+            Effect::Inject(Exception::Breakpoint)
         );
         assert_eq!(regs.rip, 0x501);
         apply(
@@ -645,6 +817,9 @@ mod tests {
         stats.record(&Instruction::Fwait);
         stats.record(&Instruction::Fwait);
         stats.record(&Instruction::Int3);
-        assert_eq!(stats.summary(), "fwait=2 int3=1 clac=0 stac=0 popcnt=0");
+        assert_eq!(
+            stats.summary(),
+            "fwait=2 int3=1 clac=0 stac=0 popcnt=0 xsave=0 xrstor=0"
+        );
     }
 }

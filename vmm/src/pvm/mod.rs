@@ -14,6 +14,7 @@
 //! On hardware-virtualisation hosts none of this is applied.
 
 pub mod fallback;
+pub mod xsave;
 
 use std::path::Path;
 
@@ -51,16 +52,20 @@ const PVM_SAFE_KVM_FEATURES: u32 = KVM_FEATURE_CLOCKSOURCE
     | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
 
 /// Kernel command-line additions for PVM hosts:
-/// - `clearcpuid=...` / `noxsave`: CPUID leaf 1 shows the host's features
-///   whatever the VMM sets, so tell the kernel not to use the ones the
-///   emulator cannot execute (XSAVE family, SMAP's clac/stac, ...);
+/// - `clearcpuid=...`: CPUID leaf 1 shows the host's features whatever the
+///   VMM sets, so tell the kernel not to use the ones the emulator cannot
+///   execute (POPCNT in alternatives, SMAP's clac/stac, PCID, ...), and to
+///   use plain XSAVE rather than XSAVEOPT/XSAVEC/XSAVES: the VMM performs
+///   XSAVE/XRSTOR (standard form) itself, see [`xsave`]. AVX and AVX-512
+///   stay visible on purpose: guest user code runs natively with the host's
+///   XCR0 and uses those registers, so the guest kernel's XCR0 must name
+///   them or it cannot switch them between processes;
 /// - `podbox.pvm_syscall`: enables the guest patch completing SYSCALLs;
 /// - `rcupdate.rcu_cpu_stall_suppress=1`: emulated kernel code is slow
 ///   enough to trip RCU's stall detector, whose reports (a register dump
 ///   and a backtrace each) only add console output to the boot.
 const PVM_CMDLINE: &[&str] = &[
-    "clearcpuid=popcnt,invpcid,pcid,fsgsbase,rdpid,avx,avx2,avx512f,smap,smep,umip",
-    "noxsave",
+    "clearcpuid=popcnt,invpcid,pcid,fsgsbase,rdpid,smap,smep,umip,xsaveopt,xsavec,xsaves",
     "podbox.pvm_syscall",
     "rcupdate.rcu_cpu_stall_suppress=1",
 ];

@@ -11,9 +11,10 @@ use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::{IoBus, MmioBus};
 use crate::exit::{ExitLatch, VmExit};
 use crate::pvm::fallback::{
-    self, Effect, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN,
+    self, Effect, Exception, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN,
+    PF_PRESENT, PF_WRITE,
 };
-use crate::pvm::GuestProfile;
+use crate::pvm::{xsave, GuestProfile};
 
 /// KVM_INTERNAL_ERROR_EMULATION and its "instruction bytes present" flag.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -24,6 +25,8 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 const BP_VECTOR: u8 = 3;
+const GP_VECTOR: u8 = 13;
+const PF_VECTOR: u8 = 14;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -47,6 +50,8 @@ pub struct VcpuShared {
     pub memory: GuestMemoryMmap,
     pub profile: GuestProfile,
     pub fallback_stats: FallbackStats,
+    /// Where XSAVE components sit (CPUID leaf 0xD), for the fallback.
+    pub xsave_layout: xsave::Layout,
     /// When the VMM started, for the "first KVM_RUN" log line.
     pub started: Instant,
 }
@@ -235,21 +240,74 @@ impl Vcpu {
         self.fd
             .set_regs(&regs)
             .map_err(|e| kvm_err("KVM_SET_REGS", e))?;
-        if effect == Effect::InjectBreakpoint {
-            let mut events = self
-                .fd
-                .get_vcpu_events()
-                .map_err(|e| kvm_err("KVM_GET_VCPU_EVENTS", e))?;
-            events.exception.injected = 1;
-            events.exception.nr = BP_VECTOR;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
-            self.fd
-                .set_vcpu_events(&events)
-                .map_err(|e| kvm_err("KVM_SET_VCPU_EVENTS", e))?;
+        if let Effect::Inject(exception) = effect {
+            self.inject(exception)
+                .map_err(|e| kvm_err("injecting an exception", e))?;
         }
         shared.fallback_stats.record(&decoded.insn);
         Ok(())
+    }
+
+    /// Makes `exception` the next thing the guest sees.
+    fn inject(&self, exception: Exception) -> Result<(), kvm_ioctls::Error> {
+        let (nr, error_code) = match exception {
+            Exception::Breakpoint => (BP_VECTOR, None),
+            Exception::GeneralProtection => (GP_VECTOR, Some(0)),
+            Exception::PageFault {
+                address,
+                error_code,
+            } => {
+                let mut sregs = self.fd.get_sregs()?;
+                sregs.cr2 = address;
+                self.fd.set_sregs(&sregs)?;
+                (PF_VECTOR, Some(error_code))
+            }
+        };
+        let mut events = self.fd.get_vcpu_events()?;
+        events.exception.injected = 1;
+        events.exception.nr = nr;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        self.fd.set_vcpu_events(&events)
+    }
+
+    /// Guest-physical pieces of `len` bytes at guest-virtual `gva`, or the
+    /// page fault a supervisor access (a write when `write`) would raise.
+    fn translate_range(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Result<Vec<(u64, usize)>, Exception>, FallbackError> {
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let addr = gva.wrapping_add(done as u64);
+            let t = self
+                .fd
+                .translate_gva(addr)
+                .map_err(|e| FallbackError::Memory {
+                    gva: addr,
+                    reason: format!("KVM_TRANSLATE: {e}"),
+                })?;
+            let write_bit = if write { PF_WRITE } else { 0 };
+            if t.valid == 0 {
+                return Ok(Err(Exception::PageFault {
+                    address: addr,
+                    error_code: write_bit,
+                }));
+            }
+            if write && t.writeable == 0 {
+                return Ok(Err(Exception::PageFault {
+                    address: addr,
+                    error_code: PF_PRESENT | PF_WRITE,
+                }));
+            }
+            let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
+            pieces.push((t.physical_address, chunk));
+            done += chunk;
+        }
+        Ok(Ok(pieces))
     }
 
     /// Reads `len` bytes at guest-virtual `gva`, page by page.
@@ -322,6 +380,103 @@ impl GuestAccess for VcpuGuest<'_> {
         let mut word = [0u8; 8];
         word[..bytes.len()].copy_from_slice(&bytes);
         Ok(u64::from_le_bytes(word))
+    }
+
+    fn read_bytes(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Result<Vec<u8>, Exception>, FallbackError> {
+        let pieces = match self.vcpu.translate_range(gva, len, write)? {
+            Ok(pieces) => pieces,
+            Err(fault) => return Ok(Err(fault)),
+        };
+        let mut out = Vec::with_capacity(len);
+        for (gpa, n) in pieces {
+            let start = out.len();
+            out.resize(start + n, 0);
+            self.shared
+                .memory
+                .read_slice(&mut out[start..], GuestAddress(gpa))
+                .map_err(|e| FallbackError::Memory {
+                    gva,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Ok(out))
+    }
+
+    fn write_bytes(&self, gva: u64, data: &[u8]) -> Result<(), FallbackError> {
+        let pieces = match self.vcpu.translate_range(gva, data.len(), true)? {
+            Ok(pieces) => pieces,
+            Err(_) => {
+                return Err(FallbackError::Memory {
+                    gva,
+                    reason: "became unwritable between check and write".into(),
+                })
+            }
+        };
+        let mut done = 0;
+        for (gpa, n) in pieces {
+            self.shared
+                .memory
+                .write_slice(&data[done..done + n], GuestAddress(gpa))
+                .map_err(|e| FallbackError::Memory {
+                    gva,
+                    reason: e.to_string(),
+                })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn xcr0(&self) -> Result<u64, FallbackError> {
+        let xcrs = self
+            .vcpu
+            .fd
+            .get_xcrs()
+            .map_err(|e| kvm_failure("KVM_GET_XCRS", e))?;
+        Ok(xcrs.xcrs[..xcrs.nr_xcrs.min(16) as usize]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(1, |x| x.value))
+    }
+
+    fn xsave_area(&self) -> Result<Vec<u8>, FallbackError> {
+        let x = self
+            .vcpu
+            .fd
+            .get_xsave()
+            .map_err(|e| kvm_failure("KVM_GET_XSAVE", e))?;
+        Ok(x.region.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+
+    fn set_xsave_area(&self, area: &[u8]) -> Result<(), FallbackError> {
+        let mut x = self
+            .vcpu
+            .fd
+            .get_xsave()
+            .map_err(|e| kvm_failure("KVM_GET_XSAVE", e))?;
+        for (word, bytes) in x.region.iter_mut().zip(area.chunks_exact(4)) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+        // SAFETY: `x` is a whole kvm_xsave as KVM_GET_XSAVE returned it.
+        // KVM reads more than 4 KiB only once the VMM has asked for
+        // dynamically enabled state (AMX) with ARCH_REQ_XCOMP_GUEST_PERM,
+        // which podbox never does.
+        unsafe { self.vcpu.fd.set_xsave(&x) }.map_err(|e| kvm_failure("KVM_SET_XSAVE", e))
+    }
+
+    fn xsave_layout(&self) -> &xsave::Layout {
+        &self.shared.xsave_layout
+    }
+}
+
+fn kvm_failure(what: &str, e: kvm_ioctls::Error) -> FallbackError {
+    FallbackError::Memory {
+        gva: 0,
+        reason: format!("{what}: {e}"),
     }
 }
 

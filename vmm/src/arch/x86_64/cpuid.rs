@@ -19,8 +19,6 @@ pub const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 const ECX_CX16: u32 = 1 << 13;
 const ECX_POPCNT: u32 = 1 << 23;
 const ECX_XSAVE: u32 = 1 << 26;
-const ECX_OSXSAVE: u32 = 1 << 27;
-const ECX_AVX: u32 = 1 << 28;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
@@ -82,9 +80,14 @@ pub fn build(
                 e.ecx |= ECX_HYPERVISOR;
                 if profile.is_pvm() {
                     // KVM lets the VMM clear CX16 here (cmpxchg16b fails in
-                    // the emulator); the others are also hidden on the command
+                    // the emulator); POPCNT is also hidden on the command
                     // line because PVM shows the host's leaf 1 regardless.
-                    e.ecx &= !(ECX_CX16 | ECX_POPCNT | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+                    // XSAVE is offered although KVM's table lacks it, so that
+                    // KVM accepts the guest's CR4.OSXSAVE: the guest kernel
+                    // must switch AVX state with XSAVE/XRSTOR, which the
+                    // emulation fallback performs (pvm/xsave.rs).
+                    e.ecx &= !(ECX_CX16 | ECX_POPCNT);
+                    e.ecx |= ECX_XSAVE;
                 }
             }
             LEAF_CACHE_PARAMS => {
@@ -239,6 +242,7 @@ mod tests {
         assert_eq!(sig.eax, LEAF_KVM_FEATURES);
         assert_eq!(find(&out, LEAF_KVM_FEATURES, 0).eax, 0x0100_000b);
         assert_eq!(find(&out, 1, 0).ecx & (ECX_CX16 | ECX_POPCNT), 0);
+        assert_ne!(find(&out, 1, 0).ecx & ECX_XSAVE, 0, "PVM guests get XSAVE");
         let pmu = find(&out, 0xa, 0);
         assert_eq!((pmu.eax, pmu.ebx, pmu.ecx, pmu.edx), (0, 0, 0, 0));
     }
