@@ -69,7 +69,10 @@ pub fn secs(d: Duration) -> f64 {
 /// podbox-vmm boots them: no firmware or ACPI, the kernel through its PVH
 /// note, the serial console on stdout, `reboot -f` ends QEMU. On PVM hosts
 /// it gets the command-line additions podbox-vmm applies itself and CX16
-/// hidden (`pvm_cmdline` is empty elsewhere). `machine_options` extend
+/// hidden (`pvm_cmdline` is empty elsewhere), plus `noxsave`: QEMU cannot
+/// perform the guest kernel's XSAVE/XRSTOR as podbox-vmm's emulation
+/// fallback does, so there the guest switches tasks with FXSAVE (enough for
+/// the benchmarks' single-process guests). `machine_options` extend
 /// `-M microvm`; callers add their devices.
 pub fn qemu_microvm(
     kernel: &Path,
@@ -79,8 +82,13 @@ pub fn qemu_microvm(
     memory_mib: u32,
     machine_options: &str,
 ) -> Command {
+    let no_xsave = if pvm_cmdline.is_empty() {
+        ""
+    } else {
+        "noxsave"
+    };
     let append = format!(
-        "console=ttyS0 reboot=k panic=1 quiet {}",
+        "console=ttyS0 reboot=k panic=1 quiet {} {no_xsave}",
         pvm_cmdline.join(" ")
     );
     // PVM rejects the ARCH_CAPABILITIES MSR QEMU sets for `-cpu host`.
