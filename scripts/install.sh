@@ -38,7 +38,7 @@ virtiofsd = "/usr/libexec/virtiofsd"
 default_vcpus = 2
 default_memory_mib = 256
 log_level = "info"
-# virtiofsd cache: always (default; needed on PVM hosts), auto or never:
+# virtiofsd cache: always (default; fastest), auto or never (see host changes to volumes at once):
 fs_cache = "always"
 # io.podbox.* annotations pods may set (none unless listed):
 allowed_annotations = []

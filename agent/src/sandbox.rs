@@ -453,10 +453,9 @@ fn spawn_pause(hostname: &str, shared_pid: bool) -> Result<(i32, Arc<ExitCell>),
     })
 }
 
-/// Forks the pause process. It does not exec: in PVM guests a re-executed
-/// agent binary (`/proc/self/exe`) died with SIGSEGV at startup, in glibc's
-/// static TLS setup (`__ctype_init` read a null locale pointer through %fs),
-/// so the pod lost the holder of its namespaces moments after CreateSandbox.
+/// Forks the pause process. It does not exec: a fork needs no second
+/// start-up of the agent binary, which is guest-kernel work (emulated, so
+/// slow, on PVM hosts) for a process that only holds namespaces.
 /// The forked child runs only async-signal-safe calls (it is a fork of a
 /// multi-threaded process): stdio to /dev/null, the agent's other fds
 /// closed (it must not hold container pipes or sockets open), then reap

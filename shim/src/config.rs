@@ -59,19 +59,17 @@ pub struct Config {
     pub initrd: PathBuf,
     /// virtiofsd, which serves container root filesystems and volumes to the guest.
     pub virtiofsd: PathBuf,
-    /// 2 by default: on PVM hosts a 1-vCPU guest lost 9 of 12 freshly
-    /// started container processes to start-up crashes, a 2-vCPU guest 1 of
-    /// 12 (see `fs_cache` and the README's "Nested PVM hosts").
+    /// vCPUs of a pod's VM unless an allowed annotation says otherwise (2).
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
     /// The shim's own log level: error, warn, info, debug or trace.
     pub log_level: String,
-    /// How the guest caches the share (virtiofsd `--cache`). "always" keeps
-    /// a file's pages while it is open elsewhere; "auto" and "never" drop
-    /// them on every open, and on PVM hosts a process that had those pages
-    /// mapped (a running busybox when another busybox starts) then read
-    /// zeros and died with SIGSEGV. Host-side changes to a volume show up
-    /// in the guest only with "auto" or "never".
+    /// How the guest caches the share (virtiofsd `--cache`). "always" (the
+    /// default) keeps file pages cached in the guest; "auto" and "never"
+    /// drop them on every open, so each start of a binary reads it again
+    /// through virtiofsd, which is guest-kernel work (slow on PVM hosts).
+    /// Host-side changes to a volume show up in the guest only with "auto"
+    /// or "never".
     pub fs_cache: String,
     /// The `io.podbox.*` annotations pods may set; none unless the operator says so.
     pub allowed_annotations: Vec<String>,

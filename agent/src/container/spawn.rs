@@ -113,14 +113,6 @@ fn stage2_command(stdio: [OwnedFd; 3], sync: OwnedFd) -> Command {
     cmd
 }
 
-/// How many times a stage 2 helper that died of SIGSEGV or SIGBUS before
-/// its first report is started again. In guests on PVM hosts (nested test
-/// VMs) a freshly exec'd process intermittently dies in libc start-up,
-/// reading memory that should hold its TLS block (see the README, "Nested
-/// PVM hosts"). Nothing of the container has run at that point (stage 2
-/// reports before it execs anything), so starting it again is safe.
-const HELPER_CRASH_RETRIES: u32 = 3;
-
 /// Spawns stage 2 for `cfg`, waits until it reports its setup done (it
 /// then waits for `Process::start`). On any error the helper is killed.
 pub fn spawn(
@@ -129,42 +121,9 @@ pub fn spawn(
     terminal: bool,
     cfg: &InitConfig,
 ) -> Result<Process, Error> {
-    let mut attempt = 0;
-    loop {
-        match spawn_once(ns, cgroup, terminal, cfg) {
-            Err(Failed {
-                error,
-                crash_signal: Some(sig),
-            }) if attempt < HELPER_CRASH_RETRIES => {
-                attempt += 1;
-                log::warn!("container setup helper died of signal {sig} before its report ({error}); starting it again ({attempt}/{HELPER_CRASH_RETRIES})");
-            }
-            Err(failed) => return Err(failed.error),
-            Ok(process) => return Ok(process),
-        }
-    }
-}
-
-/// A failed spawn, and the signal that killed the helper if it crashed.
-struct Failed {
-    error: Error,
-    crash_signal: Option<i32>,
-}
-
-fn spawn_once(
-    ns: &Namespaces,
-    cgroup: &Cgroup,
-    terminal: bool,
-    cfg: &InitConfig,
-) -> Result<Process, Failed> {
-    let plain = |error| Failed {
-        error,
-        crash_signal: None,
-    };
-    let (io, child_fds) = ProcessIo::new(terminal).map_err(plain)?;
-    let (mut ours, theirs) = UnixStream::pair().map_err(|e| plain(Error::io("socketpair", e)))?;
-    let (pid, exit) =
-        fork_in_namespaces(ns, stage2_command(child_fds, theirs.into())).map_err(plain)?;
+    let (io, child_fds) = ProcessIo::new(terminal)?;
+    let (mut ours, theirs) = UnixStream::pair().map_err(|e| Error::io("socketpair", e))?;
+    let (pid, exit) = fork_in_namespaces(ns, stage2_command(child_fds, theirs.into()))?;
     let sync = ours
         .try_clone()
         .map_err(|e| Error::io("dup sync socket", e));
@@ -175,7 +134,7 @@ fn spawn_once(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            return Err(plain(e));
+            return Err(e);
         }
     };
     let setup = (|| {
@@ -195,16 +154,7 @@ fn spawn_once(
             if !proc_.kill_and_wait(std::time::Duration::from_secs(5)) {
                 log::error!("container helper {pid} did not exit after SIGKILL");
             }
-            // The reaper reports 128 + signal for a process killed by one.
-            let crash_signal = proc_
-                .exit
-                .get()
-                .map(|status| status - 128)
-                .filter(|&sig| sig == libc::SIGSEGV || sig == libc::SIGBUS);
-            Err(Failed {
-                error,
-                crash_signal,
-            })
+            Err(error)
         }
     }
 }
