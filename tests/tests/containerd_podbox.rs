@@ -11,11 +11,8 @@
 //!   localhost, separate root filesystems); then the pod's VMM is killed:
 //!   every task exits non-zero and the pod's host state is gone.
 //!
-//! `cargo test -p podbox-tests --test containerd_podbox -- --ignored` runs
-//! them. They are ignored for now: on this project's PVM hosts guest
-//! processes intermittently die at start-up and ttrpc requests the agent
-//! fully received go unanswered (README, "Nested PVM hosts").
-//! Without /dev/kvm or virtiofsd they print SKIPPED and pass.
+//! `cargo test -p podbox-tests --test containerd_podbox` runs them alone.
+//! Without /dev/kvm they print SKIPPED and pass; a missing virtiofsd fails.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -43,15 +40,14 @@ fn host_boot_id() -> String {
         .to_string()
 }
 
-/// A containerd with the podbox shim, or None (and a SKIPPED line) where podbox cannot run.
+/// A containerd with the podbox shim, or None (and a SKIPPED line) where
+/// /dev/kvm is absent. A missing virtiofsd fails the test: the README's
+/// test command installs it.
 fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<Containerd> {
     if !podbox_tests::kvm_available(test) {
         return None;
     }
-    let Some(virtiofsd) = virtiofsd() else {
-        eprintln!("SKIPPED {test}: no virtiofsd (scripts/deps.sh installs it)");
-        return None;
-    };
+    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
     let config = write_shim_config(dir, &virtiofsd);
     let options = ContainerdOptions {
         shim_dirs: vec![bin_dir()],
@@ -111,7 +107,6 @@ fn assert_nothing_left(containerd: Containerd, pod: &str) {
 }
 
 #[test]
-#[ignore = "PVM hosts: the 73 KB exec stdin round trip fails: the shim's WriteStdin to a running cat went unanswered, or the output came back cut short (32768 of 73890 bytes) (README, Nested PVM hosts)"]
 fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     let dir = tempfile::tempdir().expect("temp dir");
     let Some(containerd) = podbox_containerd("podbox_ctr_run_exec_and_kill_in_one_vm", dir.path())
@@ -336,7 +331,6 @@ fn two_container_pod(
 }
 
 #[test]
-#[ignore = "PVM hosts: a container's program intermittently dies with SIGSEGV at start-up, about 1 in 12 on 2 vCPUs (README, Nested PVM hosts)"]
 fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     let dir = tempfile::tempdir().expect("temp dir");
     let Some(containerd) =

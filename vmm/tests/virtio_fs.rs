@@ -114,10 +114,8 @@ fn virtio_fs_share_in_a_booted_vm_rootfs_exec_both_ways_and_teardown() {
     if !kvm_available(test) {
         return;
     }
-    let Some(virtiofsd) = find_virtiofsd() else {
-        eprintln!("SKIPPED {test}: no virtiofsd (scripts/deps.sh installs it)");
-        return;
-    };
+    let virtiofsd =
+        find_virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     let rootfs = share.join("rootfs");
