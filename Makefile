@@ -1,11 +1,11 @@
 # podbox: the two commands the README promises, and their parts.
-#   make demo   boot a podbox microVM and show it beside the host
+#   make demo   a two-container pod under runc and in a podbox microVM, through containerd
 #   make test   install what the tests need, build, run every test
 #   make install  install the shim, VMM, kernel, initramfs and config for the host's containerd
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel build test demo demo-pods bench install
+.PHONY: deps kernel build test demo demo-vm bench bench-pods install
 
 deps:
 	scripts/deps.sh
@@ -22,13 +22,19 @@ test: deps
 demo: deps
 	scripts/demo.sh
 
-# The pod flow of the main job through containerd (runc pod beside a podbox pod).
-demo-pods: deps
-	scripts/demo-pods.sh
+# A plain microVM (busybox init, no containerd) beside the host.
+demo-vm: deps
+	scripts/demo-vm.sh
 
 bench: deps
 	$(CARGO) build --release -p podbox-vmm
 	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- boot
+
+# Pods through containerd, podbox beside runc (several guest boots: minutes).
+bench-pods: deps
+	$(CARGO) build --release -p podbox-shim -p podbox-vmm
+	$(CARGO) build --release -p podbox-tests --bin podbox-bench
+	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench pods --runs 3
 
 install: deps
 	scripts/install.sh

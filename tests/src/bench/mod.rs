@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod fs;
+pub mod pods;
 pub mod vsock;
 
 use std::io::Read;

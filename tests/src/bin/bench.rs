@@ -3,19 +3,23 @@
 //!   podbox-bench boot [--runs N] [--vmm PATH]
 //!   podbox-bench vsock [--runs N] [--vmm PATH]
 //!   podbox-bench fs [--runs N] [--vmm PATH]
+//!   podbox-bench pods [--runs N]
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
+//! `pods` runs pods through a private containerd with the shim and VMM from
+//! `PODBOX_BIN_DIR` (`make bench-pods` builds them and sets it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use podbox_tests::bench::boot::BootBench;
 use podbox_tests::bench::fs::FsBench;
+use podbox_tests::bench::pods::PodsBench;
 use podbox_tests::bench::vsock::VsockBench;
 use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: podbox-bench boot|vsock|fs [--runs N] [--vmm PATH]");
+    eprintln!("usage: podbox-bench boot|vsock|fs|pods [--runs N] [--vmm PATH]");
     ExitCode::from(2)
 }
 
@@ -40,6 +44,9 @@ fn main() -> ExitCode {
             _ => return usage(),
         }
     }
+    if which == "pods" {
+        return report(which, PodsBench::run(runs).map(|b| b.table()));
+    }
     if !vmm.is_file() {
         eprintln!(
             "{} not found: run `cargo build --release -p podbox-vmm` first",
@@ -60,6 +67,10 @@ fn main() -> ExitCode {
         "fs" => FsBench::run(&vmm, runs, work.path()).map(|b| b.table()),
         _ => return usage(),
     };
+    report(which, result)
+}
+
+fn report(which: &str, result: Result<String, String>) -> ExitCode {
     match result {
         Ok(table) => {
             println!("{table}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use podbox_tests::containerd::{Containerd, ContainerdOptions, PODBOX_HANDLER, RUNC_HANDLER};
 use podbox_tests::cri::{container_config, pod_sandbox_config};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
-use podbox_tests::podbox::{bin_dir, virtiofsd, write_shim_config};
+use podbox_tests::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
 
 const REPORT: &str = "echo \"kernel:     $(uname -r)\"; echo \"CPUs:       $(nproc)\"; \
                       echo \"MemTotal:   $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)\"; \
@@ -89,6 +89,21 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("StopPodSandbox: {e}"))?;
         cri.remove_pod_sandbox(&pod)
             .map_err(|e| format!("RemovePodSandbox: {e}"))?;
+        wait_for_exit(&pod);
     }
     Ok(())
+}
+
+/// The shim exits after answering containerd's Shutdown, once its VM is
+/// down: wait for every process naming the pod (shim, VMM, virtiofsd)
+/// before containerd is stopped, so that nothing is cut short.
+fn wait_for_exit(pod: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !processes_mentioning(pod).is_empty() {
+        if Instant::now() > deadline {
+            eprintln!("podbox-demo: processes of pod {pod} still running after 60 s");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
