@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::cri::{CriClient, CriError};
+use crate::cri::{pod_sandbox_config, CriClient, CriError};
 use crate::oci_image::{write_test_images, ImageError, BUSYBOX_IMAGE, PAUSE_IMAGE};
+use k8s_cri::v1::PodSandboxConfig;
 
 /// The containerd namespace the `ctr` helpers use.
 pub const TEST_NAMESPACE: &str = "podbox-test";
@@ -255,6 +256,20 @@ impl Containerd {
     /// Where CRI pods of this guard should write their logs.
     pub fn pod_log_dir(&self, pod_name: &str) -> PathBuf {
         Paths::new(self.dir()).pod_logs.join(pod_name)
+    }
+
+    /// A CRI pod config for this guard: a unique name from `prefix` (also
+    /// its hostname), its log directory (created) and this guard's cgroup
+    /// parent.
+    pub fn pod_config(&self, prefix: &str) -> Result<PodSandboxConfig, ContainerdError> {
+        let name = self.unique_name(prefix);
+        let log_dir = self.pod_log_dir(&name);
+        std::fs::create_dir_all(&log_dir).map_err(|source| ContainerdError::Io {
+            what: "creating pod log dir",
+            path: log_dir.clone(),
+            source,
+        })?;
+        Ok(pod_sandbox_config(&name, &log_dir, &self.cgroup_parent))
     }
 
     /// runc's state directory for this guard's tasks (`ctr run --runc-root`,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use podbox_tests::containerd::{
     Containerd, ContainerdOptions, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, TEST_NAMESPACE,
 };
-use podbox_tests::cri::{container_config, pod_sandbox_config};
+use podbox_tests::cri::container_config;
 use podbox_tests::host_kernel_release;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{
@@ -294,10 +294,9 @@ fn two_container_pod(
     Duration,
 ) {
     let mut cri = containerd.cri().expect("CRI client");
-    let name = containerd.unique_name(&format!("pod-{handler}"));
-    let log_dir = containerd.pod_log_dir(&name);
-    std::fs::create_dir_all(&log_dir).expect("pod log dir");
-    let config = pod_sandbox_config(&name, &log_dir, containerd.cgroup_parent());
+    let config = containerd
+        .pod_config(&format!("pod-{handler}"))
+        .expect("pod config");
     let started = Instant::now();
     let pod = cri
         .run_pod_sandbox(&config, handler)

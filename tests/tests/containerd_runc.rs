@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use podbox_tests::containerd::{Containerd, RUNC_HANDLER, RUNC_RUNTIME, TEST_NAMESPACE};
-use podbox_tests::cri::{container_config, pod_sandbox_config, CriClient};
+use podbox_tests::cri::{container_config, CriClient};
 use podbox_tests::host_kernel_release;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 
@@ -212,9 +212,7 @@ fn cri_pod_with_runc_shares_localhost_and_keeps_root_filesystems_apart() {
         "the busybox image is visible to CRI"
     );
 
-    let pod_name = containerd.unique_name("pod");
-    let log_dir = containerd.pod_log_dir(&pod_name);
-    let pod_config = pod_sandbox_config(&pod_name, &log_dir, containerd.cgroup_parent());
+    let pod_config = containerd.pod_config("pod").expect("pod config");
     let started = Instant::now();
     let pod_id = cri
         .run_pod_sandbox(&pod_config, RUNC_HANDLER)
@@ -347,12 +345,7 @@ fn dropping_the_harness_leaves_nothing_behind() {
     // Leave running work behind on purpose: a CRI pod with a container, and
     // a detached ctr task; the guard must clean up after both.
     let mut cri = containerd.cri().expect("CRI client");
-    let pod_name = containerd.unique_name("pod");
-    let pod_config = pod_sandbox_config(
-        &pod_name,
-        &containerd.pod_log_dir(&pod_name),
-        containerd.cgroup_parent(),
-    );
+    let pod_config = containerd.pod_config("pod").expect("pod config");
     let pod_id = cri
         .run_pod_sandbox(&pod_config, RUNC_HANDLER)
         .expect("RunPodSandbox");

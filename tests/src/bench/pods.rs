@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::containerd::{
     Containerd, ContainerdOptions, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
 };
-use crate::cri::{container_config, pod_sandbox_config};
+use crate::cri::container_config;
 use crate::oci_image::BUSYBOX_IMAGE;
 use crate::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
 
@@ -113,10 +113,9 @@ fn pod_ready(
     measure_memory: bool,
 ) -> Result<(f64, Option<Vec<(String, u64)>>), String> {
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
-    let name = containerd.unique_name(&format!("bench-{handler}"));
-    let log_dir = containerd.pod_log_dir(&name);
-    std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
-    let pod_config = pod_sandbox_config(&name, &log_dir, containerd.cgroup_parent());
+    let pod_config = containerd
+        .pod_config(&format!("bench-{handler}"))
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let pod = cri
         .run_pod_sandbox(&pod_config, handler)

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use podbox_tests::containerd::{Containerd, ContainerdOptions, PODBOX_HANDLER, RUNC_HANDLER};
-use podbox_tests::cri::{container_config, pod_sandbox_config};
+use podbox_tests::cri::container_config;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
 
@@ -54,10 +54,9 @@ fn run() -> Result<(), String> {
         } else {
             eprintln!("==> the same pod under runc");
         }
-        let name = containerd.unique_name(&format!("demo-{handler}"));
-        let log_dir = containerd.pod_log_dir(&name);
-        std::fs::create_dir_all(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
-        let pod_config = pod_sandbox_config(&name, &log_dir, containerd.cgroup_parent());
+        let pod_config = containerd
+            .pod_config(&format!("demo-{handler}"))
+            .map_err(|e| e.to_string())?;
         let started = Instant::now();
         let pod = cri
             .run_pod_sandbox(&pod_config, handler)
