@@ -21,9 +21,8 @@ use config::{AgentConfig, Command};
 pub fn main_entry(args: Vec<String>) -> i32 {
     // The hidden helper modes are this same binary re-executed in a fresh
     // child (see container::spawn): they must not start servers or log.
-    match args.get(1).map(String::as_str) {
-        Some(container::stage2::ARG) => return container::stage2::run(),
-        _ => {}
+    if args.get(1).map(String::as_str) == Some(container::stage2::ARG) {
+        return container::stage2::run();
     }
     let cmd = match AgentConfig::parse(&args[1..]) {
         Ok(c) => c,

@@ -17,13 +17,16 @@ const GUEST: &str = "2 vCPUs, 256 MiB";
 /// How long an idle pod settles before its memory is read.
 const IDLE_SETTLE: Duration = Duration::from_secs(5);
 
+/// PSS (KiB) of each process of a pod, by name.
+type PodPss = Vec<(String, u64)>;
+
 /// Seconds per sample; index 0 runc, 1 podbox.
 #[derive(Default)]
 pub struct PodsBench {
     pod_ready: [Vec<f64>; 2],
     ctr_run: [Vec<f64>; 2],
-    /// PSS of each process of the first idle podbox pod: (name, KiB).
-    idle_pss: Vec<(String, u64)>,
+    /// The first idle podbox pod's processes.
+    idle_pss: PodPss,
 }
 
 impl PodsBench {
@@ -111,7 +114,7 @@ fn pod_ready(
     containerd: &Containerd,
     handler: &str,
     measure_memory: bool,
-) -> Result<(f64, Option<Vec<(String, u64)>>), String> {
+) -> Result<(f64, Option<PodPss>), String> {
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
     let pod_config = containerd
         .pod_config(&format!("bench-{handler}"))
@@ -148,8 +151,8 @@ fn pod_ready(
 
 /// PSS (KiB) of every process whose command line names the pod: its shim,
 /// podbox-vmm and virtiofsd.
-fn pod_pss(pod_id: &str) -> Vec<(String, u64)> {
-    let mut out: Vec<(String, u64)> = processes_mentioning(pod_id)
+fn pod_pss(pod_id: &str) -> PodPss {
+    let mut out: PodPss = processes_mentioning(pod_id)
         .into_iter()
         .filter_map(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;

@@ -103,6 +103,8 @@ pub enum FallbackError {
     AddressSize,
     #[error("reading the memory operand at {gva:#x}: {reason}")]
     Memory { gva: u64, reason: String },
+    #[error("{what}: {reason}")]
+    Kvm { what: &'static str, reason: String },
 }
 
 struct Cursor<'a> {
@@ -344,9 +346,9 @@ fn xsave_or_xrstor(
     };
     let mut area = guest.xsave_area()?;
     if area.len() != xsave::AREA_LEN {
-        return Err(FallbackError::Memory {
-            gva,
-            reason: format!("KVM_GET_XSAVE gave {} bytes", area.len()),
+        return Err(FallbackError::Kvm {
+            what: "KVM_GET_XSAVE",
+            reason: format!("{} bytes, expected {}", area.len(), xsave::AREA_LEN),
         });
     }
     if save {

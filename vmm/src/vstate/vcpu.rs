@@ -230,19 +230,18 @@ impl Vcpu {
     }
 
     fn perform(&mut self, shared: &VcpuShared, bytes: &[u8]) -> Result<(), FallbackError> {
-        let kvm_err = |what: &str, e: kvm_ioctls::Error| FallbackError::Memory {
-            gva: 0,
-            reason: format!("{what}: {e}"),
-        };
         let decoded = fallback::decode(bytes)?;
-        let mut regs = self.fd.get_regs().map_err(|e| kvm_err("KVM_GET_REGS", e))?;
+        let mut regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| kvm_failure("KVM_GET_REGS", e))?;
         let effect = fallback::apply(&decoded, &mut regs, &VcpuGuest { vcpu: self, shared })?;
         self.fd
             .set_regs(&regs)
-            .map_err(|e| kvm_err("KVM_SET_REGS", e))?;
+            .map_err(|e| kvm_failure("KVM_SET_REGS", e))?;
         if let Effect::Inject(exception) = effect {
             self.inject(exception)
-                .map_err(|e| kvm_err("injecting an exception", e))?;
+                .map_err(|e| kvm_failure("injecting an exception", e))?;
         }
         shared.fallback_stats.record(&decoded.insn);
         Ok(())
@@ -473,10 +472,10 @@ impl GuestAccess for VcpuGuest<'_> {
     }
 }
 
-fn kvm_failure(what: &str, e: kvm_ioctls::Error) -> FallbackError {
-    FallbackError::Memory {
-        gva: 0,
-        reason: format!("{what}: {e}"),
+fn kvm_failure(what: &'static str, e: kvm_ioctls::Error) -> FallbackError {
+    FallbackError::Kvm {
+        what,
+        reason: e.to_string(),
     }
 }
 
