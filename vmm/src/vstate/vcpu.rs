@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_xsave, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -309,36 +311,49 @@ impl Vcpu {
         Ok(Ok(pieces))
     }
 
-    /// Reads `len` bytes at guest-virtual `gva`, page by page.
+    /// Reads `len` bytes at guest-virtual `gva` as the guest kernel would
+    /// (checked writable when `write`): the bytes, or the page fault.
+    fn read_guest(
+        &self,
+        shared: &VcpuShared,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<Result<Vec<u8>, Exception>, FallbackError> {
+        let pieces = match self.translate_range(gva, len, write)? {
+            Ok(pieces) => pieces,
+            Err(fault) => return Ok(Err(fault)),
+        };
+        let mut out = Vec::with_capacity(len);
+        for (gpa, n) in pieces {
+            let start = out.len();
+            out.resize(start + n, 0);
+            shared
+                .memory
+                .read_slice(&mut out[start..], GuestAddress(gpa))
+                .map_err(|e| FallbackError::Memory {
+                    gva,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(Ok(out))
+    }
+
+    /// Reads `len` bytes at guest-virtual `gva`; unmapped is an error.
     fn read_guest_virt(
         &self,
         shared: &VcpuShared,
         gva: u64,
         len: usize,
     ) -> Result<Vec<u8>, FallbackError> {
-        let mut out = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            let addr = gva.wrapping_add(done as u64);
-            let fault = |reason: String| FallbackError::Memory { gva: addr, reason };
-            let t = self
-                .fd
-                .translate_gva(addr)
-                .map_err(|e| fault(format!("KVM_TRANSLATE: {e}")))?;
-            if t.valid == 0 {
-                return Err(fault("not mapped".into()));
-            }
-            let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
-            shared
-                .memory
-                .read_slice(
-                    &mut out[done..done + chunk],
-                    GuestAddress(t.physical_address),
-                )
-                .map_err(|e| fault(e.to_string()))?;
-            done += chunk;
-        }
-        Ok(out)
+        self.read_guest(shared, gva, len, false)?
+            .map_err(|fault| FallbackError::Memory {
+                gva: match fault {
+                    Exception::PageFault { address, .. } => address,
+                    _ => gva,
+                },
+                reason: "not mapped".into(),
+            })
     }
 }
 
@@ -387,23 +402,7 @@ impl GuestAccess for VcpuGuest<'_> {
         len: usize,
         write: bool,
     ) -> Result<Result<Vec<u8>, Exception>, FallbackError> {
-        let pieces = match self.vcpu.translate_range(gva, len, write)? {
-            Ok(pieces) => pieces,
-            Err(fault) => return Ok(Err(fault)),
-        };
-        let mut out = Vec::with_capacity(len);
-        for (gpa, n) in pieces {
-            let start = out.len();
-            out.resize(start + n, 0);
-            self.shared
-                .memory
-                .read_slice(&mut out[start..], GuestAddress(gpa))
-                .map_err(|e| FallbackError::Memory {
-                    gva,
-                    reason: e.to_string(),
-                })?;
-        }
-        Ok(Ok(out))
+        self.vcpu.read_guest(self.shared, gva, len, write)
     }
 
     fn write_bytes(&self, gva: u64, data: &[u8]) -> Result<(), FallbackError> {
@@ -452,18 +451,14 @@ impl GuestAccess for VcpuGuest<'_> {
     }
 
     fn set_xsave_area(&self, area: &[u8]) -> Result<(), FallbackError> {
-        let mut x = self
-            .vcpu
-            .fd
-            .get_xsave()
-            .map_err(|e| kvm_failure("KVM_GET_XSAVE", e))?;
+        let mut x = kvm_xsave::default();
         for (word, bytes) in x.region.iter_mut().zip(area.chunks_exact(4)) {
             *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         }
-        // SAFETY: `x` is a whole kvm_xsave as KVM_GET_XSAVE returned it.
-        // KVM reads more than 4 KiB only once the VMM has asked for
-        // dynamically enabled state (AMX) with ARCH_REQ_XCOMP_GUEST_PERM,
-        // which podbox never does.
+        // SAFETY: `x` is a whole kvm_xsave, its 4 KiB region filled from
+        // `area` (the 4 KiB KVM_GET_XSAVE gave). KVM reads more than 4 KiB
+        // only once the VMM has asked for dynamically enabled state (AMX)
+        // with ARCH_REQ_XCOMP_GUEST_PERM, which podbox never does.
         unsafe { self.vcpu.fd.set_xsave(&x) }.map_err(|e| kvm_failure("KVM_SET_XSAVE", e))
     }
 
