@@ -4,10 +4,13 @@
 //! a host process connects, writes `CONNECT <port>\n`, reads
 //! `OK <hostport>\n`, and then holds a byte stream to the guest listener on
 //! that port ("hybrid vsock", as in Firecracker). [`dial`] does that
-//! handshake; [`AgentClient::connect`] dials the agent's port, wraps the
-//! stream in a ttrpc client and retries until the agent answers a health
-//! check or the deadline passes — the guest needs about a minute to boot on
-//! PVM hosts, and until its agent listens every attempt is refused.
+//! handshake; [`AgentClient::connect_when_ready`] waits for the agent's
+//! ready call ([`ReadyListener`]), dials the agent's port, wraps the stream
+//! in a ttrpc client and waits on that stream until the agent answers a
+//! health check, for as long as the VM makes progress ([`VmProgress`]): a
+//! guest boot is a minute of emulated kernel work on a fast PVM host and
+//! several on a slow one, so a fixed deadline either fails slow machines
+//! or waits far too long on a stuck guest.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -27,14 +30,25 @@ use podbox_protocol::agent_ttrpc::AgentServiceClient;
 use podbox_protocol::health::{health_check_response::ServingStatus, CheckRequest};
 use podbox_protocol::health_ttrpc::HealthClient;
 
+mod progress;
+mod ready;
+
 pub use podbox_protocol::AGENT_VSOCK_PORT;
+pub use progress::{Stalled, VmProgress};
+pub use ready::{ReadyListener, AGENT_READY_PORT};
 
 /// Longest `OK <port>\n` line we accept.
 const MAX_OK_LINE: usize = 32;
 /// Pause between attempts while the guest is not answering yet.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
-/// How long one health check may take once connected.
+/// How often the wait for the ready call looks at the listener.
+const READY_POLL: Duration = Duration::from_millis(100);
+/// How long one health check waits before the caller's patience is asked
+/// again. A timeout does not end the stream: its answer may still come.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one read of the handshake waits before the patience is asked
+/// again.
+const HANDSHAKE_SLICE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -53,13 +67,53 @@ pub enum ClientError {
     Ttrpc(#[from] ttrpc::Error),
     #[error("agent health check answered {0:?}, not SERVING")]
     NotServing(ServingStatus),
-    #[error("agent at {path} did not answer within {waited:?} ({attempts} attempts); last error: {last}")]
-    Deadline {
+    #[error("agent at {path} did not answer after {waited:?} ({attempts} attempts): {reason}; last error: {}", last.as_deref().map_or("none (no attempt made)".to_string(), |e| e.to_string()))]
+    GaveUp {
         path: PathBuf,
         waited: Duration,
         attempts: u32,
-        last: Box<ClientError>,
+        reason: String,
+        last: Option<Box<ClientError>>,
     },
+}
+
+/// Decides how long a connect keeps trying: Ok to go on, Err(reason) to
+/// give up. [`VmProgress`] (wait while the VM makes progress) and
+/// [`Deadline`] implement it.
+pub trait Patience {
+    fn check(&mut self) -> Result<(), String>;
+}
+
+impl Patience for VmProgress {
+    fn check(&mut self) -> Result<(), String> {
+        VmProgress::check(self).map_err(|e| e.to_string())
+    }
+}
+
+/// A fixed time limit, for callers with no VM process to watch.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    limit: Duration,
+    until: Instant,
+}
+
+impl Deadline {
+    pub fn after(limit: Duration) -> Self {
+        Self {
+            limit,
+            until: Instant::now() + limit,
+        }
+    }
+}
+
+impl Patience for Deadline {
+    fn check(&mut self) -> Result<(), String> {
+        if Instant::now() < self.until {
+            Ok(())
+        } else {
+            Err(format!("the time limit of {:?} passed", self.limit))
+        }
+    }
 }
 
 /// A ttrpc context with a timeout, for calls on the clients.
@@ -72,6 +126,17 @@ pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
 /// (nobody listens on that port yet: the VMM closes the stream without an
 /// OK line) or `timeout` passes first.
 pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
+    dial_with(socket, port, &mut Deadline::after(timeout))
+}
+
+/// [`dial`], waiting for the guest's answer as long as `patience` allows.
+/// Before the guest's vsock driver is up the VMM holds the request, so the
+/// answer can take as long as the rest of the boot.
+pub fn dial_with(
+    socket: &Path,
+    port: u32,
+    patience: &mut dyn Patience,
+) -> Result<UnixStream, ClientError> {
     let handshake = |detail: String| ClientError::Handshake {
         path: socket.to_owned(),
         port,
@@ -82,7 +147,7 @@ pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, C
         source,
     })?;
     stream
-        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .set_read_timeout(Some(HANDSHAKE_SLICE))
         .map_err(|e| handshake(e.to_string()))?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -98,7 +163,9 @@ pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, C
             Ok(_) => return Err(handshake("overlong reply".into())),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(handshake(format!("no answer within {timeout:?}")))
+                patience
+                    .check()
+                    .map_err(|reason| handshake(format!("no answer: {reason}")))?;
             }
             Err(e) => return Err(handshake(e.to_string())),
         }
@@ -117,6 +184,12 @@ pub fn dial(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, C
     Ok(stream)
 }
 
+/// A ttrpc timeout (the stream may still answer), as opposed to a closed
+/// stream or an error status.
+fn is_timeout(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::Others(text) if text.contains("timed out"))
+}
+
 /// The agent's API and health service over one connection.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -127,18 +200,55 @@ pub struct AgentClient {
 impl AgentClient {
     /// Connects to the agent (vsock port 1024) through `socket`, retrying
     /// until it answers a health check with SERVING or `deadline` passes.
+    /// Dials from the start; [`AgentClient::connect_when_ready`] waits for
+    /// the agent's ready call first.
     pub fn connect(socket: &Path, deadline: Duration) -> Result<Self, ClientError> {
         Self::connect_port(socket, AGENT_VSOCK_PORT, deadline)
     }
 
     /// [`AgentClient::connect`] for an agent on another vsock port.
     pub fn connect_port(socket: &Path, port: u32, deadline: Duration) -> Result<Self, ClientError> {
+        Self::connect_loop(socket, port, None, &mut Deadline::after(deadline))
+    }
+
+    /// Waits for the agent's ready call on `ready` (bound before the VMM
+    /// started), then connects, for as long as `patience` allows: the
+    /// first dial happens once the agent listens, not hundreds before.
+    pub fn connect_when_ready(
+        socket: &Path,
+        ready: &mut ReadyListener,
+        patience: &mut dyn Patience,
+    ) -> Result<Self, ClientError> {
+        Self::connect_loop(socket, AGENT_VSOCK_PORT, Some(ready), patience)
+    }
+
+    fn connect_loop(
+        socket: &Path,
+        port: u32,
+        ready: Option<&mut ReadyListener>,
+        patience: &mut dyn Patience,
+    ) -> Result<Self, ClientError> {
         let start = Instant::now();
         let mut attempts = 0;
+        let gave_up = |attempts, reason, last: Option<ClientError>| ClientError::GaveUp {
+            path: socket.to_owned(),
+            waited: start.elapsed(),
+            attempts,
+            reason,
+            last: last.map(Box::new),
+        };
+        if let Some(ready) = ready {
+            while !ready.called() {
+                patience.check().map_err(|reason| {
+                    gave_up(0, format!("no ready call from the agent: {reason}"), None)
+                })?;
+                std::thread::sleep(READY_POLL);
+            }
+            tracing::debug!("agent ready call after {:?}", start.elapsed());
+        }
         loop {
             attempts += 1;
-            let left = deadline.saturating_sub(start.elapsed());
-            let err = match Self::try_once(socket, port, left) {
+            let last = match Self::try_once(socket, port, patience) {
                 Ok(client) => {
                     tracing::debug!(
                         "agent answered after {:?} ({attempts} attempts)",
@@ -148,26 +258,44 @@ impl AgentClient {
                 }
                 Err(e) => e,
             };
-            tracing::debug!("agent attempt {attempts}: {err}");
-            if start.elapsed() + RETRY_PAUSE >= deadline {
-                return Err(ClientError::Deadline {
-                    path: socket.to_owned(),
-                    waited: start.elapsed(),
-                    attempts,
-                    last: Box::new(err),
-                });
+            tracing::debug!("agent attempt {attempts}: {last}");
+            if let Err(reason) = patience.check() {
+                return Err(gave_up(attempts, reason, Some(last)));
             }
             std::thread::sleep(RETRY_PAUSE);
         }
     }
 
-    /// One dial plus one health check.
-    fn try_once(socket: &Path, port: u32, left: Duration) -> Result<Self, ClientError> {
-        let stream = dial(socket, port, left)?;
+    /// One dial plus a health check on that stream. A stream the guest
+    /// accepted is kept until it answers or the patience runs out: its
+    /// answer can take longer than one check's timeout while the guest
+    /// sets the connection up, and a new stream would only cost the guest
+    /// that set-up again (on slow PVM hosts no check ever finished that
+    /// way, and the abandoned streams filled the agent's accept backlog).
+    fn try_once(
+        socket: &Path,
+        port: u32,
+        patience: &mut dyn Patience,
+    ) -> Result<Self, ClientError> {
+        let stream = dial_with(socket, port, patience)?;
         // ttrpc takes ownership of the descriptor and closes it on drop.
         let client = Self::from_client(ttrpc::Client::new(stream.into_raw_fd())?);
-        client.check(left.min(CHECK_TIMEOUT).max(Duration::from_millis(1)))?;
-        Ok(client)
+        loop {
+            match client.check(CHECK_TIMEOUT) {
+                Ok(()) => return Ok(client),
+                Err(ClientError::Ttrpc(e)) if is_timeout(&e) => {
+                    tracing::debug!(
+                        "agent: no answer within {CHECK_TIMEOUT:?} yet; waiting on the same stream"
+                    );
+                    patience.check().map_err(|reason| ClientError::Handshake {
+                        path: socket.to_owned(),
+                        port,
+                        detail: format!("health check unanswered: {reason}"),
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Wraps an already-connected ttrpc client.
@@ -247,9 +375,12 @@ mod tests {
             .unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
         match e {
-            ClientError::Deadline { attempts, last, .. } => {
+            ClientError::GaveUp { attempts, last, .. } => {
                 assert!(attempts >= 2, "{attempts}");
-                assert!(matches!(*last, ClientError::Handshake { .. }));
+                assert!(matches!(
+                    last.as_deref(),
+                    Some(ClientError::Handshake { .. })
+                ));
             }
             other => panic!("{other}"),
         }

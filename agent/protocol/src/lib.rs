@@ -9,3 +9,8 @@ include!(concat!(env!("OUT_DIR"), "/mod.rs"));
 
 /// vsock port the agent listens on inside the guest.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// Host vsock port the agent calls once its ttrpc server listens (its
+/// "ready call"); podbox-vmm forwards it to `<vsock socket>_1025`, which the
+/// host binds before the VMM starts and dials the agent only after.
+pub const AGENT_READY_PORT: u32 = 1025;
