@@ -337,6 +337,48 @@ impl Health for HealthService {
     }
 }
 
+/// Tells the host the server listens: one stream to host port
+/// AGENT_READY_PORT (podbox-vmm forwards it to `<vsock socket>_1025`), so
+/// that the host's first dial finds the agent instead of knocking all
+/// through the boot. Without a host listener the VMM resets the stream;
+/// the host then finds the agent by dialing, so this is only logged.
+fn call_host_ready() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    use std::io::Write;
+    let result = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .and_then(|fd| {
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &VsockAddr::new(libc::VMADDR_CID_HOST, podbox_protocol::AGENT_READY_PORT),
+        )
+        .map(|()| fd)
+    });
+    match result {
+        Ok(fd) => {
+            let mut stream = std::fs::File::from(fd);
+            let line = format!(
+                "podbox-agent {} listening on {}\n",
+                env!("CARGO_PKG_VERSION"),
+                podbox_protocol::AGENT_VSOCK_PORT
+            );
+            let _ = stream.write_all(line.as_bytes());
+            log::info!(
+                "ready call to host port {} made",
+                podbox_protocol::AGENT_READY_PORT
+            );
+        }
+        Err(e) => log::info!(
+            "ready call to host port {}: {e} (the host will dial instead)",
+            podbox_protocol::AGENT_READY_PORT
+        ),
+    }
+}
+
 /// Serves until the process exits (DestroySandbox).
 pub fn serve(cfg: AgentConfig) -> Result<(), String> {
     if cfg.init {
@@ -362,6 +404,9 @@ pub fn serve(cfg: AgentConfig) -> Result<(), String> {
         .start()
         .map_err(|e| format!("start ttrpc server: {e}"))?;
     log::info!("listening on {listen}");
+    if listen.starts_with("vsock://") {
+        call_host_ready();
+    }
     loop {
         std::thread::park();
     }

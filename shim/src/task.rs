@@ -32,7 +32,7 @@ use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::{DeleteResponse, ExitSignal, Task, TtrpcContext, TtrpcResult};
-use podbox_agent_client::{ctx, AgentClient};
+use podbox_agent_client::{ctx, AgentClient, ReadyListener, VmProgress};
 use podbox_protocol::agent::{
     CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
     ExecProcessRequest as AgentExec, GetOOMEventRequest, IPAddress, Interface,
@@ -49,7 +49,9 @@ use crate::pod::{
     set_exit_once, Container, Exit, Phase, PodState, Process, Vm, VM_LOST_EXIT_STATUS,
 };
 use crate::rootfs::ContainerShare;
-use crate::vm::{self, StateDir, VmLaunch, AGENT_DEADLINE, GUEST_SHARE, SHARE_TAG};
+use crate::vm::{
+    self, StateDir, VmLaunch, AGENT_OVERALL_LIMIT, AGENT_STALL_LIMIT, GUEST_SHARE, SHARE_TAG,
+};
 
 /// Agent calls that should answer at once.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -200,6 +202,21 @@ impl Inner {
             log_problems(sandbox_id, state.remove());
             status(Code::INTERNAL, e.to_string())
         })?;
+        // Bound before the VMM starts, so the agent's ready call cannot
+        // come too early to be seen.
+        let mut ready = match ReadyListener::bind(&state.vsock_socket()) {
+            Ok(ready) => ready,
+            Err(e) => {
+                log_problems(sandbox_id, state.remove());
+                return Err(status(
+                    Code::INTERNAL,
+                    format!(
+                        "binding the agent's ready socket in {}: {e}",
+                        state.dir.display()
+                    ),
+                ));
+            }
+        };
         let mut child = match vm::spawn_vmm(&launch, &state) {
             Ok(child) => child,
             Err(e) => {
@@ -243,8 +260,10 @@ impl Inner {
         });
 
         let socket = state.vsock_socket();
-        let connect =
-            tokio::task::spawn_blocking(move || AgentClient::connect(&socket, AGENT_DEADLINE));
+        let connect = tokio::task::spawn_blocking(move || {
+            let mut progress = VmProgress::new(vmm_pid, AGENT_STALL_LIMIT, AGENT_OVERALL_LIMIT);
+            AgentClient::connect_when_ready(&socket, &mut ready, &mut progress)
+        });
         let boot_failed = |reason: String| {
             let console = vm::tail(&state.console_log(), 20);
             let vmm_log = vm::tail(&state.vmm_log(), 20);

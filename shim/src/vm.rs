@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! vsock.sock      podbox-vmm's hybrid vsock socket (the agent is behind it)
+//! vsock.sock_1025 where the agent's ready call arrives (bound by the shim
+//!                 before the VMM starts; podbox_agent_client::ReadyListener)
 //! virtiofsd.sock  virtiofsd's vhost-user socket
 //! share/          the virtio-fs share (a shared bind mount of itself), mounted
 //!                 in the guest at GUEST_SHARE; share/<container-id>/rootfs is a
@@ -35,10 +37,15 @@ pub const SHARE_TAG: &str = "podbox";
 pub const GUEST_SHARE: &str = "/run/podbox/shared";
 /// The VMM binary's name, looked up beside the shim and then on PATH.
 pub const VMM_BINARY: &str = "podbox-vmm";
-/// How long a guest may take from VMM start to an agent that answers. A
-/// boot costs about a minute of CPU on PVM hosts; on a loaded 2-core
-/// machine that can be several minutes of wall time.
-pub const AGENT_DEADLINE: Duration = Duration::from_secs(600);
+/// How long a booting VM may go without progress (its threads neither
+/// running nor waiting to run, see `VmProgress`) before the shim gives up
+/// on its agent: a guest that went idle without answering is stuck. There
+/// is no fixed boot deadline: a boot is a minute of emulated kernel work
+/// on a fast PVM host and several minutes on a slow or loaded one.
+pub const AGENT_STALL_LIMIT: Duration = Duration::from_secs(120);
+/// The longest a boot may take however busy the VM is (a guest that spins
+/// for ever must not hold a pod's Create for ever).
+pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(1800);
 
 #[derive(Debug, Error)]
 pub enum VmError {

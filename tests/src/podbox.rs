@@ -17,8 +17,10 @@ pub const VMM_BINARY: &str = "podbox-vmm";
 
 /// The directory holding `containerd-shim-podbox-v2` and `podbox-vmm`
 /// (the shim finds the VMM beside itself): `PODBOX_BIN_DIR` if set, else a
-/// debug build of both into `<target>/e2e` (a target dir of its own, since
-/// the running `cargo test` holds the lock on the main one).
+/// release build of both into `<target>/e2e` (a target dir of its own,
+/// since the running `cargo test` holds the lock on the main one). Release,
+/// as users run them: a debug VMM's device threads are several times
+/// slower, which is not what the end-to-end tests are there to measure.
 pub fn bin_dir() -> PathBuf {
     static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
     if let Some(dir) = std::env::var_os("PODBOX_BIN_DIR") {
@@ -47,6 +49,7 @@ pub fn bin_dir() -> PathBuf {
             "podbox-shim",
             "-p",
             "podbox-vmm",
+            "--release",
             "--target-dir",
         ])
         .arg(&target)
@@ -57,7 +60,7 @@ pub fn bin_dir() -> PathBuf {
         "building the shim and VMM failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = target.join("debug");
+    let dir = target.join("release");
     for binary in [SHIM_BINARY, VMM_BINARY] {
         assert!(
             dir.join(binary).is_file(),

@@ -1,13 +1,72 @@
 //! Running `podbox-vmm` (or a peer VMM) with a deadline and collecting
 //! what it printed.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use podbox_agent_client::{AgentClient, ClientError, ReadyListener, VmProgress};
+
 /// How long one guest boot may take here. A boot costs about a minute of
-/// emulated kernel work on PVM hosts, more when tests run side by side.
+/// emulated kernel work on a fast PVM host and 2-3x that on a slow one;
+/// VM tests run one guest per two host cores ([`VmSlot`]), so this is
+/// several times the slowest boot measured on this kind of machine.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(600);
+/// How long a VM may make no progress (see `VmProgress`) before a wait for
+/// its agent fails: a guest that went idle without answering is stuck.
+pub const VM_STALL_LIMIT: Duration = Duration::from_secs(120);
+/// Host cores per guest: test guests have 2 vCPUs, and a guest boot on PVM
+/// keeps its vCPUs busy with emulated kernel work.
+const CORES_PER_GUEST: usize = 2;
+
+/// One of the host's slots for a running test guest, held until dropped.
+/// More guests than the host has cores for only makes each boot slower
+/// (on 2 cores, two guests at once took 2-3x as long each) and pushes
+/// every wait towards its limit, so VM tests in all test processes take
+/// turns: `max(1, cores / 2)` slots (`PODBOX_TEST_VM_SLOTS` overrides),
+/// each an flock on a file under the temp directory.
+pub struct VmSlot {
+    _lock: File,
+}
+
+impl VmSlot {
+    /// Waits for a free slot.
+    pub fn acquire() -> VmSlot {
+        let slots = std::env::var("PODBOX_TEST_VM_SLOTS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get()) / CORES_PER_GUEST
+            })
+            .max(1);
+        let dir = std::env::temp_dir().join("podbox-test-vm-slots");
+        std::fs::create_dir_all(&dir).expect("creating the VM slot directory");
+        let waiting = Instant::now();
+        let mut said = false;
+        loop {
+            for i in 0..slots {
+                let path = dir.join(format!("slot-{i}.lock"));
+                let file = File::create(&path).expect("opening a VM slot lock");
+                // SAFETY: flock on a descriptor we own.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    if said {
+                        eprintln!("got a VM slot after {:?}", waiting.elapsed());
+                    }
+                    return VmSlot { _lock: file };
+                }
+            }
+            if !said {
+                eprintln!(
+                    "waiting for one of {slots} VM slot(s) (another test's guest is running)"
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct VmRun {
@@ -29,8 +88,9 @@ impl VmRun {
     }
 }
 
-/// Runs `podbox-vmm` with the serial console captured to a file in `dir`.
-/// The VMM is killed if it outlives `deadline`, and the test fails.
+/// Runs `podbox-vmm` with the serial console captured to a file in `dir`,
+/// once a [`VmSlot`] is free. The VMM is killed if it outlives `deadline`
+/// (counted from its start), and the test fails.
 pub fn run_vmm(vmm: &Path, dir: &Path, args: &[&str], deadline: Duration) -> VmRun {
     spawn_vmm(vmm, dir, args).wait(deadline)
 }
@@ -42,10 +102,12 @@ pub struct RunningVm {
     serial_path: std::path::PathBuf,
     stderr_path: std::path::PathBuf,
     start: Instant,
+    _slot: VmSlot,
 }
 
 /// Starts `podbox-vmm` like [`run_vmm`] without waiting for it.
 pub fn spawn_vmm(vmm: &Path, dir: &Path, args: &[&str]) -> RunningVm {
+    let slot = VmSlot::acquire();
     let serial_path = dir.join("serial.log");
     let stderr_path = dir.join("vmm.stderr");
     let stderr = std::fs::File::create(&stderr_path).expect("creating stderr file");
@@ -64,6 +126,7 @@ pub fn spawn_vmm(vmm: &Path, dir: &Path, args: &[&str]) -> RunningVm {
         serial_path,
         stderr_path,
         start,
+        _slot: slot,
     }
 }
 
@@ -75,6 +138,30 @@ impl RunningVm {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Watches this VM's progress, for waits on its guest.
+    pub fn progress(&self) -> VmProgress {
+        VmProgress::new(self.pid(), VM_STALL_LIMIT, BOOT_DEADLINE)
+    }
+
+    /// Connects to the agent behind `socket` once it made its ready call on
+    /// `ready` (bound before this VM started), while the VM makes progress.
+    /// Prints when the ready call came and when the agent answered.
+    pub fn agent(
+        &self,
+        socket: &Path,
+        ready: &mut ReadyListener,
+    ) -> Result<AgentClient, ClientError> {
+        let agent = AgentClient::connect_when_ready(socket, ready, &mut self.progress())?;
+        if let Some(called) = ready.called_at() {
+            eprintln!(
+                "agent: ready call {:.1} s after VMM start, answered {:.1} s after that",
+                called.duration_since(self.start).as_secs_f64(),
+                called.elapsed().as_secs_f64()
+            );
+        }
+        Ok(agent)
     }
 
     /// The console and VMM log so far, for assertion messages.

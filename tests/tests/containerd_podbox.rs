@@ -28,6 +28,7 @@ use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{
     bin_dir, pod_leftovers, processes_mentioning, virtiofsd, vmm_pid, write_shim_config,
 };
+use podbox_tests::vm::VmSlot;
 
 /// From `ctr run` to a running task: one guest boot, on a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -43,20 +44,24 @@ fn host_boot_id() -> String {
 /// A containerd with the podbox shim, or None (and a SKIPPED line) where
 /// /dev/kvm is absent. A missing virtiofsd fails the test: the README's
 /// test command installs it.
-fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<Containerd> {
+fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Containerd)> {
     if !podbox_tests::kvm_available(test) {
         return None;
     }
+    // The shim boots the guest: the test holds a VM slot meanwhile, so no
+    // more guests run at once than the host has cores for.
+    let slot = VmSlot::acquire();
     let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
     let config = write_shim_config(dir, &virtiofsd);
     let options = ContainerdOptions {
         shim_dirs: vec![bin_dir()],
         podbox_config: Some(config),
     };
-    Some(
+    Some((
+        slot,
         Containerd::start_with(options)
             .unwrap_or_else(|e| panic!("starting the test containerd: {e}")),
-    )
+    ))
 }
 
 /// Reads a child's pipe into a shared buffer on a thread, so a test can
@@ -109,7 +114,8 @@ fn assert_nothing_left(containerd: Containerd, pod: &str) {
 #[test]
 fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let Some(containerd) = podbox_containerd("podbox_ctr_run_exec_and_kill_in_one_vm", dir.path())
+    let Some((_slot, containerd)) =
+        podbox_containerd("podbox_ctr_run_exec_and_kill_in_one_vm", dir.path())
     else {
         return;
     };
@@ -332,7 +338,7 @@ fn two_container_pod(
 #[test]
 fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let Some(containerd) =
+    let Some((_slot, containerd)) =
         podbox_containerd("podbox_cri_pod_beside_runc_then_vmm_killed", dir.path())
     else {
         return;

@@ -8,7 +8,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use podbox_agent_client::{ctx, AgentClient};
+use podbox_agent_client::{ctx, ReadyListener};
 use podbox_protocol::agent::{DestroySandboxRequest, GuestDetailsRequest};
 use podbox_tests::guest::{guest_kernel, KernelVariant};
 use podbox_tests::guest_image::{
@@ -57,6 +57,7 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     let socket = dir.path().join("vsock.sock");
     // The guest connects to host port 6000 once at start: listen before boot.
     let hello = UnixListener::bind(format!("{}_{HOST_HELLO_PORT}", socket.display())).unwrap();
+    let mut ready = ReadyListener::bind(&socket).unwrap();
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
@@ -77,7 +78,8 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     );
 
     // 1. The agent answers a health check through the hybrid vsock socket.
-    let agent = AgentClient::connect(&socket, BOOT_DEADLINE)
+    let agent = vm
+        .agent(&socket, &mut ready)
         .unwrap_or_else(|e| panic!("agent unreachable: {e}\n{}", vm.transcript()));
     eprintln!(
         "agent answered {:.1} s after VMM start",

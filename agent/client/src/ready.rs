@@ -13,6 +13,7 @@
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 pub use podbox_protocol::AGENT_READY_PORT;
 
@@ -25,7 +26,7 @@ const MAX_LINE: usize = 128;
 pub struct ReadyListener {
     listener: UnixListener,
     path: PathBuf,
-    called: bool,
+    called: Option<Instant>,
 }
 
 impl ReadyListener {
@@ -46,7 +47,7 @@ impl ReadyListener {
         Ok(Self {
             listener,
             path,
-            called: false,
+            called: None,
         })
     }
 
@@ -56,18 +57,23 @@ impl ReadyListener {
 
     /// Whether the agent has called (non-blocking; stays true once seen).
     pub fn called(&mut self) -> bool {
-        if self.called {
+        if self.called.is_some() {
             return true;
         }
         match self.listener.accept() {
             Ok((stream, _)) => {
                 let line = read_line(stream);
                 tracing::debug!("agent ready call: {line:?}");
-                self.called = true;
+                self.called = Some(Instant::now());
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(e) => tracing::debug!("ready socket {}: accept: {e}", self.path.display()),
         }
+        self.called.is_some()
+    }
+
+    /// When [`ReadyListener::called`] first saw the call.
+    pub fn called_at(&self) -> Option<Instant> {
         self.called
     }
 }

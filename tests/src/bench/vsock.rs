@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use podbox_agent_client::{ctx, AgentClient};
+use podbox_agent_client::{ctx, ReadyListener};
 use podbox_protocol::agent::DestroySandboxRequest;
 
 use super::{median, secs};
@@ -49,6 +49,8 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
             .map(str::to_owned)
             .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
     };
+    let mut ready =
+        ReadyListener::bind(&socket).map_err(|e| format!("binding the ready socket: {e}"))?;
     let vm = spawn_vmm(
         vmm,
         work,
@@ -67,8 +69,9 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
             &s(&socket)?,
         ],
     );
-    let agent =
-        AgentClient::connect(&socket, DEADLINE).map_err(|e| format!("{e}\n{}", vm.transcript()))?;
+    let agent = vm
+        .agent(&socket, &mut ready)
+        .map_err(|e| format!("{e}\n{}", vm.transcript()))?;
     let first_answer = vm.started().elapsed();
     let data = pattern(TRANSFER_BYTES, 7);
     let err = |what: &str, e: std::io::Error| format!("{what}: {e}");

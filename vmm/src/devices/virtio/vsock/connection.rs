@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use super::packet::Header;
 
@@ -60,6 +61,9 @@ pub struct Connection {
     pub guest_done_sending: bool,
     /// The guest asked for a credit update, or we owe one.
     pub credit_update_due: bool,
+    /// For logs: how long a stream lived tells a refused dial from a
+    /// stream the host gave up on.
+    opened: Instant,
 }
 
 impl Connection {
@@ -79,6 +83,7 @@ impl Connection {
             host_eof: false,
             guest_done_sending: false,
             credit_update_due: false,
+            opened: Instant::now(),
         }
     }
 
@@ -144,8 +149,8 @@ impl Connection {
     /// Flow-control counters, for logs.
     pub fn describe(&self) -> String {
         format!(
-            "host->guest {} bytes (guest consumed {}, its buffer {}), guest->host {} bytes delivered, {} buffered",
-            self.rx_cnt, self.peer_fwd_cnt, self.peer_buf_alloc, self.fwd_cnt, self.tx_buf.len()
+            "after {:.1?} ({:?}): host->guest {} bytes (guest consumed {}, its buffer {}), guest->host {} bytes delivered, {} buffered",
+            self.opened.elapsed(), self.state, self.rx_cnt, self.peer_fwd_cnt, self.peer_buf_alloc, self.fwd_cnt, self.tx_buf.len()
         )
     }
 
