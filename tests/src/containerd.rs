@@ -563,7 +563,11 @@ impl Containerd {
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            problems.push(format!("process {pid} outlived containerd; killed"));
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            problems.push(format!(
+                "process {pid} ({}) outlived containerd; killed",
+                comm.trim()
+            ));
             // SAFETY: kill(2) with a pid read from our own shims' cgroups or command lines.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
