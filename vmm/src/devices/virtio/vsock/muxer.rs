@@ -394,19 +394,18 @@ impl Muxer {
         }
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{}", key.0));
-        let stream =
-            match UnixStream::connect(&target).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(
-                        "vsock: guest port {} -> {}: {e}; RST",
-                        key.1,
-                        Path::new(&target).display()
-                    );
-                    self.push_control(key, OP_RST, 0);
-                    return;
-                }
-            };
+        let stream = match connect_nonblocking(Path::new(&target)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(
+                    "vsock: guest port {} -> {}: {e}; RST",
+                    key.1,
+                    Path::new(&target).display()
+                );
+                self.push_control(key, OP_RST, 0);
+                return;
+            }
+        };
         let mut conn = Connection::new(key.0, key.1, stream, State::Established);
         conn.update_peer_credit(h);
         if self.add_connection(conn) {
@@ -488,6 +487,48 @@ impl Muxer {
         }
         None
     }
+}
+
+/// Connects to a host listener without ever waiting: a listener whose
+/// backlog is full (one that stopped accepting, while the guest keeps
+/// calling it) answers EAGAIN, and the guest gets an RST, instead of the
+/// device thread blocking in connect(2) with every stream of the VM.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the fd is owned by the UnixStream at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// A header from the host side of stream `key` (credit fields still to stamp).
@@ -608,6 +649,30 @@ mod tests {
         let mut b = [0u8; 4];
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"ping");
+    }
+
+    #[test]
+    fn vsock_guest_calls_to_a_host_listener_that_stopped_accepting_get_rst() {
+        // A guest calling a host listener that never accepts, opening and
+        // resetting stream after stream: the listener's backlog fills, and
+        // the device thread must not wait in connect(2) for room.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let mut m = Muxer::new(CID, &path).unwrap();
+        let _listener = UnixListener::bind(format!("{}_1025", path.display())).unwrap();
+        let mut refused = 0;
+        for i in 0..10_000 {
+            m.on_guest_packet(guest(OP_REQUEST, 40000 + i, 1025, &[]));
+            match drain(&mut m).as_slice() {
+                [(h, _)] if h.op == OP_RESPONSE => {
+                    m.on_guest_packet(guest(OP_RST, 40000 + i, 1025, &[]))
+                }
+                [(h, _)] if h.op == OP_RST => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(refused > 0, "the backlog never filled");
+        assert_eq!(m.connection_count(), 0);
     }
 
     #[test]
