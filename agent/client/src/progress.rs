@@ -4,30 +4,34 @@
 //! or loaded one, so any fixed deadline is either too short for the slow
 //! machine or far too long to notice a stuck guest.
 //!
-//! A VMM "makes progress" while its threads run or wait to run: the sum of
-//! their on-CPU and run-queue wait times from `/proc/<pid>/task/*/schedstat`
-//! (a VMM starved by a busy host is waiting, not stuck). A guest that has
-//! gone idle (its vCPUs halted) without its agent answering stops adding
-//! to that sum, and the wait ends after [`VmProgress::stall_limit`].
+//! A VMM "makes progress" while its threads run or wait to run for a good
+//! part of the time: the sum of their on-CPU and run-queue wait times from
+//! `/proc/<pid>/task/*/schedstat` grows by at least [`MIN_BUSY_PERCENT`] of
+//! the wall time over a window (a VMM starved by a busy host is waiting,
+//! not stuck). A booting guest keeps a vCPU thread busy all the time (on
+//! PVM its kernel is emulated); a guest that went idle without its agent
+//! answering only wakes for timer ticks and device events, and the wait
+//! ends after [`VmProgress::stall_limit`] without a busy window.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Nanoseconds a VMM must have run or waited to run since the last check
-/// point to count as progress: more than the idle housekeeping of a halted
-/// guest (timer ticks, the device threads' wake-ups) adds in a while.
-const PROGRESS_NS: u64 = 200_000_000;
+/// Share of one core a VMM's threads must have run or waited to run over
+/// a window to count as progress.
+pub const MIN_BUSY_PERCENT: u64 = 10;
+/// Longest window; shorter where the stall limit is short.
+const MAX_WINDOW: Duration = Duration::from_secs(10);
 
 /// Why a wait for a guest ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Stalled {
     #[error("podbox-vmm (pid {pid}) is gone")]
     Gone { pid: u32 },
-    #[error("the VM made no progress for {idle:?} (podbox-vmm pid {pid} used {busy_ms} ms of CPU in that time)")]
+    #[error("the VM made no progress for {idle:?} (podbox-vmm pid {pid}: its threads ran or waited to run {busy_percent}% of the last window, below {MIN_BUSY_PERCENT}%)")]
     Idle {
         pid: u32,
         idle: Duration,
-        busy_ms: u64,
+        busy_percent: u64,
     },
     #[error("the VM was still booting after {limit:?} (the overall limit)")]
     Limit { limit: Duration },
@@ -39,31 +43,37 @@ pub enum Stalled {
 pub struct VmProgress {
     pid: u32,
     task_dir: PathBuf,
-    /// How long the VMM may go without progress.
+    /// How long the VMM may go without a busy window.
     pub stall_limit: Duration,
     /// How long a wait may take in all, however busy the VM is (a guest
     /// spinning for ever must not hold its caller for ever).
     pub overall_limit: Duration,
+    window: Duration,
     started: Instant,
-    /// Busy time (ns) at the last check point, and when that was.
-    mark: u64,
-    mark_at: Instant,
+    /// The current window: when it began and the busy time (ns) then.
+    window_start: Instant,
+    window_busy: u64,
+    /// The end of the last busy window, and the last window's busy share.
+    last_progress: Instant,
+    last_percent: u64,
 }
 
 impl VmProgress {
     pub fn new(pid: u32, stall_limit: Duration, overall_limit: Duration) -> Self {
-        let task_dir = PathBuf::from(format!("/proc/{pid}/task"));
         let now = Instant::now();
         let mut progress = Self {
             pid,
-            task_dir,
+            task_dir: PathBuf::from(format!("/proc/{pid}/task")),
             stall_limit,
             overall_limit,
+            window: (stall_limit / 4).min(MAX_WINDOW),
             started: now,
-            mark: 0,
-            mark_at: now,
+            window_start: now,
+            window_busy: 0,
+            last_progress: now,
+            last_percent: 0,
         };
-        progress.mark = progress.busy_ns().unwrap_or(0);
+        progress.window_busy = progress.busy_ns().unwrap_or(0);
         progress
     }
 
@@ -86,15 +96,21 @@ impl VmProgress {
                 limit: self.overall_limit,
             });
         }
-        let gained = busy.saturating_sub(self.mark);
-        if gained >= PROGRESS_NS {
-            self.mark = busy;
-            self.mark_at = Instant::now();
-        } else if self.mark_at.elapsed() > self.stall_limit {
+        let length = self.window_start.elapsed();
+        if length >= self.window {
+            let gained = busy.saturating_sub(self.window_busy);
+            self.last_percent = gained.saturating_mul(100) / (length.as_nanos() as u64).max(1);
+            if self.last_percent >= MIN_BUSY_PERCENT {
+                self.last_progress = Instant::now();
+            }
+            self.window_start = Instant::now();
+            self.window_busy = busy;
+        }
+        if self.last_progress.elapsed() > self.stall_limit {
             return Err(Stalled::Idle {
                 pid: self.pid,
-                idle: self.mark_at.elapsed(),
-                busy_ms: gained / 1_000_000,
+                idle: self.last_progress.elapsed(),
+                busy_percent: self.last_percent,
             });
         }
         Ok(())
