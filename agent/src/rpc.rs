@@ -337,12 +337,13 @@ impl Health for HealthService {
     }
 }
 
-/// Tells the host the server listens: one stream to host port
+/// Tells the host the server listens on `listen`: one stream to host port
 /// AGENT_READY_PORT (podbox-vmm forwards it to `<vsock socket>_1025`), so
 /// that the host's first dial finds the agent instead of knocking all
-/// through the boot. Without a host listener the VMM resets the stream;
-/// the host then finds the agent by dialing, so this is only logged.
-fn call_host_ready() {
+/// through the boot. The shim waits for this call; a host that does not
+/// listen for it (`AgentClient::connect` dials blindly) gets nothing from
+/// it, and the VMM resets the stream, so a failure is only logged.
+fn call_host_ready(listen: &str) {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     use std::io::Write;
     let result = socket(
@@ -362,9 +363,8 @@ fn call_host_ready() {
         Ok(fd) => {
             let mut stream = std::fs::File::from(fd);
             let line = format!(
-                "podbox-agent {} listening on {}\n",
-                env!("CARGO_PKG_VERSION"),
-                podbox_protocol::AGENT_VSOCK_PORT
+                "podbox-agent {} listening on {listen}\n",
+                env!("CARGO_PKG_VERSION")
             );
             let _ = stream.write_all(line.as_bytes());
             log::info!(
@@ -405,7 +405,7 @@ pub fn serve(cfg: AgentConfig) -> Result<(), String> {
         .map_err(|e| format!("start ttrpc server: {e}"))?;
     log::info!("listening on {listen}");
     if listen.starts_with("vsock://") {
-        call_host_ready();
+        call_host_ready(&listen);
     }
     loop {
         std::thread::park();

@@ -260,7 +260,7 @@ impl Inner {
         });
 
         let socket = state.vsock_socket();
-        let connect = tokio::task::spawn_blocking(move || {
+        let mut connect = tokio::task::spawn_blocking(move || {
             let mut progress = VmProgress::new(vmm_pid, AGENT_STALL_LIMIT, AGENT_OVERALL_LIMIT);
             AgentClient::connect_when_ready(&socket, &mut ready, &mut progress)
         });
@@ -270,13 +270,17 @@ impl Inner {
             status(Code::INTERNAL, format!("booting the pod VM: {reason}\n--- podbox-vmm ---\n{vmm_log}\n--- guest console ---\n{console}"))
         };
         let agent = tokio::select! {
-            joined = connect => match joined {
+            joined = &mut connect => match joined {
                 Ok(Ok(agent)) => Ok(agent),
                 Ok(Err(e)) => Err(boot_failed(e.to_string())),
                 Err(e) => Err(boot_failed(format!("agent connect task: {e}"))),
             },
             exit = gone_rx.wait_for(|s| s.is_some()) => {
                 let exit = exit.ok().and_then(|e| *e);
+                // The connect task sees the VMM gone within a check; it
+                // owns the ready socket, which must go before the state
+                // dir does (a new boot of this pod would bind it again).
+                let _ = connect.await;
                 Err(boot_failed(format!("podbox-vmm exited during boot ({exit:?})")))
             }
         };

@@ -185,9 +185,12 @@ pub fn dial_with(
 }
 
 /// A ttrpc timeout (the stream may still answer), as opposed to a closed
-/// stream or an error status.
+/// stream (ttrpc fails pending calls with `Error::Socket`) or an error
+/// status. ttrpc 0.10 reports a timeout only as text: "Receive packet from
+/// Receiver timeout: timed out waiting on channel"; the unit test below
+/// pins that.
 fn is_timeout(e: &ttrpc::Error) -> bool {
-    matches!(e, ttrpc::Error::Others(text) if text.contains("timed out"))
+    matches!(e, ttrpc::Error::Others(text) if text.contains("timeout") && text.contains("timed out"))
 }
 
 /// The agent's API and health service over one connection.
@@ -199,7 +202,9 @@ pub struct AgentClient {
 
 impl AgentClient {
     /// Connects to the agent (vsock port 1024) through `socket`, retrying
-    /// until it answers a health check with SERVING or `deadline` passes.
+    /// until it answers a health check with SERVING or `deadline` passes
+    /// (checked between waits: one health check's 10 s, or one second of
+    /// the handshake, can run past it).
     /// Dials from the start; [`AgentClient::connect_when_ready`] waits for
     /// the agent's ready call first.
     pub fn connect(socket: &Path, deadline: Duration) -> Result<Self, ClientError> {
@@ -364,6 +369,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }));
+    }
+
+    #[test]
+    fn a_silent_stream_is_a_timeout_a_closed_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let silent = UnixStream::connect(&path).unwrap();
+        let (_held, _) = listener.accept().unwrap();
+        let client = AgentClient::from_client(ttrpc::Client::new(silent.into_raw_fd()).unwrap());
+        match client.check(Duration::from_millis(200)) {
+            Err(ClientError::Ttrpc(e)) => assert!(is_timeout(&e), "{e:?}"),
+            other => panic!("{:?}", other.err()),
+        }
+        let closed = UnixStream::connect(&path).unwrap();
+        drop(listener.accept().unwrap());
+        let client = AgentClient::from_client(ttrpc::Client::new(closed.into_raw_fd()).unwrap());
+        std::thread::sleep(Duration::from_millis(100));
+        match client.check(Duration::from_secs(5)) {
+            Err(ClientError::Ttrpc(e)) => assert!(!is_timeout(&e), "{e:?}"),
+            other => panic!("{:?}", other.err()),
+        }
     }
 
     #[test]

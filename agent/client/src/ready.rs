@@ -31,16 +31,17 @@ pub struct ReadyListener {
 
 impl ReadyListener {
     /// Binds `<vsock_socket>_<AGENT_READY_PORT>`, replacing a stale socket
-    /// file left by an earlier run.
+    /// file left by a killed run (one nobody answers on; a live one is an
+    /// error, as is anything that is not a socket).
     pub fn bind(vsock_socket: &Path) -> std::io::Result<Self> {
         let mut path = vsock_socket.as_os_str().to_owned();
         path.push(format!("_{AGENT_READY_PORT}"));
         let path = PathBuf::from(path);
-        match std::fs::symlink_metadata(&path) {
-            Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-                std::fs::remove_file(&path)?
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            let socket = std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type());
+            if socket && UnixStream::connect(&path).is_err() {
+                std::fs::remove_file(&path)?;
             }
-            _ => {}
         }
         let listener = UnixListener::bind(&path)?;
         listener.set_nonblocking(true)?;
