@@ -269,19 +269,23 @@ impl Inner {
             let vmm_log = vm::tail(&state.vmm_log(), 20);
             status(Code::INTERNAL, format!("booting the pod VM: {reason}\n--- podbox-vmm ---\n{vmm_log}\n--- guest console ---\n{console}"))
         };
-        let agent = tokio::select! {
-            joined = &mut connect => match joined {
-                Ok(Ok(agent)) => Ok(agent),
-                Ok(Err(e)) => Err(boot_failed(e.to_string())),
-                Err(e) => Err(boot_failed(format!("agent connect task: {e}"))),
-            },
-            exit = gone_rx.wait_for(|s| s.is_some()) => {
-                let exit = exit.ok().and_then(|e| *e);
+        let joined = tokio::select! {
+            joined = &mut connect => Some(joined),
+            _ = gone_rx.wait_for(|s| s.is_some()) => None,
+        };
+        let agent = match joined {
+            Some(Ok(Ok(agent))) => Ok(agent),
+            Some(Ok(Err(e))) => Err(boot_failed(e.to_string())),
+            Some(Err(e)) => Err(boot_failed(format!("agent connect task: {e}"))),
+            None => {
                 // The connect task sees the VMM gone within a check; it
                 // owns the ready socket, which must go before the state
                 // dir does (a new boot of this pod would bind it again).
                 let _ = connect.await;
-                Err(boot_failed(format!("podbox-vmm exited during boot ({exit:?})")))
+                let exit = *gone_rx.borrow();
+                Err(boot_failed(format!(
+                    "podbox-vmm exited during boot ({exit:?})"
+                )))
             }
         };
         let vm = Arc::new(Vm {
