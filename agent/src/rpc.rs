@@ -20,6 +20,8 @@ use crate::sandbox::Sandbox;
 /// Blocking calls (WaitProcess, Read*, GetOOMEvent) each hold a server
 /// thread, so allow plenty per connection.
 const MAX_THREADS: usize = 64;
+/// More tries of the ready call after a connect time-out.
+const READY_CALL_RETRIES: usize = 5;
 
 fn status(e: Error) -> ttrpc::Error {
     let code = match &e {
@@ -346,35 +348,37 @@ impl Health for HealthService {
 fn call_host_ready(listen: &str) {
     use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
     use std::io::Write;
-    let result = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .and_then(|fd| {
-        connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &VsockAddr::new(libc::VMADDR_CID_HOST, podbox_protocol::AGENT_READY_PORT),
-        )
-        .map(|()| fd)
-    });
+    let port = podbox_protocol::AGENT_READY_PORT;
+    let call = || {
+        let fd = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let host = VsockAddr::new(libc::VMADDR_CID_HOST, port);
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &host).map(|()| fd)
+    };
+    // vsock's connect gives up after 2 s; a guest on a loaded PVM host can
+    // take longer than that for the round trip, so a time-out is retried.
+    let mut result = call();
+    for _ in 0..READY_CALL_RETRIES {
+        match result {
+            Err(nix::errno::Errno::ETIMEDOUT) => result = call(),
+            _ => break,
+        }
+    }
     match result {
         Ok(fd) => {
-            let mut stream = std::fs::File::from(fd);
             let line = format!(
                 "podbox-agent {} listening on {listen}\n",
                 env!("CARGO_PKG_VERSION")
             );
-            let _ = stream.write_all(line.as_bytes());
-            log::info!(
-                "ready call to host port {} made",
-                podbox_protocol::AGENT_READY_PORT
-            );
+            let _ = std::fs::File::from(fd).write_all(line.as_bytes());
+            log::info!("ready call to host port {port} made");
         }
-        Err(e) => log::info!(
-            "ready call to host port {}: {e} (the host will dial instead)",
-            podbox_protocol::AGENT_READY_PORT
+        Err(e) => log::warn!(
+            "ready call to host port {port}: {e} (a host that waits for the call will not dial)"
         ),
     }
 }
