@@ -44,8 +44,12 @@ pub const VMM_BINARY: &str = "podbox-vmm";
 /// on a fast PVM host and several minutes on a slow or loaded one.
 pub const AGENT_STALL_LIMIT: Duration = Duration::from_secs(120);
 /// The longest a boot may take however busy the VM is (a guest that spins
-/// for ever must not hold a pod's Create for ever).
-pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(1800);
+/// for ever must not hold a pod's Create for ever): more than five times
+/// the slowest pod start measured on a PVM host (169 s to a ready CRI pod
+/// on a fresh machine, with two guests at once). On PVM an idle guest
+/// looks busy (see MIN_BUSY_PERCENT), so this is what ends the wait for an
+/// agent that is stuck there.
+pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(900);
 
 #[derive(Debug, Error)]
 pub enum VmError {
