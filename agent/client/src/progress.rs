@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// Share of one core a VMM's threads must have run or waited to run over
 /// a window to count as progress. A booting guest keeps a vCPU runnable
 /// all the time (99-199% measured in 10 s windows on a PVM host, run plus
-/// wait); an idle guest on hardware KVM costs next to nothing, but on PVM
+/// wait); an idle guest on hardware KVM sleeps in HLT, but on PVM
 /// its vCPU threads still spent 58-64% of a core in the host kernel (two
 /// vCPUs, 19% + 42% system time, measured), so there an idle guest counts
 /// as busy and only the overall limit ends a wait on a stuck agent.
