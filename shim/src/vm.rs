@@ -39,9 +39,10 @@ pub const GUEST_SHARE: &str = "/run/podbox/shared";
 pub const VMM_BINARY: &str = "podbox-vmm";
 /// How long a booting VM may go without progress (its threads neither
 /// running nor waiting to run, see `VmProgress`) before the shim gives up
-/// on its agent: a guest that went idle without answering is stuck. There
-/// is no fixed boot deadline: a boot is a minute of emulated kernel work
-/// on a fast PVM host and several minutes on a slow or loaded one.
+/// on its agent: a guest that went idle without answering is stuck. The
+/// only fixed limit is AGENT_OVERALL_LIMIT, far above any boot measured: a
+/// boot is a minute of emulated kernel work on a fast PVM host and several
+/// minutes on a slow or loaded one.
 pub const AGENT_STALL_LIMIT: Duration = Duration::from_secs(120);
 /// The longest a boot may take however busy the VM is (a guest that spins
 /// for ever must not hold a pod's Create for ever): more than five times
