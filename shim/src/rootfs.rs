@@ -6,11 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use containerd_shim::protos::api::Mount as ContainerdMount;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::os::unix::fs::OpenOptionsExt;
+
+use nix::mount::{umount2, MntFlags};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::vm::{mounts_under, GUEST_SHARE};
+use crate::hostfs;
+use crate::vm::{StateDir, GUEST_SHARE};
 
 #[derive(Debug, Error)]
 pub enum RootfsError {
@@ -30,17 +33,23 @@ pub enum RootfsError {
     Spec { path: PathBuf, reason: String },
 }
 
-/// Where one container's files live in the share: on the host and in the guest.
+/// Where one container's files live: its mount points in the pod's
+/// staging tree (host-only), the same tree as the guest-facing share, and
+/// in the guest.
 #[derive(Debug, Clone)]
 pub struct ContainerShare {
+    /// `staging/<cid>`: where the shim creates mount points.
+    pub staging_dir: PathBuf,
+    /// `share/<cid>`: where the mounts go (read-only around them).
     pub host_dir: PathBuf,
     pub guest_dir: PathBuf,
 }
 
 impl ContainerShare {
-    pub fn new(share: &Path, container_id: &str) -> Self {
+    pub fn new(state: &StateDir, container_id: &str) -> Self {
         ContainerShare {
-            host_dir: share.join(container_id),
+            staging_dir: state.staging().join(container_id),
+            host_dir: state.share().join(container_id),
             guest_dir: Path::new(GUEST_SHARE).join(container_id),
         }
     }
@@ -54,52 +63,64 @@ impl ContainerShare {
     /// Mounts the container's root filesystem at `<share>/<id>/rootfs`:
     /// containerd's snapshot mounts when it sent some, else the bundle's
     /// `rootfs` directory (`ctr run --rootfs`, or a bundle already mounted).
+    /// Snapshot mounts are made in the private staging tree first and then
+    /// attached to the share nosuid and nodev (see
+    /// [`hostfs::attach_restricted`]): the guest decides what its own mount
+    /// honours, but neither virtiofsd nor any host process may open a
+    /// device node or run a setuid file that the image or the guest put there.
     pub async fn mount_rootfs(
         &self,
         mounts: &[ContainerdMount],
         bundle: &Path,
     ) -> Result<(), RootfsError> {
+        let staged = self.staging_dir.join("rootfs");
+        create_dirs(&staged)?;
         let target = self.host_rootfs();
-        std::fs::create_dir_all(&target).map_err(|source| RootfsError::Io {
-            what: "creating",
-            path: target.clone(),
-            source,
-        })?;
+        let attach = |source: &Path, recursive| {
+            hostfs::attach_restricted(source, &target, recursive, false).map_err(|reason| {
+                RootfsError::Mount {
+                    source_desc: source.display().to_string(),
+                    target: target.clone(),
+                    reason,
+                }
+            })
+        };
         if mounts.is_empty() {
-            let source = bundle.join("rootfs");
-            return bind(&source, &target, false);
+            return attach(&bundle.join("rootfs"), false);
         }
         for m in mounts {
-            containerd_shim::util::mount_rootfs(m, &target)
+            containerd_shim::util::mount_rootfs(m, &staged)
                 .await
                 .map_err(|e| RootfsError::Mount {
                     source_desc: format!("{} ({})", m.source, m.type_),
-                    target: target.clone(),
+                    target: staged.clone(),
                     reason: e.to_string(),
                 })?;
         }
-        Ok(())
+        let attached = attach(&staged, true);
+        // The staging copy has served its purpose either way.
+        let _ = umount2(&staged, MntFlags::MNT_DETACH);
+        attached
     }
 
-    /// Takes down everything mounted for this container and its directory.
+    /// Takes down everything mounted for this container and, unless
+    /// something stayed mounted, its mount points.
     pub fn remove(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for point in mounts_under(&self.host_dir) {
-            if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
-                problems.push(format!("unmounting {}: {e}", point.display()));
+        let mut problems = hostfs::unmount_all_under(&self.host_dir);
+        if problems.is_empty() {
+            if let Err(e) = hostfs::remove_tree(&self.staging_dir) {
+                problems.push(e);
             }
-        }
-        if self.host_dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.host_dir) {
-                problems.push(format!("removing {}: {e}", self.host_dir.display()));
-            }
+        } else {
+            problems.push(format!("left {} in place", self.staging_dir.display()));
         }
         problems
     }
 
     /// Reads `<bundle>/config.json` and returns it rewritten for the guest
-    /// (see [`rewrite_spec`]), with the spec's host volumes bind-mounted
-    /// into the share.
+    /// (see [`rewrite_spec`]) with the spec's host volumes bind-mounted
+    /// into the share: nosuid, nodev, and read-only on the host too where
+    /// the spec says `ro`, so that no guest can write them through virtio-fs.
     pub fn guest_spec(&self, bundle: &Path) -> Result<Value, RootfsError> {
         let path = bundle.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io {
@@ -114,7 +135,18 @@ impl ContainerShare {
         let volumes =
             rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
         for volume in volumes {
-            bind(&volume.host_source, &volume.share_path, true)?;
+            prepare_point(&volume.host_source, &volume.staging_path)?;
+            hostfs::attach_restricted(
+                &volume.host_source,
+                &volume.share_path,
+                volume.mode.recursive,
+                volume.mode.read_only,
+            )
+            .map_err(|reason| RootfsError::Mount {
+                source_desc: volume.host_source.display().to_string(),
+                target: volume.share_path.clone(),
+                reason,
+            })?;
         }
         Ok(spec)
     }
@@ -124,7 +156,21 @@ impl ContainerShare {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
     pub host_source: PathBuf,
+    /// The mount point, created in the staging tree...
+    pub staging_path: PathBuf,
+    /// ...and the same point in the share, where the bind goes.
     pub share_path: PathBuf,
+    pub mode: BindMode,
+}
+
+/// How a bind mount is made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BindMode {
+    /// `ro` in the spec: read-only on the host side as well, so the guest
+    /// cannot write the host's files through virtio-fs whatever it does.
+    pub read_only: bool,
+    /// `rbind`: mounts below the source come along (restricted too).
+    pub recursive: bool,
 }
 
 /// Rewrites `spec` for the agent and returns the volumes to bind into the share:
@@ -201,7 +247,12 @@ pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volu
             let name = format!("{index}");
             volumes.push(Volume {
                 host_source: PathBuf::from(source),
+                staging_path: share.staging_dir.join("mounts").join(&name),
                 share_path: share.host_dir.join("mounts").join(&name),
+                mode: BindMode {
+                    read_only: options.iter().any(|o| o == "ro"),
+                    recursive: options.iter().any(|o| o == "rbind"),
+                },
             });
             m.insert(
                 "source".into(),
@@ -219,37 +270,42 @@ pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volu
     Ok(volumes)
 }
 
-/// Bind-mounts `source` (file or directory) on `target`, creating the
-/// target as the same kind of thing.
-fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), RootfsError> {
-    let io_err = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RootfsError::Io { what, path, source }
-    };
-    let meta = std::fs::metadata(source).map_err(io_err("reading", source))?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(target).map_err(io_err("creating", target))?;
-    } else {
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(target)
-            .map_err(io_err("creating", target))?;
-    }
-    let flags = if recursive {
-        MsFlags::MS_BIND | MsFlags::MS_REC
-    } else {
-        MsFlags::MS_BIND
-    };
-    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| RootfsError::Mount {
-        source_desc: source.display().to_string(),
-        target: target.to_path_buf(),
-        reason: e.to_string(),
+fn create_dirs(dir: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(dir).map_err(|source| RootfsError::Io {
+        what: "creating",
+        path: dir.to_path_buf(),
+        source,
     })
+}
+
+/// Creates the mount point for `source` in the staging tree, as the same
+/// kind of thing (directory or file). The staging tree is the shim's own:
+/// the guest sees it only through the read-only share, so nothing in
+/// these paths can have been planted.
+fn prepare_point(source: &Path, point: &Path) -> Result<(), RootfsError> {
+    let meta = std::fs::metadata(source).map_err(|e| RootfsError::Io {
+        what: "reading",
+        path: source.to_path_buf(),
+        source: e,
+    })?;
+    if meta.is_dir() {
+        return create_dirs(point);
+    }
+    if let Some(parent) = point.parent() {
+        create_dirs(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(point)
+        .map(drop)
+        .map_err(|source| RootfsError::Io {
+            what: "creating",
+            path: point.to_path_buf(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -258,7 +314,8 @@ mod tests {
 
     #[test]
     fn host_paths_in_the_spec_become_guest_share_paths() {
-        let share = ContainerShare::new(Path::new("/run/podbox/pod/share"), "c1");
+        let state = StateDir::for_pod("ns", "pod").expect("valid ids");
+        let share = ContainerShare::new(&state, "c1");
         let mut spec = serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs", "readonly": false},
@@ -296,11 +353,18 @@ mod tests {
             vec![
                 Volume {
                     host_source: "/var/lib/containerd/hosts".into(),
-                    share_path: "/run/podbox/pod/share/c1/mounts/1".into()
+                    staging_path: "/run/podbox/ns/pod/staging/c1/mounts/1".into(),
+                    share_path: "/run/podbox/ns/pod/share/c1/mounts/1".into(),
+                    mode: BindMode {
+                        read_only: true,
+                        recursive: true
+                    },
                 },
                 Volume {
                     host_source: "/srv/data".into(),
-                    share_path: "/run/podbox/pod/share/c1/mounts/3".into()
+                    staging_path: "/run/podbox/ns/pod/staging/c1/mounts/3".into(),
+                    share_path: "/run/podbox/ns/pod/share/c1/mounts/3".into(),
+                    mode: BindMode::default(),
                 },
             ]
         );
@@ -308,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_spec_that_is_not_an_object_is_refused() {
-        let share = ContainerShare::new(Path::new("/s"), "c");
+        let share = ContainerShare::new(&StateDir::for_pod("ns", "p").expect("valid"), "c");
         assert!(rewrite_spec(&mut serde_json::json!([1]), &share).is_err());
         assert!(rewrite_spec(
             &mut serde_json::json!({"mounts": [{"destination": "/x", "type": "bind"}]}),

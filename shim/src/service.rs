@@ -283,7 +283,7 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
         PathBuf::from(&flags.bundle)
     };
     // A pod whose shim died (killed, crashed) may have left its VM and share.
-    remove_pod_leftovers(&flags.id);
+    remove_pod_leftovers(&flags.namespace, &flags.id);
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let target = rootfs.to_string_lossy().into_owned();
@@ -305,8 +305,8 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
 
 /// Kills a VMM the dead shim left (its pid file) and removes the pod's
 /// state directory with every mount under it.
-fn remove_pod_leftovers(id: &str) {
-    let Ok(state) = crate::vm::StateDir::for_pod(id) else {
+fn remove_pod_leftovers(namespace: &str, id: &str) {
+    let Ok(state) = crate::vm::StateDir::for_pod(namespace, id) else {
         return;
     };
     if !state.dir.exists() {

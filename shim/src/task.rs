@@ -188,7 +188,7 @@ impl Inner {
         settings: VmSettings,
         hostname: String,
     ) -> TtrpcResult<Arc<Vm>> {
-        let state = StateDir::for_pod(sandbox_id)
+        let state = StateDir::for_pod(&self.namespace, sandbox_id)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         // A previous shim of this pod that was killed may have left it.
         log_problems(sandbox_id, state.remove());
@@ -594,7 +594,7 @@ impl Task for PodService {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
         }
 
-        let share = ContainerShare::new(&vm.state.share(), &req.id);
+        let share = ContainerShare::new(&vm.state, &req.id);
         let prepared = async {
             share
                 .mount_rootfs(&req.rootfs, &bundle)

@@ -3,18 +3,26 @@
 //! the podbox-vmm process (which starts virtiofsd for the share and stops it
 //! with the VM; if virtiofsd dies, the VMM ends the VM).
 //!
-//! Layout of `/run/podbox/<pod-id>/`:
+//! Layout of `/run/podbox/<namespace>/<pod-id>/` (mode 0700, as are
+//! `/run/podbox` and each namespace's directory: keyed by the containerd
+//! namespace, so same-id pods in two namespaces never share state):
 //!
 //! ```text
 //! vsock.sock      podbox-vmm's hybrid vsock socket (the agent is behind it)
 //! vsock.sock_1025 where the agent's ready call arrives (bound by the shim
 //!                 before the VMM starts; podbox_agent_client::ReadyListener)
 //! virtiofsd.sock  virtiofsd's vhost-user socket
-//! share/          the virtio-fs share (a shared bind mount of itself), mounted
-//!                 in the guest at GUEST_SHARE; share/<container-id>/rootfs is a
-//!                 container's root filesystem, share/<container-id>/mounts/N its volumes
-//! console.log     the guest's serial console
-//! vmm.log         podbox-vmm's own stdout and stderr
+//! staging/        the share's directory tree as the shim builds it: mount
+//!                 points for container root filesystems (<cid>/rootfs) and
+//!                 volumes (<cid>/mounts/N); never exported to the guest
+//! share/          a read-only, nosuid, nodev bind mount of staging/ with
+//!                 shared propagation, served by virtiofsd and mounted in the
+//!                 guest at GUEST_SHARE; the rootfs and volume mounts are made
+//!                 here, each with its own flags, so the guest can write
+//!                 inside a rootfs or a rw volume but can neither create,
+//!                 rename nor replace anything of the tree around them
+//! console.log     the guest's serial console (size-capped, rotated to .1)
+//! vmm.log         podbox-vmm's stdout and stderr (size-capped, rotated to .1)
 //! vmm.pid         podbox-vmm's pid (for tests that kill it, and for humans)
 //! ```
 //!
@@ -24,11 +32,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+use nix::mount::{mount, MsFlags};
 use thiserror::Error;
 use tokio::process::{Child, Command};
 
 use crate::annotations::VmSettings;
+use crate::hostfs;
 
 /// Where pods keep their state on the host.
 pub const STATE_ROOT: &str = "/run/podbox";
@@ -99,21 +110,33 @@ pub struct StateDir {
     pub dir: PathBuf,
 }
 
+/// containerd's names ([A-Za-z0-9_.-]) and nothing else: a slash or ".."
+/// could make a path escape [`STATE_ROOT`].
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 255
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 impl StateDir {
-    pub fn for_pod(pod_id: &str) -> Result<StateDir, VmError> {
-        // containerd ids are [A-Za-z0-9_.-]; anything else (a slash, "..")
-        // could make the path escape STATE_ROOT.
-        let valid = !pod_id.is_empty()
-            && pod_id != "."
-            && pod_id != ".."
-            && pod_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-        if !valid {
-            return Err(VmError::BadId(pod_id.to_string()));
+    /// `/run/podbox/<namespace>/<pod_id>`.
+    pub fn for_pod(namespace: &str, pod_id: &str) -> Result<StateDir, VmError> {
+        Self::under(Path::new(STATE_ROOT), namespace, pod_id)
+    }
+
+    /// The same layout under another root (tests).
+    pub fn under(root: &Path, namespace: &str, pod_id: &str) -> Result<StateDir, VmError> {
+        for name in [namespace, pod_id] {
+            if !is_plain_name(name) {
+                return Err(VmError::BadId(name.to_string()));
+            }
         }
         Ok(StateDir {
-            dir: Path::new(STATE_ROOT).join(pod_id),
+            dir: root.join(namespace).join(pod_id),
         })
     }
 
@@ -123,6 +146,11 @@ impl StateDir {
     pub fn fs_socket(&self) -> PathBuf {
         self.dir.join("virtiofsd.sock")
     }
+    /// The tree the shim creates mount points in (never seen by the guest).
+    pub fn staging(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+    /// The read-only view of [`Self::staging`] that virtiofsd serves.
     pub fn share(&self) -> PathBuf {
         self.dir.join("share")
     }
@@ -136,93 +164,82 @@ impl StateDir {
         self.dir.join("vmm.pid")
     }
 
-    /// Creates the directory and makes the share a mount point with shared
-    /// propagation: virtiofsd runs in its own mount namespace (a slave copy
-    /// of ours), and only a shared mount lets the rootfs mounts the shim
+    /// Creates the directory (0700 up to the state root) and the share: a
+    /// read-only, nosuid, nodev bind of `staging/` with shared propagation.
+    /// virtiofsd runs in its own mount namespace (a slave copy of ours),
+    /// and only a shared mount lets the rootfs and volume mounts the shim
     /// makes under it later reach virtiofsd's view.
     pub fn create(&self) -> Result<(), VmError> {
-        let share = self.share();
-        std::fs::create_dir_all(&share).map_err(io("creating", &share))?;
-        mount(
-            Some(&share),
-            &share,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(sys("bind-mounting", &share))?;
-        mount(
-            None::<&str>,
-            &share,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .map_err(sys("making a shared mount of", &share))?;
+        let mut private = std::fs::DirBuilder::new();
+        private.mode(0o700);
+        for dir in self
+            .dir
+            .ancestors()
+            .take(3)
+            .collect::<Vec<_>>()
+            .iter()
+            .rev()
+        {
+            match private.create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io("creating", dir)(e)),
+            }
+            refuse_symlink(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("restricting", dir))?;
+        }
+        let (staging, share) = (self.staging(), self.share());
+        let mut public = std::fs::DirBuilder::new();
+        public.mode(0o755);
+        public.create(&staging).map_err(io("creating", &staging))?;
+        public.create(&share).map_err(io("creating", &share))?;
+        let none = None::<&str>;
+        mount(Some(&staging), &share, none, MsFlags::MS_BIND, none)
+            .map_err(sys("bind-mounting", &share))?;
+        let read_only = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        mount(none, &share, none, read_only, none).map_err(sys("making read-only", &share))?;
+        mount(none, &share, none, MsFlags::MS_SHARED, none)
+            .map_err(sys("making a shared mount of", &share))?;
         Ok(())
     }
 
-    /// Unmounts everything under the share (deepest first), the share
-    /// itself, and removes the directory. Safe to call more than once.
+    /// Unmounts everything under the directory (deepest first), then removes
+    /// it unless something is still mounted there: a volume's host data is
+    /// never deleted, whatever the guest did. Safe to call more than once.
     pub fn remove(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for mount_point in mounts_under(&self.dir) {
-            if let Err(e) = umount2(&mount_point, MntFlags::MNT_DETACH) {
-                problems.push(format!("unmounting {}: {e}", mount_point.display()));
+        let mut problems = hostfs::unmount_all_under(&self.dir);
+        if problems.is_empty() {
+            if let Err(e) = hostfs::remove_tree(&self.dir) {
+                problems.push(e);
             }
-        }
-        if self.dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                problems.push(format!("removing {}: {e}", self.dir.display()));
+            // The namespace's directory goes with its last pod.
+            if let Some(namespace_dir) = self.dir.parent() {
+                let _ = std::fs::remove_dir(namespace_dir);
             }
+        } else {
+            problems.push(format!("left {} in place", self.dir.display()));
         }
         problems
     }
 }
 
-/// Mount points of this mount namespace, from /proc/self/mountinfo.
-pub fn mount_points() -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_field(field)))
-        .collect()
-}
-
-/// Mount points at or below `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mount_points()
-        .into_iter()
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    points
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(|d| u8::from_str_radix(d, 8).ok());
-        match (bytes[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
+/// State directories are created by root under root-owned /run; one that
+/// is a symlink was planted and is not followed.
+fn refuse_symlink(dir: &Path) -> Result<(), VmError> {
+    let meta = std::fs::symlink_metadata(dir).map_err(io("inspecting", dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(VmError::Io {
+            what: "refusing the symlink",
+            path: dir.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
     }
-    String::from_utf8_lossy(&out).into_owned()
+    Ok(())
 }
 
 /// podbox-vmm beside the running shim (where `make install` and cargo put
@@ -322,7 +339,7 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
     Ok(child)
 }
 
-/// The last `lines` lines of a log file, for error messages.
+/// TEMP until podbox_vmm::logfile lands.
 pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -335,15 +352,27 @@ mod tests {
 
     #[test]
     fn pod_ids_that_could_escape_the_state_root_are_refused() {
-        for bad in ["", ".", "..", "a/b", "../x", "a b"] {
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(256)] {
             assert!(
-                matches!(StateDir::for_pod(bad), Err(VmError::BadId(_))),
+                matches!(StateDir::for_pod("default", bad), Err(VmError::BadId(_))),
                 "{bad:?}"
             );
+            assert!(
+                matches!(StateDir::for_pod(bad, "pod"), Err(VmError::BadId(_))),
+                "namespace {bad:?}"
+            );
         }
-        let state = StateDir::for_pod("pod-1_a.b").expect("valid id");
-        assert_eq!(state.dir, Path::new("/run/podbox/pod-1_a.b"));
-        assert_eq!(state.share(), Path::new("/run/podbox/pod-1_a.b/share"));
+        let state = StateDir::for_pod("k8s.io", "pod-1_a.b").expect("valid id");
+        assert_eq!(state.dir, Path::new("/run/podbox/k8s.io/pod-1_a.b"));
+        assert_eq!(
+            state.share(),
+            Path::new("/run/podbox/k8s.io/pod-1_a.b/share")
+        );
+        let other = StateDir::for_pod("default", "pod-1_a.b").expect("valid id");
+        assert_ne!(
+            state.dir, other.dir,
+            "same id, other namespace: other state"
+        );
     }
 
     #[test]
@@ -359,18 +388,12 @@ mod tests {
             virtiofsd: Some("/usr/libexec/virtiofsd".into()),
             fs_cache: "always".into(),
         };
-        let args = vmm_args(&launch, &StateDir::for_pod("p").expect("valid id")).join(" ");
+        let args = vmm_args(&launch, &StateDir::for_pod("ns", "p").expect("valid id")).join(" ");
         assert_eq!(
             args,
-            "--kernel /k --initrd /i --vcpus 2 --memory-mib 512 --serial /run/podbox/p/console.log \
-             --vsock-socket /run/podbox/p/vsock.sock --shared-dir /run/podbox/p/share --fs-tag podbox \
-             --fs-socket /run/podbox/p/virtiofsd.sock --fs-cache always --virtiofsd /usr/libexec/virtiofsd"
+            "--kernel /k --initrd /i --vcpus 2 --memory-mib 512 --serial /run/podbox/ns/p/console.log \
+             --vsock-socket /run/podbox/ns/p/vsock.sock --shared-dir /run/podbox/ns/p/share --fs-tag podbox \
+             --fs-socket /run/podbox/ns/p/virtiofsd.sock --fs-cache always --virtiofsd /usr/libexec/virtiofsd"
         );
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mount_field("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount_field("/plain"), "/plain");
     }
 }

@@ -10,7 +10,7 @@
 //! live at once (tests run on parallel threads): each has its own sockets,
 //! bridge name, subnet and cgroup parent.
 
-use podbox_shim::vm::mount_points;
+use podbox_shim::hostfs::mount_points;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -90,21 +90,22 @@ pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
     path
 }
 
+/// The shim's state directory of pod `pod_id` in containerd namespace
+/// `namespace` (podbox_shim::vm::StateDir).
+pub fn pod_state_dir(namespace: &str, pod_id: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(namespace).join(pod_id)
+}
+
 /// What of pod `pod_id` is still on the host: its state directory, mounts
 /// under it, and processes naming it (podbox-vmm, virtiofsd).
-pub fn pod_leftovers(pod_id: &str) -> Vec<String> {
-    let dir = Path::new(STATE_ROOT).join(pod_id);
+pub fn pod_leftovers(namespace: &str, pod_id: &str) -> Vec<String> {
+    let dir = pod_state_dir(namespace, pod_id);
     let mut left = Vec::new();
     if dir.exists() {
         left.push(format!("directory {}", dir.display()));
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for mount in mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(&dir))
-    {
-        left.push(format!("mount {mount}"));
+    for mount in podbox_shim::hostfs::mounts_under(&dir) {
+        left.push(format!("mount {}", mount.to_string_lossy()));
     }
     let needle = dir.display().to_string();
     for pid in processes_mentioning(&needle) {
@@ -137,8 +138,8 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 }
 
 /// The pid of the pod's podbox-vmm, from the shim's pid file.
-pub fn vmm_pid(pod_id: &str) -> Option<u32> {
-    std::fs::read_to_string(Path::new(STATE_ROOT).join(pod_id).join("vmm.pid"))
+pub fn vmm_pid(namespace: &str, pod_id: &str) -> Option<u32> {
+    std::fs::read_to_string(pod_state_dir(namespace, pod_id).join("vmm.pid"))
         .ok()?
         .trim()
         .parse()

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podbox_tests::containerd::{
-    Containerd, ContainerdOptions, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, TEST_NAMESPACE,
+    Containerd, ContainerdOptions, CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER,
+    TEST_NAMESPACE,
 };
 use podbox_tests::cri::container_config;
 use podbox_tests::host_kernel_release;
@@ -103,7 +104,7 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
 
 /// Stops the harness's containerd and asserts that neither it nor the pod
 /// `pod` left anything on the host.
-fn assert_nothing_left(containerd: Containerd, pod: &str) {
+fn assert_nothing_left(containerd: Containerd, namespace: &str, pod: &str) {
     let footprint = containerd.footprint();
     drop(containerd);
     assert_eq!(
@@ -111,7 +112,7 @@ fn assert_nothing_left(containerd: Containerd, pod: &str) {
         Vec::<String>::new(),
         "containerd left things behind"
     );
-    assert_eq!(pod_leftovers(pod), Vec::<String>::new());
+    assert_eq!(pod_leftovers(namespace, pod), Vec::<String>::new());
 }
 
 #[test]
@@ -246,7 +247,7 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
         "the container runs on another kernel"
     );
 
-    let vmm = vmm_pid(&id).expect("the pod's vmm.pid");
+    let vmm = vmm_pid(TEST_NAMESPACE, &id).expect("the pod's vmm.pid");
     let tasks = containerd
         .ctr_ok(TEST_NAMESPACE, &["task", "ls"])
         .expect("ctr task ls");
@@ -285,9 +286,9 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     wait_until(
         "the pod's host state to go",
         Duration::from_secs(60),
-        || pod_leftovers(&id).is_empty() && !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        || pod_leftovers(TEST_NAMESPACE, &id).is_empty() && !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
     );
-    assert_nothing_left(containerd, &id);
+    assert_nothing_left(containerd, TEST_NAMESPACE, &id);
 }
 
 /// One pod with two containers: `web` serves a file it wrote to its own
@@ -432,7 +433,7 @@ fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     // Failure: kill the podbox pod's VMM. Every task of the pod exits non-zero,
     // and the shim takes the pod's host state down.
     let (_, pod, web, client) = pods.pop().expect("the podbox pod");
-    let vmm = vmm_pid(&pod).expect("the pod's vmm.pid");
+    let vmm = vmm_pid(CRI_NAMESPACE, &pod).expect("the pod's vmm.pid");
     // SAFETY: kill(2) on the pid the shim recorded for this pod's VMM.
     unsafe { libc::kill(vmm as libc::pid_t, libc::SIGKILL) };
     for container in [&web, &client] {
@@ -451,7 +452,7 @@ fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     wait_until(
         "the pod's host state to go after the VMM died",
         Duration::from_secs(60),
-        || pod_leftovers(&pod).is_empty(),
+        || pod_leftovers(CRI_NAMESPACE, &pod).is_empty(),
     );
     for (_, pod, _, _) in pods.iter().map(|p| (p.0, p.1.clone(), (), ())).chain([(
         PODBOX_HANDLER,
@@ -465,5 +466,5 @@ fn podbox_cri_pod_beside_runc_then_vmm_killed() {
     wait_until("the podbox shim to exit", Duration::from_secs(60), || {
         processes_mentioning(&pod).is_empty()
     });
-    assert_nothing_left(containerd, &pod);
+    assert_nothing_left(containerd, CRI_NAMESPACE, &pod);
 }

@@ -1,0 +1,352 @@
+//! Host-side path operations on trees that the guest can write into.
+//!
+//! The guest writes container root filesystems and volumes through
+//! virtio-fs, so below a pod's share any path component may be a symlink
+//! or be renamed at any moment. Everything here therefore walks one
+//! component at a time with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! and acts on the file descriptor it got, never on a path string that the
+//! kernel would resolve again:
+//!
+//! - [`mount_points`] reads mountinfo as bytes (a guest may name a directory
+//!   with any bytes but `/` and NUL);
+//! - [`unmount_beneath`] unmounts a mount point reached that way;
+//! - [`remove_tree`] deletes a tree without following a symlink and without
+//!   ever descending into a mount (`RESOLVE_NO_XDEV`), so whatever was left
+//!   mounted by mistake keeps every byte.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::mount::{umount2, MntFlags};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+
+/// How deep [`remove_tree`] goes: the state directory's own layout is a
+/// few levels deep; anything deeper is not ours to delete.
+const MAX_REMOVE_DEPTH: usize = 64;
+
+/// Mount points of this mount namespace, from /proc/self/mountinfo, as
+/// the bytes the kernel wrote (decoded from its octal escapes).
+pub fn mount_points() -> Vec<PathBuf> {
+    let mountinfo = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .split(|b| *b == b'\n')
+        .filter_map(|line| line.split(|b| *b == b' ').nth(4))
+        .map(|field| PathBuf::from(OsString::from_vec(unescape_mount_field(field))))
+        .collect()
+}
+
+/// Mount points at or below `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = mount_points()
+        .into_iter()
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mount_field(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
+            .map(|d| d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0')))
+            .and_then(|n| u8::try_from(n).ok());
+        match (field[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn beneath(extra: ResolveFlag) -> ResolveFlag {
+    ResolveFlag::RESOLVE_BENEATH
+        | ResolveFlag::RESOLVE_NO_SYMLINKS
+        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+        | extra
+}
+
+fn open_at(dir: RawFd, name: &Path, flags: OFlag, resolve: ResolveFlag) -> nix::Result<OwnedFd> {
+    // No O_NOFOLLOW: with it a trailing symlink would be opened as itself
+    // instead of being refused by RESOLVE_NO_SYMLINKS (ELOOP).
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .resolve(resolve);
+    let fd = openat2(dir, name, how)?;
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens `path` (at or below `root`) as an O_PATH descriptor, one component
+/// at a time so that neither a symlink anywhere nor a path longer than
+/// PATH_MAX can redirect or stop it. `root` itself is trusted (host-owned).
+pub fn open_beneath(root: &Path, path: &Path) -> Result<OwnedFd, String> {
+    let relative = path
+        .strip_prefix(root)
+        .map_err(|_| format!("{} is not below {}", path.to_string_lossy(), root.display()))?;
+    let mut fd = std::fs::File::open(root)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("opening {}: {e}", root.display()))?;
+    for component in relative.components() {
+        let Component::Normal(name) = component else {
+            return Err(format!(
+                "{} has a non-plain component",
+                path.to_string_lossy()
+            ));
+        };
+        fd = open_at(
+            fd.as_raw_fd(),
+            Path::new(name),
+            OFlag::O_PATH,
+            beneath(ResolveFlag::empty()),
+        )
+        .map_err(|e| {
+            format!(
+                "resolving {} beneath {}: {e}",
+                path.to_string_lossy(),
+                root.display()
+            )
+        })?;
+    }
+    Ok(fd)
+}
+
+/// Unmounts (lazily) the mount at `point` below `root`, reached without
+/// following a symlink: the kernel unmounts what the descriptor names, so a
+/// guest that renames or swaps a component meanwhile cannot make it
+/// unmount something else.
+pub fn unmount_beneath(root: &Path, point: &Path) -> Result<(), String> {
+    let fd = open_beneath(root, point)?;
+    let fd_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    umount2(fd_path.as_str(), MntFlags::MNT_DETACH)
+        .map_err(|e| format!("unmounting {}: {e}", point.to_string_lossy()))
+}
+
+/// Unmounts everything mounted at or below `dir` (deepest first) and
+/// returns what went wrong, with what is still mounted.
+pub fn unmount_all_under(dir: &Path) -> Vec<String> {
+    let mut problems: Vec<String> = mounts_under(dir)
+        .iter()
+        .filter_map(|point| unmount_beneath(dir, point).err())
+        .collect();
+    for left in mounts_under(dir) {
+        problems.push(format!("still mounted: {}", left.to_string_lossy()));
+    }
+    problems
+}
+
+/// Deletes `dir` and everything in it, without following a symlink and
+/// without crossing into a mount: a mount point (even a bind mount of the
+/// same filesystem) makes it stop with an error, leaving the mount's
+/// contents untouched. A missing `dir` is not an error.
+pub fn remove_tree(dir: &Path) -> Result<(), String> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(format!("refusing to remove {}", dir.display()));
+    };
+    let parent_fd = match std::fs::File::open(parent) {
+        Ok(f) => OwnedFd::from(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("opening {}: {e}", parent.display())),
+    };
+    remove_entry(&parent_fd, Path::new(name), dir, 0)
+}
+
+fn remove_entry(parent: &OwnedFd, name: &Path, shown: &Path, depth: usize) -> Result<(), String> {
+    let no_xdev = beneath(ResolveFlag::RESOLVE_NO_XDEV);
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+    match open_at(parent.as_raw_fd(), name, flags, no_xdev) {
+        Ok(dir) => {
+            if depth >= MAX_REMOVE_DEPTH {
+                return Err(format!(
+                    "not removing {}: deeper than expected",
+                    shown.display()
+                ));
+            }
+            for child in list(&dir).map_err(|e| format!("listing {}: {e}", shown.display()))? {
+                remove_entry(&dir, Path::new(&child), &shown.join(&child), depth + 1)?;
+            }
+            unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+                .map_err(|e| format!("removing {}: {e}", shown.display()))
+        }
+        Err(Errno::ENOENT) => Ok(()),
+        // Not a directory (or a symlink to one): unlink the entry itself.
+        Err(Errno::ENOTDIR) | Err(Errno::ELOOP) => {
+            match unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                Err(e) => Err(format!("removing {}: {e}", shown.display())),
+            }
+        }
+        Err(Errno::EXDEV) => Err(format!(
+            "not removing {}: something is mounted there",
+            shown.display()
+        )),
+        Err(e) => Err(format!("opening {}: {e}", shown.display())),
+    }
+}
+
+/// The names in an open directory.
+fn list(dir: &OwnedFd) -> std::io::Result<Vec<OsString>> {
+    std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))?
+        .map(|entry| entry.map(|e| e.file_name()))
+        .collect()
+}
+
+/// Mounts `source` at `target` so that the mount, and every copy mount
+/// propagation makes of it (virtiofsd's, in its own namespace), is
+/// nosuid and nodev (and read-only when asked) from its first moment: the
+/// tree is cloned detached (`open_tree`), restricted (`mount_setattr`, on
+/// the whole tree when `recursive`) and only then attached
+/// (`move_mount`). A remount after a plain bind would change the host's
+/// copy only, and leave virtiofsd's as it was.
+pub fn attach_restricted(
+    source: &Path,
+    target: &Path,
+    recursive: bool,
+    read_only: bool,
+) -> Result<(), String> {
+    let tree = clone_tree(source, recursive)
+        .map_err(|e| format!("cloning the mount at {}: {e}", source.display()))?;
+    set_restricted(&tree, recursive, read_only)
+        .map_err(|e| format!("restricting the mount of {}: {e}", source.display()))?;
+    move_tree(&tree, target).map_err(|e| {
+        format!(
+            "attaching {} at {}: {e}",
+            source.display(),
+            target.display()
+        )
+    })
+}
+
+/// open_tree(OPEN_TREE_CLONE): a detached copy of the mount (tree) at `source`.
+fn clone_tree(source: &Path, recursive: bool) -> nix::Result<OwnedFd> {
+    let path = std::ffi::CString::new(source.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
+    // SAFETY: a valid C string that outlives the call.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    let fd = Errno::result(fd)?;
+    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// mount_setattr on a detached tree: nosuid, nodev, and ro when asked.
+fn set_restricted(tree: &OwnedFd, recursive: bool, read_only: bool) -> nix::Result<()> {
+    let mut attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    if read_only {
+        attr.attr_set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: an empty C string, an owned descriptor and a mount_attr of
+    // the size passed, all alive through the call; the kernel only reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// move_mount: attaches the detached tree at `target`, a mount point in
+/// the shim's own tree (opened first, so that a /proc/self/fd path works).
+fn move_tree(tree: &OwnedFd, target: &Path) -> nix::Result<()> {
+    let target = nix::fcntl::open(
+        target,
+        OFlag::O_PATH | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open returned a new descriptor that nothing else owns.
+    let target = unsafe { OwnedFd::from_raw_fd(target) };
+    // SAFETY: empty C strings and owned descriptors, alive through the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// A path for messages: lossy, since a guest may have chosen its bytes.
+pub fn show(path: &Path) -> String {
+    String::from_utf8_lossy(path.as_os_str().as_bytes()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded_to_bytes() {
+        assert_eq!(unescape_mount_field(b"/a\\040b"), b"/a b");
+        assert_eq!(unescape_mount_field(b"/plain"), b"/plain");
+        assert_eq!(unescape_mount_field(b"/x\\134y"), b"/x\\y");
+        // Bytes that are not UTF-8 come through unchanged.
+        assert_eq!(unescape_mount_field(b"/\xff\xfe"), b"/\xff\xfe");
+        assert_eq!(unescape_mount_field(b"/odd\\9"), b"/odd\\9");
+    }
+
+    #[test]
+    fn open_beneath_refuses_symlinks_in_any_component() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b")).expect("mkdir");
+        std::os::unix::fs::symlink("/", root.join("link")).expect("symlink");
+        assert!(open_beneath(root, &root.join("a/b")).is_ok());
+        assert!(open_beneath(root, &root.join("link")).is_err());
+        assert!(open_beneath(root, &root.join("link/etc")).is_err());
+        assert!(open_beneath(root, Path::new("/etc")).is_err());
+    }
+
+    #[test]
+    fn remove_tree_deletes_files_and_symlinks_but_not_their_targets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join("keep"), b"x").expect("write");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).expect("mkdir");
+        std::fs::write(tree.join("a/b/f"), b"y").expect("write");
+        std::os::unix::fs::symlink(&outside, tree.join("a/to-outside")).expect("symlink");
+        let odd = OsString::from_vec(b"\xff\xfe-not-utf8".to_vec());
+        std::fs::create_dir(tree.join(&odd)).expect("mkdir");
+        remove_tree(&tree).expect("removes");
+        assert!(!tree.exists());
+        assert!(outside.join("keep").exists(), "the symlink's target stays");
+        remove_tree(&tree).expect("a missing tree is fine");
+    }
+}
