@@ -1,7 +1,7 @@
 //! Assembles a VM from a [`VmConfig`] and runs it to its end.
 
-use std::fs::{File, OpenOptions};
-use std::io::{LineWriter, Write};
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +22,7 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY
 use crate::devices::virtio::{fs, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
+use crate::logfile::{rotated_path, LogError, RotatingLog};
 use crate::pvm::{xsave, GuestProfile, HostKind};
 use crate::virtiofsd::{Virtiofsd, VirtiofsdError, DEFAULT_START_TIMEOUT};
 use crate::vstate::memory::{self, MemoryError};
@@ -42,6 +43,8 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("serial output: {0}")]
+    SerialLog(#[source] LogError),
     #[error("opening /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     Kvm(#[source] kvm_ioctls::Error),
     #[error("allocating {mib} MiB of guest memory: {source}")]
@@ -242,23 +245,31 @@ pub fn kernel_cmdline(user: &str, profile: &GuestProfile) -> Result<Cmdline, Bui
     Ok(cmdline)
 }
 
+/// Where the serial console goes. A file is size-bounded and unbuffered
+/// (the guest decides how much it prints, and the UART flushes every byte
+/// anyway); stdout is std's bounded line buffer.
 fn console_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(path)
-                .map_err(|source| BuildError::Open {
-                    what: "serial output file",
-                    path: path.clone(),
-                    source,
-                })?;
-            Box::new(LineWriter::new(file))
+        SerialOutput::File { path, max_bytes } => {
+            remove_old_console(path);
+            Box::new(RotatingLog::create(path, *max_bytes).map_err(BuildError::SerialLog)?)
         }
     })
+}
+
+/// Each run's console file starts empty, as it did when it was truncated,
+/// so a tail shows this guest's output only. Only regular files are
+/// removed: a symlink or device typed as the path (`/dev/null`) stays, and
+/// [`RotatingLog::create`] refuses it.
+fn remove_old_console(path: &Path) {
+    for old in [path.to_owned(), rotated_path(path)] {
+        if std::fs::symlink_metadata(&old).is_ok_and(|m| m.is_file()) {
+            if let Err(e) = std::fs::remove_file(&old) {
+                tracing::warn!("removing old console output {}: {e}", old.display());
+            }
+        }
+    }
 }
 
 /// Builds the VM and runs it until it exits; returns why it exited.
@@ -401,10 +412,11 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         xsave_layout: xsave::Layout::from_cpuid(&supported),
         started,
     });
-    for vcpu in vcpus {
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
+        // Named per vCPU: a panic report (crate::fatal) names its thread.
         std::thread::Builder::new()
-            .name("vcpu".into())
+            .name(format!("vcpu{id}"))
             .spawn(move || vcpu.run(shared))
             .map_err(BuildError::Thread)?;
     }

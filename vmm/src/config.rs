@@ -12,10 +12,22 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 /// Largest guest: 1 TiB.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 
+/// Default size limit of a serial console file: 1 MiB.
+pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 1 << 20;
+/// Bounds of `--serial-max-bytes`: 4 KiB to 1 GiB. Disk use is up to twice
+/// the limit (the file and its rotated predecessor).
+pub const MIN_SERIAL_MAX_BYTES: u64 = 4 << 10;
+pub const MAX_SERIAL_MAX_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOutput {
     Stdout,
-    File(PathBuf),
+    /// A [`RotatingLog`](crate::logfile::RotatingLog): the guest can print
+    /// for ever, so the file is bounded.
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+    },
 }
 
 /// Whether to apply the nested-PVM guest profile.
@@ -88,6 +100,11 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("--fs-tag {0:?}: must be 1 to {TAG_LEN} bytes without NUL")]
     FsTag(String),
+    #[error(
+        "--serial-max-bytes {0}: must be between {MIN_SERIAL_MAX_BYTES} (4 KiB) and \
+         {MAX_SERIAL_MAX_BYTES} (1 GiB)"
+    )]
+    SerialMaxBytes(u64),
 }
 
 impl VmConfig {
@@ -105,6 +122,11 @@ impl VmConfig {
             // Linux takes 32-bit CIDs; u32::MAX is VMADDR_CID_ANY.
             if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::VsockCid(v.cid));
+            }
+        }
+        if let SerialOutput::File { max_bytes, .. } = self.serial {
+            if !(MIN_SERIAL_MAX_BYTES..=MAX_SERIAL_MAX_BYTES).contains(&max_bytes) {
+                return Err(ConfigError::SerialMaxBytes(max_bytes));
             }
         }
         if let Some(fs) = &self.fs {
@@ -227,5 +249,27 @@ mod tests {
             .validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn serial_file_size_limit_is_bounded() {
+        let serial = |max_bytes| VmConfig {
+            serial: SerialOutput::File {
+                path: "/s".into(),
+                max_bytes,
+            },
+            ..config()
+        };
+        assert_eq!(serial(DEFAULT_SERIAL_MAX_BYTES).validate(), Ok(()));
+        assert_eq!(serial(4096).validate(), Ok(()));
+        assert_eq!(serial(1 << 30).validate(), Ok(()));
+        for bad in [0, 4095, (1 << 30) + 1, u64::MAX] {
+            let err = serial(bad).validate().unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("--serial-max-bytes {bad}:")),
+                "{err}"
+            );
+        }
     }
 }

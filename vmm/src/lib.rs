@@ -9,6 +9,8 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod fatal;
+pub mod logfile;
 pub mod pvm;
 pub mod virtiofsd;
 pub mod vstate;

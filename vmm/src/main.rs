@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use podbox_vmm::builder;
-use podbox_vmm::config::{FsBackend, FsConfig, PvmMode, SerialOutput, VmConfig, VsockConfig};
+use podbox_vmm::config::{
+    FsBackend, FsConfig, PvmMode, SerialOutput, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
+};
 use podbox_vmm::virtiofsd::{find_virtiofsd, CachePolicy, SandboxMode, VirtiofsdConfig};
+use podbox_vmm::{builder, fatal};
 
 #[derive(Parser)]
 #[command(name = "podbox-vmm", version, about = "Boot a podbox microVM on KVM")]
@@ -30,9 +32,15 @@ struct Args {
     /// Guest RAM in MiB.
     #[arg(long, value_name = "M", default_value_t = 256)]
     memory_mib: u32,
-    /// Serial console output: a file path, or - for stdout.
+    /// Serial console output: a file path, or - for stdout. A file starts
+    /// empty, is created mode 0600, must not be a symlink, and is rotated
+    /// to PATH.1 at --serial-max-bytes.
     #[arg(long, value_name = "PATH|-", default_value = "-")]
     serial: String,
+    /// Size limit of the --serial file, 4096 to 1073741824 bytes [default:
+    /// 1048576]; with PATH.1, the console uses at most twice this on disk.
+    #[arg(long, value_name = "N")]
+    serial_max_bytes: Option<u64>,
     /// Apply the nested-PVM guest profile: auto-detect, or force it on/off.
     #[arg(long, value_enum, default_value_t = PvmArg::Auto)]
     pvm: PvmArg,
@@ -121,6 +129,43 @@ fn fs_config(args: &Args) -> Result<Option<FsConfig>, String> {
     }))
 }
 
+/// The serial part of the command line (the limit is checked with the rest
+/// of the config, in [`VmConfig::validate`]).
+fn serial_output(args: &Args) -> Result<SerialOutput, String> {
+    match (args.serial.as_str(), args.serial_max_bytes) {
+        ("-", None) => Ok(SerialOutput::Stdout),
+        ("-", Some(_)) => Err("--serial-max-bytes: only applies to a --serial file".into()),
+        (path, max_bytes) => Ok(SerialOutput::File {
+            path: path.into(),
+            max_bytes: max_bytes.unwrap_or(DEFAULT_SERIAL_MAX_BYTES),
+        }),
+    }
+}
+
+/// Test hook for vmm/tests/panic_exit.rs, in debug builds only: with
+/// `PODBOX_VMM_TEST_PANIC_THREAD=NAME` in the environment, a thread named
+/// NAME panics while another thread spins for ever and the main thread
+/// waits on it, as a VMM's event loop would carry on past a dead device
+/// thread. Only [`fatal::exit_on_panic`] ends the process then. It is read
+/// once, before the command line; the guest has no way to set it.
+#[cfg(debug_assertions)]
+fn test_panic_trigger() {
+    let Some(name) = std::env::var_os("PODBOX_VMM_TEST_PANIC_THREAD") else {
+        return;
+    };
+    let spinner = std::thread::Builder::new()
+        .name("test-spin".into())
+        .spawn(|| loop {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        })
+        .expect("spawning the test spinner");
+    std::thread::Builder::new()
+        .name(name.to_string_lossy().into_owned())
+        .spawn(|| panic!("test panic requested by PODBOX_VMM_TEST_PANIC_THREAD"))
+        .expect("spawning the test panic thread");
+    let _ = spinner.join();
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum PvmArg {
     Auto,
@@ -130,6 +175,10 @@ enum PvmArg {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // First, before any thread exists: a panic in any of them ends the VMM.
+    fatal::exit_on_panic();
+    #[cfg(debug_assertions)]
+    test_panic_trigger();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -139,8 +188,9 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let args = Args::parse();
-    let fs = match fs_config(&args) {
-        Ok(fs) => fs,
+    let parts = fs_config(&args).and_then(|fs| serial_output(&args).map(|serial| (fs, serial)));
+    let (fs, serial) = match parts {
+        Ok(parts) => parts,
         Err(e) => {
             eprintln!("podbox-vmm: error: {e}");
             return ExitCode::from(1);
@@ -152,10 +202,7 @@ fn main() -> ExitCode {
         cmdline: args.cmdline,
         vcpus: args.vcpus,
         memory_mib: args.memory_mib,
-        serial: match args.serial.as_str() {
-            "-" => SerialOutput::Stdout,
-            path => SerialOutput::File(path.into()),
-        },
+        serial,
         pvm: match args.pvm {
             PvmArg::Auto => PvmMode::Auto,
             PvmArg::On => PvmMode::On,

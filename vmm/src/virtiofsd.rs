@@ -81,6 +81,39 @@ pub struct VirtiofsdConfig {
     pub sandbox: SandboxMode,
 }
 
+/// Capabilities virtiofsd (as root) drops from its default set: the guest
+/// must not create device nodes (a block device node for a host disk) or
+/// set file capabilities (a privileged binary for host users) in the
+/// shared directory.
+const DROPPED_CAPS: &str = "--modcaps=-mknod:-setfcap";
+
+impl VirtiofsdConfig {
+    /// virtiofsd's command line (virtiofsd 1.x syntax).
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--socket-path".into(),
+            self.socket.clone().into(),
+            "--shared-dir".into(),
+            self.shared_dir.clone().into(),
+        ];
+        args.extend(
+            [
+                "--cache",
+                self.cache.as_arg(),
+                "--sandbox",
+                self.sandbox.as_arg(),
+                // Its default today; explicit so a changed default cannot
+                // quietly turn the syscall filter off or to logging only.
+                "--seccomp",
+                "kill",
+                DROPPED_CAPS,
+            ]
+            .map(Into::into),
+        );
+        args
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
     #[error("shared directory {}: {reason}", path.display())]
@@ -169,6 +202,12 @@ pub struct Virtiofsd {
 impl Virtiofsd {
     /// Starts virtiofsd and waits (at most `timeout`) for its socket. A
     /// stale socket at the path (from a killed run) is removed first.
+    ///
+    /// virtiofsd gets SIGKILL when the thread that called this ends
+    /// (PR_SET_PDEATHSIG follows the creating thread, not the process), so
+    /// that it cannot outlive a VMM that dies without running destructors
+    /// (a panic, see [`crate::fatal`]; SIGKILL). Call it from a thread that
+    /// lives as long as the VM: podbox-vmm's main thread does.
     pub fn start(config: &VirtiofsdConfig, timeout: Duration) -> Result<Self, VirtiofsdError> {
         let dir = &config.shared_dir;
         match std::fs::metadata(dir) {
@@ -189,29 +228,21 @@ impl Virtiofsd {
         let _ = std::fs::remove_file(&config.socket);
         let _ = std::fs::remove_file(pid_file(&config.socket));
         let mut cmd = Command::new(&config.binary);
-        cmd.arg("--socket-path")
-            .arg(&config.socket)
-            .arg("--shared-dir")
-            .arg(dir)
-            .args([
-                "--cache",
-                config.cache.as_arg(),
-                "--sandbox",
-                config.sandbox.as_arg(),
-            ])
+        cmd.args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // The VMM blocks SIGTERM/SIGINT/SIGHUP in all its threads (one
-        // thread takes them with sigwait) and a blocked mask survives
-        // exec: unblock everything so that stop()'s SIGTERM works.
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                // The VMM blocks SIGTERM/SIGINT/SIGHUP in all its threads (one
+                // thread takes them with sigwait) and a blocked mask survives
+                // exec: unblock everything so that stop()'s SIGTERM works.
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                Ok(())
+                die_with_parent(parent)
             });
         }
         tracing::info!("starting {cmd:?}");
@@ -364,6 +395,26 @@ impl Virtiofsd {
     }
 }
 
+/// In the forked child before exec: SIGKILL when the parent goes, and
+/// give up at once if it has gone already (between fork and prctl, when
+/// the signal would never come). SIGKILL rather than SIGTERM: a parent
+/// that is gone cannot stop it gently anyway, and the socket and pid file
+/// it leaves are removed by the next start. With `--sandbox namespace`
+/// virtiofsd's own sandboxed child follows it (virtiofsd sets its own
+/// PR_SET_PDEATHSIG there).
+fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid() take no pointers.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+    }
+    Ok(())
+}
+
 /// The pid file virtiofsd writes beside its socket.
 pub fn pid_file(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
@@ -458,6 +509,56 @@ mod tests {
         .err()
         .unwrap();
         assert!(matches!(err, VirtiofsdError::SocketTimeout { .. }), "{err}");
+    }
+
+    #[test]
+    fn virtiofsd_command_line_drops_caps_and_kills_on_seccomp() {
+        let dir = Path::new("/srv/share");
+        let mut c = config("/usr/bin/virtiofsd", dir);
+        c.cache = CachePolicy::Auto;
+        c.sandbox = SandboxMode::Namespace;
+        let args: Vec<String> = c
+            .args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--socket-path",
+                "/srv/share/fs.sock",
+                "--shared-dir",
+                "/srv/share",
+                "--cache",
+                "auto",
+                "--sandbox",
+                "namespace",
+                "--seccomp",
+                "kill",
+                "--modcaps=-mknod:-setfcap",
+            ]
+        );
+    }
+
+    #[test]
+    fn virtiofsd_dies_with_the_thread_that_started_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-virtiofsd");
+        // "Creates" its socket ($2 is --socket-path's value), then hangs.
+        std::fs::write(&script, "#!/bin/sh\n: > \"$2\"\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let c = config(script.to_str().unwrap(), dir.path());
+        // The starting thread ends while the handle lives on, unstopped: as
+        // when a VMM dies without running destructors, only the death
+        // signal can end the child.
+        let daemon = std::thread::spawn(move || Virtiofsd::start(&c, DEFAULT_START_TIMEOUT))
+            .join()
+            .unwrap()
+            .unwrap();
+        let status = daemon.exit.wait(Duration::from_secs(5));
+        let signal = status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
+        assert_eq!(signal, Some(libc::SIGKILL), "{status:?}");
     }
 
     #[test]

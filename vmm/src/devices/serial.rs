@@ -157,6 +157,36 @@ mod tests {
     }
 
     #[test]
+    fn endless_guest_output_into_a_file_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let log = crate::logfile::RotatingLog::create(&path, 4096).unwrap();
+        let latch = Arc::new(ExitLatch::new());
+        let mut serial = Serial::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::new(Box::new(log), latch),
+        );
+        for i in 0..64 * 1024u32 {
+            serial.write(
+                0,
+                if i % 80 == 79 {
+                    b'\n'
+                } else {
+                    b'a' + (i % 26) as u8
+                },
+            );
+        }
+        serial.write(0, b'!');
+        let rotated = crate::logfile::rotated_path(&path);
+        let sizes = [&path, &rotated].map(|p| std::fs::metadata(p).unwrap().len());
+        assert!(sizes.iter().all(|&s| s <= 4096), "{sizes:?}");
+        assert!(
+            std::fs::read(&path).unwrap().ends_with(b"!"),
+            "newest byte is in PATH"
+        );
+    }
+
+    #[test]
     fn uart_transmits_written_bytes() {
         let latch = Arc::new(ExitLatch::new());
         let sink = Sink::default();
