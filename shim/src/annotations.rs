@@ -118,8 +118,8 @@ impl VmSettings {
             match key.as_str() {
                 VCPUS => settings.vcpus = parse_in_range(key, value, VCPUS_RANGE)?,
                 MEMORY_MIB => settings.memory_mib = parse_in_range(key, value, MEMORY_MIB_RANGE)?,
-                KERNEL => settings.kernel = parse_absolute_path(key, value)?,
-                INITRD => settings.initrd = parse_absolute_path(key, value)?,
+                KERNEL => settings.kernel = parse_asset(key, value, &config.asset_dirs)?,
+                INITRD => settings.initrd = parse_asset(key, value, &config.asset_dirs)?,
                 _ => return Err(AnnotationError::Unknown { key: key.clone() }),
             }
         }
@@ -150,12 +150,41 @@ fn parse_in_range(
     Ok(number)
 }
 
-fn parse_absolute_path(key: &str, value: &str) -> Result<PathBuf, AnnotationError> {
+/// An absolute path to a regular file inside one of `asset_dirs`, after
+/// resolving symlinks; the resolved path is what the VMM gets.
+fn parse_asset(key: &str, value: &str, asset_dirs: &[PathBuf]) -> Result<PathBuf, AnnotationError> {
     let path = PathBuf::from(value);
     if !path.is_absolute() {
         return Err(invalid(key, value, "not an absolute path".to_string()));
     }
-    Ok(path)
+    if asset_dirs.is_empty() {
+        return Err(invalid(
+            key,
+            value,
+            "the podbox config lists no asset_dirs".to_string(),
+        ));
+    }
+    let resolved = path
+        .canonicalize()
+        .map_err(|e| invalid(key, value, format!("cannot be resolved: {e}")))?;
+    let inside = asset_dirs
+        .iter()
+        .filter_map(|dir| dir.canonicalize().ok())
+        .any(|dir| resolved.starts_with(dir));
+    if !inside {
+        return Err(invalid(
+            key,
+            value,
+            format!(
+                "{} is not in the config's asset_dirs {asset_dirs:?}",
+                resolved.display()
+            ),
+        ));
+    }
+    if !resolved.is_file() {
+        return Err(invalid(key, value, "not a regular file".to_string()));
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]
@@ -191,19 +220,61 @@ mod tests {
 
     #[test]
     fn allowed_annotations_override_the_defaults() {
-        let config = config_allowing(&[VCPUS, MEMORY_MIB, KERNEL]);
+        let assets = tempfile::tempdir().expect("tempdir");
+        let kernel = assets.path().join("vmlinux-test");
+        std::fs::write(&kernel, b"elf").expect("write");
+        let config = Config {
+            asset_dirs: vec![assets.path().to_path_buf()],
+            ..config_allowing(&[VCPUS, MEMORY_MIB, KERNEL])
+        };
         let settings = VmSettings::resolve(
             &config,
             &annotations(&[
                 (VCPUS, "4"),
                 (MEMORY_MIB, "2048"),
-                (KERNEL, "/opt/vmlinux-test"),
+                (KERNEL, kernel.to_str().expect("utf-8")),
             ]),
         )
         .expect("valid");
         assert_eq!((settings.vcpus, settings.memory_mib), (4, 2048));
-        assert_eq!(settings.kernel, PathBuf::from("/opt/vmlinux-test"));
+        assert_eq!(settings.kernel, kernel.canonicalize().expect("resolves"));
         assert_eq!(settings.initrd, config.initrd, "initrd not annotated");
+    }
+
+    #[test]
+    fn kernel_and_initrd_annotations_stay_inside_the_asset_dirs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let assets = tmp.path().join("assets");
+        std::fs::create_dir(&assets).expect("mkdir");
+        std::os::unix::fs::symlink("/etc/passwd", assets.join("escape")).expect("symlink");
+        std::fs::create_dir(assets.join("dir")).expect("mkdir");
+        let config = Config {
+            asset_dirs: vec![assets.clone()],
+            ..config_allowing(&[KERNEL, INITRD])
+        };
+        let escape = assets.join("escape").display().to_string();
+        let up = "/..".repeat(assets.components().count() - 1);
+        let dotdot = format!("{}{up}/etc/passwd", assets.display());
+        let dir = assets.join("dir").display().to_string();
+        for (key, value, reason) in [
+            (KERNEL, "/etc/passwd", "asset_dirs"),
+            (INITRD, escape.as_str(), "asset_dirs"),
+            (KERNEL, dotdot.as_str(), "asset_dirs"),
+            (INITRD, dir.as_str(), "regular file"),
+        ] {
+            let error = VmSettings::resolve(&config, &annotations(&[(key, value)]))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                error.contains(key) && error.contains(reason),
+                "{value}: {error}"
+            );
+        }
+        let unlisted = config_allowing(&[KERNEL]);
+        let error = VmSettings::resolve(&unlisted, &annotations(&[(KERNEL, "/etc/passwd")]))
+            .expect_err("refused without asset_dirs")
+            .to_string();
+        assert!(error.contains("no asset_dirs"), "{error}");
     }
 
     #[test]
@@ -242,7 +313,7 @@ mod tests {
         let config = config_allowing(&KNOWN_ANNOTATIONS);
         for (key, value) in [
             (VCPUS, "0"),
-            (VCPUS, "65"),
+            (VCPUS, "33"),
             (VCPUS, "two"),
             (VCPUS, "-1"),
             (VCPUS, ""),
@@ -266,7 +337,7 @@ mod tests {
         let message = VmSettings::resolve(&config, &annotations(&[(VCPUS, "0")]))
             .expect_err("invalid")
             .to_string();
-        assert_eq!(message, "annotation io.podbox.vcpus=\"0\": not in 1..=64");
+        assert_eq!(message, "annotation io.podbox.vcpus=\"0\": not in 1..=32");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! log_level = "info"
 //! fs_cache = "always"
 //! allowed_annotations = ["io.podbox.vcpus", "io.podbox.memory_mib"]
+//! # where io.podbox.kernel / io.podbox.initrd may point (when allowed)
+//! asset_dirs = ["/usr/share/podbox"]
 //! ```
 //!
 //! Unknown keys are errors (a misspelt key would otherwise be silently
@@ -24,8 +26,10 @@ use crate::annotations::{is_known_annotation, KNOWN_ANNOTATIONS};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/podbox/config.toml";
 
-/// Bounds for a VM's size, from the config or an annotation.
-pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
+/// Bounds for a VM's size, from the config or an annotation: as many
+/// vCPUs as podbox-vmm can boot (its MP table's limit), no more.
+pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> =
+    1..=podbox_vmm::arch::x86_64::mptable::MAX_VCPUS as u32;
 /// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=1_048_576;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -73,6 +77,11 @@ pub struct Config {
     pub fs_cache: String,
     /// The `io.podbox.*` annotations pods may set; none unless the operator says so.
     pub allowed_annotations: Vec<String>,
+    /// The directories an `io.podbox.kernel` or `io.podbox.initrd`
+    /// annotation may name a file in (after resolving symlinks); none by
+    /// default, so those annotations are refused even where allowed
+    /// until the operator lists some: a pod must not boot any host file.
+    pub asset_dirs: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -87,6 +96,7 @@ impl Default for Config {
             log_level: "info".to_string(),
             fs_cache: "always".to_string(),
             allowed_annotations: Vec::new(),
+            asset_dirs: Vec::new(),
         }
     }
 }
@@ -166,6 +176,12 @@ impl Config {
             return Err(invalid(
                 "fs_cache",
                 format!("{:?} is not one of {FS_CACHE_MODES:?}", self.fs_cache),
+            ));
+        }
+        if let Some(relative) = self.asset_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "asset_dirs",
+                format!("{} is not an absolute path", relative.display()),
             ));
         }
         if let Some(unknown) = self
@@ -275,7 +291,7 @@ mod tests {
         let message = parse("default_vcpus = 0").expect_err("invalid").to_string();
         assert_eq!(
             message,
-            "podbox config /test/config.toml: key `default_vcpus`: 0 is not in 1..=64"
+            "podbox config /test/config.toml: key `default_vcpus`: 0 is not in 1..=32"
         );
     }
 

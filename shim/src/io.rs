@@ -10,7 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ use thiserror::Error;
 const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const CHUNK: u32 = 64 * 1024;
+/// How long a `binary://` logger gets to signal that it is ready.
+const LOGGER_READY_LIMIT_MS: u16 = 10_000;
 
 #[derive(Debug, Error)]
 pub enum IoError {
@@ -376,9 +378,13 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
         path: path.to_string(),
         source,
     };
-    let (out_r, out_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
-    let (err_r, err_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
-    let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| logger_error(e.into()))?;
+    // Close-on-exec: no other child (a VMM, another logger) may inherit
+    // these; the logger gets its copies from dup2 below.
+    let pipe =
+        || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| logger_error(e.into()));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
     let child_fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
     let mut command = std::process::Command::new(path);
     command
@@ -392,7 +398,13 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
     unsafe {
         command.pre_exec(move || {
             for (target_fd, fd) in (3..).zip(child_fds) {
-                if libc::dup2(fd, target_fd) < 0 {
+                // dup2 onto itself keeps FD_CLOEXEC; clear it then.
+                let rc = if fd == target_fd {
+                    libc::fcntl(fd, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, target_fd)
+                };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -401,10 +413,25 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
     }
     let child = command.spawn().map_err(logger_error)?;
     drop((out_r, err_r, ready_w));
-    // Wait for the ready signal: EOF on fd 5's other end.
-    let mut ready = File::from(ready_r);
-    let mut byte = [0u8; 1];
-    let _ = ready.read(&mut byte);
+    // Wait for the ready signal (EOF on fd 5's other end), but not for
+    // ever: a logger that never signals must not hold up the pod.
+    let mut fds = [nix::poll::PollFd::new(
+        ready_r.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(
+        &mut fds,
+        nix::poll::PollTimeout::from(LOGGER_READY_LIMIT_MS),
+    ) {
+        Ok(0) => tracing::warn!(
+            "logger {path} did not signal ready in {LOGGER_READY_LIMIT_MS} ms; going on"
+        ),
+        Ok(_) => {
+            let mut byte = [0u8; 1];
+            let _ = File::from(ready_r).read(&mut byte);
+        }
+        Err(e) => tracing::warn!("waiting for logger {path}: {e}"),
+    }
     Ok((child, File::from(out_w), File::from(err_w)))
 }
 

@@ -65,7 +65,7 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
                 address: ttrpc_address.clone(),
                 reason: e.to_string(),
             })?;
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel::<EventMessage>();
+    let (events_tx, mut events_rx) = mpsc::channel::<EventMessage>(crate::task::EVENT_QUEUE);
     let namespace = flags.namespace.clone();
     let publishing = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {

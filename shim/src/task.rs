@@ -54,6 +54,8 @@ use crate::vm::{
 };
 
 /// Agent calls that should answer at once.
+/// Events waiting for containerd: far more than a pod makes in a burst.
+pub const EVENT_QUEUE: usize = 1024;
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// CreateContainer mounts and forks in the guest, whose kernel is slow on PVM.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -75,7 +77,7 @@ struct Inner {
     namespace: String,
     config: Config,
     pod: Mutex<PodState>,
-    events: mpsc::UnboundedSender<EventMessage>,
+    events: mpsc::Sender<EventMessage>,
     exit: Arc<ExitSignal>,
 }
 
@@ -83,7 +85,7 @@ impl PodService {
     pub fn new(
         namespace: &str,
         config: Config,
-        events: mpsc::UnboundedSender<EventMessage>,
+        events: mpsc::Sender<EventMessage>,
         exit: Arc<ExitSignal>,
     ) -> Self {
         PodService {
@@ -162,8 +164,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Inner {
     fn publish(&self, event: EventMessage) {
-        // The receiver lives as long as the server; a send fails only at shutdown.
-        let _ = self.events.send(event);
+        // Bounded: if containerd stops taking events, memory does not grow
+        // with whatever the guest makes happen; what does not fit is logged.
+        if let Err(e) = self.events.try_send(event) {
+            if let mpsc::error::TrySendError::Full(event) = e {
+                tracing::warn!("event queue full; dropped {}", event.topic());
+            }
+        }
     }
 
     fn publish_exit(&self, container_id: &str, exec_id: &str, pid: u32, exit: &Exit) {
@@ -361,6 +368,17 @@ impl Inner {
                 &GetOOMEventRequest::default(),
             ) {
                 Ok(event) => {
+                    // The agent is in the guest: an event naming a container
+                    // that is not this pod's is not passed on.
+                    let known = inner
+                        .pod
+                        .blocking_lock()
+                        .containers
+                        .contains_key(&event.container_id);
+                    if !known {
+                        tracing::warn!(container = ?event.container_id, "OOM event for a container not in this pod ignored");
+                        continue;
+                    }
                     tracing::warn!(container = %event.container_id, "OOM kill in the guest");
                     inner.publish(Box::new(TaskOOM {
                         container_id: event.container_id,

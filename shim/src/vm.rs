@@ -38,6 +38,9 @@ use nix::mount::{mount, MsFlags};
 use thiserror::Error;
 use tokio::process::{Child, Command};
 
+pub use podbox_vmm::logfile::tail;
+use podbox_vmm::logfile::RotatingLog;
+
 use crate::annotations::VmSettings;
 use crate::hostfs;
 
@@ -62,6 +65,11 @@ pub const AGENT_STALL_LIMIT: Duration = Duration::from_secs(120);
 /// looks busy (see MIN_BUSY_PERCENT), so this is what ends the wait for an
 /// agent that is stuck there.
 pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(900);
+
+/// Caps on the guest console log and the VMM's own log: each may be
+/// rotated once (`.1`), so a pod uses at most twice this on /run per log.
+pub const CONSOLE_LOG_MAX_BYTES: u64 = 1024 * 1024;
+pub const VMM_LOG_MAX_BYTES: u64 = 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -285,6 +293,8 @@ pub fn vmm_args(launch: &VmLaunch, state: &StateDir) -> Vec<String> {
         launch.settings.memory_mib.to_string(),
         "--serial".into(),
         path(state.console_log()),
+        "--serial-max-bytes".into(),
+        CONSOLE_LOG_MAX_BYTES.to_string(),
         "--vsock-socket".into(),
         path(state.vsock_socket()),
         "--shared-dir".into(),
@@ -302,12 +312,19 @@ pub fn vmm_args(launch: &VmLaunch, state: &StateDir) -> Vec<String> {
     args
 }
 
-/// Starts podbox-vmm for the pod; its output goes to `vmm.log`. The
-/// caller owns the child and must wait for it (the supervisor does).
+/// Starts podbox-vmm for the pod; its output goes to `vmm.log` (see
+/// [`copy_vmm_output`]). The caller owns the child and must wait for it
+/// (the supervisor does).
 pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> {
     let log_path = state.vmm_log();
-    let log = std::fs::File::create(&log_path).map_err(io("creating", &log_path))?;
-    let log_err = log.try_clone().map_err(io("duplicating", &log_path))?;
+    let log = RotatingLog::create(&log_path, VMM_LOG_MAX_BYTES).map_err(|e| VmError::Io {
+        what: "creating",
+        path: log_path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let (output, log_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("a pipe for", &log_path))?;
+    let log_err = log_w.try_clone().map_err(io("duplicating", &log_path))?;
     let mut command = Command::new(&launch.vmm);
     // SAFETY: prctl is async-signal-safe. If the shim dies without tearing
     // the pod down (SIGKILL), the VMM must not outlive it.
@@ -322,7 +339,7 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
     let child = command
         .args(vmm_args(launch, state))
         .stdin(Stdio::null())
-        .stdout(log)
+        .stdout(log_w)
         .stderr(log_err)
         // If the shim is killed outright, the VMM goes too instead of
         // running a pod nobody can reach.
@@ -332,6 +349,7 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
             binary: launch.vmm.clone(),
             source,
         })?;
+    copy_vmm_output(std::fs::File::from(output), log);
     if let Some(pid) = child.id() {
         let pid_file = state.vmm_pid_file();
         std::fs::write(&pid_file, pid.to_string()).map_err(io("writing", &pid_file))?;
@@ -339,11 +357,26 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
     Ok(child)
 }
 
-/// TEMP until podbox_vmm::logfile lands.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+/// Copies the VMM's stdout and stderr (and virtiofsd's, which inherits
+/// them) into the size-capped log. The VMM logs what the guest makes
+/// happen, so a guest must not be able to grow the file without bound.
+/// The thread ends at EOF, when the VMM and virtiofsd have exited.
+fn copy_vmm_output(mut output: std::fs::File, mut log: RotatingLog) {
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            match std::io::Read::read(&mut output, &mut buffer) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if let Err(e) = std::io::Write::write_all(&mut log, &buffer[..n]) {
+                        tracing::warn!("writing {}: {e}", log.path().display());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 #[cfg(test)]
@@ -391,7 +424,7 @@ mod tests {
         let args = vmm_args(&launch, &StateDir::for_pod("ns", "p").expect("valid id")).join(" ");
         assert_eq!(
             args,
-            "--kernel /k --initrd /i --vcpus 2 --memory-mib 512 --serial /run/podbox/ns/p/console.log \
+            "--kernel /k --initrd /i --vcpus 2 --memory-mib 512 --serial /run/podbox/ns/p/console.log --serial-max-bytes 1048576 \
              --vsock-socket /run/podbox/ns/p/vsock.sock --shared-dir /run/podbox/ns/p/share --fs-tag podbox \
              --fs-socket /run/podbox/ns/p/virtiofsd.sock --fs-cache always --virtiofsd /usr/libexec/virtiofsd"
         );

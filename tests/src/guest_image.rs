@@ -76,6 +76,40 @@ pub fn vsock_test_initramfs(dir: &Path) -> PathBuf {
     path
 }
 
+/// The static agent that `guest-image/build.sh` put into the image (built
+/// by [`agent_initramfs`]).
+pub fn agent_binary() -> PathBuf {
+    agent_initramfs();
+    let target = std::env::var_os("PODBOX_GUEST_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/guest"));
+    let agent = target.join("x86_64-unknown-linux-gnu/release/podbox-agent");
+    assert!(agent.is_file(), "no agent binary at {}", agent.display());
+    agent
+}
+
+/// The production image with tests/guest/share_attacker.c as /init (it
+/// forks the attack on the share as guest root, then execs the agent, kept
+/// as /podbox-agent, which stays PID 1). Written into `dir`.
+pub fn share_attacker_initramfs(dir: &Path) -> PathBuf {
+    let attacker = compile_static_c(
+        dir,
+        "share_attacker",
+        include_str!("../guest/share_attacker.c"),
+    );
+    let mut overlay = Initramfs::new();
+    overlay
+        .copy("init", 0o755, &attacker)
+        .expect("adding the attacker")
+        .copy("podbox-agent", 0o755, &agent_binary())
+        .expect("adding the agent");
+    let mut image = std::fs::read(agent_initramfs()).expect("reading the guest image");
+    image.extend_from_slice(&overlay.finish());
+    let path = dir.join("share-attacker-initramfs.cpio");
+    std::fs::write(&path, image).expect("writing the test image");
+    path
+}
+
 /// FNV-1a 64, as the helper's sink computes it.
 pub fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

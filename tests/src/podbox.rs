@@ -79,11 +79,16 @@ pub fn virtiofsd() -> Option<PathBuf> {
 
 /// Writes a shim config for the test guest kernel and image into `dir`.
 pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
+    write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs())
+}
+
+/// The same with another guest image.
+pub fn write_shim_config_with_initrd(dir: &Path, virtiofsd: &Path, initrd: &Path) -> PathBuf {
     let path = dir.join("podbox-config.toml");
     let text = format!(
         "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 2\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
         guest_kernel(KernelVariant::Podbox).display(),
-        agent_initramfs().display(),
+        initrd.display(),
         virtiofsd.display()
     );
     std::fs::write(&path, text).expect("writing the shim config");

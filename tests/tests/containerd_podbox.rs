@@ -286,7 +286,10 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     wait_until(
         "the pod's host state to go",
         Duration::from_secs(60),
-        || pod_leftovers(TEST_NAMESPACE, &id).is_empty() && !std::path::Path::new(&format!("/proc/{vmm}")).exists(),
+        || {
+            pod_leftovers(TEST_NAMESPACE, &id).is_empty()
+                && !std::path::Path::new(&format!("/proc/{vmm}")).exists()
+        },
     );
     assert_nothing_left(containerd, TEST_NAMESPACE, &id);
 }
