@@ -1,17 +1,36 @@
 //! Builds a container's filesystem view inside its own mount namespace
-//! (stage 2): the spec's mounts under the rootfs, a minimal /dev,
-//! pivot_root, then masked and read-only paths. Errors are plain strings:
-//! they travel back to the agent over the sync socket.
+//! (stage 2): the spec's mounts under the rootfs, a minimal /dev, masked
+//! and read-only paths, then pivot_root. Errors are plain strings: they
+//! travel back to the agent over the sync socket.
+//!
+//! The rootfs, and volumes mounted into it earlier, may be writable by
+//! someone hostile (another container sharing a volume, a process exec'd
+//! into a container): any directory under the rootfs can turn into a
+//! symlink at any moment. So no path under the rootfs reaches the kernel
+//! as a string. Each target is resolved once, inside the root, with pathrs
+//! (openat2 RESOLVE_IN_ROOT: a symlink can only lead back into the
+//! rootfs) into a descriptor, and each mount is built detached with its
+//! final flags and attached onto that descriptor (`mountfd`).
 
-use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
+use pathrs::error::{Error as PathError, ErrorKind};
+use pathrs::flags::OpenFlags;
+use pathrs::{Handle, InodeType, Root};
+
+use super::mountfd::{self, Attrs, Detached};
 
 type R<T> = Result<T, String>;
 
+#[cfg(test)]
+mod race_tests;
+
+/// mount(2) by path: only for paths no container can change (the agent's
+/// own "/", the rootfs itself, the container's "/" after pivot_root).
 fn do_mount(
     src: Option<&Path>,
     dest: &Path,
@@ -31,9 +50,9 @@ fn do_mount(
     })
 }
 
-/// `dest` (absolute, inside the container) resolved under `rootfs`.
-/// `..` is refused outright; symlinks are checked by `check_inside` once
-/// the path exists.
+/// `dest` (absolute, inside the container) as a path under `rootfs`, for
+/// messages: lookups go through `Tree`. `..` and relative paths are
+/// refused outright.
 fn in_root(rootfs: &Path, dest: &Path) -> R<PathBuf> {
     if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
         return Err(format!(
@@ -44,18 +63,99 @@ fn in_root(rootfs: &Path, dest: &Path) -> R<PathBuf> {
     Ok(rootfs.join(dest.strip_prefix("/").unwrap_or(dest)))
 }
 
-/// Refuses a path that a symlink in the rootfs made point outside it.
-fn check_inside(rootfs: &Path, p: &Path) -> R<()> {
-    let real = p
-        .canonicalize()
-        .map_err(|e| format!("resolve {}: {e}", p.display()))?;
-    let root = rootfs
-        .canonicalize()
-        .map_err(|e| format!("resolve {}: {e}", rootfs.display()))?;
-    if real.starts_with(&root) {
-        Ok(())
-    } else {
-        Err(format!("{} resolves outside the rootfs", p.display()))
+/// `e` with its causes: pathrs puts the failing syscall and errno there.
+fn why(e: &PathError) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s = format!("{s}: {c}");
+        cause = c.source();
+    }
+    s
+}
+
+fn errno(e: &PathError) -> Option<i32> {
+    match e.kind() {
+        ErrorKind::OsError(n) => n,
+        _ => None,
+    }
+}
+
+/// The container's rootfs: its path, for messages, and the pathrs root
+/// that every lookup under it goes through.
+struct Tree {
+    path: PathBuf,
+    root: Root,
+}
+
+impl Tree {
+    fn open(path: &Path) -> R<Tree> {
+        let root =
+            Root::open(path).map_err(|e| format!("open rootfs {}: {}", path.display(), why(&e)))?;
+        Ok(Tree {
+            path: path.to_path_buf(),
+            root,
+        })
+    }
+
+    /// `dest` as a directory, created (with its parents) if missing.
+    fn dir(&self, dest: &Path) -> R<Handle> {
+        let host = in_root(&self.path, dest)?;
+        self.root
+            .mkdir_all(dest, &std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("create directory {}: {}", host.display(), why(&e)))
+    }
+
+    /// `dest` as a file, created empty (and its parent directories) if
+    /// missing.
+    fn file(&self, dest: &Path) -> R<Handle> {
+        let host = in_root(&self.path, dest)?;
+        if let Some(parent) = dest.parent() {
+            self.dir(parent)?;
+        }
+        // O_EXCL|O_NOFOLLOW: never open, let alone create through, a
+        // symlink someone put at `dest`; an existing entry is resolved
+        // (inside the root) below.
+        let flags = OpenFlags::O_EXCL | OpenFlags::O_NOFOLLOW;
+        match self
+            .root
+            .create_file(dest, flags, &std::fs::Permissions::from_mode(0o644))
+        {
+            Ok(_) => {}
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(format!("create file {}: {}", host.display(), why(&e))),
+        }
+        self.root
+            .resolve(dest)
+            .map_err(|e| format!("resolve {}: {}", host.display(), why(&e)))
+    }
+
+    /// `dest` if it exists (symlinks followed, inside the root).
+    fn existing(&self, dest: &Path) -> R<Option<Handle>> {
+        let host = in_root(&self.path, dest)?;
+        match self.root.resolve(dest) {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(format!("resolve {}: {}", host.display(), why(&e))),
+        }
+    }
+
+    /// A symlink at `dest` pointing to `to`, unless `dest` exists.
+    fn symlink(&self, dest: &Path, to: &str) -> R<()> {
+        let host = in_root(&self.path, dest)?;
+        match self.root.create(dest, &InodeType::Symlink(to.into())) {
+            Err(e) if errno(&e) != Some(libc::EEXIST) => {
+                Err(format!("symlink {}: {}", host.display(), why(&e)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attaches `m` (made from `what`) onto `target`, which is `dest`.
+    fn attach(&self, m: Detached, target: &Handle, what: &str, dest: &Path) -> R<()> {
+        let host = in_root(&self.path, dest)?;
+        m.attach(target.as_fd())
+            .map_err(|e| format!("mount {what} on {}: {e}", host.display()))
     }
 }
 
@@ -125,89 +225,162 @@ fn parse_options(opts: &[String]) -> MountOpts {
     m
 }
 
-fn mount_one(rootfs: &Path, mnt: &Mount) -> R<()> {
-    let dest = in_root(rootfs, mnt.destination())?;
+/// The per-mount attributes `flags` ask for. `clear` holds what a bind
+/// remount with these flags would reset (MS_BIND|MS_REMOUNT replaces the
+/// mount's flags; atime only when one is named), `set` the rest.
+fn mount_attrs(flags: MsFlags) -> Attrs {
+    let mut a = Attrs {
+        set: 0,
+        clear: libc::MOUNT_ATTR_RDONLY
+            | libc::MOUNT_ATTR_NOSUID
+            | libc::MOUNT_ATTR_NODEV
+            | libc::MOUNT_ATTR_NOEXEC,
+    };
+    for (ms, attr) in [
+        (MsFlags::MS_RDONLY, libc::MOUNT_ATTR_RDONLY),
+        (MsFlags::MS_NOSUID, libc::MOUNT_ATTR_NOSUID),
+        (MsFlags::MS_NODEV, libc::MOUNT_ATTR_NODEV),
+        (MsFlags::MS_NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+        (MsFlags::MS_NODIRATIME, libc::MOUNT_ATTR_NODIRATIME),
+    ] {
+        if flags.contains(ms) {
+            a.set |= attr;
+        }
+    }
+    let atime = MsFlags::MS_NOATIME
+        | MsFlags::MS_RELATIME
+        | MsFlags::MS_STRICTATIME
+        | MsFlags::MS_NODIRATIME;
+    if flags.intersects(atime) {
+        a.clear |= libc::MOUNT_ATTR__ATIME | libc::MOUNT_ATTR_NODIRATIME;
+        // The precedence mount(2) gives them; relatime is its default.
+        a.set |= if flags.contains(MsFlags::MS_STRICTATIME) {
+            libc::MOUNT_ATTR_STRICTATIME
+        } else if flags.contains(MsFlags::MS_NOATIME) {
+            libc::MOUNT_ATTR_NOATIME
+        } else {
+            libc::MOUNT_ATTR_RELATIME
+        };
+    }
+    a
+}
+
+fn set_propagation(m: &Detached, opts: &MountOpts, dest: &Path) -> R<()> {
+    let p = opts.propagation;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let recursive = p.contains(MsFlags::MS_REC);
+    let bits = (p & !MsFlags::MS_REC).bits();
+    m.set_propagation(bits, recursive).map_err(|e| {
+        format!(
+            "set propagation {p:?} of the mount on {}: {e}",
+            dest.display()
+        )
+    })
+}
+
+fn mount_one(tree: &Tree, mnt: &Mount) -> R<()> {
+    in_root(&tree.path, mnt.destination())?;
     let typ = mnt.typ().as_deref().unwrap_or("");
     let opts = parse_options(mnt.options().as_deref().unwrap_or(&[]));
-    let data = opts.data.join(",");
-    let data = (!data.is_empty()).then_some(data.as_str());
-
     if opts.bind || typ == "bind" {
-        let src = mnt.source().as_deref().ok_or_else(|| {
+        bind_mount(tree, mnt, &opts)
+    } else {
+        fs_mount(tree, mnt, typ, &opts)
+    }
+}
+
+fn bind_mount(tree: &Tree, mnt: &Mount, opts: &MountOpts) -> R<()> {
+    let dest = mnt.destination();
+    let src = mnt
+        .source()
+        .as_deref()
+        .ok_or_else(|| format!("bind mount on {} has no source", dest.display()))?;
+    let src_err = |e: std::io::Error| format!("bind mount source {}: {e}", src.display());
+    let m = Detached::bind(src, opts.flags.contains(MsFlags::MS_REC)).map_err(src_err)?;
+    // A bind mount keeps the source's flags unless the spec names some;
+    // then they replace them, as the classic MS_BIND|MS_REMOUNT would.
+    let flags = opts.flags & !MsFlags::MS_REC;
+    if !flags.is_empty() {
+        m.set_attrs(mount_attrs(flags), false).map_err(|e| {
             format!(
-                "bind mount on {} has no source",
-                mnt.destination().display()
+                "set flags {flags:?} of the mount on {}: {e}",
+                dest.display()
             )
         })?;
-        let meta =
-            fs::metadata(src).map_err(|e| format!("bind mount source {}: {e}", src.display()))?;
-        if meta.is_dir() {
-            fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-        } else if !dest.exists() {
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(|e| format!("create {}: {e}", parent.display()))?;
-            }
-            fs::File::create(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-        }
-        check_inside(rootfs, &dest)?;
-        let rec = opts.flags & MsFlags::MS_REC;
-        do_mount(Some(src), &dest, None, MsFlags::MS_BIND | rec, None)?;
-        // Bind mounts ignore flags on the first call; they need a remount.
-        let extra = opts.flags & !MsFlags::MS_REC;
-        if !extra.is_empty() {
-            do_mount(
-                None,
-                &dest,
-                None,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
-                None,
-            )?;
-        }
+    }
+    set_propagation(&m, opts, dest)?;
+    // The source's type, from the copy itself: a path can change, it can't.
+    let target = if m.is_dir().map_err(src_err)? {
+        tree.dir(dest)?
     } else {
-        fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-        check_inside(rootfs, &dest)?;
-        if typ == "cgroup" || typ == "cgroup2" {
-            // Best effort: the container sees its own cgroup (stage 2
-            // entered a cgroup namespace) where cgroup2 is usable.
-            let _ = do_mount(
-                Some(Path::new("cgroup2")),
-                &dest,
-                Some("cgroup2"),
-                opts.flags,
-                None,
-            );
-            return Ok(());
+        tree.file(dest)?
+    };
+    tree.attach(m, &target, &src.display().to_string(), dest)
+}
+
+/// Superblock flags, which mount(2) takes as MS_* bits, as the options
+/// the fd-based API takes them as.
+fn sb_options(flags: MsFlags) -> impl Iterator<Item = String> {
+    [
+        (MsFlags::MS_RDONLY, "ro"),
+        (MsFlags::MS_SYNCHRONOUS, "sync"),
+        (MsFlags::MS_DIRSYNC, "dirsync"),
+    ]
+    .into_iter()
+    .filter(move |(ms, _)| flags.contains(*ms))
+    .map(|(_, o)| o.to_string())
+}
+
+fn fs_mount(tree: &Tree, mnt: &Mount, typ: &str, opts: &MountOpts) -> R<()> {
+    let dest = mnt.destination();
+    let attrs = mount_attrs(opts.flags).set;
+    if typ == "cgroup" || typ == "cgroup2" {
+        let target = tree.dir(dest)?;
+        // Best effort: the container sees its own cgroup (stage 2
+        // entered a cgroup namespace) where cgroup2 is usable.
+        let sb: Vec<String> = sb_options(opts.flags).collect();
+        if let Ok(m) = Detached::new_fs("cgroup2", Path::new("cgroup2"), &sb, attrs) {
+            let _ = m.attach(target.as_fd());
         }
-        if typ.is_empty() {
-            return Err(format!(
-                "mount on {} has no type",
-                mnt.destination().display()
-            ));
-        }
-        let src = mnt.source().clone().unwrap_or_else(|| PathBuf::from(typ));
-        do_mount(Some(&src), &dest, Some(typ), opts.flags, data)?;
+        return Ok(());
     }
-    if !opts.propagation.is_empty() {
-        do_mount(None, &dest, None, opts.propagation, None)?;
+    if typ.is_empty() {
+        return Err(format!("mount on {} has no type", dest.display()));
     }
-    Ok(())
+    let src = mnt.source().clone().unwrap_or_else(|| PathBuf::from(typ));
+    let options: Vec<String> = sb_options(opts.flags)
+        .chain(opts.data.iter().cloned())
+        .collect();
+    let m = Detached::new_fs(typ, &src, &options, attrs).map_err(|e| {
+        format!(
+            "mount {} on {} (type {typ}, flags {:?}, options {options:?}): {e}",
+            src.display(),
+            dest.display(),
+            opts.flags
+        )
+    })?;
+    set_propagation(&m, opts, dest)?;
+    let target = tree.dir(dest)?;
+    tree.attach(m, &target, &src.display().to_string(), dest)
 }
 
 /// Device nodes every container gets when the spec mounts a tmpfs /dev:
 /// bind mounts of the agent's own nodes (no mknod needed).
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-fn populate_dev(rootfs: &Path) -> R<()> {
-    let dev = rootfs.join("dev");
+fn populate_dev(tree: &Tree) -> R<()> {
     for name in DEVICES {
-        let host = Path::new("/dev").join(name);
-        if !host.exists() {
-            continue;
-        }
-        let target = dev.join(name);
-        fs::File::create(&target).map_err(|e| format!("create {}: {e}", target.display()))?;
-        do_mount(Some(&host), &target, None, MsFlags::MS_BIND, None)?;
+        let node = Path::new("/dev").join(name);
+        let m = match Detached::bind(&node, false) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("bind mount source {}: {e}", node.display())),
+        };
+        // `node` names the same path inside the container.
+        let target = tree.file(&node)?;
+        tree.attach(m, &target, &node.display().to_string(), &node)?;
     }
     for (link, to) in [
         ("fd", "/proc/self/fd"),
@@ -216,10 +389,7 @@ fn populate_dev(rootfs: &Path) -> R<()> {
         ("stderr", "/proc/self/fd/2"),
         ("ptmx", "pts/ptmx"),
     ] {
-        let p = dev.join(link);
-        if fs::symlink_metadata(&p).is_err() {
-            symlink(to, &p).map_err(|e| format!("symlink {}: {e}", p.display()))?;
-        }
+        tree.symlink(&Path::new("/dev").join(link), to)?;
     }
     Ok(())
 }
@@ -251,44 +421,69 @@ fn pivot_root(rootfs: &Path) -> R<()> {
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
-fn mask(path: &Path) -> R<()> {
-    match fs::metadata(path) {
-        Err(_) => Ok(()),
-        Ok(m) if m.is_dir() => do_mount(
-            Some(Path::new("tmpfs")),
-            path,
-            Some("tmpfs"),
-            MsFlags::MS_RDONLY,
-            Some("size=0"),
-        ),
-        Ok(_) => do_mount(
-            Some(Path::new("/dev/null")),
-            path,
-            None,
-            MsFlags::MS_BIND,
-            None,
-        ),
-    }
+/// Hides `path` (if it exists) under an empty read-only tmpfs, or the
+/// agent's /dev/null for a file.
+fn mask(tree: &Tree, path: &Path) -> R<()> {
+    let Some(target) = tree.existing(path)? else {
+        return Ok(());
+    };
+    let dir = mountfd::is_dir(target.as_fd())
+        .map_err(|e| format!("stat masked path {}: {e}", path.display()))?;
+    let (what, m) = if dir {
+        let opts = ["ro".to_string(), "size=0".to_string()];
+        let m = Detached::new_fs("tmpfs", Path::new("tmpfs"), &opts, libc::MOUNT_ATTR_RDONLY);
+        ("tmpfs", m)
+    } else {
+        // The agent's node, opened by its own path: the container's
+        // /dev/null could be anything.
+        ("/dev/null", Detached::bind(Path::new("/dev/null"), false))
+    };
+    let m = m.map_err(|e| format!("mask {}: {what}: {e}", path.display()))?;
+    tree.attach(m, &target, what, path)
 }
 
-fn make_readonly(path: &Path) -> R<()> {
-    if fs::symlink_metadata(path).is_err() {
+/// Stacks a read-only copy of `path` (if it exists) on top of it.
+fn make_readonly(tree: &Tree, path: &Path) -> R<()> {
+    let Some(target) = tree.existing(path)? else {
         return Ok(());
+    };
+    let fail = |e: std::io::Error| format!("make {} read-only: {e}", path.display());
+    // Recursive, copy and flag both: a mount below `path` must not stay
+    // writable either.
+    let m = Detached::bind_fd(target.as_fd(), true).map_err(fail)?;
+    let ro = Attrs {
+        set: libc::MOUNT_ATTR_RDONLY,
+        clear: 0,
+    };
+    m.set_attrs(ro, true).map_err(fail)?;
+    tree.attach(m, &target, &path.display().to_string(), path)
+}
+
+/// Everything under the rootfs, while it is still reachable from the
+/// agent's root: the spec's mounts, /dev, masked and read-only paths.
+/// Masking happens here rather than after pivot_root so that it, too,
+/// goes through the rootfs handle and uses the agent's /dev/null.
+fn populate(rootfs: &Path, spec: &Spec) -> R<()> {
+    let tree = Tree::open(rootfs)?;
+    let mut dev_tmpfs = false;
+    for m in spec.mounts().iter().flatten() {
+        mount_one(&tree, m)?;
+        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
+            dev_tmpfs = true;
+        }
     }
-    do_mount(
-        Some(path),
-        path,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None,
-    )?;
-    do_mount(
-        None,
-        path,
-        None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-        None,
-    )
+    if dev_tmpfs {
+        populate_dev(&tree)?;
+    }
+    if let Some(linux) = spec.linux() {
+        for p in linux.masked_paths().iter().flatten() {
+            mask(&tree, Path::new(p))?;
+        }
+        for p in linux.readonly_paths().iter().flatten() {
+            make_readonly(&tree, Path::new(p))?;
+        }
+    }
+    Ok(())
 }
 
 /// Sets up the whole filesystem of a new container; the caller already
@@ -302,7 +497,8 @@ pub fn setup_rootfs(rootfs: &Path, spec: &Spec) -> R<()> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     )?;
-    // pivot_root needs the new root to be a mount point.
+    // pivot_root needs the new root to be a mount point; `populate` opens
+    // the rootfs only after this, so it works on the mount that becomes "/".
     do_mount(
         Some(rootfs),
         rootfs,
@@ -310,25 +506,8 @@ pub fn setup_rootfs(rootfs: &Path, spec: &Spec) -> R<()> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
-    let mut dev_tmpfs = false;
-    for m in spec.mounts().iter().flatten() {
-        mount_one(rootfs, m)?;
-        if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
-            dev_tmpfs = true;
-        }
-    }
-    if dev_tmpfs {
-        populate_dev(rootfs)?;
-    }
+    populate(rootfs, spec)?;
     pivot_root(rootfs)?;
-    if let Some(linux) = spec.linux() {
-        for p in linux.masked_paths().iter().flatten() {
-            mask(Path::new(p))?;
-        }
-        for p in linux.readonly_paths().iter().flatten() {
-            make_readonly(Path::new(p))?;
-        }
-    }
     if spec
         .root()
         .as_ref()
