@@ -15,14 +15,16 @@
 //!   mounted by mistake keeps every byte.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{umount2, MntFlags};
 use nix::unistd::{unlinkat, UnlinkatFlags};
+use podbox_mountfd::{Attrs, Detached};
 
 /// How deep [`remove_tree`] goes: the state directory's own layout is a
 /// few levels deep; anything deeper is not ours to delete.
@@ -209,96 +211,37 @@ fn list(dir: &OwnedFd) -> std::io::Result<Vec<OsString>> {
 /// Mounts `source` at `target` so that the mount, and every copy mount
 /// propagation makes of it (virtiofsd's, in its own namespace), is
 /// nosuid and nodev (and read-only when asked) from its first moment: the
-/// tree is cloned detached (`open_tree`), restricted (`mount_setattr`, on
-/// the whole tree when `recursive`) and only then attached
-/// (`move_mount`). A remount after a plain bind would change the host's
-/// copy only, and leave virtiofsd's as it was.
+/// tree is cloned detached, restricted (on the whole tree when
+/// `recursive`) and only then attached (see [`podbox_mountfd`]). A remount
+/// after a plain bind would change the host's copy only, and leave
+/// virtiofsd's as it was. `target` is in the shim's own tree.
 pub fn attach_restricted(
     source: &Path,
     target: &Path,
     recursive: bool,
     read_only: bool,
 ) -> Result<(), String> {
-    let tree = clone_tree(source, recursive)
+    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if read_only {
+        set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let tree = Detached::bind(source, recursive)
         .map_err(|e| format!("cloning the mount at {}: {e}", source.display()))?;
-    set_restricted(&tree, recursive, read_only)
+    tree.set_attrs(Attrs { set, clear: 0 }, recursive)
         .map_err(|e| format!("restricting the mount of {}: {e}", source.display()))?;
-    move_tree(&tree, target).map_err(|e| {
+    let attach_error = |e: std::io::Error| {
         format!(
             "attaching {} at {}: {e}",
             source.display(),
             target.display()
         )
-    })
-}
-
-/// open_tree(OPEN_TREE_CLONE): a detached copy of the mount (tree) at `source`.
-fn clone_tree(source: &Path, recursive: bool) -> nix::Result<OwnedFd> {
-    let path = std::ffi::CString::new(source.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-    let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
-    if recursive {
-        flags |= libc::AT_RECURSIVE as libc::c_uint;
-    }
-    // SAFETY: a valid C string that outlives the call.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
-    let fd = Errno::result(fd)?;
-    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// mount_setattr on a detached tree: nosuid, nodev, and ro when asked.
-fn set_restricted(tree: &OwnedFd, recursive: bool, read_only: bool) -> nix::Result<()> {
-    let mut attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
     };
-    if read_only {
-        attr.attr_set |= libc::MOUNT_ATTR_RDONLY;
-    }
-    let mut flags = libc::AT_EMPTY_PATH;
-    if recursive {
-        flags |= libc::AT_RECURSIVE;
-    }
-    // SAFETY: an empty C string, an owned descriptor and a mount_attr of
-    // the size passed, all alive through the call; the kernel only reads.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            flags,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    Errno::result(rc).map(drop)
-}
-
-/// move_mount: attaches the detached tree at `target`, a mount point in
-/// the shim's own tree (opened first, so that a /proc/self/fd path works).
-fn move_tree(tree: &OwnedFd, target: &Path) -> nix::Result<()> {
-    let target = nix::fcntl::open(
-        target,
-        OFlag::O_PATH | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    // SAFETY: open returned a new descriptor that nothing else owns.
-    let target = unsafe { OwnedFd::from_raw_fd(target) };
-    // SAFETY: empty C strings and owned descriptors, alive through the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
-        )
-    };
-    Errno::result(rc).map(drop)
+    let target = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(target)
+        .map_err(attach_error)?;
+    tree.attach(target.as_fd()).map_err(attach_error)
 }
 
 /// A path for messages: lossy, since a guest may have chosen its bytes.

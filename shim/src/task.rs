@@ -166,10 +166,8 @@ impl Inner {
     fn publish(&self, event: EventMessage) {
         // Bounded: if containerd stops taking events, memory does not grow
         // with whatever the guest makes happen; what does not fit is logged.
-        if let Err(e) = self.events.try_send(event) {
-            if let mpsc::error::TrySendError::Full(event) = e {
-                tracing::warn!("event queue full; dropped {}", event.topic());
-            }
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!("event queue full; dropped {}", event.topic());
         }
     }
 
@@ -362,35 +360,22 @@ impl Inner {
     fn watch_oom(self: &Arc<Self>, vm: &Arc<Vm>) {
         let agent = vm.agent.agent.clone();
         let inner = self.clone();
-        std::thread::spawn(move || loop {
-            match agent.get_oom_event(
-                ctx(Duration::from_secs(24 * 3600)),
-                &GetOOMEventRequest::default(),
-            ) {
-                Ok(event) => {
-                    // The agent is in the guest: an event naming a container
-                    // that is not this pod's is not passed on.
-                    let known = inner
-                        .pod
-                        .blocking_lock()
-                        .containers
-                        .contains_key(&event.container_id);
-                    if !known {
-                        tracing::warn!(container = ?event.container_id, "OOM event for a container not in this pod ignored");
-                        continue;
+        std::thread::spawn(move || {
+            let next = || loop {
+                match agent.get_oom_event(
+                    ctx(Duration::from_secs(24 * 3600)),
+                    &GetOOMEventRequest::default(),
+                ) {
+                    Ok(event) => return Some(event.container_id),
+                    Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => {}
+                    Err(e) => {
+                        tracing::debug!("OOM watch ended: {e}");
+                        return None;
                     }
-                    tracing::warn!(container = %event.container_id, "OOM kill in the guest");
-                    inner.publish(Box::new(TaskOOM {
-                        container_id: event.container_id,
-                        ..Default::default()
-                    }));
                 }
-                Err(ttrpc::Error::RpcStatus(s)) if s.code() == Code::DEADLINE_EXCEEDED => continue,
-                Err(e) => {
-                    tracing::debug!("OOM watch ended: {e}");
-                    return;
-                }
-            }
+            };
+            let is_ours = |id: &str| inner.pod.blocking_lock().containers.contains_key(id);
+            forward_oom_events(next, is_ours, |event| inner.publish(event));
         });
     }
 
@@ -528,6 +513,32 @@ async fn stop_vm(vm: &Arc<Vm>) {
     log_problems("the pod state", vm.state.remove());
 }
 
+/// Publishes TaskOOM for each container id `next` yields (the agent's
+/// OOM events) until it yields None. The agent is in the guest: an event
+/// naming a container that is not this pod's is dropped, not passed on.
+fn forward_oom_events(
+    mut next: impl FnMut() -> Option<String>,
+    is_ours: impl Fn(&str) -> bool,
+    publish: impl Fn(EventMessage),
+) {
+    let mut ignored = 0u64;
+    while let Some(container_id) = next() {
+        if !is_ours(&container_id) {
+            // Logged once per 1000, so a flood cannot flood the log either.
+            if ignored % 1000 == 0 {
+                tracing::warn!(container = ?container_id, ignored, "OOM event for a container not in this pod ignored");
+            }
+            ignored += 1;
+            continue;
+        }
+        tracing::warn!(container = %container_id, "OOM kill in the guest");
+        publish(Box::new(TaskOOM {
+            container_id,
+            ..Default::default()
+        }));
+    }
+}
+
 /// The annotations and hostname of a bundle's spec.
 fn bundle_facts(bundle: &Path) -> TtrpcResult<(std::collections::HashMap<String, String>, String)> {
     #[derive(serde::Deserialize)]
@@ -596,6 +607,8 @@ impl Task for PodService {
                 ));
             }
             let settings = VmSettings::resolve(&inner.config, &annotations)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            vm::check_fits_host(&settings)
                 .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
             let hostname = if hostname.is_empty() {
                 req.id.clone()
@@ -1269,5 +1282,36 @@ impl PodService {
             }));
         }
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_oom_events_for_foreign_ids_publishes_none() {
+        // A fake agent: 100000 OOM events naming containers of no one,
+        // ids that try to look like ours, then one real one.
+        let mut events = (0..100_000)
+            .map(|i| match i % 3 {
+                0 => format!("foreign-{i}"),
+                1 => "web/../other".to_string(),
+                _ => "web ".to_string(),
+            })
+            .chain(["web".to_string()]);
+        let published = StdMutex::new(Vec::new());
+        forward_oom_events(
+            || events.next(),
+            |id| id == "web",
+            |event| {
+                let topic = event.topic();
+                published.lock().expect("lock").push(topic);
+            },
+        );
+        assert_eq!(
+            published.into_inner().expect("lock"),
+            vec!["/tasks/oom".to_string()]
+        );
     }
 }

@@ -94,6 +94,41 @@ pub enum VmError {
     },
     #[error("pod id {0:?} cannot name a directory")]
     BadId(String),
+    #[error("the pod asks for {asked} {what}; this host can give at most {most}")]
+    TooBig {
+        what: &'static str,
+        asked: u64,
+        most: u64,
+    },
+}
+
+/// Refuses a VM the host cannot give: more vCPUs than KVM supports per VM
+/// (KVM_CAP_MAX_VCPUS), or more memory than the host has (MemTotal).
+pub fn check_fits_host(settings: &VmSettings) -> Result<(), VmError> {
+    if let Ok(kvm) = kvm_ioctls::Kvm::new() {
+        let most = kvm.get_max_vcpus() as u64;
+        if u64::from(settings.vcpus) > most {
+            return Err(VmError::TooBig {
+                what: "vCPUs",
+                asked: settings.vcpus.into(),
+                most,
+            });
+        }
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_mib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024);
+    if let Some(most) = total_mib.filter(|most| u64::from(settings.memory_mib) > *most) {
+        return Err(VmError::TooBig {
+            what: "MiB of memory",
+            asked: settings.memory_mib.into(),
+            most,
+        });
+    }
+    Ok(())
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmError + 'a {
@@ -405,6 +440,24 @@ mod tests {
         assert_ne!(
             state.dir, other.dir,
             "same id, other namespace: other state"
+        );
+    }
+
+    #[test]
+    fn a_vm_larger_than_the_host_is_refused_with_the_numbers() {
+        let settings = |vcpus, memory_mib| VmSettings {
+            vcpus,
+            memory_mib,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        check_fits_host(&settings(1, 64)).expect("a small VM fits");
+        let error = check_fits_host(&settings(1, 1_048_576)).expect_err("1 TiB does not");
+        assert!(
+            error
+                .to_string()
+                .starts_with("the pod asks for 1048576 MiB of memory"),
+            "{error}"
         );
     }
 

@@ -106,7 +106,7 @@ fn mount_options(point: &Path) -> String {
         .map(|l| l.split(' ').collect::<Vec<_>>())
         .filter(|f| f.len() > 5 && Path::new(f[4]) == point)
         .map(|f| f[5].to_string())
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("{} is not a mount point", point.display()))
 }
 
@@ -303,4 +303,40 @@ fn remove_tree_stops_at_a_mount_and_keeps_its_contents() {
     );
     hostfs::remove_tree(&tree).expect("removes once nothing is mounted");
     assert!(!tree.exists());
+}
+
+#[test]
+fn same_id_pods_in_two_namespaces_stay_independent() {
+    if !is_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("state");
+    let a = StateDir::under(&root, "tenant-a", "pod").expect("ids");
+    let b = StateDir::under(&root, "tenant-b", "pod").expect("ids");
+    a.create().expect("create a");
+    b.create().expect("create b");
+    std::fs::write(b.staging().join("mine"), b"b").expect("write");
+    assert_ne!(a.share(), b.share());
+    assert_eq!(a.remove(), Vec::<String>::new());
+    assert!(!a.dir.exists());
+    assert!(b.staging().join("mine").exists(), "removing a left b alone");
+    assert!(
+        hostfs::mount_points().contains(&b.share()),
+        "b's share still mounted"
+    );
+    for dir in [
+        root.clone(),
+        b.dir.clone(),
+        b.dir.parent().expect("ns").to_path_buf(),
+    ] {
+        let mode = std::fs::metadata(&dir).expect("stat").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o700,
+            "{}",
+            dir.display()
+        );
+    }
+    assert_eq!(b.remove(), Vec::<String>::new());
 }

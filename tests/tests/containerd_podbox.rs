@@ -14,9 +14,8 @@
 //! `cargo test -p podbox-tests --test containerd_podbox` runs them alone.
 //! Without /dev/kvm they print SKIPPED and pass; a missing virtiofsd fails.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podbox_tests::containerd::{
@@ -26,6 +25,7 @@ use podbox_tests::containerd::{
 use podbox_tests::cri::container_config;
 use podbox_tests::host_kernel_release;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
+use podbox_tests::output::{collect, text, wait_until};
 use podbox_tests::podbox::{
     bin_dir, pod_leftovers, processes_mentioning, virtiofsd, vmm_pid, write_shim_config,
 };
@@ -68,39 +68,7 @@ fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Conta
     ))
 }
 
-/// Reads a child's pipe into a shared buffer on a thread, so a test can
-/// look at output while the child still runs.
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buffer = Arc::new(Mutex::new(Vec::new()));
-    let sink = buffer.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(&chunk[..n]);
-        }
-    });
-    buffer
-}
 
-fn text(buffer: &Arc<Mutex<Vec<u8>>>) -> String {
-    String::from_utf8_lossy(&buffer.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-}
-
-fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Stops the harness's containerd and asserts that neither it nor the pod
 /// `pod` left anything on the host.

@@ -2,7 +2,6 @@
 //! stdio. Knows nothing about ttrpc; `rpc` maps `Error` onto status codes.
 
 pub mod cgroup;
-pub mod mountfd;
 pub mod mounts;
 pub mod process;
 pub mod seccomp;

@@ -22,7 +22,7 @@ use pathrs::error::{Error as PathError, ErrorKind};
 use pathrs::flags::OpenFlags;
 use pathrs::{Handle, InodeType, Root};
 
-use super::mountfd::{self, Attrs, Detached};
+use podbox_mountfd::{self as mountfd, Attrs, Detached};
 
 type R<T> = Result<T, String>;
 

@@ -52,7 +52,7 @@ pub fn is_dir(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 impl Detached {
-    /// A copy of the mount at `src`, a path in the agent's own view, as
+    /// A copy of the mount at `src` (a path the caller trusts), as
     /// `mount --bind` (`recursive`: `--rbind`) would make it.
     pub fn bind(src: &Path, recursive: bool) -> io::Result<Detached> {
         let path = cstring(src.as_os_str())?;
