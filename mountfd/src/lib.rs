@@ -7,6 +7,8 @@
 //! looking its path up again (a remount through the target's descriptor
 //! reaches the directory underneath, not the new mount: EINVAL).
 
+pub mod tree;
+
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -12,6 +12,7 @@
 //! allowed_annotations = ["io.podbox.vcpus", "io.podbox.memory_mib"]
 //! # where io.podbox.kernel / io.podbox.initrd may point (when allowed)
 //! asset_dirs = ["/usr/share/podbox"]
+//! log_max_bytes = 1048576   # console.log and vmm.log rotate here
 //! ```
 //!
 //! Unknown keys are errors (a misspelt key would otherwise be silently
@@ -30,8 +31,13 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/podbox/config.toml";
 /// vCPUs as podbox-vmm can boot (its MP table's limit), no more.
 pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> =
     1..=podbox_vmm::arch::x86_64::mptable::MAX_VCPUS as u32;
-/// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB.
-pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 64..=1_048_576;
+/// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB
+/// (podbox-vmm's own bounds).
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> =
+    podbox_vmm::config::MIN_MEMORY_MIB..=podbox_vmm::config::MAX_MEMORY_MIB;
+/// Where a pod's logs may rotate: what podbox-vmm's `--serial-max-bytes` takes.
+pub const LOG_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> =
+    podbox_vmm::config::MIN_SERIAL_MAX_BYTES..=podbox_vmm::config::MAX_SERIAL_MAX_BYTES;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 /// virtiofsd's cache modes (podbox-vmm `--fs-cache`).
 pub const FS_CACHE_MODES: [&str; 3] = ["always", "auto", "never"];
@@ -82,6 +88,9 @@ pub struct Config {
     /// default, so those annotations are refused even where allowed
     /// until the operator lists some: a pod must not boot any host file.
     pub asset_dirs: Vec<PathBuf>,
+    /// Size at which a pod's console.log and vmm.log rotate (each keeps one
+    /// `.1`): a guest printing for ever cannot fill /run (1 MiB).
+    pub log_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -97,6 +106,7 @@ impl Default for Config {
             fs_cache: "always".to_string(),
             allowed_annotations: Vec::new(),
             asset_dirs: Vec::new(),
+            log_max_bytes: podbox_vmm::config::DEFAULT_SERIAL_MAX_BYTES,
         }
     }
 }
@@ -176,6 +186,12 @@ impl Config {
             return Err(invalid(
                 "fs_cache",
                 format!("{:?} is not one of {FS_CACHE_MODES:?}", self.fs_cache),
+            ));
+        }
+        if !LOG_MAX_BYTES_RANGE.contains(&self.log_max_bytes) {
+            return Err(invalid(
+                "log_max_bytes",
+                format!("{} is not in {LOG_MAX_BYTES_RANGE:?}", self.log_max_bytes),
             ));
         }
         if let Some(relative) = self.asset_dirs.iter().find(|d| !d.is_absolute()) {
@@ -277,7 +293,10 @@ mod tests {
     #[test]
     fn bad_values_are_named_by_key() {
         assert_eq!(invalid_key("default_vcpus = 0"), "default_vcpus");
-        assert_eq!(invalid_key("default_vcpus = 65"), "default_vcpus");
+        assert_eq!(invalid_key("default_vcpus = 33"), "default_vcpus");
+        assert_eq!(invalid_key("log_max_bytes = 0"), "log_max_bytes");
+        assert_eq!(invalid_key("log_max_bytes = 2147483648"), "log_max_bytes");
+        assert_eq!(invalid_key("asset_dirs = [\"assets\"]"), "asset_dirs");
         assert_eq!(invalid_key("default_memory_mib = 32"), "default_memory_mib");
         assert_eq!(invalid_key("log_level = \"loud\""), "log_level");
         assert_eq!(invalid_key("fs_cache = \"sometimes\""), "fs_cache");

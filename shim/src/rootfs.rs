@@ -12,6 +12,8 @@ use nix::mount::{umount2, MntFlags};
 use serde_json::Value;
 use thiserror::Error;
 
+use podbox_mountfd::tree::Tree;
+
 use crate::hostfs;
 use crate::vm::{StateDir, GUEST_SHARE};
 
@@ -60,6 +62,40 @@ impl ContainerShare {
         self.guest_dir.join("rootfs")
     }
 
+    /// Everything the container needs in the share, from the bundle: its
+    /// root filesystem and the spec's volumes mounted there, and the spec
+    /// rewritten for the guest (see [`rewrite_spec`]).
+    pub async fn prepare(
+        &self,
+        mounts: &[ContainerdMount],
+        bundle: &Path,
+    ) -> Result<Value, RootfsError> {
+        let path = bundle.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io {
+            what: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        let mut spec: Value = serde_json::from_str(&text).map_err(|e| RootfsError::Spec {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let read_only = spec
+            .pointer("/root/readonly")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        // Read before the rewrite: a bind's kind comes from its host source.
+        let destinations = read_only.then(|| mount_destinations(&spec));
+        let volumes =
+            rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
+        self.mount_rootfs(mounts, bundle, destinations.as_deref())
+            .await?;
+        for volume in volumes {
+            self.mount_volume(&volume)?;
+        }
+        Ok(spec)
+    }
+
     /// Mounts the container's root filesystem at `<share>/<id>/rootfs`:
     /// containerd's snapshot mounts when it sent some, else the bundle's
     /// `rootfs` directory (`ctr run --rootfs`, or a bundle already mounted).
@@ -67,23 +103,29 @@ impl ContainerShare {
     /// attached to the share nosuid and nodev (see
     /// [`hostfs::attach_restricted`]): the guest decides what its own mount
     /// honours, but neither virtiofsd nor any host process may open a
-    /// device node or run a setuid file that the image or the guest put there.
-    pub async fn mount_rootfs(
+    /// device node or run a setuid file that the image or the guest put
+    /// there. With `read_only` (the spec's `root.readonly`: the mount
+    /// destinations to create first) it is attached read-only as well.
+    async fn mount_rootfs(
         &self,
         mounts: &[ContainerdMount],
         bundle: &Path,
+        read_only: Option<&[Destination]>,
     ) -> Result<(), RootfsError> {
         let staged = self.staging_dir.join("rootfs");
         create_dirs(&staged)?;
         let target = self.host_rootfs();
         let attach = |source: &Path, recursive| {
-            hostfs::attach_restricted(source, &target, recursive, false).map_err(|reason| {
-                RootfsError::Mount {
+            if let Some(destinations) = read_only {
+                create_destinations(source, destinations)?;
+            }
+            hostfs::attach_restricted(source, &target, recursive, read_only.is_some()).map_err(
+                |reason| RootfsError::Mount {
                     source_desc: source.display().to_string(),
                     target: target.clone(),
                     reason,
-                }
-            })
+                },
+            )
         };
         if mounts.is_empty() {
             return attach(&bundle.join("rootfs"), false);
@@ -103,6 +145,24 @@ impl ContainerShare {
         attached
     }
 
+    /// Binds a host volume into the share: nosuid, nodev, and read-only on
+    /// the host too where the spec says `ro`, so that no guest can write
+    /// it through virtio-fs.
+    fn mount_volume(&self, volume: &Volume) -> Result<(), RootfsError> {
+        prepare_point(&volume.host_source, &volume.staging_path)?;
+        hostfs::attach_restricted(
+            &volume.host_source,
+            &volume.share_path,
+            volume.mode.recursive,
+            volume.mode.read_only,
+        )
+        .map_err(|reason| RootfsError::Mount {
+            source_desc: volume.host_source.display().to_string(),
+            target: volume.share_path.clone(),
+            reason,
+        })
+    }
+
     /// Takes down everything mounted for this container and, unless
     /// something stayed mounted, its mount points.
     pub fn remove(&self) -> Vec<String> {
@@ -116,40 +176,57 @@ impl ContainerShare {
         }
         problems
     }
+}
 
-    /// Reads `<bundle>/config.json` and returns it rewritten for the guest
-    /// (see [`rewrite_spec`]) with the spec's host volumes bind-mounted
-    /// into the share: nosuid, nodev, and read-only on the host too where
-    /// the spec says `ro`, so that no guest can write them through virtio-fs.
-    pub fn guest_spec(&self, bundle: &Path) -> Result<Value, RootfsError> {
-        let path = bundle.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io {
-            what: "reading",
-            path: path.clone(),
-            source,
-        })?;
-        let mut spec: Value = serde_json::from_str(&text).map_err(|e| RootfsError::Spec {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let volumes =
-            rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
-        for volume in volumes {
-            prepare_point(&volume.host_source, &volume.staging_path)?;
-            hostfs::attach_restricted(
-                &volume.host_source,
-                &volume.share_path,
-                volume.mode.recursive,
-                volume.mode.read_only,
-            )
-            .map_err(|reason| RootfsError::Mount {
-                source_desc: volume.host_source.display().to_string(),
-                target: volume.share_path.clone(),
-                reason,
-            })?;
-        }
-        Ok(spec)
+/// A mount destination of the spec (absolute, inside the container), and
+/// whether it is a file (a bind of a host file) rather than a directory.
+pub type Destination = (PathBuf, bool);
+
+/// Every mount destination of `spec`, with its kind.
+fn mount_destinations(spec: &Value) -> Vec<Destination> {
+    let mounts = spec.get("mounts").and_then(Value::as_array);
+    mounts
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .filter_map(|m| {
+            let destination = m.get("destination").and_then(Value::as_str)?;
+            let is_file = is_bind(m)
+                && m.get("source")
+                    .and_then(Value::as_str)
+                    .is_some_and(|source| Path::new(source).is_file());
+            Some((PathBuf::from(destination), is_file))
+        })
+        .collect()
+}
+
+fn is_bind(m: &serde_json::Map<String, Value>) -> bool {
+    let option = |o: &Value| matches!(o.as_str(), Some("bind" | "rbind"));
+    m.get("type").and_then(Value::as_str) == Some("bind")
+        || m.get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(option))
+}
+
+/// Creates the mount destinations inside a root filesystem that is about
+/// to be attached read-only (the agent cannot create them later). Through
+/// the image's own symlinks, but never out of it (see podbox_mountfd::tree).
+fn create_destinations(rootfs: &Path, destinations: &[Destination]) -> Result<(), RootfsError> {
+    let failed = |reason: String| RootfsError::Mount {
+        source_desc: "the spec's mount destinations".to_string(),
+        target: rootfs.to_path_buf(),
+        reason,
+    };
+    let tree = Tree::open(rootfs).map_err(failed)?;
+    for (destination, is_file) in destinations {
+        let created = if *is_file {
+            tree.file(destination)
+        } else {
+            tree.dir(destination)
+        };
+        created.map_err(failed)?;
     }
+    Ok(())
 }
 
 /// A host path the spec bind-mounts, and where it goes in the share.
@@ -221,9 +298,7 @@ pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volu
                         .collect()
                 })
                 .unwrap_or_default();
-            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
-                || options.iter().any(|o| o == "bind" || o == "rbind");
-            if !is_bind {
+            if !is_bind(m) {
                 continue;
             }
             let destination = m

@@ -48,7 +48,7 @@ use crate::io::{close_stdin, ProcessIo, StdioPaths, Target};
 use crate::pod::{
     set_exit_once, Container, Exit, Phase, PodState, Process, Vm, VM_LOST_EXIT_STATUS,
 };
-use crate::rootfs::ContainerShare;
+use crate::rootfs::{ContainerShare, RootfsError};
 use crate::vm::{
     self, StateDir, VmLaunch, AGENT_OVERALL_LIMIT, AGENT_STALL_LIMIT, GUEST_SHARE, SHARE_TAG,
 };
@@ -202,6 +202,7 @@ impl Inner {
             settings,
             virtiofsd: Some(self.config.virtiofsd.clone()).filter(|p| p.is_file()),
             fs_cache: self.config.fs_cache.clone(),
+            log_max_bytes: self.config.log_max_bytes,
         };
         state.create().map_err(|e| {
             log_problems(sandbox_id, state.remove());
@@ -627,13 +628,13 @@ impl Task for PodService {
 
         let share = ContainerShare::new(&vm.state, &req.id);
         let prepared = async {
-            share
-                .mount_rootfs(&req.rootfs, &bundle)
-                .await
-                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
-            let spec = share
-                .guest_spec(&bundle)
-                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+            let spec = share.prepare(&req.rootfs, &bundle).await.map_err(|e| {
+                let code = match e {
+                    RootfsError::Spec { .. } => Code::INVALID_ARGUMENT,
+                    _ => Code::INTERNAL,
+                };
+                status(code, e.to_string())
+            })?;
             let spec_json =
                 serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
             let agent = vm.agent.agent.clone();

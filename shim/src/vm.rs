@@ -66,11 +66,6 @@ pub const AGENT_STALL_LIMIT: Duration = Duration::from_secs(120);
 /// agent that is stuck there.
 pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(900);
 
-/// Caps on the guest console log and the VMM's own log: each may be
-/// rotated once (`.1`), so a pod uses at most twice this on /run per log.
-pub const CONSOLE_LOG_MAX_BYTES: u64 = 1024 * 1024;
-pub const VMM_LOG_MAX_BYTES: u64 = 1024 * 1024;
-
 #[derive(Debug, Error)]
 pub enum VmError {
     #[error("{what} {path}: {source}")]
@@ -312,6 +307,9 @@ pub struct VmLaunch {
     pub virtiofsd: Option<PathBuf>,
     /// virtiofsd's cache mode (the config's `fs_cache`).
     pub fs_cache: String,
+    /// Where console.log and vmm.log rotate (the config's `log_max_bytes`):
+    /// each keeps one `.1`, so a pod's logs use at most 4x this on /run.
+    pub log_max_bytes: u64,
 }
 
 /// The podbox-vmm command line for `state`.
@@ -329,7 +327,7 @@ pub fn vmm_args(launch: &VmLaunch, state: &StateDir) -> Vec<String> {
         "--serial".into(),
         path(state.console_log()),
         "--serial-max-bytes".into(),
-        CONSOLE_LOG_MAX_BYTES.to_string(),
+        launch.log_max_bytes.to_string(),
         "--vsock-socket".into(),
         path(state.vsock_socket()),
         "--shared-dir".into(),
@@ -352,7 +350,7 @@ pub fn vmm_args(launch: &VmLaunch, state: &StateDir) -> Vec<String> {
 /// (the supervisor does).
 pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> {
     let log_path = state.vmm_log();
-    let log = RotatingLog::create(&log_path, VMM_LOG_MAX_BYTES).map_err(|e| VmError::Io {
+    let log = RotatingLog::create(&log_path, launch.log_max_bytes).map_err(|e| VmError::Io {
         what: "creating",
         path: log_path.clone(),
         source: std::io::Error::other(e.to_string()),
@@ -473,6 +471,7 @@ mod tests {
             },
             virtiofsd: Some("/usr/libexec/virtiofsd".into()),
             fs_cache: "always".into(),
+            log_max_bytes: 1048576,
         };
         let args = vmm_args(&launch, &StateDir::for_pod("ns", "p").expect("valid id")).join(" ");
         assert_eq!(

@@ -32,6 +32,13 @@ struct Pod {
 
 impl Pod {
     fn new() -> Pod {
+        Self::with_root(false)
+    }
+
+    /// With `readonly_root`, the spec's `root.readonly` is set, and the spec
+    /// also binds a host file (`/etc/hostname`-like) whose mount point must
+    /// then be created before the rootfs goes read-only.
+    fn with_root(readonly_root: bool) -> Pod {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state = StateDir::under(&tmp.path().join("state"), "ns", "pod").expect("ids");
         state.create().expect("creating the state dir and share");
@@ -42,12 +49,21 @@ impl Pod {
         }
         let bundle = tmp.path().join("bundle");
         std::fs::create_dir_all(bundle.join("rootfs/etc")).expect("mkdir rootfs");
+        let host_file = tmp.path().join("hostname");
+        std::fs::write(&host_file, b"pod\n").expect("write");
+        // An absolute symlink in the image: inside the rootfs it means
+        // rootfs/srv, never the host's /srv.
+        std::fs::create_dir_all(bundle.join("rootfs/srv")).expect("mkdir");
+        std::os::unix::fs::symlink("/srv", bundle.join("rootfs/etc/link")).expect("symlink");
         let spec = serde_json::json!({
             "ociVersion": "1.0.2",
-            "root": {"path": "rootfs"},
+            "root": {"path": "rootfs", "readonly": readonly_root},
             "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
                 {"destination": "/ro", "type": "bind", "source": ro_volume, "options": ["rbind", "ro"]},
-                {"destination": "/rw", "type": "bind", "source": rw_volume, "options": ["rbind", "rw"]}
+                {"destination": "/rw", "type": "bind", "source": rw_volume, "options": ["rbind", "rw"]},
+                {"destination": "/etc/hostname", "type": "bind", "source": host_file, "options": ["rbind", "ro"]},
+                {"destination": "/etc/link/podbox-test-x", "type": "tmpfs", "source": "tmpfs"}
             ]
         });
         std::fs::write(bundle.join("config.json"), spec.to_string()).expect("spec");
@@ -56,9 +72,8 @@ impl Pod {
             .build()
             .expect("runtime");
         runtime
-            .block_on(share.mount_rootfs(&[], &bundle))
-            .expect("mounting the rootfs");
-        share.guest_spec(&bundle).expect("mounting the volumes");
+            .block_on(share.prepare(&[], &bundle))
+            .expect("mounting the rootfs and volumes");
         Pod {
             _tmp: tmp,
             state,
@@ -136,14 +151,14 @@ fn the_guest_cannot_change_the_tree_around_its_mounts() {
     );
     // Inside its own rootfs and its rw volume it writes as it likes...
     std::fs::write(pod.in_share("rootfs/etc/x"), b"guest").expect("rootfs is writable");
-    std::fs::write(pod.in_share("mounts/1/new"), b"guest").expect("rw volume is writable");
+    std::fs::write(pod.in_share("mounts/2/new"), b"guest").expect("rw volume is writable");
     // ...but a ro volume is read-only on the host as well.
     assert_eq!(
-        errno(std::fs::write(pod.in_share("mounts/0/new"), b"x")),
+        errno(std::fs::write(pod.in_share("mounts/1/new"), b"x")),
         erofs
     );
     assert_eq!(
-        errno(std::fs::remove_file(pod.in_share("mounts/0/precious"))),
+        errno(std::fs::remove_file(pod.in_share("mounts/1/precious"))),
         erofs
     );
     pod.assert_volumes_intact();
@@ -159,8 +174,8 @@ fn every_share_mount_is_nosuid_nodev_and_ro_where_asked() {
     for (point, read_only) in [
         (pod.state.share(), true),
         (pod.share.host_rootfs(), false),
-        (pod.in_share("mounts/0"), true),
-        (pod.in_share("mounts/1"), false),
+        (pod.in_share("mounts/1"), true),
+        (pod.in_share("mounts/2"), false),
     ] {
         let options = mount_options(&point);
         let flags: Vec<&str> = options.split(',').collect();
@@ -189,6 +204,27 @@ fn every_share_mount_is_nosuid_nodev_and_ro_where_asked() {
         errno(std::fs::File::open(pod.in_share("rootfs/null"))),
         Some(libc::EACCES)
     );
+}
+
+#[test]
+fn a_readonly_root_is_read_only_on_the_host_with_its_mount_points_made() {
+    if !is_root() {
+        return;
+    }
+    let pod = Pod::with_root(true);
+    let options = mount_options(&pod.share.host_rootfs());
+    assert!(options.split(',').any(|o| o == "ro"), "rootfs: {options}");
+    assert_eq!(
+        errno(std::fs::write(pod.in_share("rootfs/new"), b"x")),
+        Some(libc::EROFS)
+    );
+    for dir in ["rootfs/proc", "rootfs/ro", "rootfs/rw"] {
+        assert!(pod.in_share(dir).is_dir(), "{dir} created for the agent");
+    }
+    assert!(pod.in_share("rootfs/etc/hostname").is_file());
+    // The image's symlink was followed inside the rootfs, never out of it.
+    assert!(pod.in_share("rootfs/srv/podbox-test-x").is_dir());
+    assert!(!Path::new("/srv/podbox-test-x").exists());
 }
 
 #[test]

@@ -96,13 +96,16 @@ static void attack(void) {
     report("ro-via-share", fd < 0 ? -1 : 0);
     snprintf(a, sizeof(a), "%s/chroot_escape", ro);
     report("ro-unlink", unlink(a));
-    snprintf(a, sizeof(a), "%s/rootfs/node", container);
+    snprintf(a, sizeof(a), "%s/rootfs/new", container);
+    fd = open(a, O_WRONLY | O_CREAT, 0644);
+    report("rootfs-write-via-share", fd < 0 ? -1 : 0);
+    snprintf(a, sizeof(a), "%s/node", rw);
     report("mknod-via-share", mknod(a, S_IFCHR | 0666, makedev(1, 3)));
-    /* Thousands of tries to swap the tree for a symlink. */
+    /* 2000 tries to swap the tree for a symlink (each a round trip to virtiofsd). */
     int swapped = 0;
     snprintf(a, sizeof(a), "%s/mounts", container);
     snprintf(b, sizeof(b), "%s/mounts.aside", container);
-    for (int i = 0; i < 2000; i++) {
+    for (int i = 0; i < 1000; i++) {
         if (rename(a, b) == 0) swapped++;
         if (symlink("/", a) == 0) swapped++;
     }

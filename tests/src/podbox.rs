@@ -79,14 +79,19 @@ pub fn virtiofsd() -> Option<PathBuf> {
 
 /// Writes a shim config for the test guest kernel and image into `dir`.
 pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
-    write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs())
+    write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs(), "")
 }
 
-/// The same with another guest image.
-pub fn write_shim_config_with_initrd(dir: &Path, virtiofsd: &Path, initrd: &Path) -> PathBuf {
+/// The same with another guest image and `extra` config lines.
+pub fn write_shim_config_with_initrd(
+    dir: &Path,
+    virtiofsd: &Path,
+    initrd: &Path,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join("podbox-config.toml");
     let text = format!(
-        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 2\ndefault_memory_mib = 256\nlog_level = \"debug\"\n",
+        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 2\ndefault_memory_mib = 256\nlog_level = \"debug\"\n{extra}",
         guest_kernel(KernelVariant::Podbox).display(),
         initrd.display(),
         virtiofsd.display()

@@ -68,8 +68,6 @@ fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Conta
     ))
 }
 
-
-
 /// Stops the harness's containerd and asserts that neither it nor the pod
 /// `pod` left anything on the host.
 fn assert_nothing_left(containerd: Containerd, namespace: &str, pod: &str) {

@@ -4,7 +4,8 @@
 //! can do) it waits for the container's volumes in the share, then tries to
 //! change the tree around the mounts (plant a symlink, swap or remove the
 //! mount points, rename a volume's to a name that is not UTF-8, thousands
-//! of swap attempts), write a read-only volume, create a device node, and
+//! of swap attempts), write a read-only volume and the container's
+//! read-only root (`ctr run --read-only`), create a device node, and
 //! finally floods the serial console for 60 s. Inside the container a probe
 //! with the default capabilities tries the classic chroot escape, as the
 //! first process and as an exec'd one. Afterwards the host's volume data is
@@ -33,29 +34,38 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(900);
 const CONTAINER: &str = r#"
 echo "escape-first: $(/probe/chroot_escape 2>&1)"
 echo "ro-volume: $(touch /probe/new 2>&1 || true)"
-echo "mknod: $(mknod /node c 1 3 2>&1 || true)"
+echo "ro-rootfs: $(touch /new 2>&1 || true)"
+echo "mknod: $(mknod /data/node c 1 3 2>&1 || true)"
 echo "rw-volume: $(echo guest > /data/guest-file && echo written)"
 echo DONE
 exec sleep 100000
 "#;
 
-/// What the guest-root attacker must get for each attempt.
-const EXPECTED: [(&str, &str); 10] = [
-    ("create-in-share-root", "Read-only file system"),
-    ("plant-symlink", "Read-only file system"),
-    ("swap-mounts", "Read-only file system"),
-    ("remove-mounts", "Read-only file system"),
-    ("swap-rootfs", "Read-only file system"),
-    ("rename-volume", "Read-only file system"),
-    ("remove-volume-point", "Read-only file system"),
-    ("ro-via-share", "Read-only file system"),
-    ("ro-unlink", "Read-only file system"),
-    ("mknod-via-share", "Operation not permitted"),
+const EROFS: &str = "Read-only file system";
+/// What the guest-root attacker must get for each attempt. On a mount
+/// point the guest kernel itself already answers EBUSY; a guest kernel
+/// that sent the request anyway gets EROFS from the read-only share
+/// (shim/tests/hostile_share.rs plays that on the host).
+const EXPECTED: [(&str, &[&str]); 11] = [
+    ("create-in-share-root", &[EROFS]),
+    ("plant-symlink", &[EROFS]),
+    ("swap-mounts", &[EROFS]),
+    ("remove-mounts", &[EROFS]),
+    ("swap-rootfs", &[EROFS, "Device or resource busy"]),
+    ("rename-volume", &[EROFS, "Device or resource busy"]),
+    ("remove-volume-point", &[EROFS, "Device or resource busy"]),
+    ("ro-via-share", &[EROFS]),
+    ("ro-unlink", &[EROFS]),
+    ("rootfs-write-via-share", &[EROFS]),
+    ("mknod-via-share", &["Operation not permitted"]),
 ];
+/// The pod's log cap (`log_max_bytes`): the 60 s flood reaches about
+/// 16 KB/s through the emulated UART of a PVM guest, so far below the
+/// 1 MiB default; this one it passes several times.
+const LOG_CAP: u64 = 64 * 1024;
 /// Growth of the VMM's resident memory over the console flood that still
 /// counts as flat (the guest touching a few more of its pages).
 const FLAT_RSS_KIB: u64 = 32 * 1024;
-
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -122,6 +132,7 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
             dir.path(),
             &virtiofsd,
             &image,
+            &format!("log_max_bytes = {LOG_CAP}\n"),
         )),
     })
     .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
@@ -130,7 +141,9 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
         containerd.ctr_run_args(PODBOX_RUNTIME, BUSYBOX_IMAGE, &["sh", "-c", CONTAINER]);
     // Options go before the image, the id and the 3 words of the command.
     let at = args.len() - 5;
-    let volumes = [
+    let options = [
+        // root.readonly: read-only on the host side too.
+        "--read-only".to_string(),
         "--mount".to_string(),
         format!(
             "type=bind,src={},dst=/probe,options=rbind:ro",
@@ -142,7 +155,7 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
             data_dir.display()
         ),
     ];
-    args.splice(at..at, volumes);
+    args.splice(at..at, options);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut run = containerd
         .ctr_command(TEST_NAMESPACE, &args)
@@ -173,6 +186,10 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
     let out = text(&stdout);
     eprintln!("in the container:\n{out}");
     assert_eq!(result(&out, "escape-first"), "contained");
+    assert!(
+        result(&out, "ro-rootfs").contains("Read-only file system"),
+        "{out}"
+    );
     assert!(
         result(&out, "ro-volume").contains("Read-only file system"),
         "{out}"
@@ -218,7 +235,7 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
     eprintln!("guest root against the share:\n{attack}");
     for (key, expected) in EXPECTED {
         assert!(
-            result(&attack, key).contains(expected),
+            expected.contains(&result(&attack, key)),
             "{key}: {}",
             result(&attack, key)
         );
@@ -232,7 +249,7 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
         &console,
     );
     let rss_after = rss_kib(vmm);
-    let cap = podbox_shim::vm::CONSOLE_LOG_MAX_BYTES;
+    let cap = LOG_CAP;
     let sizes: Vec<u64> = [console.clone(), state.join("console.log.1")]
         .iter()
         .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
@@ -267,9 +284,11 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
         .expect("ctr task kill");
     let status = run.wait().expect("ctr run");
     assert_eq!(status.code(), Some(137));
-    wait_until("the pod's host state to go", Duration::from_secs(60), || {
-        pod_leftovers(TEST_NAMESPACE, &id).is_empty()
-    });
+    wait_until(
+        "the pod's host state to go",
+        Duration::from_secs(60),
+        || pod_leftovers(TEST_NAMESPACE, &id).is_empty(),
+    );
     assert_eq!(
         std::fs::read(data_dir.join("precious")).expect("volume data"),
         b"host data"

@@ -13,15 +13,12 @@
 //! final flags and attached onto that descriptor (`mountfd`).
 
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
-use pathrs::error::{Error as PathError, ErrorKind};
-use pathrs::flags::OpenFlags;
-use pathrs::{Handle, InodeType, Root};
 
+use podbox_mountfd::tree::{in_root, Tree};
 use podbox_mountfd::{self as mountfd, Attrs, Detached};
 
 type R<T> = Result<T, String>;
@@ -48,115 +45,6 @@ fn do_mount(
             data.unwrap_or("")
         )
     })
-}
-
-/// `dest` (absolute, inside the container) as a path under `rootfs`, for
-/// messages: lookups go through `Tree`. `..` and relative paths are
-/// refused outright.
-fn in_root(rootfs: &Path, dest: &Path) -> R<PathBuf> {
-    if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
-        return Err(format!(
-            "mount destination {} must be absolute without '..'",
-            dest.display()
-        ));
-    }
-    Ok(rootfs.join(dest.strip_prefix("/").unwrap_or(dest)))
-}
-
-/// `e` with its causes: pathrs puts the failing syscall and errno there.
-fn why(e: &PathError) -> String {
-    let mut s = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        s = format!("{s}: {c}");
-        cause = c.source();
-    }
-    s
-}
-
-fn errno(e: &PathError) -> Option<i32> {
-    match e.kind() {
-        ErrorKind::OsError(n) => n,
-        _ => None,
-    }
-}
-
-/// The container's rootfs: its path, for messages, and the pathrs root
-/// that every lookup under it goes through.
-struct Tree {
-    path: PathBuf,
-    root: Root,
-}
-
-impl Tree {
-    fn open(path: &Path) -> R<Tree> {
-        let root =
-            Root::open(path).map_err(|e| format!("open rootfs {}: {}", path.display(), why(&e)))?;
-        Ok(Tree {
-            path: path.to_path_buf(),
-            root,
-        })
-    }
-
-    /// `dest` as a directory, created (with its parents) if missing.
-    fn dir(&self, dest: &Path) -> R<Handle> {
-        let host = in_root(&self.path, dest)?;
-        self.root
-            .mkdir_all(dest, &std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("create directory {}: {}", host.display(), why(&e)))
-    }
-
-    /// `dest` as a file, created empty (and its parent directories) if
-    /// missing.
-    fn file(&self, dest: &Path) -> R<Handle> {
-        let host = in_root(&self.path, dest)?;
-        if let Some(parent) = dest.parent() {
-            self.dir(parent)?;
-        }
-        // O_EXCL|O_NOFOLLOW: never open, let alone create through, a
-        // symlink someone put at `dest`; an existing entry is resolved
-        // (inside the root) below.
-        let flags = OpenFlags::O_EXCL | OpenFlags::O_NOFOLLOW;
-        match self
-            .root
-            .create_file(dest, flags, &std::fs::Permissions::from_mode(0o644))
-        {
-            Ok(_) => {}
-            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-            Err(e) => return Err(format!("create file {}: {}", host.display(), why(&e))),
-        }
-        self.root
-            .resolve(dest)
-            .map_err(|e| format!("resolve {}: {}", host.display(), why(&e)))
-    }
-
-    /// `dest` if it exists (symlinks followed, inside the root).
-    fn existing(&self, dest: &Path) -> R<Option<Handle>> {
-        let host = in_root(&self.path, dest)?;
-        match self.root.resolve(dest) {
-            Ok(h) => Ok(Some(h)),
-            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
-            Err(e) => Err(format!("resolve {}: {}", host.display(), why(&e))),
-        }
-    }
-
-    /// A symlink at `dest` pointing to `to`, unless `dest` exists.
-    fn symlink(&self, dest: &Path, to: &str) -> R<()> {
-        let host = in_root(&self.path, dest)?;
-        match self.root.create(dest, &InodeType::Symlink(to.into())) {
-            Err(e) if errno(&e) != Some(libc::EEXIST) => {
-                Err(format!("symlink {}: {}", host.display(), why(&e)))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Attaches `m` (made from `what`) onto `target`, which is `dest`.
-    fn attach(&self, m: Detached, target: &Handle, what: &str, dest: &Path) -> R<()> {
-        let host = in_root(&self.path, dest)?;
-        m.attach(target.as_fd())
-            .map_err(|e| format!("mount {what} on {}: {e}", host.display()))
-    }
 }
 
 struct MountOpts {
@@ -281,7 +169,7 @@ fn set_propagation(m: &Detached, opts: &MountOpts, dest: &Path) -> R<()> {
 }
 
 fn mount_one(tree: &Tree, mnt: &Mount) -> R<()> {
-    in_root(&tree.path, mnt.destination())?;
+    in_root(tree.path(), mnt.destination())?;
     let typ = mnt.typ().as_deref().unwrap_or("");
     let opts = parse_options(mnt.options().as_deref().unwrap_or(&[]));
     if opts.bind || typ == "bind" {
@@ -541,15 +429,5 @@ mod tests {
         assert!(o.flags.contains(MsFlags::MS_REC | MsFlags::MS_RDONLY));
         assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
         assert_eq!(o.data, vec!["mode=755".to_string()]);
-    }
-
-    #[test]
-    fn destinations_stay_in_root() {
-        assert!(in_root(Path::new("/r"), Path::new("/../etc")).is_err());
-        assert!(in_root(Path::new("/r"), Path::new("etc")).is_err());
-        assert_eq!(
-            in_root(Path::new("/r"), Path::new("/proc")).unwrap(),
-            PathBuf::from("/r/proc")
-        );
     }
 }

@@ -1,0 +1,147 @@
+//! Lookups and creations inside a root someone else can write (a
+//! container's rootfs, from the agent; a staged image, from the shim):
+//! every path goes through one `pathrs::Root` (openat2 RESOLVE_IN_ROOT, as
+//! runc does), so a symlink can only lead back inside the root, and what
+//! comes back is a descriptor to mount on, never a path to look up again.
+//! Errors are strings naming the path under the root.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use pathrs::error::{Error as PathError, ErrorKind};
+use pathrs::flags::OpenFlags;
+use pathrs::{Handle, InodeType, Root};
+
+use crate::Detached;
+
+type R<T> = Result<T, String>;
+
+/// `dest` (absolute, inside the container) as a path under `rootfs`, for
+/// messages: lookups go through `Tree`. `..` and relative paths are
+/// refused outright.
+pub fn in_root(rootfs: &Path, dest: &Path) -> R<PathBuf> {
+    if !dest.is_absolute() || dest.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "mount destination {} must be absolute without '..'",
+            dest.display()
+        ));
+    }
+    Ok(rootfs.join(dest.strip_prefix("/").unwrap_or(dest)))
+}
+
+/// `e` with its causes: pathrs puts the failing syscall and errno there.
+fn why(e: &PathError) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s = format!("{s}: {c}");
+        cause = c.source();
+    }
+    s
+}
+
+fn errno(e: &PathError) -> Option<i32> {
+    match e.kind() {
+        ErrorKind::OsError(n) => n,
+        _ => None,
+    }
+}
+
+/// The container's rootfs: its path, for messages, and the pathrs root
+/// that every lookup under it goes through.
+pub struct Tree {
+    path: PathBuf,
+    root: Root,
+}
+
+impl Tree {
+    /// The root's path, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn open(path: &Path) -> R<Tree> {
+        let root =
+            Root::open(path).map_err(|e| format!("open rootfs {}: {}", path.display(), why(&e)))?;
+        Ok(Tree {
+            path: path.to_path_buf(),
+            root,
+        })
+    }
+
+    /// `dest` as a directory, created (with its parents) if missing.
+    pub fn dir(&self, dest: &Path) -> R<Handle> {
+        let host = in_root(&self.path, dest)?;
+        self.root
+            .mkdir_all(dest, &std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("create directory {}: {}", host.display(), why(&e)))
+    }
+
+    /// `dest` as a file, created empty (and its parent directories) if
+    /// missing.
+    pub fn file(&self, dest: &Path) -> R<Handle> {
+        let host = in_root(&self.path, dest)?;
+        if let Some(parent) = dest.parent() {
+            self.dir(parent)?;
+        }
+        // O_EXCL|O_NOFOLLOW: never open, let alone create through, a
+        // symlink someone put at `dest`; an existing entry is resolved
+        // (inside the root) below.
+        let flags = OpenFlags::O_EXCL | OpenFlags::O_NOFOLLOW;
+        match self
+            .root
+            .create_file(dest, flags, &std::fs::Permissions::from_mode(0o644))
+        {
+            Ok(_) => {}
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(format!("create file {}: {}", host.display(), why(&e))),
+        }
+        self.root
+            .resolve(dest)
+            .map_err(|e| format!("resolve {}: {}", host.display(), why(&e)))
+    }
+
+    /// `dest` if it exists (symlinks followed, inside the root).
+    pub fn existing(&self, dest: &Path) -> R<Option<Handle>> {
+        let host = in_root(&self.path, dest)?;
+        match self.root.resolve(dest) {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
+            Err(e) => Err(format!("resolve {}: {}", host.display(), why(&e))),
+        }
+    }
+
+    /// A symlink at `dest` pointing to `to`, unless `dest` exists.
+    pub fn symlink(&self, dest: &Path, to: &str) -> R<()> {
+        let host = in_root(&self.path, dest)?;
+        match self.root.create(dest, &InodeType::Symlink(to.into())) {
+            Err(e) if errno(&e) != Some(libc::EEXIST) => {
+                Err(format!("symlink {}: {}", host.display(), why(&e)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Attaches `m` (made from `what`) onto `target`, which is `dest`.
+    pub fn attach(&self, m: Detached, target: &Handle, what: &str, dest: &Path) -> R<()> {
+        let host = in_root(&self.path, dest)?;
+        m.attach(target.as_fd())
+            .map_err(|e| format!("mount {what} on {}: {e}", host.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_stay_in_root() {
+        assert!(in_root(Path::new("/r"), Path::new("/../etc")).is_err());
+        assert!(in_root(Path::new("/r"), Path::new("etc")).is_err());
+        assert_eq!(
+            in_root(Path::new("/r"), Path::new("/proc")).unwrap(),
+            PathBuf::from("/r/proc")
+        );
+    }
+}
