@@ -525,9 +525,9 @@ fn forward_oom_events(
     let mut ignored = 0u64;
     while let Some(container_id) = next() {
         if !is_ours(&container_id) {
-            // Logged once per 1000, so a flood cannot flood the log either.
-            if ignored % 1000 == 0 {
-                tracing::warn!(container = ?container_id, ignored, "OOM event for a container not in this pod ignored");
+            // Logged once, so a flood cannot flood the log either.
+            if ignored == 0 {
+                tracing::warn!(container = ?container_id, "OOM event for a container not in this pod ignored");
             }
             ignored += 1;
             continue;
@@ -537,6 +537,9 @@ fn forward_oom_events(
             container_id,
             ..Default::default()
         }));
+    }
+    if ignored > 0 {
+        tracing::warn!("{ignored} OOM events for containers not in this pod ignored");
     }
 }
 

@@ -23,7 +23,8 @@ use podbox_tests::guest_image::share_attacker_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
 use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, pod_state_dir, virtiofsd, vmm_pid, write_shim_config_with_initrd,
+    bin_dir, pod_leftovers, pod_state_dir, processes_mentioning, virtiofsd, vmm_pid,
+    write_shim_config_with_initrd,
 };
 use podbox_tests::vm::VmSlot;
 
@@ -306,6 +307,9 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
         vec![std::ffi::OsString::from("chroot_escape")],
         "the ro volume changed"
     );
+    wait_until("the podbox shim to exit", Duration::from_secs(60), || {
+        processes_mentioning(&id).is_empty()
+    });
     let footprint = containerd.footprint();
     drop(containerd);
     assert_eq!(
