@@ -17,6 +17,31 @@ use crate::Detached;
 
 type R<T> = Result<T, String>;
 
+/// How many dangling symlinks in a row [`Tree::file`] follows.
+const MAX_LINK_HOPS: usize = 8;
+
+/// Where the symlink at `at` (absolute, inside the root) points, as an
+/// absolute path inside the root: relative to its directory, and `..`
+/// never above "/" (the root is "/" for everything in it).
+fn link_target(at: &Path, link: &Path) -> PathBuf {
+    let start = if link.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        at.parent().unwrap_or(Path::new("/")).to_path_buf()
+    };
+    let mut target = PathBuf::from("/");
+    for component in start.components().chain(link.components()) {
+        match component {
+            Component::Normal(name) => target.push(name),
+            Component::ParentDir => {
+                target.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    target
+}
+
 /// `dest` (absolute, inside the container) as a path under `rootfs`, for
 /// messages: lookups go through `Tree`. `..` and relative paths are
 /// refused outright.
@@ -79,8 +104,14 @@ impl Tree {
     }
 
     /// `dest` as a file, created empty (and its parent directories) if
-    /// missing.
+    /// missing. A dangling symlink at `dest` (images have them, e.g.
+    /// /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf) gets
+    /// its target created, inside the root, as runc does.
     pub fn file(&self, dest: &Path) -> R<Handle> {
+        self.file_through_links(dest, 0)
+    }
+
+    fn file_through_links(&self, dest: &Path, hops: usize) -> R<Handle> {
         let host = in_root(&self.path, dest)?;
         if let Some(parent) = dest.parent() {
             self.dir(parent)?;
@@ -97,9 +128,16 @@ impl Tree {
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) => return Err(format!("create file {}: {}", host.display(), why(&e))),
         }
-        self.root
-            .resolve(dest)
-            .map_err(|e| format!("resolve {}: {}", host.display(), why(&e)))
+        match self.root.resolve(dest) {
+            Err(e) if errno(&e) == Some(libc::ENOENT) && hops < MAX_LINK_HOPS => {
+                let link = self
+                    .root
+                    .readlink(dest)
+                    .map_err(|e| format!("resolve {}: {}", host.display(), why(&e)))?;
+                self.file_through_links(&link_target(dest, &link), hops + 1)
+            }
+            resolved => resolved.map_err(|e| format!("resolve {}: {}", host.display(), why(&e))),
+        }
     }
 
     /// `dest` if it exists (symlinks followed, inside the root).
@@ -134,6 +172,38 @@ impl Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn symlink_targets_stay_in_root() {
+        let t = |at: &str, link: &str| link_target(Path::new(at), Path::new(link));
+        assert_eq!(
+            t("/etc/resolv.conf", "../run/x.conf"),
+            PathBuf::from("/run/x.conf")
+        );
+        assert_eq!(
+            t("/etc/a", "../../../../etc/passwd"),
+            PathBuf::from("/etc/passwd")
+        );
+        assert_eq!(t("/etc/a", "/srv/./b"), PathBuf::from("/srv/b"));
+        assert_eq!(t("/a", "b"), PathBuf::from("/b"));
+    }
+
+    #[test]
+    fn a_dangling_symlink_gets_its_target_created_inside_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir(root.join("etc")).expect("mkdir");
+        std::os::unix::fs::symlink("../run/stub.conf", root.join("etc/resolv.conf")).expect("ln");
+        std::os::unix::fs::symlink("/podbox-outside-test", root.join("etc/abs")).expect("ln");
+        let tree = Tree::open(root).expect("open");
+        tree.file(Path::new("/etc/resolv.conf"))
+            .expect("created through the link");
+        assert!(root.join("run/stub.conf").is_file());
+        tree.file(Path::new("/etc/abs"))
+            .expect("created inside the root");
+        assert!(root.join("podbox-outside-test").is_file());
+        assert!(!Path::new("/podbox-outside-test").exists());
+    }
 
     #[test]
     fn destinations_stay_in_root() {

@@ -41,7 +41,8 @@ pub fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Mount points at or below `dir`, deepest first.
+/// Mount points at or below `dir`, deepest first (a point with stacked
+/// mounts once).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let mut points: Vec<PathBuf> = mount_points()
         .into_iter()
@@ -139,13 +140,25 @@ pub fn unmount_beneath(root: &Path, point: &Path) -> Result<(), String> {
         .map_err(|e| format!("unmounting {}: {e}", point.to_string_lossy()))
 }
 
-/// Unmounts everything mounted at or below `dir` (deepest first) and
-/// returns what went wrong, with what is still mounted.
+/// How many times [`unmount_all_under`] goes over what is left: each pass
+/// takes off the top mount of every stack.
+const MAX_UNMOUNT_PASSES: usize = 16;
+
+/// Unmounts everything mounted at or below `dir` (deepest first, and
+/// stacked mounts one by one) and returns what went wrong, with what is
+/// still mounted.
 pub fn unmount_all_under(dir: &Path) -> Vec<String> {
-    let mut problems: Vec<String> = mounts_under(dir)
-        .iter()
-        .filter_map(|point| unmount_beneath(dir, point).err())
-        .collect();
+    let mut problems = Vec::new();
+    for _ in 0..MAX_UNMOUNT_PASSES {
+        let points = mounts_under(dir);
+        if points.is_empty() {
+            return Vec::new();
+        }
+        problems = points
+            .iter()
+            .filter_map(|point| unmount_beneath(dir, point).err())
+            .collect();
+    }
     for left in mounts_under(dir) {
         problems.push(format!("still mounted: {}", left.to_string_lossy()));
     }
@@ -229,6 +242,12 @@ pub fn attach_restricted(
         .map_err(|e| format!("cloning the mount at {}: {e}", source.display()))?;
     tree.set_attrs(Attrs { set, clear: 0 }, recursive)
         .map_err(|e| format!("restricting the mount of {}: {e}", source.display()))?;
+    // A clone of a shared mount is a peer of it: mounts the host makes
+    // under the source later would reach the share with their own flags.
+    // Private, it gets a peer group of its own when attached under the
+    // (shared) share, which still carries it to virtiofsd.
+    tree.set_propagation(libc::MS_PRIVATE, recursive)
+        .map_err(|e| format!("making the mount of {} private: {e}", source.display()))?;
     let attach_error = |e: std::io::Error| {
         format!(
             "attaching {} at {}: {e}",

@@ -415,22 +415,26 @@ fn spawn_logger(uri: &str, target: &Target) -> Result<(std::process::Child, File
     drop((out_r, err_r, ready_w));
     // Wait for the ready signal (EOF on fd 5's other end), but not for
     // ever: a logger that never signals must not hold up the pod.
-    let mut fds = [nix::poll::PollFd::new(
-        ready_r.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    match nix::poll::poll(
-        &mut fds,
-        nix::poll::PollTimeout::from(LOGGER_READY_LIMIT_MS),
-    ) {
-        Ok(0) => tracing::warn!(
-            "logger {path} did not signal ready in {LOGGER_READY_LIMIT_MS} ms; going on"
-        ),
-        Ok(_) => {
-            let mut byte = [0u8; 1];
-            let _ = File::from(ready_r).read(&mut byte);
+    let deadline = std::time::Instant::now() + Duration::from_millis(LOGGER_READY_LIMIT_MS.into());
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left_ms = u16::try_from(left.as_millis()).unwrap_or(LOGGER_READY_LIMIT_MS);
+        let mut fds = [nix::poll::PollFd::new(
+            ready_r.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(left_ms)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(0) => tracing::warn!(
+                "logger {path} did not signal ready in {LOGGER_READY_LIMIT_MS} ms; going on"
+            ),
+            Ok(_) => {
+                let mut byte = [0u8; 1];
+                let _ = File::from(ready_r).read(&mut byte);
+            }
+            Err(e) => tracing::warn!("waiting for logger {path}: {e}"),
         }
-        Err(e) => tracing::warn!("waiting for logger {path}: {e}"),
+        break;
     }
     Ok((child, File::from(out_w), File::from(err_w)))
 }

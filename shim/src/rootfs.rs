@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::api::Mount as ContainerdMount;
 use std::os::unix::fs::OpenOptionsExt;
 
-use nix::mount::{umount2, MntFlags};
 use serde_json::Value;
 use thiserror::Error;
 
@@ -140,8 +139,11 @@ impl ContainerShare {
                 })?;
         }
         let attached = attach(&staged, true);
-        // The staging copy has served its purpose either way.
-        let _ = umount2(&staged, MntFlags::MNT_DETACH);
+        // The staging copy has served its purpose either way (what fails
+        // here, remove() retries).
+        for problem in hostfs::unmount_all_under(&staged) {
+            tracing::warn!("unmounting the staged rootfs: {problem}");
+        }
         attached
     }
 
@@ -166,7 +168,9 @@ impl ContainerShare {
     /// Takes down everything mounted for this container and, unless
     /// something stayed mounted, its mount points.
     pub fn remove(&self) -> Vec<String> {
+        // The staging tree too: a snapshot whose attach failed stays there.
         let mut problems = hostfs::unmount_all_under(&self.host_dir);
+        problems.extend(hostfs::unmount_all_under(&self.staging_dir));
         if problems.is_empty() {
             if let Err(e) = hostfs::remove_tree(&self.staging_dir) {
                 problems.push(e);
@@ -179,7 +183,8 @@ impl ContainerShare {
 }
 
 /// A mount destination of the spec (absolute, inside the container), and
-/// whether it is a file (a bind of a host file) rather than a directory.
+/// whether it is a file (a bind of anything but a directory: a file, a
+/// socket, a device) rather than a directory.
 pub type Destination = (PathBuf, bool);
 
 /// Every mount destination of `spec`, with its kind.
@@ -194,7 +199,7 @@ fn mount_destinations(spec: &Value) -> Vec<Destination> {
             let is_file = is_bind(m)
                 && m.get("source")
                     .and_then(Value::as_str)
-                    .is_some_and(|source| Path::new(source).is_file());
+                    .is_some_and(|source| !Path::new(source).is_dir());
             Some((PathBuf::from(destination), is_file))
         })
         .collect()

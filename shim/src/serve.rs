@@ -65,10 +65,17 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
                 address: ttrpc_address.clone(),
                 reason: e.to_string(),
             })?;
-    let (events_tx, mut events_rx) = mpsc::channel::<EventMessage>(crate::task::EVENT_QUEUE);
+    let (lifecycle, mut lifecycle_rx) = mpsc::unbounded_channel::<EventMessage>();
+    let (oom, mut oom_rx) = mpsc::channel::<EventMessage>(crate::task::OOM_EVENT_QUEUE);
+    let events_tx = crate::task::EventSenders { lifecycle, oom };
     let namespace = flags.namespace.clone();
     let publishing = tokio::spawn(async move {
-        while let Some(event) = events_rx.recv().await {
+        loop {
+            let event = tokio::select! {
+                Some(event) = lifecycle_rx.recv() => event,
+                Some(event) = oom_rx.recv() => event,
+                else => break,
+            };
             let topic = event.topic();
             let message: Box<dyn containerd_shim::protos::protobuf::MessageDyn> = event;
             if let Err(e) = publisher

@@ -54,8 +54,17 @@ use crate::vm::{
 };
 
 /// Agent calls that should answer at once.
-/// Events waiting for containerd: far more than a pod makes in a burst.
-pub const EVENT_QUEUE: usize = 1024;
+/// OOM events waiting for containerd. They are the events the guest can
+/// make as many of as it likes, so they have a queue of their own that
+/// drops what does not fit; lifecycle events (create, start, exit, delete:
+/// at most a few per process containerd asked for) are never dropped.
+pub const OOM_EVENT_QUEUE: usize = 64;
+
+/// Where the shim's events go: see [`OOM_EVENT_QUEUE`].
+pub struct EventSenders {
+    pub lifecycle: mpsc::UnboundedSender<EventMessage>,
+    pub oom: mpsc::Sender<EventMessage>,
+}
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// CreateContainer mounts and forks in the guest, whose kernel is slow on PVM.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -77,7 +86,7 @@ struct Inner {
     namespace: String,
     config: Config,
     pod: Mutex<PodState>,
-    events: mpsc::Sender<EventMessage>,
+    events: EventSenders,
     exit: Arc<ExitSignal>,
 }
 
@@ -85,7 +94,7 @@ impl PodService {
     pub fn new(
         namespace: &str,
         config: Config,
-        events: mpsc::Sender<EventMessage>,
+        events: EventSenders,
         exit: Arc<ExitSignal>,
     ) -> Self {
         PodService {
@@ -164,10 +173,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Inner {
     fn publish(&self, event: EventMessage) {
-        // Bounded: if containerd stops taking events, memory does not grow
-        // with whatever the guest makes happen; what does not fit is logged.
-        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            tracing::warn!("event queue full; dropped {}", event.topic());
+        // The receiver lives as long as the server; a send fails only at shutdown.
+        let _ = self.events.lifecycle.send(event);
+    }
+
+    /// An event the guest controls the rate of (OOM): dropped, and
+    /// logged, when containerd is not keeping up.
+    fn publish_droppable(&self, event: EventMessage) {
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.oom.try_send(event) {
+            tracing::warn!("OOM event queue full; dropped {}", event.topic());
         }
     }
 
@@ -376,7 +390,7 @@ impl Inner {
                 }
             };
             let is_ours = |id: &str| inner.pod.blocking_lock().containers.contains_key(id);
-            forward_oom_events(next, is_ours, |event| inner.publish(event));
+            forward_oom_events(next, is_ours, |event| inner.publish_droppable(event));
         });
     }
 

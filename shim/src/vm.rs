@@ -203,7 +203,8 @@ impl StateDir {
     }
 
     /// Creates the directory (0700 up to the state root) and the share: a
-    /// read-only, nosuid, nodev bind of `staging/` with shared propagation.
+    /// read-only, nosuid, nodev bind of `staging/` (itself a private mount)
+    /// with shared propagation of its own.
     /// virtiofsd runs in its own mount namespace (a slave copy of ours),
     /// and only a shared mount lets the rootfs and volume mounts the shim
     /// makes under it later reach virtiofsd's view.
@@ -233,6 +234,15 @@ impl StateDir {
         public.create(&staging).map_err(io("creating", &staging))?;
         public.create(&share).map_err(io("creating", &share))?;
         let none = None::<&str>;
+        // staging/ becomes a private mount of its own first: otherwise the
+        // share would join the peer group of whatever mount staging/ is on
+        // (on systemd hosts "/" and /run are shared), and a snapshot
+        // mounted in staging/ would propagate into the share, unrestricted,
+        // before it is attached there restricted.
+        mount(Some(&staging), &staging, none, MsFlags::MS_BIND, none)
+            .map_err(sys("bind-mounting", &staging))?;
+        mount(none, &staging, none, MsFlags::MS_PRIVATE, none)
+            .map_err(sys("making a private mount of", &staging))?;
         mount(Some(&staging), &share, none, MsFlags::MS_BIND, none)
             .map_err(sys("bind-mounting", &share))?;
         let read_only = MsFlags::MS_BIND
@@ -397,12 +407,19 @@ pub fn spawn_vmm(launch: &VmLaunch, state: &StateDir) -> Result<Child, VmError> 
 fn copy_vmm_output(mut output: std::fs::File, mut log: RotatingLog) {
     std::thread::spawn(move || {
         let mut buffer = [0u8; 16 * 1024];
+        let mut warned = false;
         loop {
             match std::io::Read::read(&mut output, &mut buffer) {
                 Ok(0) => return,
                 Ok(n) => {
+                    // Warned once: the guest decides how often this runs.
                     if let Err(e) = std::io::Write::write_all(&mut log, &buffer[..n]) {
-                        tracing::warn!("writing {}: {e}", log.path().display());
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(
+                                "writing {}: {e} (further errors not logged)",
+                                log.path().display()
+                            );
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

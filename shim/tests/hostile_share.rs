@@ -376,3 +376,21 @@ fn same_id_pods_in_two_namespaces_stay_independent() {
     }
     assert_eq!(b.remove(), Vec::<String>::new());
 }
+
+#[test]
+fn stacked_mounts_are_all_taken_down() {
+    if !is_root() {
+        return;
+    }
+    let pod = Pod::new();
+    let point = pod.share.staging_dir.join("mounts/stacked");
+    std::fs::create_dir(&point).expect("mkdir");
+    for _ in 0..3 {
+        hostfs::attach_restricted(&pod.rw_volume, &pod.in_share("mounts/stacked"), false, true)
+            .expect("stacking a mount");
+    }
+    assert_eq!(pod.share.remove(), Vec::<String>::new());
+    assert!(hostfs::mounts_under(&pod.share.host_dir).is_empty());
+    assert!(!pod.share.staging_dir.exists());
+    pod.assert_volumes_intact();
+}
