@@ -394,3 +394,105 @@ fn stacked_mounts_are_all_taken_down() {
     assert!(!pod.share.staging_dir.exists());
     pod.assert_volumes_intact();
 }
+
+const SHARED_ROOT_CHILD: &str = "PODBOX_SHARED_ROOT_CHILD";
+
+/// On hosts whose "/" has shared propagation (systemd's default), a
+/// snapshot mounted in staging/ must not reach the share by propagation:
+/// the share may only ever hold the restricted copy. Runs in a child in a
+/// mount namespace of its own whose "/" is made rshared, so the host's
+/// mounts are untouched.
+#[test]
+fn on_a_shared_root_only_the_restricted_snapshot_reaches_the_share() {
+    if !is_root() {
+        return;
+    }
+    if std::env::var_os(SHARED_ROOT_CHILD).is_some() {
+        return snapshot_in_a_shared_root();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"));
+    child
+        .args([
+            "on_a_shared_root_only_the_restricted_snapshot_reaches_the_share",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SHARED_ROOT_CHILD, "1");
+    // SAFETY: between fork and exec only async-signal-safe syscalls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_SHARED,
+                    std::ptr::null(),
+                ) == 0;
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    let out = child.output().expect("re-running the test binary");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
+
+fn snapshot_in_a_shared_root() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = tmp.path().join("image");
+    std::fs::create_dir_all(image.join("etc")).expect("mkdir");
+    let bundle = tmp.path().join("bundle");
+    std::fs::create_dir_all(&bundle).expect("mkdir");
+    let spec =
+        serde_json::json!({"ociVersion": "1.0.2", "root": {"path": "rootfs", "readonly": true}});
+    std::fs::write(bundle.join("config.json"), spec.to_string()).expect("spec");
+    let state = StateDir::under(&tmp.path().join("state"), "ns", "pod").expect("ids");
+    state.create().expect("create");
+    let share = ContainerShare::new(&state, "c1");
+    // What containerd sends for a snapshot: here a plain rbind of a dir.
+    let snapshot = containerd_shim::protos::api::Mount {
+        type_: "bind".to_string(),
+        source: image.display().to_string(),
+        options: vec!["rbind".to_string(), "rw".to_string()],
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(share.prepare(&[snapshot], &bundle))
+        .expect("prepare");
+    let rootfs = share.host_rootfs();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let at_rootfs: Vec<&str> = mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4).map(Path::new) == Some(rootfs.as_path()))
+        .collect();
+    assert_eq!(
+        at_rootfs.len(),
+        1,
+        "one mount, the restricted one: {at_rootfs:#?}"
+    );
+    let options = mount_options(&rootfs);
+    for flag in ["ro", "nosuid", "nodev"] {
+        assert!(
+            options.split(',').any(|o| o == flag),
+            "{flag} missing: {options}"
+        );
+    }
+    assert_eq!(
+        errno(std::fs::write(rootfs.join("etc/x"), b"x")),
+        Some(libc::EROFS)
+    );
+    assert!(
+        hostfs::mounts_under(&share.staging_dir).is_empty(),
+        "the staged snapshot is gone"
+    );
+    assert_eq!(state.remove(), Vec::<String>::new());
+}
