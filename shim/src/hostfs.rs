@@ -16,7 +16,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -261,11 +261,6 @@ pub fn attach_restricted(
         .open(target)
         .map_err(attach_error)?;
     tree.attach(target.as_fd()).map_err(attach_error)
-}
-
-/// A path for messages: lossy, since a guest may have chosen its bytes.
-pub fn show(path: &Path) -> String {
-    String::from_utf8_lossy(path.as_os_str().as_bytes()).into_owned()
 }
 
 #[cfg(test)]
