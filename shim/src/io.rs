@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use podbox_agent_client::ctx;
 use podbox_protocol::agent::{CloseStdinRequest, ReadStreamRequest, WriteStreamRequest};
-use podbox_protocol::agent_ttrpc::AgentServiceClient;
 use thiserror::Error;
+
+use crate::agent::Agent;
 
 /// A read or write on a stream may block as long as the process lives.
 const STREAM_CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -60,7 +61,7 @@ pub struct StdioPaths {
 /// Which process of which container the streams belong to.
 #[derive(Clone)]
 pub struct Target {
-    pub agent: AgentServiceClient,
+    pub agent: Arc<dyn Agent>,
     pub container_id: String,
     /// Empty for the container's init process.
     pub exec_id: String,

@@ -3,21 +3,22 @@
 //!
 //! - [`service`]: the `start`/`delete` commands containerd runs;
 //! - [`serve`]: the long-lived server (ttrpc, events, logging);
-//! - [`task`]: the Task API over the pod's agent;
-//! - [`pod`]: pod, container and process state;
-//! - [`vm`]: the pod's state directory, share and podbox-vmm;
+//! - [`task`]: the Task API over the pod's VM and agent, and the pod's state;
+//! - [`sandbox`]: the pod's VM from boot to end (podbox-vmm, the state directory and share);
+//! - [`agent`]: the agent's calls as a trait (ttrpc over vsock, or a fake in tests);
+//! - [`settings`]: what the operator configures and the pod asks for;
+//! - [`spec`]: the bundle's OCI spec, typed;
 //! - [`hostfs`]: path operations that the guest cannot redirect (mounts, unmounts, removal);
 //! - [`rootfs`]: container root filesystems and volumes into the share, the spec for the guest;
-//! - [`io`]: stdio between containerd's FIFOs / log URIs and the agent;
-//! - [`config`], [`annotations`]: what the operator and the pod ask for.
+//! - [`io`]: stdio between containerd's FIFOs / log URIs and the agent.
 
-pub mod annotations;
-pub mod config;
+pub mod agent;
 pub mod hostfs;
 pub mod io;
-pub mod pod;
 pub mod rootfs;
+pub mod sandbox;
 pub mod serve;
 pub mod service;
+pub mod settings;
+pub mod spec;
 pub mod task;
-pub mod vm;

@@ -14,7 +14,7 @@ use thiserror::Error;
 use podbox_mountfd::tree::Tree;
 
 use crate::hostfs;
-use crate::vm::{StateDir, GUEST_SHARE};
+use crate::sandbox::state_dir::{StateDir, GUEST_SHARE};
 
 #[derive(Debug, Error)]
 pub enum RootfsError {

@@ -19,7 +19,7 @@ use containerd_shim::{ExitSignal, Flags, Task};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ConfigError};
+use crate::settings::config::{Config, ConfigError};
 use crate::task::{EventMessage, PodService};
 
 /// The environment variable `start` uses to hand the runtime options'

@@ -20,8 +20,9 @@ use containerd_shim::protos::protobuf::{CodedInputStream, Message};
 use containerd_shim::DeleteResponse;
 use thiserror::Error;
 
-use crate::annotations::{AnnotationError, PodRole, VmSettings};
-use crate::config::{Config, ConfigError};
+use crate::settings::annotations::{AnnotationError, PodRole};
+use crate::settings::config::{Config, ConfigError};
+use crate::settings::VmSettings;
 
 /// The Any type of CRI's options for runtimes other than runc (`config_path`).
 const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
@@ -306,7 +307,7 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
 /// Kills a VMM the dead shim left (its pid file) and removes the pod's
 /// state directory with every mount under it.
 fn remove_pod_leftovers(namespace: &str, id: &str) {
-    let Ok(state) = crate::vm::StateDir::for_pod(namespace, id) else {
+    let Ok(state) = crate::sandbox::state_dir::StateDir::for_pod(namespace, id) else {
         return;
     };
     if !state.dir.exists() {
@@ -319,7 +320,7 @@ fn remove_pod_leftovers(namespace: &str, id: &str) {
         let is_vmm = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
             c.split(|b| *b == 0)
                 .next()
-                .is_some_and(|arg0| arg0.ends_with(crate::vm::VMM_BINARY.as_bytes()))
+                .is_some_and(|arg0| arg0.ends_with(crate::sandbox::vmm::VMM_BINARY.as_bytes()))
         });
         if is_vmm {
             let _ = nix::sys::signal::kill(

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use podbox_shim::hostfs;
 use podbox_shim::rootfs::ContainerShare;
-use podbox_shim::vm::StateDir;
+use podbox_shim::sandbox::state_dir::StateDir;
 
 fn is_root() -> bool {
     if nix::unistd::geteuid().is_root() {

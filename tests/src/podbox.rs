@@ -10,7 +10,7 @@ use crate::guest::{guest_kernel, KernelVariant};
 use crate::guest_image::agent_initramfs;
 use crate::repo_root;
 
-/// Where the shim keeps each pod's state (podbox_shim::vm::STATE_ROOT).
+/// Where the shim keeps each pod's state (podbox_shim::sandbox::state_dir::STATE_ROOT).
 pub const STATE_ROOT: &str = "/run/podbox";
 pub const SHIM_BINARY: &str = "containerd-shim-podbox-v2";
 pub const VMM_BINARY: &str = "podbox-vmm";
@@ -101,7 +101,7 @@ pub fn write_shim_config_with_initrd(
 }
 
 /// The shim's state directory of pod `pod_id` in containerd namespace
-/// `namespace` (podbox_shim::vm::StateDir).
+/// `namespace` (podbox_shim::sandbox::state_dir::StateDir).
 pub fn pod_state_dir(namespace: &str, pod_id: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(namespace).join(pod_id)
 }

@@ -8,6 +8,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use podbox_agent_client::{AgentClient, ClientError, ReadyListener, VmProgress};
+use podbox_vmm_config::{SerialOutput, VmConfig, DEFAULT_SERIAL_MAX_BYTES};
 
 /// How long one guest boot may take here. A boot costs about a minute of
 /// emulated kernel work on a fast PVM host and 2-3x that on a slow one;
@@ -91,8 +92,8 @@ impl VmRun {
 /// Runs `podbox-vmm` with the serial console captured to a file in `dir`,
 /// once a [`VmSlot`] is free. The VMM is killed if it outlives `deadline`
 /// (counted from its start), and the test fails.
-pub fn run_vmm(vmm: &Path, dir: &Path, args: &[&str], deadline: Duration) -> VmRun {
-    spawn_vmm(vmm, dir, args).wait(deadline)
+pub fn run_vmm(vmm: &Path, dir: &Path, config: VmConfig, deadline: Duration) -> VmRun {
+    spawn_vmm(vmm, dir, config).wait(deadline)
 }
 
 /// A `podbox-vmm` running in the background (for tests that talk to the
@@ -105,17 +106,23 @@ pub struct RunningVm {
     _slot: VmSlot,
 }
 
-/// Starts `podbox-vmm` like [`run_vmm`] without waiting for it.
-pub fn spawn_vmm(vmm: &Path, dir: &Path, args: &[&str]) -> RunningVm {
+/// Starts `podbox-vmm` like [`run_vmm`] without waiting for it. The
+/// config's serial output is replaced by a file in `dir`.
+pub fn spawn_vmm(vmm: &Path, dir: &Path, config: VmConfig) -> RunningVm {
     let slot = VmSlot::acquire();
     let serial_path = dir.join("serial.log");
     let stderr_path = dir.join("vmm.stderr");
     let stderr = std::fs::File::create(&stderr_path).expect("creating stderr file");
     let start = Instant::now();
+    let config = VmConfig {
+        serial: SerialOutput::File {
+            path: serial_path.clone(),
+            max_bytes: DEFAULT_SERIAL_MAX_BYTES,
+        },
+        ..config
+    };
     let child = Command::new(vmm)
-        .args(args)
-        .arg("--serial")
-        .arg(&serial_path)
+        .args(config.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)

@@ -89,7 +89,7 @@ fn wait_for_file(path: &std::path::Path, deadline: Duration, log: &std::path::Pa
             start.elapsed() < deadline,
             "no {} after {deadline:?}; console tail:\n{}",
             path.display(),
-            podbox_shim::vm::tail(log, 20)
+            podbox_shim::sandbox::vmm::tail(log, 20)
         );
         std::thread::sleep(Duration::from_millis(500));
     }

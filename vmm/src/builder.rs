@@ -24,7 +24,7 @@ use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::logfile::{rotated_path, LogError, RotatingLog};
 use crate::pvm::{xsave, GuestProfile, HostKind};
-use crate::virtiofsd::{Virtiofsd, VirtiofsdError, DEFAULT_START_TIMEOUT};
+use crate::virtiofsd::{Virtiofsd, VirtiofsdConfig, VirtiofsdError, DEFAULT_START_TIMEOUT};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -71,6 +71,8 @@ pub enum BuildError {
     Virtiofsd(#[from] VirtiofsdError),
     #[error("virtio-fs: {0}")]
     Fs(#[from] fs::FsError),
+    #[error("--net: this podbox-vmm has no virtio-net device yet")]
+    NoVirtioNet,
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
     #[error("attaching {device}: {detail}")]
@@ -117,24 +119,40 @@ fn virtio_devices(
         devices.push(Box::new(vsock::Vsock::new(v.cid, muxer)));
     }
     if let Some(f) = &config.fs {
-        if let FsBackend::Spawn(c) = &f.backend {
-            let daemon = Virtiofsd::start(c, DEFAULT_START_TIMEOUT)?;
-            let exit = exit.clone();
-            daemon.on_unexpected_exit(Box::new(move |detail| {
-                tracing::error!("{detail}");
-                exit.trigger(VmExit::BackendDied {
-                    device: "virtio-fs",
-                    detail,
-                });
-            }))?;
-            backends._virtiofsd = Some(daemon);
-        }
-        devices.push(Box::new(fs::VhostUserFs::connect(
-            f.backend.socket(),
-            &f.tag,
-        )?));
+        let socket = match &f.backend {
+            FsBackend::Socket(socket) => socket.clone(),
+            FsBackend::Spawn(spec) => {
+                let c = VirtiofsdConfig::resolve(spec)?;
+                let socket = c.socket.clone();
+                start_virtiofsd(&c, exit, &mut backends)?;
+                socket
+            }
+        };
+        devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
+    }
+    if !config.nics.is_empty() {
+        return Err(BuildError::NoVirtioNet);
     }
     Ok((devices, backends))
+}
+
+/// Starts virtiofsd; if it dies while the VM runs, the VM ends.
+fn start_virtiofsd(
+    c: &VirtiofsdConfig,
+    exit: &Arc<ExitLatch>,
+    backends: &mut Backends,
+) -> Result<(), BuildError> {
+    let daemon = Virtiofsd::start(c, DEFAULT_START_TIMEOUT)?;
+    let exit = exit.clone();
+    daemon.on_unexpected_exit(Box::new(move |detail| {
+        tracing::error!("{detail}");
+        exit.trigger(VmExit::BackendDied {
+            device: "virtio-fs",
+            detail,
+        });
+    }))?;
+    backends._virtiofsd = Some(daemon);
+    Ok(())
 }
 
 /// Window base and IRQ of the `index`th virtio-mmio device.

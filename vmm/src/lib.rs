@@ -6,7 +6,8 @@
 
 pub mod arch;
 pub mod builder;
-pub mod config;
+/// The VM's configuration: the contract crate, shared with every caller.
+pub use podbox_vmm_config as config;
 pub mod devices;
 pub mod exit;
 pub mod fatal;

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use podbox_vmm_config::VirtiofsdSpec;
+
 /// How long virtiofsd may take to create its socket.
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a SIGTERM-ed virtiofsd gets before SIGKILL.
@@ -25,48 +27,7 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How many of virtiofsd's last log lines an error quotes.
 const TAIL_LINES: usize = 20;
 
-/// virtiofsd's `--cache` policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CachePolicy {
-    /// No guest page cache for file data (every read reaches the host):
-    /// host and guest always see each other's writes at once.
-    Never,
-    /// Metadata cached for a second, data cached until the file changes.
-    Auto,
-    Always,
-}
-
-impl CachePolicy {
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            CachePolicy::Never => "never",
-            CachePolicy::Auto => "auto",
-            CachePolicy::Always => "always",
-        }
-    }
-}
-
-/// virtiofsd's `--sandbox` mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxMode {
-    /// Mount, PID and network namespaces with the shared directory as its
-    /// root (needs root or user namespaces): the guest cannot reach past it.
-    Namespace,
-    /// chroot into the shared directory (root only).
-    Chroot,
-    /// No isolation (tests as a normal user).
-    None,
-}
-
-impl SandboxMode {
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            SandboxMode::Namespace => "namespace",
-            SandboxMode::Chroot => "chroot",
-            SandboxMode::None => "none",
-        }
-    }
-}
+pub use podbox_vmm_config::{CachePolicy, SandboxMode};
 
 /// What to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +40,27 @@ pub struct VirtiofsdConfig {
     pub shared_dir: PathBuf,
     pub cache: CachePolicy,
     pub sandbox: SandboxMode,
+}
+
+impl VirtiofsdConfig {
+    /// What to start for the contract's `spec`: its binary or the one
+    /// [`find_virtiofsd`] finds, its socket or one in the temp directory.
+    pub fn resolve(spec: &VirtiofsdSpec) -> Result<Self, VirtiofsdError> {
+        let binary = match &spec.binary {
+            Some(binary) => binary.clone(),
+            None => find_virtiofsd().ok_or(VirtiofsdError::NotFound)?,
+        };
+        let socket = spec.socket.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("podbox-virtiofsd-{}.sock", std::process::id()))
+        });
+        Ok(VirtiofsdConfig {
+            binary,
+            socket,
+            shared_dir: spec.shared_dir.clone(),
+            cache: spec.cache,
+            sandbox: spec.sandbox,
+        })
+    }
 }
 
 /// Capabilities virtiofsd (as root) drops from its default set: the guest
@@ -116,6 +98,8 @@ impl VirtiofsdConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
+    #[error("--shared-dir: no virtiofsd on PATH or in ~/.cargo/bin (cargo install virtiofsd; or --virtiofsd PATH)")]
+    NotFound,
     #[error("shared directory {}: {reason}", path.display())]
     SharedDir { path: PathBuf, reason: String },
     #[error("starting {}: {source}", binary.display())]

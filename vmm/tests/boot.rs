@@ -8,6 +8,7 @@ use podbox_tests::guest::{busybox, compile_static_c, guest_kernel, KernelVariant
 use podbox_tests::initramfs::Initramfs;
 use podbox_tests::kvm_available;
 use podbox_tests::vm::{run_vmm, BOOT_DEADLINE};
+use podbox_vmm::config::VmConfig;
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
 const MARKER: &str = "PODBOX-BOOT-MARKER";
@@ -81,18 +82,11 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
     let run = run_vmm(
         VMM.as_ref(),
         dir.path(),
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "256",
-            "--cmdline",
-            "quiet",
-        ],
+        VmConfig {
+            initrd: Some(initrd),
+            vcpus: 2,
+            ..VmConfig::new(kernel)
+        },
         BOOT_DEADLINE,
     );
     let t = run.transcript();
@@ -182,14 +176,10 @@ fn guest_panic_ends_the_vmm_with_a_nonzero_status_and_a_reason() {
     let run = run_vmm(
         VMM.as_ref(),
         dir.path(),
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            "quiet",
-        ],
+        VmConfig {
+            initrd: Some(initrd),
+            ..VmConfig::new(kernel)
+        },
         BOOT_DEADLINE,
     );
     let t = run.transcript();
@@ -214,8 +204,7 @@ fn bad_flags_and_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-vmlinux");
     let out = std::process::Command::new(VMM)
-        .arg("--kernel")
-        .arg(&missing)
+        .args(VmConfig::new(&missing).to_args())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -225,14 +214,19 @@ fn bad_flags_and_files_get_clear_errors() {
         "{err}"
     );
 
+    let zero_vcpus = VmConfig {
+        vcpus: 0,
+        ..VmConfig::new("/bin/sh")
+    };
     let out = std::process::Command::new(VMM)
-        .args(["--kernel", "/bin/sh", "--vcpus", "0"])
+        .args(zero_vcpus.to_args())
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus 0"));
 
     let out = std::process::Command::new(VMM)
+        // Not a number at all, which no VmConfig can say: typed by hand.
         .args(["--kernel", "/bin/sh", "--memory-mib", "lots"])
         .output()
         .unwrap();
@@ -243,8 +237,7 @@ fn bad_flags_and_files_get_clear_errors() {
         let not_elf = dir.path().join("bzImage");
         std::fs::write(&not_elf, vec![0x4d; 4096]).unwrap();
         let out = std::process::Command::new(VMM)
-            .arg("--kernel")
-            .arg(&not_elf)
+            .args(VmConfig::new(&not_elf).to_args())
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(1));

@@ -16,6 +16,7 @@ use podbox_tests::guest::{busybox, guest_kernel, KernelVariant};
 use podbox_tests::guest_image::agent_initramfs;
 use podbox_tests::kvm_available;
 use podbox_tests::vm::{run_vmm, spawn_vmm, RunningVm, BOOT_DEADLINE};
+use podbox_vmm::config::{CachePolicy, FsBackend, FsConfig, VirtiofsdSpec, VmConfig, VsockConfig};
 use podbox_vmm::virtiofsd::{find_virtiofsd, pid_file};
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
@@ -129,28 +130,24 @@ fn virtio_fs_share_in_a_booted_vm_rootfs_exec_both_ways_and_teardown() {
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "256",
-            "--vsock-socket",
-            vsock.to_str().unwrap(),
-            "--shared-dir",
-            share.to_str().unwrap(),
-            "--fs-socket",
-            fs_socket.to_str().unwrap(),
-            "--fs-tag",
-            TAG,
-            "--fs-cache",
-            "always",
-            "--virtiofsd",
-            virtiofsd.to_str().unwrap(),
-        ],
+        VmConfig {
+            initrd: Some(initrd),
+            vcpus: 2,
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: vsock.clone(),
+            }),
+            fs: Some(FsConfig {
+                tag: TAG.into(),
+                backend: FsBackend::Spawn(VirtiofsdSpec {
+                    binary: Some(virtiofsd.clone()),
+                    socket: Some(fs_socket.clone()),
+                    cache: CachePolicy::Always,
+                    ..VirtiofsdSpec::new(&share)
+                }),
+            }),
+            ..VmConfig::new(kernel)
+        },
     );
 
     // 1. The agent answers; the pod's storage mounts the share by tag.
@@ -280,16 +277,17 @@ fn virtio_fs_virtiofsd_failures_are_reported_not_hung_on() {
         let run = run_vmm(
             VMM.as_ref(),
             dir.path(),
-            &[
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--shared-dir",
-                shared.to_str().unwrap(),
-                "--virtiofsd",
-                binary.to_str().unwrap(),
-                "--fs-socket",
-                dir.path().join("fs.sock").to_str().unwrap(),
-            ],
+            VmConfig {
+                fs: Some(FsConfig {
+                    tag: "podbox".into(),
+                    backend: FsBackend::Spawn(VirtiofsdSpec {
+                        binary: Some(binary.to_path_buf()),
+                        socket: Some(dir.path().join("fs.sock")),
+                        ..VirtiofsdSpec::new(shared)
+                    }),
+                }),
+                ..VmConfig::new(&kernel)
+            },
             Duration::from_secs(60),
         );
         assert_eq!(run.status.code(), Some(1), "{what}: {}", run.transcript());

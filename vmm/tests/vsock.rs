@@ -17,6 +17,7 @@ use podbox_tests::guest_image::{
 use podbox_tests::vm::{spawn_vmm, BOOT_DEADLINE};
 use podbox_tests::vsock::{echo, pattern, sink, source};
 use podbox_tests::{host_kernel_release, kvm_available};
+use podbox_vmm::config::{VmConfig, VsockConfig};
 use sha2::{Digest, Sha256};
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
@@ -61,20 +62,16 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "256",
-            "--cmdline",
-            TEST_IMAGE_CMDLINE,
-            "--vsock-socket",
-            socket.to_str().unwrap(),
-        ],
+        VmConfig {
+            initrd: Some(initrd),
+            cmdline: TEST_IMAGE_CMDLINE.into(),
+            vcpus: 2,
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: socket.clone(),
+            }),
+            ..VmConfig::new(kernel)
+        },
     );
 
     // 1. The agent answers a health check through the hybrid vsock socket.
@@ -179,12 +176,13 @@ fn vsock_socket_is_removed_when_the_vmm_is_stopped() {
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--vsock-socket",
-            socket.to_str().unwrap(),
-        ],
+        VmConfig {
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: socket.clone(),
+            }),
+            ..VmConfig::new(kernel)
+        },
     );
     let start = Instant::now();
     // Wait until the VMM is up (it logs its devices), then stop it.

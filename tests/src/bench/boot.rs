@@ -10,11 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use podbox_vmm_config::VmConfig;
+
 use crate::guest::{busybox, guest_kernel, KernelVariant};
 use crate::initramfs::Initramfs;
 
 pub const MARKER: &str = "PODBOX-BENCH-INIT";
-const VCPUS: u32 = 2;
+const VCPUS: u8 = 2;
 const MEMORY_MIB: u32 = 256;
 const DEADLINE: Duration = Duration::from_secs(600);
 
@@ -91,18 +93,14 @@ fn run_timed(mut cmd: Command) -> Result<(BootSample, String), String> {
 }
 
 pub fn boot_podbox(vmm: &Path, kernel: &Path, initrd: &Path) -> Result<BootSample, String> {
+    let config = VmConfig {
+        initrd: Some(initrd.to_path_buf()),
+        vcpus: VCPUS,
+        memory_mib: MEMORY_MIB,
+        ..VmConfig::new(kernel)
+    };
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel").arg(kernel).arg("--initrd").arg(initrd);
-    cmd.args([
-        "--vcpus",
-        &VCPUS.to_string(),
-        "--memory-mib",
-        &MEMORY_MIB.to_string(),
-        "--cmdline",
-        "quiet",
-        "--serial",
-        "-",
-    ]);
+    cmd.args(config.to_args());
     run_timed(cmd).map(|(s, _)| s)
 }
 
@@ -113,7 +111,7 @@ pub fn boot_qemu(kernel: &Path, initrd: &Path, pvm_cmdline: &[&str]) -> Result<B
         kernel,
         initrd,
         pvm_cmdline,
-        VCPUS,
+        VCPUS.into(),
         MEMORY_MIB,
         "",
     ))

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use podbox_vmm::virtiofsd::{
     find_virtiofsd, CachePolicy, SandboxMode, Virtiofsd, VirtiofsdConfig, DEFAULT_START_TIMEOUT,
 };
+use podbox_vmm_config::{FsBackend, FsConfig, VirtiofsdSpec, VmConfig};
 
 use crate::guest::{busybox, guest_kernel, KernelVariant};
 use crate::initramfs::Initramfs;
@@ -28,7 +29,7 @@ const FILE: &str = "big.bin";
 /// minutes per pass); on hardware KVM raise it for a steadier figure.
 const FILE_MIB: usize = 16;
 const PASSES: usize = 2;
-const VCPUS: u32 = 2;
+const VCPUS: u8 = 2;
 const MEMORY_MIB: u32 = 256;
 const DEADLINE: Duration = Duration::from_secs(600);
 const START: &str = "FSBENCH-START";
@@ -143,33 +144,24 @@ impl Setup {
 /// podbox-vmm starts and stops virtiofsd itself (`--shared-dir`).
 fn run_podbox(vmm: &Path, kernel: &Path, s: &Setup) -> Result<FsSample, String> {
     let c = s.virtiofsd_config(s.work.join("podbox-fs.sock"));
+    let config = VmConfig {
+        initrd: Some(s.initrd.clone()),
+        vcpus: VCPUS,
+        memory_mib: MEMORY_MIB,
+        fs: Some(FsConfig {
+            tag: TAG.into(),
+            backend: FsBackend::Spawn(VirtiofsdSpec {
+                shared_dir: c.shared_dir,
+                binary: Some(c.binary),
+                socket: Some(c.socket),
+                cache: c.cache,
+                sandbox: c.sandbox,
+            }),
+        }),
+        ..VmConfig::new(kernel)
+    };
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .arg("--initrd")
-        .arg(&s.initrd);
-    cmd.args([
-        "--vcpus",
-        &VCPUS.to_string(),
-        "--memory-mib",
-        &MEMORY_MIB.to_string(),
-        "--serial",
-        "-",
-    ]);
-    cmd.arg("--shared-dir")
-        .arg(&c.shared_dir)
-        .arg("--fs-socket")
-        .arg(&c.socket)
-        .arg("--virtiofsd")
-        .arg(&c.binary);
-    cmd.args([
-        "--fs-tag",
-        TAG,
-        "--fs-cache",
-        c.cache.as_arg(),
-        "--virtiofsd-sandbox",
-        c.sandbox.as_arg(),
-    ]);
+    cmd.args(config.to_args());
     run_passes(cmd)
 }
 
@@ -182,7 +174,7 @@ fn run_qemu(kernel: &Path, s: &Setup, pvm_cmdline: &[&str]) -> Result<FsSample, 
         kernel,
         &s.initrd,
         pvm_cmdline,
-        VCPUS,
+        VCPUS.into(),
         MEMORY_MIB,
         ",memory-backend=mem",
     );

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use podbox_agent_client::{ctx, ReadyListener};
 use podbox_protocol::agent::DestroySandboxRequest;
+use podbox_vmm_config::{VmConfig, VsockConfig};
 
 use super::{median, secs};
 use crate::guest::{guest_kernel, KernelVariant};
@@ -44,30 +45,21 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
     let initrd = vsock_test_initramfs(work);
     let kernel = guest_kernel(KernelVariant::Podbox);
     let socket = work.join("vsock.sock");
-    let s = |p: &Path| {
-        p.to_str()
-            .map(str::to_owned)
-            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
-    };
     let mut ready =
         ReadyListener::bind(&socket).map_err(|e| format!("binding the ready socket: {e}"))?;
     let vm = spawn_vmm(
         vmm,
         work,
-        &[
-            "--kernel",
-            &s(&kernel)?,
-            "--initrd",
-            &s(&initrd)?,
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "256",
-            "--cmdline",
-            TEST_IMAGE_CMDLINE,
-            "--vsock-socket",
-            &s(&socket)?,
-        ],
+        VmConfig {
+            initrd: Some(initrd),
+            cmdline: TEST_IMAGE_CMDLINE.into(),
+            vcpus: 2,
+            vsock: Some(VsockConfig {
+                cid: 3,
+                socket: socket.clone(),
+            }),
+            ..VmConfig::new(kernel)
+        },
     );
     let agent = vm
         .agent(&socket, &mut ready)

@@ -8,8 +8,9 @@ use vm_memory::ByteValued;
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_END, IOAPIC_DEFAULT_PHYS_BASE, MPTABLE_START};
 
-/// Most vCPUs whose entries fit the 1 KiB the table may occupy.
-pub const MAX_VCPUS: u8 = 32;
+/// The contract's vCPU maximum: the most whose entries fit the 1 KiB the
+/// table may occupy (the tests build a table that large).
+pub use podbox_vmm_config::MAX_VCPUS;
 /// ISA interrupt lines routed 1:1 to IOAPIC pins.
 const IRQ_LINES: u8 = 24;
 

@@ -24,7 +24,7 @@ use super::{
 
 /// The tag field of the config space (virtio 1.2, 5.11.4): UTF-8, not
 /// NUL-terminated when it fills all 36 bytes.
-pub const TAG_LEN: usize = 36;
+pub const TAG_LEN: usize = podbox_vmm_config::FS_TAG_LEN;
 /// One high-priority queue plus this many request queues.
 const NUM_REQUEST_QUEUES: usize = 1;
 const NUM_QUEUES: usize = 1 + NUM_REQUEST_QUEUES;

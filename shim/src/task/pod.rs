@@ -1,5 +1,6 @@
-//! The pod one shim serves: its VM (podbox-vmm + the agent behind its
-//! vsock socket) and its containers with their processes.
+//! The pod one shim serves: its VM ([`Sandbox`]) and its containers with
+//! their processes. It sits behind one short-held lock: nothing waits on an
+//! agent, a boot or a drain while holding it.
 //!
 //! Process state lives in a `watch` cell per process: the exit is set once
 //! (by the thread that waited for it in the agent, or by the VM supervisor
@@ -7,16 +8,14 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use podbox_agent_client::AgentClient;
 use tokio::sync::watch;
 
 use crate::io::{ProcessIo, StdioPaths, Target};
 use crate::rootfs::ContainerShare;
-use crate::vm::StateDir;
+use crate::sandbox::Sandbox;
 
 /// The exit status every task of a pod gets when its VM dies under it
 /// (VMM, virtiofsd or guest crash): its processes are gone, how is unknown.
@@ -42,6 +41,8 @@ pub struct Process {
     pub exec_id: String,
     pub stdio: StdioPaths,
     pub started: bool,
+    /// Start is talking to the agent (a second Start is refused).
+    pub starting: bool,
     /// For an exec until it starts: the JSON of its OCI process.
     pub process_json: Vec<u8>,
     pub exit: Arc<watch::Sender<Option<Exit>>>,
@@ -57,6 +58,7 @@ impl Process {
             exec_id: exec_id.to_string(),
             stdio,
             started: false,
+            starting: false,
             process_json,
             exit: Arc::new(watch::channel(None).0),
             io: Arc::new(Mutex::new(None)),
@@ -77,6 +79,9 @@ impl Process {
         }
     }
 }
+
+/// Where a process's exit lands, once.
+pub type ExitCell = watch::Sender<Option<Exit>>;
 
 /// Records `exit` unless an exit is already recorded; true when this call set it.
 pub fn set_exit_once(cell: &watch::Sender<Option<Exit>>, exit: Exit) -> bool {
@@ -119,40 +124,16 @@ impl Container {
     }
 }
 
-/// A running VM of the pod.
-pub struct Vm {
-    pub agent: AgentClient,
-    pub vmm_pid: u32,
-    pub state: StateDir,
-    /// Set before the shim itself ends the VM, so that the supervisor does
-    /// not take the exit for a failure.
-    pub stopping: AtomicBool,
-    /// Set by the supervisor once the VMM has exited.
-    pub gone: Arc<watch::Sender<Option<std::process::ExitStatus>>>,
-}
-
-impl Vm {
-    pub fn is_gone(&self) -> bool {
-        self.gone.borrow().is_some()
-    }
-    pub fn mark_stopping(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-    }
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-}
-
 #[derive(Default)]
 pub struct PodState {
-    pub vm: Option<Arc<Vm>>,
+    pub vm: Option<Arc<Sandbox>>,
     pub containers: HashMap<String, Container>,
 }
 
 impl PodState {
     pub fn target(&self, namespace: &str, container_id: &str, exec_id: &str) -> Option<Target> {
         self.vm.as_ref().map(|vm| Target {
-            agent: vm.agent.agent.clone(),
+            agent: vm.agent.clone(),
             container_id: container_id.to_string(),
             exec_id: exec_id.to_string(),
             namespace: namespace.to_string(),

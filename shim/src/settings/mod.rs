@@ -1,84 +1,19 @@
-//! What a bundle's OCI annotations tell the shim: the container's place in a
-//! pod (from the CRI plugin's `io.kubernetes.cri.*`), and per-pod VM settings
-//! (`io.podbox.*`, honoured only where the config allows each one).
+//! What a pod's VM is made of, decided from what the operator configured
+//! ([`config`]: the node's TOML file) and what the pod asks for
+//! ([`annotations`]: its OCI annotations, honoured only where the config
+//! allows each one). Neither of those two modules imports the other; this
+//! one joins them.
+
+pub mod annotations;
+pub mod config;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use thiserror::Error;
-
-use crate::config::{Config, MEMORY_MIB_RANGE, VCPUS_RANGE};
-
-pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
-pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-pub const VCPUS: &str = "io.podbox.vcpus";
-pub const MEMORY_MIB: &str = "io.podbox.memory_mib";
-pub const KERNEL: &str = "io.podbox.kernel";
-pub const INITRD: &str = "io.podbox.initrd";
-pub const KNOWN_ANNOTATIONS: [&str; 4] = [VCPUS, MEMORY_MIB, KERNEL, INITRD];
-const PODBOX_PREFIX: &str = "io.podbox.";
-
-pub fn is_known_annotation(key: &str) -> bool {
-    KNOWN_ANNOTATIONS.contains(&key)
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum AnnotationError {
-    #[error("annotation {key}={value:?}: {reason}")]
-    Invalid {
-        key: String,
-        value: String,
-        reason: String,
-    },
-    #[error("annotation {key} is not a podbox annotation; known: {KNOWN_ANNOTATIONS:?}")]
-    Unknown { key: String },
-    #[error("annotation {key} is not allowed by this node's podbox config (allowed_annotations)")]
-    NotAllowed { key: String },
-    #[error("annotation {CONTAINER_TYPE}=container needs {SANDBOX_ID}")]
-    MissingSandboxId,
-}
-
-/// Where a container goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PodRole {
-    /// A CRI pod sandbox: boots the pod's VM, runs the pause container.
-    Sandbox,
-    /// A CRI container: joins the VM of the sandbox `sandbox_id`.
-    Container { sandbox_id: String },
-    /// Not from CRI (e.g. `ctr run`): a pod of its own.
-    Standalone,
-}
-
-impl PodRole {
-    pub fn from_annotations(
-        annotations: &HashMap<String, String>,
-    ) -> Result<PodRole, AnnotationError> {
-        match annotations.get(CONTAINER_TYPE).map(String::as_str) {
-            None => Ok(PodRole::Standalone),
-            Some("sandbox") => Ok(PodRole::Sandbox),
-            Some("container") => match annotations.get(SANDBOX_ID) {
-                Some(id) if !id.is_empty() => Ok(PodRole::Container {
-                    sandbox_id: id.clone(),
-                }),
-                _ => Err(AnnotationError::MissingSandboxId),
-            },
-            Some(other) => Err(AnnotationError::Invalid {
-                key: CONTAINER_TYPE.to_string(),
-                value: other.to_string(),
-                reason: "expected \"sandbox\" or \"container\"".to_string(),
-            }),
-        }
-    }
-
-    /// The id whose shim serves this container: the sandbox's for a pod
-    /// container, its own otherwise (one shim and one VM per pod).
-    pub fn shim_grouping<'a>(&'a self, container_id: &'a str) -> &'a str {
-        match self {
-            PodRole::Container { sandbox_id } => sandbox_id,
-            PodRole::Sandbox | PodRole::Standalone => container_id,
-        }
-    }
-}
+use annotations::{
+    is_known_annotation, AnnotationError, INITRD, KERNEL, MEMORY_MIB, PODBOX_PREFIX, VCPUS,
+};
+use config::{Config, MEMORY_MIB_RANGE, VCPUS_RANGE};
 
 /// The VM a pod gets: the config's defaults, overridden by allowed annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,9 +122,71 @@ fn parse_asset(key: &str, value: &str, asset_dirs: &[PathBuf]) -> Result<PathBuf
     Ok(resolved)
 }
 
+/// The pod asks for more than this host can give.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the pod asks for {asked} {what}; this host can give at most {most}")]
+pub struct TooBig {
+    pub what: &'static str,
+    pub asked: u64,
+    pub most: u64,
+}
+
+impl VmSettings {
+    /// Refuses a VM the host cannot give: more vCPUs than KVM supports per
+    /// VM (KVM_CAP_MAX_VCPUS), or more memory than the host has (MemTotal).
+    pub fn check_fits_host(&self) -> Result<(), TooBig> {
+        if let Ok(kvm) = kvm_ioctls::Kvm::new() {
+            let most = kvm.get_max_vcpus() as u64;
+            if u64::from(self.vcpus) > most {
+                return Err(TooBig {
+                    what: "vCPUs",
+                    asked: self.vcpus.into(),
+                    most,
+                });
+            }
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let total_mib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib / 1024);
+        if let Some(most) = total_mib.filter(|most| u64::from(self.memory_mib) > *most) {
+            return Err(TooBig {
+                what: "MiB of memory",
+                asked: self.memory_mib.into(),
+                most,
+            });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_larger_than_the_host_is_refused_with_the_numbers() {
+        let settings = |vcpus, memory_mib| VmSettings {
+            vcpus,
+            memory_mib,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        settings(1, 64).check_fits_host().expect("a small VM fits");
+        let error = settings(1, 1_048_576)
+            .check_fits_host()
+            .expect_err("1 TiB does not");
+        assert!(
+            error
+                .to_string()
+                .starts_with("the pod asks for 1048576 MiB of memory"),
+            "{error}"
+        );
+    }
+
+    use crate::settings::annotations::KNOWN_ANNOTATIONS;
 
     fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -204,7 +201,6 @@ mod tests {
             ..Config::default()
         }
     }
-
     #[test]
     fn no_annotations_give_the_config_defaults() {
         let config = Config {
@@ -217,7 +213,6 @@ mod tests {
         assert_eq!((settings.vcpus, settings.memory_mib), (3, 768));
         assert_eq!(settings.kernel, config.kernel);
     }
-
     #[test]
     fn allowed_annotations_override_the_defaults() {
         let assets = tempfile::tempdir().expect("tempdir");
@@ -240,7 +235,6 @@ mod tests {
         assert_eq!(settings.kernel, kernel.canonicalize().expect("resolves"));
         assert_eq!(settings.initrd, config.initrd, "initrd not annotated");
     }
-
     #[test]
     fn kernel_and_initrd_annotations_stay_inside_the_asset_dirs() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -276,7 +270,6 @@ mod tests {
             .to_string();
         assert!(error.contains("no asset_dirs"), "{error}");
     }
-
     #[test]
     fn an_annotation_the_config_does_not_allow_is_refused() {
         let error = VmSettings::resolve(
@@ -292,7 +285,6 @@ mod tests {
         );
         assert!(error.to_string().contains(MEMORY_MIB));
     }
-
     #[test]
     fn a_misspelt_podbox_annotation_is_named() {
         let error = VmSettings::resolve(
@@ -307,7 +299,6 @@ mod tests {
             }
         );
     }
-
     #[test]
     fn bad_values_are_named_by_key() {
         let config = config_allowing(&KNOWN_ANNOTATIONS);
@@ -338,42 +329,5 @@ mod tests {
             .expect_err("invalid")
             .to_string();
         assert_eq!(message, "annotation io.podbox.vcpus=\"0\": not in 1..=32");
-    }
-
-    #[test]
-    fn pod_roles_come_from_the_cri_annotations() {
-        assert_eq!(
-            PodRole::from_annotations(&annotations(&[])),
-            Ok(PodRole::Standalone)
-        );
-        assert_eq!(
-            PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "sandbox")])),
-            Ok(PodRole::Sandbox)
-        );
-        let member = PodRole::from_annotations(&annotations(&[
-            (CONTAINER_TYPE, "container"),
-            (SANDBOX_ID, "pod1"),
-        ]))
-        .expect("a pod container");
-        assert_eq!(
-            member,
-            PodRole::Container {
-                sandbox_id: "pod1".to_string()
-            }
-        );
-        assert_eq!(
-            member.shim_grouping("ctr9"),
-            "pod1",
-            "a pod container goes to its sandbox's shim"
-        );
-        assert_eq!(PodRole::Sandbox.shim_grouping("pod1"), "pod1");
-        assert_eq!(
-            PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "container")])),
-            Err(AnnotationError::MissingSandboxId)
-        );
-        assert!(matches!(
-            PodRole::from_annotations(&annotations(&[(CONTAINER_TYPE, "vm")])),
-            Err(AnnotationError::Invalid { key, .. }) if key == CONTAINER_TYPE
-        ));
     }
 }

@@ -4,7 +4,7 @@
 //! ```toml
 //! kernel = "/usr/share/podbox/vmlinux"
 //! initrd = "/usr/share/podbox/initramfs.cpio"
-//! virtiofsd = "/usr/libexec/virtiofsd"
+//! virtiofsd = "/usr/libexec/virtiofsd"   # default: podbox-vmm looks on PATH, in /usr/libexec, ~/.cargo/bin
 //! default_vcpus = 2
 //! default_memory_mib = 256
 //! log_level = "info"
@@ -20,28 +20,22 @@
 
 use std::path::{Path, PathBuf};
 
+use podbox_vmm_config::CachePolicy;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::annotations::{is_known_annotation, KNOWN_ANNOTATIONS};
+use super::annotations::{is_known_annotation, KNOWN_ANNOTATIONS};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/podbox/config.toml";
 
-/// Bounds for a VM's size, from the config or an annotation: as many
-/// vCPUs as podbox-vmm can boot (its MP table's limit), no more.
+/// Bounds for a VM's size, from the config or an annotation: podbox-vmm's
+/// own (the VM contract's), no wider.
 pub const VCPUS_RANGE: std::ops::RangeInclusive<u32> =
-    1..=podbox_vmm::arch::x86_64::mptable::MAX_VCPUS as u32;
-/// Below 64 MiB the guest kernel and agent do not fit; the top is 1 TiB
-/// (podbox-vmm's own bounds).
-pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> =
-    podbox_vmm::config::MIN_MEMORY_MIB..=podbox_vmm::config::MAX_MEMORY_MIB;
+    *podbox_vmm_config::VCPUS.start() as u32..=*podbox_vmm_config::VCPUS.end() as u32;
+pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = podbox_vmm_config::MEMORY_MIB;
 /// Where a pod's logs may rotate: what podbox-vmm's `--serial-max-bytes` takes.
-pub const LOG_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> =
-    podbox_vmm::config::MIN_SERIAL_MAX_BYTES..=podbox_vmm::config::MAX_SERIAL_MAX_BYTES;
+pub const LOG_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = podbox_vmm_config::SERIAL_MAX_BYTES;
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
-/// virtiofsd's cache modes (podbox-vmm `--fs-cache`).
-pub const FS_CACHE_MODES: [&str; 3] = ["always", "auto", "never"];
-
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("reading podbox config {path}: {source}")]
@@ -67,8 +61,10 @@ pub struct Config {
     pub kernel: PathBuf,
     /// The guest initramfs, with podbox-agent as /init.
     pub initrd: PathBuf,
-    /// virtiofsd, which serves container root filesystems and volumes to the guest.
-    pub virtiofsd: PathBuf,
+    /// virtiofsd, which serves container root filesystems and volumes to
+    /// the guest; None lets podbox-vmm find one. A path given must exist
+    /// when a pod boots (its Create fails naming this key otherwise).
+    pub virtiofsd: Option<PathBuf>,
     /// vCPUs of a pod's VM unless an allowed annotation says otherwise (2).
     pub default_vcpus: u32,
     pub default_memory_mib: u32,
@@ -80,7 +76,7 @@ pub struct Config {
     /// through virtiofsd, which is guest-kernel work (slow on PVM hosts).
     /// Host-side changes to a volume show up in the guest only with "auto"
     /// or "never".
-    pub fs_cache: String,
+    pub fs_cache: CachePolicy,
     /// The `io.podbox.*` annotations pods may set; none unless the operator says so.
     pub allowed_annotations: Vec<String>,
     /// The directories an `io.podbox.kernel` or `io.podbox.initrd`
@@ -99,14 +95,14 @@ impl Default for Config {
         Config {
             kernel: PathBuf::from("/usr/share/podbox/vmlinux"),
             initrd: PathBuf::from("/usr/share/podbox/initramfs.cpio"),
-            virtiofsd: PathBuf::from("/usr/libexec/virtiofsd"),
+            virtiofsd: None,
             default_vcpus: 2,
             default_memory_mib: 256,
             log_level: "info".to_string(),
-            fs_cache: "always".to_string(),
+            fs_cache: CachePolicy::Always,
             allowed_annotations: Vec::new(),
             asset_dirs: Vec::new(),
-            log_max_bytes: podbox_vmm::config::DEFAULT_SERIAL_MAX_BYTES,
+            log_max_bytes: podbox_vmm_config::DEFAULT_SERIAL_MAX_BYTES,
         }
     }
 }
@@ -152,11 +148,10 @@ impl Config {
             key,
             reason,
         };
-        for (key, value) in [
-            ("kernel", &self.kernel),
-            ("initrd", &self.initrd),
-            ("virtiofsd", &self.virtiofsd),
-        ] {
+        for (key, value) in [("kernel", &self.kernel), ("initrd", &self.initrd)]
+            .into_iter()
+            .chain(self.virtiofsd.as_ref().map(|v| ("virtiofsd", v)))
+        {
             if !value.is_absolute() {
                 return Err(invalid(
                     key,
@@ -180,12 +175,6 @@ impl Config {
             return Err(invalid(
                 "log_level",
                 format!("{:?} is not one of {LOG_LEVELS:?}", self.log_level),
-            ));
-        }
-        if !FS_CACHE_MODES.contains(&self.fs_cache.as_str()) {
-            return Err(invalid(
-                "fs_cache",
-                format!("{:?} is not one of {FS_CACHE_MODES:?}", self.fs_cache),
             ));
         }
         if !LOG_MAX_BYTES_RANGE.contains(&self.log_max_bytes) {
@@ -251,7 +240,10 @@ mod tests {
         .expect("valid config");
         assert_eq!(config.kernel, Path::new("/k/vmlinux"));
         assert_eq!(config.initrd, Path::new("/k/initrd"));
-        assert_eq!(config.virtiofsd, Path::new("/bin/virtiofsd"));
+        assert_eq!(
+            config.virtiofsd.as_deref(),
+            Some(Path::new("/bin/virtiofsd"))
+        );
         assert_eq!((config.default_vcpus, config.default_memory_mib), (3, 512));
         assert_eq!(config.log_level, "debug");
         assert!(config.allows_annotation("io.podbox.vcpus"));
@@ -280,6 +272,14 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(message.contains("default_cpus"), "{message}");
+        // A value outside an enum is refused by the parser, naming the key.
+        let message = parse("fs_cache = \"sometimes\"")
+            .expect_err("unknown cache mode")
+            .to_string();
+        assert!(
+            message.contains("fs_cache") && message.contains("always"),
+            "{message}"
+        );
         let message = parse("default_vcpus = \"two\"")
             .expect_err("mistyped value")
             .to_string();
@@ -299,7 +299,6 @@ mod tests {
         assert_eq!(invalid_key("asset_dirs = [\"assets\"]"), "asset_dirs");
         assert_eq!(invalid_key("default_memory_mib = 32"), "default_memory_mib");
         assert_eq!(invalid_key("log_level = \"loud\""), "log_level");
-        assert_eq!(invalid_key("fs_cache = \"sometimes\""), "fs_cache");
         assert_eq!(invalid_key("kernel = \"vmlinux\""), "kernel");
         assert_eq!(invalid_key("initrd = \"\""), "initrd");
         assert_eq!(invalid_key("virtiofsd = \"bin/virtiofsd\""), "virtiofsd");

@@ -1,0 +1,306 @@
+//! A fake agent and VM launcher for the Task logic's unit tests: calls are
+//! recorded, processes "run" until signalled or given an exit, CreateContainer
+//! can be held (a slow guest), and the VM can die under any call.
+
+use std::collections::HashMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use containerd_shim::protos::ttrpc::{self, context::Context, Code};
+use podbox_protocol::agent::*;
+use tokio::sync::watch;
+
+use crate::agent::Agent;
+use crate::sandbox::state_dir::StateDir;
+use crate::sandbox::{BootError, Sandbox, VmLauncher};
+use crate::settings::VmSettings;
+
+/// How often blocked fake calls look again.
+const TICK: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct State {
+    calls: Vec<String>,
+    /// Exit statuses by (container, exec).
+    exits: HashMap<(String, String), i32>,
+    oom: Vec<String>,
+    /// Calls (by name) that fail with this status code.
+    failing: HashMap<&'static str, Code>,
+    /// CreateContainer waits while this is set.
+    hold_create: bool,
+}
+
+pub struct FakeAgent {
+    state: Mutex<State>,
+    changed: Condvar,
+    dead: AtomicBool,
+    gone: watch::Sender<Option<ExitStatus>>,
+}
+
+impl FakeAgent {
+    pub fn new() -> Arc<FakeAgent> {
+        Arc::new(FakeAgent {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            dead: AtomicBool::new(false),
+            gone: watch::channel(None).0,
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let t = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.notify_all();
+        t
+    }
+
+    /// The calls so far, as `name id[/exec]`.
+    pub fn calls(&self) -> Vec<String> {
+        self.with(|s| s.calls.clone())
+    }
+
+    pub fn hold_create(&self, hold: bool) {
+        self.with(|s| s.hold_create = hold);
+    }
+
+    pub fn fail(&self, call: &'static str, code: Code) {
+        self.with(|s| s.failing.insert(call, code));
+    }
+
+    /// The process exits with `status` (as the guest would report it).
+    pub fn exit(&self, container: &str, exec: &str, status: i32) {
+        self.with(|s| s.exits.insert((container.into(), exec.into()), status));
+    }
+
+    pub fn oom(&self, container: &str) {
+        self.with(|s| s.oom.push(container.into()));
+    }
+
+    /// The VM dies: the VMM exits with `status`, every call fails as a
+    /// broken connection does.
+    pub fn die(&self, status: i32) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.gone
+            .send_replace(Some(ExitStatus::from_raw(status << 8)));
+        self.changed.notify_all();
+    }
+
+    fn gone(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.gone.subscribe()
+    }
+
+    /// Records a call; fails it if the VM is dead or the test says so.
+    fn call(&self, name: &'static str, id: &str) -> ttrpc::Result<()> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(ttrpc::Error::LocalClosed);
+        }
+        let failing = self.with(|s| {
+            s.calls.push(format!("{name} {id}"));
+            s.failing.get(name).copied()
+        });
+        match failing {
+            Some(code) => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                code,
+                format!("fake {name} fails"),
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits while `blocked` holds, up to the call's deadline.
+    fn block_while(&self, ctx: &Context, blocked: impl Fn(&State) -> bool) -> ttrpc::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_nanos(ctx.timeout_nano as u64);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while blocked(&state) {
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(ttrpc::Error::LocalClosed);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    Code::DEADLINE_EXCEEDED,
+                    "fake deadline",
+                )));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, TICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+fn id(container: &str, exec: &str) -> String {
+    if exec.is_empty() {
+        container.to_string()
+    } else {
+        format!("{container}/{exec}")
+    }
+}
+
+impl Agent for FakeAgent {
+    fn create_sandbox(&self, _: Context, r: &CreateSandboxRequest) -> ttrpc::Result<Empty> {
+        self.call("create_sandbox", &r.sandbox_id)
+            .map(|()| Empty::new())
+    }
+    fn destroy_sandbox(&self, _: Context, _: &DestroySandboxRequest) -> ttrpc::Result<Empty> {
+        self.call("destroy_sandbox", "")?;
+        // The guest resets: the VMM exits 0.
+        self.gone.send_replace(Some(ExitStatus::from_raw(0)));
+        self.dead.store(true, Ordering::SeqCst);
+        Ok(Empty::new())
+    }
+    fn update_interface(&self, _: Context, r: &UpdateInterfaceRequest) -> ttrpc::Result<Interface> {
+        self.call("update_interface", &r.interface.name)?;
+        Ok(Interface::new())
+    }
+    fn create_container(&self, ctx: Context, r: &CreateContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("create_container", &r.container_id)?;
+        self.block_while(&ctx, |s| s.hold_create)?;
+        Ok(Empty::new())
+    }
+    fn start_container(&self, _: Context, r: &StartContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("start_container", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn remove_container(&self, _: Context, r: &RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("remove_container", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn exec_process(&self, _: Context, r: &ExecProcessRequest) -> ttrpc::Result<Empty> {
+        self.call("exec_process", &id(&r.container_id, &r.exec_id))
+            .map(|()| Empty::new())
+    }
+    fn signal_process(&self, _: Context, r: &SignalProcessRequest) -> ttrpc::Result<Empty> {
+        self.call("signal_process", &id(&r.container_id, &r.exec_id))?;
+        let key = (r.container_id.clone(), r.exec_id.clone());
+        self.with(|s| s.exits.insert(key, 128 + r.signal as i32));
+        Ok(Empty::new())
+    }
+    fn wait_process(
+        &self,
+        ctx: Context,
+        r: &WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        let key = (r.container_id.clone(), r.exec_id.clone());
+        self.call("wait_process", &id(&r.container_id, &r.exec_id))?;
+        self.block_while(&ctx, |s| !s.exits.contains_key(&key))?;
+        Ok(WaitProcessResponse {
+            status: self.with(|s| s.exits[&key]),
+            ..Default::default()
+        })
+    }
+    fn update_container(&self, _: Context, r: &UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("update_container", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn stats_container(
+        &self,
+        _: Context,
+        r: &StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.call("stats_container", &r.container_id)?;
+        Ok(StatsContainerResponse {
+            memory_usage: 4096,
+            pids_current: 1,
+            ..Default::default()
+        })
+    }
+    fn pause_container(&self, _: Context, r: &PauseContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("pause_container", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn resume_container(&self, _: Context, r: &ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        self.call("resume_container", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn list_processes(
+        &self,
+        _: Context,
+        r: &ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        self.call("list_processes", &r.container_id)?;
+        Ok(ListProcessesResponse {
+            pids: vec![1, 7],
+            ..Default::default()
+        })
+    }
+    fn write_stdin(
+        &self,
+        _: Context,
+        r: &WriteStreamRequest,
+    ) -> ttrpc::Result<WriteStreamResponse> {
+        Ok(WriteStreamResponse {
+            len: r.data.len() as u32,
+            ..Default::default()
+        })
+    }
+    fn close_stdin(&self, _: Context, r: &CloseStdinRequest) -> ttrpc::Result<Empty> {
+        self.call("close_stdin", &id(&r.container_id, &r.exec_id))
+            .map(|()| Empty::new())
+    }
+    fn read_stdout(&self, _: Context, _: &ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        Ok(ReadStreamResponse::new()) // end of stream
+    }
+    fn read_stderr(&self, _: Context, _: &ReadStreamRequest) -> ttrpc::Result<ReadStreamResponse> {
+        Ok(ReadStreamResponse::new())
+    }
+    fn tty_win_resize(&self, _: Context, r: &TtyWinResizeRequest) -> ttrpc::Result<Empty> {
+        self.call("tty_win_resize", &r.container_id)
+            .map(|()| Empty::new())
+    }
+    fn get_oom_event(&self, ctx: Context, _: &GetOOMEventRequest) -> ttrpc::Result<OOMEvent> {
+        // Short polls, so the watch thread ends soon after the VM does.
+        let ctx = Context {
+            timeout_nano: ctx.timeout_nano.min(TICK.as_nanos() as i64 * 5),
+            ..ctx
+        };
+        self.block_while(&ctx, |s| s.oom.is_empty())?;
+        let container_id = self.with(|s| s.oom.remove(0));
+        Ok(OOMEvent {
+            container_id,
+            ..Default::default()
+        })
+    }
+}
+
+/// Boots "VMs" that are a [`FakeAgent`] and a state directory under `root`
+/// (created for real: the share's mounts are real).
+pub struct FakeLauncher {
+    pub root: PathBuf,
+    pub agent: Arc<FakeAgent>,
+    /// Boot fails with this, when set.
+    pub fail: Mutex<Option<String>>,
+}
+
+impl FakeLauncher {
+    pub fn new(root: &Path, agent: Arc<FakeAgent>) -> Arc<FakeLauncher> {
+        Arc::new(FakeLauncher {
+            root: root.to_path_buf(),
+            agent,
+            fail: Mutex::new(None),
+        })
+    }
+}
+
+#[async_trait]
+impl VmLauncher for FakeLauncher {
+    async fn boot(&self, pod_id: &str, _: VmSettings) -> Result<Arc<Sandbox>, BootError> {
+        let state = StateDir::under(&self.root, "test", pod_id)?;
+        if let Some(reason) = self.fail.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(BootError::NoAgent {
+                reason,
+                vmm_log: String::new(),
+                console: String::new(),
+            });
+        }
+        state.create()?;
+        let agent: Arc<dyn Agent> = self.agent.clone();
+        Ok(Arc::new(Sandbox::new(agent, 0, state, self.agent.gone())))
+    }
+}

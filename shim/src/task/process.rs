@@ -1,0 +1,356 @@
+//! The Task calls on processes that exist: exec, state, wait, kill, and
+//! the calls passed on to the agent as they are.
+
+use containerd_shim::api::{
+    CloseIORequest, ExecProcessRequest, KillRequest, PidsRequest, PidsResponse, ResizePtyRequest,
+    StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest,
+    WaitResponse,
+};
+use containerd_shim::protos::api::{ProcessInfo, Status};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
+use containerd_shim::protos::events::task::{TaskExecAdded, TaskPaused, TaskResumed};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::ttrpc::Code;
+use containerd_shim::TtrpcResult;
+use podbox_agent_client::ctx;
+use podbox_protocol::agent::{
+    ListProcessesRequest, PauseContainerRequest, ResumeContainerRequest, SignalProcessRequest,
+    StatsContainerRequest, TtyWinResizeRequest, UpdateContainerRequest,
+};
+
+use super::lifecycle::CALL_TIMEOUT;
+use super::pod::{Exit, Phase, Process, VM_LOST_EXIT_STATUS};
+use super::{agent_error, blocking, not_found, now, status, Inner};
+use crate::io::{close_stdin, StdioPaths};
+
+const EXEC_SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+const METRICS_TYPE: &str = "io.containerd.cgroups.v1.Metrics";
+
+fn state_status(phase: Phase) -> Status {
+    match phase {
+        Phase::Created => Status::CREATED,
+        Phase::Running => Status::RUNNING,
+        Phase::Paused => Status::PAUSED,
+        Phase::Stopped => Status::STOPPED,
+    }
+}
+
+impl Inner {
+    pub(super) fn exec(&self, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let mut pod = self.pod();
+        let container = pod
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
+        if req.exec_id.is_empty() || container.execs.contains_key(&req.exec_id) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("exec id {:?} is empty or taken", req.exec_id),
+            ));
+        }
+        if container.init.exit().is_some() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} has exited", req.id),
+            ));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
+        if !spec.type_url.is_empty() && !spec.type_url.ends_with(EXEC_SPEC_TYPE) {
+            return Err(status(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "exec spec of type {:?}, expected {EXEC_SPEC_TYPE}",
+                    spec.type_url
+                ),
+            ));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        container.execs.insert(
+            req.exec_id.clone(),
+            Process::new(&req.exec_id, stdio, spec.value.clone()),
+        );
+        self.events.publish(Box::new(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        }));
+        Ok(Empty::new())
+    }
+
+    pub(super) fn state(&self, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let pod = self.pod();
+        let container = pod
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(&req.id, ""))?;
+        let process = container
+            .process(&req.exec_id)
+            .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+        let exit = process.exit();
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: container.bundle.display().to_string(),
+            pid: pod.vm.as_ref().map(|vm| vm.vmm_pid).unwrap_or_default(),
+            status: state_status(process.phase(container.paused)).into(),
+            stdin: process.stdio.stdin.clone(),
+            stdout: process.stdio.stdout.clone(),
+            stderr: process.stdio.stderr.clone(),
+            terminal: process.stdio.terminal,
+            exit_status: exit.as_ref().map(|e| e.status).unwrap_or_default(),
+            exited_at: exit.map(|e| MessageField::some(e.at)).unwrap_or_default(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn wait(&self, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let mut exit = {
+            let pod = self.pod();
+            pod.containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?
+                .process(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?
+                .exit
+                .subscribe()
+        };
+        let exit = exit
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| {
+                status(
+                    Code::NOT_FOUND,
+                    format!("{} {} was deleted while waiting", req.id, req.exec_id),
+                )
+            })?
+            .clone()
+            .unwrap_or(Exit {
+                status: VM_LOST_EXIT_STATUS,
+                at: now(),
+            });
+        Ok(WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn kill(&self, req: KillRequest) -> TtrpcResult<Empty> {
+        let vm = {
+            let pod = self.pod();
+            let process = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?
+                .process(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            if process.exit().is_some() {
+                return Err(status(
+                    Code::NOT_FOUND,
+                    format!("process {} {} already finished", req.id, req.exec_id),
+                ));
+            }
+            pod.vm
+                .clone()
+                .ok_or_else(|| status(Code::UNAVAILABLE, "the pod has no VM"))?
+        };
+        // `all` needs no more: the init of a container is PID 1 of its PID
+        // namespace in the guest, and the kernel kills the rest with it.
+        let agent = vm.agent.clone();
+        let request = SignalProcessRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            signal: req.signal,
+            ..Default::default()
+        };
+        blocking(move || agent.signal_process(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("SignalProcess", e))?;
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn pids(&self, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let agent = self.vm_for(&req.id)?.agent.clone();
+        let request = ListProcessesRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let response = blocking(move || agent.list_processes(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("ListProcesses", e))?;
+        let processes = response
+            .pids
+            .iter()
+            .filter_map(|pid| u32::try_from(*pid).ok())
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn close_io(&self, req: CloseIORequest) -> TtrpcResult<Empty> {
+        if !req.stdin {
+            return Ok(Empty::new());
+        }
+        let target = {
+            let mut pod = self.pod();
+            let vm = pod.vm.clone();
+            let process = pod
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&req.id, ""))?
+                .process_mut(&req.exec_id)
+                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            if !process.started && !req.exec_id.is_empty() {
+                // The exec does not exist in the agent yet: Start closes it.
+                process.stdin_close_pending = true;
+                return Ok(Empty::new());
+            }
+            let handled = process
+                .io
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|io| io.request_stdin_close());
+            if handled {
+                return Ok(Empty::new());
+            }
+            let vm = vm.ok_or_else(|| status(Code::UNAVAILABLE, "no VM"))?;
+            self.target(&vm, &req.id, &req.exec_id)
+        };
+        blocking(move || close_stdin(&target)).await?;
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn resize_pty(&self, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let agent = self.vm_for(&req.id)?.agent.clone();
+        let request = TtyWinResizeRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            row: req.height,
+            column: req.width,
+            ..Default::default()
+        };
+        blocking(move || agent.tty_win_resize(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("TtyWinResize", e))?;
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn update(&self, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let agent = self.vm_for(&req.id)?.agent.clone();
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        // containerd sends LinuxResources as JSON in the Any, which is what the agent takes.
+        let request = UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources_json: resources.value.clone(),
+            ..Default::default()
+        };
+        blocking(move || agent.update_container(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("UpdateContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    pub(super) async fn stats(&self, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let agent = self.vm_for(&req.id)?.agent.clone();
+        let request = StatsContainerRequest {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        let s = blocking(move || agent.stats_container(ctx(CALL_TIMEOUT), &request))
+            .await?
+            .map_err(|e| agent_error("StatsContainer", e))?;
+        let metrics = Metrics {
+            memory: MessageField::some(MemoryStat {
+                usage: MessageField::some(MemoryEntry {
+                    usage: s.memory_usage,
+                    max: s.memory_max_usage,
+                    limit: s.memory_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: s.cpu_usage_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let value = metrics
+            .write_to_bytes()
+            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(Any {
+                type_url: METRICS_TYPE.into(),
+                value,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    pub(super) async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<Empty> {
+        let agent = self.vm_for(id)?.agent.clone();
+        let container_id = id.to_string();
+        let (what, paused_result) = if paused {
+            let request = PauseContainerRequest {
+                container_id,
+                ..Default::default()
+            };
+            let call = blocking(move || agent.pause_container(ctx(CALL_TIMEOUT), &request));
+            ("PauseContainer", call.await?)
+        } else {
+            let request = ResumeContainerRequest {
+                container_id,
+                ..Default::default()
+            };
+            let call = blocking(move || agent.resume_container(ctx(CALL_TIMEOUT), &request));
+            ("ResumeContainer", call.await?)
+        };
+        paused_result.map_err(|e| agent_error(what, e))?;
+        if let Some(container) = self.pod().containers.get_mut(id) {
+            container.paused = paused;
+        }
+        if paused {
+            self.events.publish(Box::new(TaskPaused {
+                container_id: id.to_string(),
+                ..Default::default()
+            }));
+        } else {
+            self.events.publish(Box::new(TaskResumed {
+                container_id: id.to_string(),
+                ..Default::default()
+            }));
+        }
+        Ok(Empty::new())
+    }
+}
