@@ -7,9 +7,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
+use podbox_mountfd::mountinfo::{self, MountInfo};
 use serde_json::json;
 
 /// What the container reports: files through its mounts, then its
@@ -23,28 +24,25 @@ const SCRIPT: &str = "cat /data/marker /etc/podbox-file /podbox-inside/vol/marke
      echo fd=$(readlink /dev/fd); \
      echo ---; cat /proc/self/mountinfo";
 
-/// Mount point -> (per-mount options, filesystem type), from mountinfo.
-fn mount_table(info: &str) -> HashMap<String, (String, String)> {
-    let mut t = HashMap::new();
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.len() > sep + 1 && sep > 5 {
-            t.insert(f[4].to_string(), (f[5].to_string(), f[sep + 1].to_string()));
-        }
-    }
-    t
+/// Mount point -> its mount (the last one where mounts are stacked), from
+/// mountinfo.
+fn mount_table(info: &str) -> HashMap<PathBuf, MountInfo> {
+    mountinfo::parse(info.as_bytes())
+        .into_iter()
+        .map(|m| (m.mount_point.clone(), m))
+        .collect()
 }
 
-fn has_opts(t: &HashMap<String, (String, String)>, at: &str, want: &[&str]) {
-    let (opts, _) = t
-        .get(at)
+fn has_opts(t: &HashMap<PathBuf, MountInfo>, at: &str, want: &[&str]) {
+    let m = t
+        .get(Path::new(at))
         .unwrap_or_else(|| panic!("nothing mounted on {at}: {t:?}"));
-    let got: Vec<&str> = opts.split(',').collect();
     for w in want {
-        assert!(got.contains(w), "{at} has options {opts}, wanted {w}");
+        assert!(
+            m.has_option(w),
+            "{at} has options {}, wanted {w}",
+            m.options
+        );
     }
 }
 
@@ -109,8 +107,8 @@ fn mounts_masks_and_readonly_paths_land_inside_with_their_flags() {
     has_opts(&t, "/sys/firmware", &["ro"]);
     has_opts(&t, "/proc/keys", &[]);
     has_opts(&t, "/dev/null", &[]);
-    assert_eq!(t["/sys/firmware"].1, "tmpfs");
-    assert_eq!(t["/run"].1, "tmpfs");
+    assert_eq!(t[Path::new("/sys/firmware")].fs_type, "tmpfs");
+    assert_eq!(t[Path::new("/run")].fs_type, "tmpfs");
 
     // The symlinked destinations were created inside the rootfs; nothing
     // appeared on the host.

@@ -7,6 +7,7 @@
 //! looking its path up again (a remount through the target's descriptor
 //! reaches the directory underneath, not the new mount: EINVAL).
 
+pub mod mountinfo;
 pub mod tree;
 
 use std::ffi::{CStr, CString, OsStr};

@@ -8,7 +8,7 @@
 //! kernel would resolve again:
 //!
 //! - [`mount_points`] reads mountinfo as bytes (a guest may name a directory
-//!   with any bytes but `/` and NUL);
+//!   with any bytes but `/` and NUL), with [`podbox_mountfd::mountinfo`];
 //! - [`unmount_beneath`] unmounts a mount point reached that way;
 //! - [`remove_tree`] deletes a tree without following a symlink and without
 //!   ever descending into a mount (`RESOLVE_NO_XDEV`), so whatever was left
@@ -16,7 +16,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -24,20 +23,20 @@ use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{umount2, MntFlags};
 use nix::unistd::{unlinkat, UnlinkatFlags};
-use podbox_mountfd::{Attrs, Detached};
+use podbox_mountfd::{mountinfo, Attrs, Detached};
 
 /// How deep [`remove_tree`] goes: the state directory's own layout is a
 /// few levels deep; anything deeper is not ours to delete.
 const MAX_REMOVE_DEPTH: usize = 64;
 
 /// Mount points of this mount namespace, from /proc/self/mountinfo, as
-/// the bytes the kernel wrote (decoded from its octal escapes).
+/// the bytes the kernel wrote (decoded from its octal escapes; see
+/// [`podbox_mountfd::mountinfo`]).
 pub fn mount_points() -> Vec<PathBuf> {
-    let mountinfo = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .split(|b| *b == b'\n')
-        .filter_map(|line| line.split(|b| *b == b' ').nth(4))
-        .map(|field| PathBuf::from(OsString::from_vec(unescape_mount_field(field))))
+    mountinfo::read(None)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
         .collect()
 }
 
@@ -51,30 +50,6 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     points
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mount_field(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let octal = field
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)))
-            .map(|d| d.iter().fold(0u32, |n, b| n * 8 + u32::from(b - b'0')))
-            .and_then(|n| u8::try_from(n).ok());
-        match (field[i], octal) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 fn beneath(extra: ResolveFlag) -> ResolveFlag {
@@ -266,16 +241,7 @@ pub fn attach_restricted(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded_to_bytes() {
-        assert_eq!(unescape_mount_field(b"/a\\040b"), b"/a b");
-        assert_eq!(unescape_mount_field(b"/plain"), b"/plain");
-        assert_eq!(unescape_mount_field(b"/x\\134y"), b"/x\\y");
-        // Bytes that are not UTF-8 come through unchanged.
-        assert_eq!(unescape_mount_field(b"/\xff\xfe"), b"/\xff\xfe");
-        assert_eq!(unescape_mount_field(b"/odd\\9"), b"/odd\\9");
-    }
+    use std::os::unix::ffi::OsStringExt;
 
     #[test]
     fn open_beneath_refuses_symlinks_in_any_component() {

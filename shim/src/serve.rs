@@ -3,9 +3,24 @@
 //! bundle's `log` FIFO (containerd copies it into its own log), and tears
 //! the pod down when it ends.
 //!
-//! The server is assembled here instead of with containerd-shim's `run`:
-//! that one reaps every child on SIGCHLD, which would steal podbox-vmm's
-//! exit status from the supervisor that waits for it.
+//! The server is assembled here, and spawned by [`crate::service`], instead
+//! of with containerd-shim 0.12's `asynchronous::run` and `spawn`, for what
+//! those lack:
+//!
+//! 1. `run` registers only what `create_task()` returns, the service named
+//!    `containerd.task.v3.Task` (containerd 2's name); containerd 1.6 calls
+//!    `containerd.task.v2.Task`, so every call would find no service. Here
+//!    both names are registered, for the same handlers.
+//! 2. `run`'s reaper answers SIGCHLD with `waitpid(-1)` and would steal
+//!    podbox-vmm's exit status from the supervisor that waits for it
+//!    (unless its `Config::no_reaper` is set).
+//! 3. `spawn` waits for the start handshake without a timeout (it copies
+//!    the server's stdout to stderr until EOF, so a server that hangs
+//!    before serving hangs `start`), and does not start the server in a
+//!    process group of its own (it stays in the `start` command's group,
+//!    and gets whatever signal is sent to that group).
+//!    [`crate::service`] waits at most its `START_HANDSHAKE_TIMEOUT`, then
+//!    kills the server, and starts it with `process_group(0)`.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};

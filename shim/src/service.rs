@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::{CodedInputStream, Message};
@@ -28,6 +29,15 @@ use crate::settings::VmSettings;
 const RUNTIME_OPTIONS_TYPE: &str = "runtimeoptions.v1.Options";
 /// What containerd reports for a task whose shim is gone: killed (128 + SIGKILL).
 const EXIT_STATUS_KILLED: u32 = 128 + 9;
+/// How long `start` waits for the server it spawned to serve. Before it
+/// serves, the server only loads the config, connects to containerd's
+/// ttrpc address and binds its socket (the VM boots later, on Create):
+/// milliseconds, or seconds on a host under heavy load. 30 s is well past
+/// that, yet well within what a CRI client waits (kubelet:
+/// --runtime-request-timeout, 2 minutes by default), so a server that
+/// hangs fails `start` with this error, not the client's call with a bare
+/// deadline, and is not left behind.
+const START_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum ShimError {
@@ -74,6 +84,14 @@ pub enum ShimError {
         "the shim server for {id} exited before serving {address} (its log is in containerd's log)"
     )]
     ServerDidNotStart { id: String, address: String },
+    #[error(
+        "the shim server for {id} did not serve {address} within {timeout:?}, and was killed (its log is in containerd's log)"
+    )]
+    StartTimeout {
+        id: String,
+        address: String,
+        timeout: Duration,
+    },
 }
 
 /// What the command asks the caller to write to stdout.
@@ -198,9 +216,35 @@ fn spawn_server(
         None => command.env_remove(crate::serve::CONFIG_PATH_ENV),
     };
     let mut child = command.spawn().map_err(spawn_error)?;
+    await_handshake(&mut child, id, address, START_HANDSHAKE_TIMEOUT)
+}
+
+/// Waits until the spawned server closes its stdout (it serves), for at
+/// most `timeout`. A server still silent then is killed, with its process
+/// group (it has one of its own), and reaped.
+fn await_handshake(
+    child: &mut std::process::Child,
+    id: &str,
+    address: &str,
+    timeout: Duration,
+) -> Result<(), ShimError> {
     if let Some(mut stdout) = child.stdout.take() {
-        let mut sink = Vec::new();
-        let _ = stdout.read_to_end(&mut sink);
+        // An error reading the pipe tells nothing either way: as on EOF,
+        // whether the server is still alive decides.
+        if let Ok(Handshake::TimedOut) = wait_for_close(&mut stdout, timeout) {
+            let group = nix::unistd::Pid::from_raw(child.id() as i32);
+            // The child is not reaped yet, so its pid (its group's id) is
+            // still its own.
+            if nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL).is_err() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+            return Err(ShimError::StartTimeout {
+                id: id.to_string(),
+                address: address.to_string(),
+                timeout,
+            });
+        }
     }
     // The server lives on; if it already exited, it failed.
     if let Ok(Some(_)) = child.try_wait() {
@@ -210,6 +254,48 @@ fn spawn_server(
         });
     }
     Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Handshake {
+    /// The writer closed the pipe.
+    Closed,
+    TimedOut,
+}
+
+/// Reads (and drops) what comes through `pipe` until its writer closes it
+/// or `timeout` has passed.
+fn wait_for_close(
+    pipe: &mut std::process::ChildStdout,
+    timeout: Duration,
+) -> std::io::Result<Handshake> {
+    use nix::poll::{poll, PollFd, PollFlags};
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Handshake::TimedOut);
+        }
+        // Rounded up, so that a last fraction of a millisecond is slept,
+        // not spun; poll's timeout is at most u16::MAX ms here, the loop
+        // goes on where a longer one is left.
+        let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Readable or hung up: this read does not block.
+        match pipe.read(&mut buf) {
+            Ok(0) => return Ok(Handshake::Closed),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// `unix:///run/containerd/s/<hash>` → `/run/containerd/s/<hash>`.
@@ -419,6 +505,71 @@ mod tests {
         let response = DeleteResponse::parse_from_bytes(&bytes).expect("a DeleteResponse");
         assert_eq!(response.exit_status, 137);
         assert!(response.exited_at.is_some(), "exited_at is set");
+    }
+
+    /// `sh -c script` with its stdout piped, in its own process group (as
+    /// the server is spawned).
+    fn spawn_sh(script: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sh")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawns sh")
+    }
+
+    #[test]
+    fn a_server_that_never_closes_stdout_is_killed_after_the_timeout() {
+        let mut child = spawn_sh("sleep 60");
+        let started = Instant::now();
+        let error = await_handshake(&mut child, "pod", "unix:///x", Duration::from_millis(200))
+            .expect_err("times out");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not wait for sleep"
+        );
+        assert!(
+            matches!(&error, ShimError::StartTimeout { id, address, timeout }
+                if id == "pod" && address == "unix:///x" && *timeout == Duration::from_millis(200)),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("pod") && message.contains("unix:///x") && message.contains("200ms"),
+            "{message}"
+        );
+        // Killed and reaped.
+        let status = child.try_wait().expect("try_wait").expect("exited");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
+
+    #[test]
+    fn a_server_that_closes_stdout_and_lives_has_started() {
+        // What the server does: stdout closed, then it serves on.
+        let mut child = spawn_sh("exec >&-; sleep 60");
+        let result = await_handshake(&mut child, "pod", "unix:///x", Duration::from_secs(20));
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("started");
+    }
+
+    #[test]
+    fn a_server_that_exits_before_serving_did_not_start() {
+        // The pipe closes only after sh has exited (a background sleep
+        // holds it a moment longer), so the check after EOF finds it gone.
+        let mut child = spawn_sh("echo some output; sleep 0.3 & exit 1");
+        let error = await_handshake(&mut child, "pod", "unix:///x", Duration::from_secs(20))
+            .expect_err("exited");
+        let _ = child.wait();
+        assert!(
+            matches!(error, ShimError::ServerDidNotStart { .. }),
+            "{error}"
+        );
     }
 
     #[test]

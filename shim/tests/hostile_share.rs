@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
+use podbox_mountfd::mountinfo;
 use podbox_shim::hostfs;
 use podbox_shim::rootfs::ContainerShare;
 use podbox_shim::sandbox::state_dir::StateDir;
@@ -115,12 +116,11 @@ fn errno(result: std::io::Result<impl Sized>) -> Option<i32> {
 
 /// The mount options (field 6 of mountinfo) of the mount at `point`.
 fn mount_options(point: &Path) -> String {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.len() > 5 && Path::new(f[4]) == point)
-        .map(|f| f[5].to_string())
+    mountinfo::read(None)
+        .expect("mountinfo")
+        .into_iter()
+        .filter(|m| m.mount_point == point)
+        .map(|m| m.options)
         .next_back()
         .unwrap_or_else(|| panic!("{} is not a mount point", point.display()))
 }
@@ -469,10 +469,10 @@ fn snapshot_in_a_shared_root() {
         .block_on(share.prepare(&[snapshot], &bundle))
         .expect("prepare");
     let rootfs = share.host_rootfs();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let at_rootfs: Vec<&str> = mountinfo
-        .lines()
-        .filter(|l| l.split(' ').nth(4).map(Path::new) == Some(rootfs.as_path()))
+    let at_rootfs: Vec<mountinfo::MountInfo> = mountinfo::read(None)
+        .expect("mountinfo")
+        .into_iter()
+        .filter(|m| m.mount_point == rootfs)
         .collect();
     assert_eq!(
         at_rootfs.len(),

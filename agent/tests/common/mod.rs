@@ -257,12 +257,11 @@ impl Agent {
 
     /// Mount points the host sees under the test's temp dir.
     pub fn host_mounts_under_dir(&self) -> Vec<String> {
-        let dir = self.dir.path().display().to_string();
-        std::fs::read_to_string("/proc/self/mountinfo")
+        podbox_mountfd::mountinfo::read(None)
             .unwrap()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(String::from))
-            .filter(|m| m.starts_with(&dir))
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(self.dir.path()))
+            .map(|m| m.mount_point.display().to_string())
             .collect()
     }
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{renameat2, RenameFlags};
 use nix::mount::{umount2, MntFlags};
 use oci_spec::runtime::{Mount, MountBuilder};
+use podbox_mountfd::mountinfo;
 
 use super::{mount_one, Tree};
 
@@ -204,13 +205,11 @@ impl Landed<'_> {
     /// holds still); then removes it.
     fn check(&self, i: usize, result: Result<(), String>, tally: &mut Tally) {
         let mounts = mounts_under(self.base);
-        let escaped = shows_marker(self.outside_target)
-            || mounts
-                .iter()
-                .any(|m| !Path::new(m).starts_with(self.rootfs));
+        let escaped =
+            shows_marker(self.outside_target) || mounts.iter().any(|m| !m.starts_with(self.rootfs));
         match (&result, mounts.len()) {
             _ if escaped => tally.outside += 1,
-            (Ok(()), 1) if shows_marker(Path::new(&mounts[0])) => tally.inside += 1,
+            (Ok(()), 1) if shows_marker(&mounts[0]) => tally.inside += 1,
             (Ok(()), _) => panic!("attempt {i} succeeded, yet mounts are {mounts:?}"),
             (Err(_), 0) => tally.failed_clean += 1,
             (Err(_), _) => tally.failed_dirty += 1,
@@ -225,19 +224,18 @@ impl Landed<'_> {
 }
 
 /// Mount points at or below `dir`, in mount order.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    mountinfo::read(None)
         .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .map(String::from)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir))
         .collect()
 }
 
-fn unmount_all(mounts: &[String]) {
+fn unmount_all(mounts: &[PathBuf]) {
     for m in mounts.iter().rev() {
-        let _ = umount2(m.as_str(), MntFlags::MNT_DETACH);
+        let _ = umount2(m.as_path(), MntFlags::MNT_DETACH);
     }
 }
 
