@@ -1,6 +1,6 @@
 # podbox: the two commands the README promises, and their parts.
 #   make demo   a two-container pod under runc and in a podbox microVM, through containerd
-#   make test   install what the tests need, build, run every test
+#   make test   install what the tests need, build (the release shim and VMM too), run every test
 #   make install  install the shim, VMM, kernel, initramfs and config for the host's containerd
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -16,7 +16,10 @@ kernel: deps
 build: deps
 	$(CARGO) build --workspace
 
+# The containerd e2e tests run the release shim and VMM from
+# $CARGO_TARGET_DIR/release (or target/release); the harness does not build them.
 test: deps
+	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) test --workspace --no-fail-fast
 
 demo: deps
