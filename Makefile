@@ -1,11 +1,12 @@
 # podbox: the two commands the README promises, and their parts.
 #   make demo   a two-container pod under runc and in a podbox microVM, through containerd
-#   make test   install what the tests need, build, run every test
+#   make test   install what the tests need, build the guest kernel and image (test-assets)
+#               and the release shim and VMM, then run every test
 #   make install  install the shim, VMM, kernel, initramfs and config for the host's containerd
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel build test demo demo-vm bench bench-pods install
+.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-pods install
 
 deps:
 	scripts/deps.sh
@@ -13,10 +14,25 @@ deps:
 kernel: deps
 	guest-kernel/build.sh
 
+# What the tests boot, built (or found in /var/cache/podbox) before cargo test:
+# the podbox guest kernel and the guest image with the static agent (its own
+# cargo build, in target/guest). The test harness only looks them up
+# (`build.sh --print-path`) and fails naming this target where one is missing.
+test-assets: deps
+	guest-kernel/build.sh --variant podbox
+	guest-image/build.sh
+
+# The benchmarks' extra: the QEMU variant of the guest kernel.
+bench-assets: test-assets
+	guest-kernel/build.sh --variant qemu
+
 build: deps
 	$(CARGO) build --workspace
 
-test: deps
+# The containerd e2e tests run the release shim and VMM from
+# $CARGO_TARGET_DIR/release (or target/release); the harness does not build them.
+test: test-assets
+	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) test --workspace --no-fail-fast
 
 demo: deps
@@ -26,12 +42,12 @@ demo: deps
 demo-vm: deps
 	scripts/demo-vm.sh
 
-bench: deps
+bench: bench-assets
 	$(CARGO) build --release -p podbox-vmm
 	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- boot
 
 # Pods through containerd, podbox beside runc (several guest boots: minutes).
-bench-pods: deps
+bench-pods: test-assets
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
 	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench pods --runs 3

@@ -2,7 +2,7 @@
 # Build the podbox guest image: an initramfs (newc cpio) whose /init is the
 # static podbox-agent, plus the empty directories it mounts on.
 #
-#   guest-image/build.sh
+#   guest-image/build.sh [--print-path]
 #
 # The kernel boots it with its default `rdinit=/init` (nothing to add to the
 # command line; podbox-vmm adds console=ttyS0 reboot=k panic=1). The agent
@@ -15,6 +15,11 @@
 # $PODBOX_CACHE_DIR (default /var/cache/podbox)/initramfs/<hash>.cpio, keyed
 # by the agent binary and this recipe. Progress goes to stderr; the image
 # path is the last stdout line.
+#
+# --print-path: build and install nothing (no cargo); print the path of the
+#   cached image for the agent binary now in the target dir, or fail (status
+#   1) if either is missing. The test harness looks the image up this way
+#   (`make test-assets`, which `make test` runs first, builds it).
 set -euo pipefail
 
 # Bump when the layout of the image changes.
@@ -23,27 +28,39 @@ TARGET=x86_64-unknown-linux-gnu
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
+print_path=
 case "${1:-}" in
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --print-path) print_path=1 ;;
     "") ;;
     *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 log() { echo "guest-image: $*" >&2; }
-command -v cpio >/dev/null || {
-    log "installing cpio"
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >&2
-}
 
 target_dir=${PODBOX_GUEST_TARGET_DIR:-$repo/target/guest}
-log "building the static agent (cargo, $target_dir)"
-(cd "$repo" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --target "$TARGET" -p podbox-agent >&2)
 agent=$target_dir/$TARGET/release/podbox-agent
-file -L "$agent" 2>/dev/null | grep -q 'static' || { log "$agent is not statically linked"; exit 1; }
+if [ -n "$print_path" ]; then
+    [ -f "$agent" ] || { log "no agent binary at $agent: run guest-image/build.sh"; exit 1; }
+else
+    command -v cpio >/dev/null || {
+        log "installing cpio"
+        apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >&2
+    }
+    log "building the static agent (cargo, $target_dir)"
+    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS='-C target-feature=+crt-static' \
+        cargo build --release --target "$TARGET" -p podbox-agent >&2)
+    file -L "$agent" 2>/dev/null | grep -q 'static' || { log "$agent is not statically linked"; exit 1; }
+fi
 
 key=$( { echo "recipe $RECIPE_VERSION"; sha256sum < "$agent"; } | sha256sum | cut -c1-16)
 cache=${PODBOX_CACHE_DIR:-/var/cache/podbox}/initramfs
 out=$cache/$key.cpio
+if [ -n "$print_path" ]; then
+    # No lock: a build renames its finished image into place.
+    [ -f "$out" ] || { log "no image built for $agent ($out): run guest-image/build.sh"; exit 1; }
+    echo "$out"
+    exit 0
+fi
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9

@@ -2,7 +2,7 @@
 # Build the podbox guest kernel: an uncompressed x86-64 vmlinux from Debian's
 # linux-source-6.12, allnoconfig + podbox.config + patches/.
 #
-#   guest-kernel/build.sh [--variant podbox|qemu]
+#   guest-kernel/build.sh [--variant podbox|qemu] [--print-path]
 #
 # --variant podbox (default): the kernel podbox-vmm boots. Its patches/ are
 #   only the ones the VMM cannot replace (the PVM syscall completion, which is
@@ -10,6 +10,10 @@
 # --variant qemu: the same kernel plus patches/qemu/*, which remove the
 #   instructions podbox-vmm's emulation fallback performs on PVM hosts; the
 #   benchmark boots it under QEMU microvm, which has no such fallback.
+# --print-path: build and install nothing; print the path of the cached
+#   vmlinux for the current inputs, or fail (status 1) if it is not built
+#   yet. The test harness looks the kernel up this way (`make test-assets`,
+#   which `make test` runs first, builds it).
 #
 # The result is cached under $PODBOX_CACHE_DIR (default /var/cache/podbox),
 # keyed by a hash of the source package version, the config fragment, the
@@ -24,11 +28,13 @@ SOURCE_TARBALL=/usr/src/linux-source-6.12.tar.xz
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 variant=podbox
+print_path=
 while [ $# -gt 0 ]; do
     case "$1" in
         --variant) variant=${2:-}; shift 2 || { echo "build.sh: --variant needs a value" >&2; exit 2; } ;;
         --variant=*) variant=${1#--variant=}; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --print-path) print_path=1; shift ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,20 +46,27 @@ esac
 
 log() { echo "guest-kernel: $*" >&2; }
 
-# Source and tools: install what is missing (Debian).
+# Source and tools: install what is missing (Debian); --print-path installs
+# nothing.
 need_pkgs=()
-[ -f "$SOURCE_TARBALL" ] || need_pkgs+=("$SOURCE_PACKAGE")
-for tool_pkg in make:make gcc:gcc bc:bc flex:flex bison:bison xz:xz-utils patch:patch perl:perl; do
-    command -v "${tool_pkg%%:*}" >/dev/null || need_pkgs+=("${tool_pkg#*:}")
-done
-[ -f /usr/include/libelf.h ] || need_pkgs+=(libelf-dev)
-[ -f /usr/include/openssl/ssl.h ] || need_pkgs+=(libssl-dev)
+if [ -z "$print_path" ]; then
+    [ -f "$SOURCE_TARBALL" ] || need_pkgs+=("$SOURCE_PACKAGE")
+    for tool_pkg in make:make gcc:gcc bc:bc flex:flex bison:bison xz:xz-utils patch:patch perl:perl; do
+        command -v "${tool_pkg%%:*}" >/dev/null || need_pkgs+=("${tool_pkg#*:}")
+    done
+    [ -f /usr/include/libelf.h ] || need_pkgs+=(libelf-dev)
+    [ -f /usr/include/openssl/ssl.h ] || need_pkgs+=(libssl-dev)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2
 fi
-source_version=$(dpkg-query -W -f='${Version}' "$SOURCE_PACKAGE")
+source_version=$(dpkg-query -W -f='${Version}' "$SOURCE_PACKAGE" 2>/dev/null) || source_version=
+if [ -z "$source_version" ]; then
+    log "$SOURCE_PACKAGE is not installed (make deps installs it), so no $variant kernel is built"
+    exit 1
+fi
 
 patches=()
 for dir in "${patch_dirs[@]}"; do
@@ -68,6 +81,15 @@ key=$( {
 
 cache=${PODBOX_CACHE_DIR:-/var/cache/podbox}/kernel
 out_dir=$cache/$variant-$key
+if [ -n "$print_path" ]; then
+    # No lock: a build renames its finished output into place.
+    if [ ! -f "$out_dir/vmlinux" ]; then
+        log "no $variant kernel built for the current inputs ($out_dir/vmlinux): run guest-kernel/build.sh --variant $variant"
+        exit 1
+    fi
+    echo "$out_dir/vmlinux"
+    exit 0
+fi
 mkdir -p "$cache"
 exec 9>"$cache/.lock"
 flock 9

@@ -23,48 +23,77 @@ impl KernelVariant {
             KernelVariant::Qemu => "qemu",
         }
     }
+
+    /// The make target that builds this variant (the tests boot only the
+    /// podbox one; the QEMU one is the benchmark's).
+    fn make_target(self) -> &'static str {
+        match self {
+            KernelVariant::Podbox => "`make test-assets` (`make test` runs it first)",
+            KernelVariant::Qemu => "`make bench-assets` (`make bench` runs it first)",
+        }
+    }
 }
 
-/// Path of the guest kernel, built (or taken from the cache) by
-/// `guest-kernel/build.sh`; `PODBOX_KERNEL` overrides the podbox variant.
+/// Path of the guest kernel that `guest-kernel/build.sh --variant V` built
+/// into its cache, looked up with `--print-path` (the same content-hash key,
+/// nothing built or installed); `PODBOX_KERNEL` overrides the podbox
+/// variant. Panics, naming the make target, where it is not built.
 pub fn guest_kernel(variant: KernelVariant) -> PathBuf {
-    static BUILT: OnceLock<Mutex<Vec<(KernelVariant, PathBuf)>>> = OnceLock::new();
+    static FOUND: OnceLock<Mutex<Vec<(KernelVariant, PathBuf)>>> = OnceLock::new();
     if variant == KernelVariant::Podbox {
         if let Some(path) = std::env::var_os("PODBOX_KERNEL") {
             return path.into();
         }
     }
-    let built = BUILT.get_or_init(Default::default);
-    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, path)) = built.iter().find(|(v, _)| *v == variant) {
+    let found = FOUND.get_or_init(Default::default);
+    let mut found = found.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = found.iter().find(|(v, _)| *v == variant) {
         return path.clone();
     }
-    let script = repo_root().join("guest-kernel/build.sh");
-    let out = Command::new(&script)
-        .args(["--variant", variant.arg()])
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "guest-kernel/build.sh --variant {} failed:\n{}",
-        variant.arg(),
-        String::from_utf8_lossy(&out.stderr)
+    let path = prepared_output(
+        "guest-kernel/build.sh",
+        &["--variant", variant.arg()],
+        &format!("the {} guest kernel", variant.arg()),
+        &format!(
+            "run {} or `guest-kernel/build.sh --variant {}`",
+            variant.make_target(),
+            variant.arg()
+        ),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build.sh prints the vmlinux path")
-            .trim(),
-    );
-    assert!(
-        path.is_file(),
-        "build.sh printed {}, which is not a file",
-        path.display()
-    );
-    built.push((variant, path.clone()));
+    found.push((variant, path.clone()));
     path
+}
+
+/// The output of a build script that `make test-assets` ran before the
+/// tests: `script ARGS --print-path` (from the repo root) prints its path
+/// without building or installing anything. Where it is missing, panics
+/// with the script's reason and `remedy`: the harness never builds it.
+pub(crate) fn prepared_output(script: &str, args: &[&str], what: &str, remedy: &str) -> PathBuf {
+    let root = repo_root();
+    let command = [script]
+        .iter()
+        .chain(args)
+        .chain(&["--print-path"])
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new(root.join(script))
+        .args(args)
+        .arg("--print-path")
+        .current_dir(&root)
+        .output()
+        .unwrap_or_else(|e| panic!("running {command}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().last().map(|l| PathBuf::from(l.trim())) {
+        Some(path) if out.status.success() && path.is_file() => path,
+        _ => panic!(
+            "{what} is not built: {remedy}; the test harness only looks it up.\n\
+             `{command}` ({}) said:\n{}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
 }
 
 /// Debian's static busybox (package busybox-static).

@@ -2,10 +2,9 @@
 //! and the vsock test image built on it.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use crate::guest::compile_static_c;
+use crate::guest::{compile_static_c, prepared_output};
 use crate::initramfs::Initramfs;
 use crate::repo_root;
 
@@ -20,45 +19,30 @@ pub const GUEST_HELLO: &str = "guest-hello\n";
 /// services and execs the agent, which stays PID 1.
 pub const TEST_IMAGE_CMDLINE: &str = "quiet rdinit=/podbox-test-init";
 
-/// Path of the production guest image, built (or taken from the cache) by
-/// `guest-image/build.sh`; `PODBOX_INITRAMFS` overrides it.
+/// Path of the production guest image that `guest-image/build.sh` built
+/// into its cache for the agent binary now in its target dir, looked up with
+/// `--print-path` (no cargo, nothing installed); `PODBOX_INITRAMFS`
+/// overrides it. Panics, naming the make target, where it is not built.
 pub fn agent_initramfs() -> PathBuf {
-    static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    static FOUND: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
     if let Some(path) = std::env::var_os("PODBOX_INITRAMFS") {
         return path.into();
     }
-    let mut built = BUILT
+    let mut found = FOUND
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
+    if let Some(path) = found.as_ref() {
         return path.clone();
     }
-    let script = repo_root().join("guest-image/build.sh");
-    let out = Command::new(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "guest-image/build.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build.sh prints the image path")
-            .trim(),
-    );
-    assert!(
-        path.is_file(),
-        "build.sh printed {}, which is not a file",
-        path.display()
-    );
-    *built = Some(path.clone());
+    let path = prepared_output("guest-image/build.sh", &[], "the guest image", IMAGE_REMEDY);
+    *found = Some(path.clone());
     path
 }
+
+/// What builds the guest image and its static agent.
+const IMAGE_REMEDY: &str =
+    "run `make test-assets` (`make test` runs it first) or `guest-image/build.sh`";
 
 /// The production image with the vsock test helper appended as a second
 /// cpio archive (the kernel unpacks both); boot it with
@@ -76,15 +60,19 @@ pub fn vsock_test_initramfs(dir: &Path) -> PathBuf {
     path
 }
 
-/// The static agent that `guest-image/build.sh` put into the image (built
-/// by [`agent_initramfs`]).
+/// The static agent that `guest-image/build.sh` built and put into the
+/// image (in `$PODBOX_GUEST_TARGET_DIR`, default `<repo>/target/guest`).
 pub fn agent_binary() -> PathBuf {
     agent_initramfs();
     let target = std::env::var_os("PODBOX_GUEST_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|dir| repo_root().join(dir))
         .unwrap_or_else(|| repo_root().join("target/guest"));
     let agent = target.join("x86_64-unknown-linux-gnu/release/podbox-agent");
-    assert!(agent.is_file(), "no agent binary at {}", agent.display());
+    assert!(
+        agent.is_file(),
+        "no agent binary at {}: {IMAGE_REMEDY}",
+        agent.display()
+    );
     agent
 }
 

@@ -1,7 +1,8 @@
 //! The harness shared by podbox's integration tests and benchmarks: the
-//! guest kernel (built and cached by `guest-kernel/build.sh`), initramfs
-//! images, static guest programs, and running a VMM with a deadline; a
-//! private containerd (with CRI), its test images, and a CRI client.
+//! guest kernel and image (looked up where `make test-assets` built them:
+//! the harness builds and installs nothing), initramfs images, static guest
+//! programs, and running a VMM with a deadline; a private containerd (with
+//! CRI), its test images, and a CRI client.
 
 pub mod bench;
 pub mod containerd;

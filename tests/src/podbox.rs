@@ -3,8 +3,6 @@
 //! host (to assert that nothing is left).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, OnceLock};
 
 use crate::guest::{guest_kernel, KernelVariant};
 use crate::guest_image::agent_initramfs;
@@ -16,60 +14,39 @@ pub const SHIM_BINARY: &str = "containerd-shim-podbox-v2";
 pub const VMM_BINARY: &str = "podbox-vmm";
 
 /// The directory holding `containerd-shim-podbox-v2` and `podbox-vmm`
-/// (the shim finds the VMM beside itself): `PODBOX_BIN_DIR` if set, else a
-/// release build of both into `<target>/e2e` (a target dir of its own,
-/// since the running `cargo test` holds the lock on the main one). Release,
-/// as users run them: a debug VMM's device threads are several times
-/// slower, which is not what the end-to-end tests are there to measure.
+/// (the shim finds the VMM beside itself): `PODBOX_BIN_DIR` if set, else
+/// `$CARGO_TARGET_DIR/release` (a relative `CARGO_TARGET_DIR` taken from
+/// the repository root, where `make` runs cargo), else
+/// `<repo>/target/release`. Release, as users run them: a debug VMM's
+/// device threads are several times slower, which is not what the
+/// end-to-end tests are there to measure. The harness does not build them
+/// (a cargo build inside `cargo test` would wait on its lock): `make test`
+/// does, first. Panics, saying how to build them, where either is missing.
 pub fn bin_dir() -> PathBuf {
-    static BUILT: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
-    if let Some(dir) = std::env::var_os("PODBOX_BIN_DIR") {
-        return dir.into();
-    }
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(dir) = built.as_ref() {
-        return dir.clone();
-    }
-    // The test executable is <target>/<profile>/deps/<name>.
-    let exe = std::env::current_exe().expect("the test executable's path");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let target = target.join("e2e");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(repo_root())
-        .args([
-            "build",
-            "-p",
-            "podbox-shim",
-            "-p",
-            "podbox-vmm",
-            "--release",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .output()
-        .expect("running cargo build for the shim and VMM");
-    assert!(
-        out.status.success(),
-        "building the shim and VMM failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = target.join("release");
+    let dir = match std::env::var_os("PODBOX_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => default_bin_dir(),
+    };
     for binary in [SHIM_BINARY, VMM_BINARY] {
+        let path = dir.join(binary);
         assert!(
-            dir.join(binary).is_file(),
-            "{} was not built",
-            dir.join(binary).display()
+            path.is_file(),
+            "{} is missing: run `make test` (which builds it), or build it with \
+             `cargo build --release -p podbox-shim -p podbox-vmm` (or point \
+             PODBOX_BIN_DIR at a directory holding {SHIM_BINARY} and {VMM_BINARY})",
+            path.display()
         );
     }
-    *built = Some(dir.clone());
     dir
+}
+
+/// Where `cargo build --release` from the repository root puts binaries.
+fn default_bin_dir() -> PathBuf {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => repo_root().join(dir),
+        None => repo_root().join("target"),
+    };
+    target.join("release")
 }
 
 /// virtiofsd where scripts/deps.sh puts it, or on PATH.

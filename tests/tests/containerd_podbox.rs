@@ -49,8 +49,8 @@ fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Conta
     if !podbox_tests::kvm_available(test) {
         return None;
     }
-    // Built before the slot is taken: the build is minutes of CPU on 2 cores
-    // and must not keep another test's guest waiting for nothing.
+    // Looked up before the slot is taken: a missing binary fails the test
+    // without keeping another test's guest waiting for nothing.
     let bin_dir = bin_dir();
     // The shim boots the guest: the test holds a VM slot meanwhile, so no
     // more guests run at once than the host has cores for.

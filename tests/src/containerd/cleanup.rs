@@ -1,0 +1,265 @@
+//! The teardown a dropped [`Containerd`] runs: pods, tasks and containers,
+//! the daemon, stragglers, then what is left on the host (mounts, network
+//! namespaces, the bridge, cgroups, host directories containerd made).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use podbox_shim::hostfs::mount_points;
+
+use super::host::{
+    cgroup_dirs, pids_in_cgroup_tree, pod_netns_paths, processes_naming, subdirectories,
+};
+use super::{Containerd, TEST_NAMESPACE};
+
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Host directories containerd 1.6, its CRI plugin and libcni create
+/// whatever the config says, with the subdirectories they make there. Where
+/// a directory did not exist before this process started a containerd, the
+/// last guard to go removes the empty ones (anything in them is someone's).
+const HOST_DIRS_MADE_REGARDLESS: [(&str, &[&str]); 3] = [
+    (
+        "/run/containerd",
+        &["runc/podbox-test", "runc/k8s.io", "runc", "fifo", "s"],
+    ),
+    ("/var/lib/cni", &["results"]),
+    ("/run/netns", &[]),
+];
+
+/// Guards that are alive in this process; /run/containerd is tidied only
+/// when the last one goes, since the others may be using it.
+static LIVE_GUARDS: Mutex<usize> = Mutex::new(0);
+/// Which of [`HOST_DIRS_MADE_REGARDLESS`] existed before this process
+/// started any containerd; those belong to someone else and are left alone.
+static HOST_DIRS_PREEXISTED: OnceLock<[bool; 3]> = OnceLock::new();
+
+/// Notes, the first time only, which host directories existed before any
+/// containerd of this process ran.
+pub(super) fn note_preexisting_host_dirs() {
+    HOST_DIRS_PREEXISTED
+        .get_or_init(|| HOST_DIRS_MADE_REGARDLESS.map(|(dir, _)| Path::new(dir).exists()));
+}
+
+/// Counts one more live guard (its daemon has been spawned).
+pub(super) fn guard_started() {
+    *LIVE_GUARDS.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+}
+
+/// Counts one guard fewer; true when it was the last one.
+fn guard_gone_was_last() -> bool {
+    let mut live = LIVE_GUARDS.lock().unwrap_or_else(|e| e.into_inner());
+    *live = live.saturating_sub(1);
+    *live == 0
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let mut problems = Vec::new();
+        let netns = self.remove_pods(&mut problems);
+        self.remove_tasks_and_containers(&mut problems);
+        self.stop_daemon(&mut problems);
+        self.kill_stragglers(&mut problems);
+        self.remove_host_state(&netns, &mut problems);
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            if let Err(error) = dir.close() {
+                problems.push(format!("removing {}: {error}", path.display()));
+            }
+        }
+        if !problems.is_empty() {
+            eprintln!(
+                "containerd harness {} teardown:\n  {}",
+                self.tag,
+                problems.join("\n  ")
+            );
+        }
+    }
+}
+
+// --- teardown, in the order Drop runs it ---
+impl Containerd {
+    /// Stops and removes every CRI pod (which removes its containers, netns
+    /// and CNI attachment); returns the netns paths the pods had.
+    fn remove_pods(&self, problems: &mut Vec<String>) -> Vec<PathBuf> {
+        let mut cri = match self.cri() {
+            Ok(cri) => cri,
+            Err(error) => {
+                problems.push(format!("CRI client: {error}"));
+                return Vec::new();
+            }
+        };
+        let netns = pod_netns_paths(&mut cri);
+        for pod in cri.list_pod_sandboxes().unwrap_or_default() {
+            if let Err(error) = cri
+                .stop_pod_sandbox(&pod.id)
+                .and_then(|()| cri.remove_pod_sandbox(&pod.id))
+            {
+                problems.push(format!("removing pod {}: {error}", pod.id));
+            }
+        }
+        netns
+    }
+
+    /// Kills and deletes every task and container left in any namespace.
+    fn remove_tasks_and_containers(&self, problems: &mut Vec<String>) {
+        let namespaces = self
+            .ctr_ok(TEST_NAMESPACE, &["namespaces", "ls", "-q"])
+            .unwrap_or_default();
+        for namespace in namespaces.lines().map(str::trim).filter(|n| !n.is_empty()) {
+            self.remove_tasks(namespace, problems);
+            self.remove_containers(namespace, problems);
+        }
+    }
+
+    fn remove_tasks(&self, namespace: &str, problems: &mut Vec<String>) {
+        let tasks = self
+            .ctr_ok(namespace, &["tasks", "ls", "-q"])
+            .unwrap_or_default();
+        for task in tasks.lines().map(str::trim).filter(|t| !t.is_empty()) {
+            // The task may have exited already; only the delete must succeed.
+            let _ = self.ctr(
+                namespace,
+                &["tasks", "kill", "--all", "--signal", "SIGKILL", task],
+            );
+            if let Err(error) = self.ctr_ok(namespace, &["tasks", "delete", "--force", task]) {
+                problems.push(format!("deleting task {namespace}/{task}: {error}"));
+            }
+        }
+    }
+
+    fn remove_containers(&self, namespace: &str, problems: &mut Vec<String>) {
+        let containers = self
+            .ctr_ok(namespace, &["containers", "ls", "-q"])
+            .unwrap_or_default();
+        for container in containers.lines().map(str::trim).filter(|c| !c.is_empty()) {
+            if let Err(error) = self.ctr_ok(namespace, &["containers", "rm", container]) {
+                problems.push(format!(
+                    "removing container {namespace}/{container}: {error}"
+                ));
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the daemon.
+    fn stop_daemon(&mut self, problems: &mut Vec<String>) {
+        let Some(mut daemon) = self.daemon.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        unsafe { libc::kill(daemon.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match daemon.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    problems.push(format!(
+                        "containerd ignored SIGTERM for {STOP_TIMEOUT:?}; killed"
+                    ));
+                    let _ = daemon.kill();
+                    let _ = daemon.wait();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Kills what should have exited already: shims of this containerd
+    /// (their command line names its socket) and processes in its cgroups.
+    fn kill_stragglers(&self, problems: &mut Vec<String>) {
+        let mut pids = processes_naming(&self.grpc_socket);
+        for cgroup in cgroup_dirs(&self.cgroup_parent) {
+            pids.extend(pids_in_cgroup_tree(&cgroup));
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for pid in pids {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            problems.push(format!(
+                "process {pid} ({}) outlived containerd; killed",
+                comm.trim()
+            ));
+            // SAFETY: kill(2) with a pid read from our own shims' cgroups or command lines.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+
+    fn remove_host_state(&self, netns: &[PathBuf], problems: &mut Vec<String>) {
+        self.unmount_leftovers(netns, problems);
+        for path in netns.iter().filter(|p| p.exists()) {
+            problems.push(format!("netns {} was left; removed", path.display()));
+            let _ = std::fs::remove_file(path);
+        }
+        self.delete_bridge(problems);
+        // runc removes each container's cgroup, not the parent we gave it.
+        for cgroup in cgroup_dirs(&self.cgroup_parent) {
+            remove_cgroup_tree(&cgroup, problems);
+        }
+        let last_guard = guard_gone_was_last();
+        remove_host_dirs_made_regardless(last_guard);
+    }
+
+    /// Mounts first, deepest first: snapshots, rootfs, shm, netns.
+    fn unmount_leftovers(&self, netns: &[PathBuf], problems: &mut Vec<String>) {
+        let mut mounts: Vec<PathBuf> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(self.dir()) || netns.contains(m))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for mount in mounts {
+            problems.push(format!("{} was still mounted; unmounted", mount.display()));
+            unmount(&mount);
+        }
+    }
+
+    /// The CNI bridge plugin creates the bridge but never deletes it.
+    fn delete_bridge(&self, problems: &mut Vec<String>) {
+        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+            let deleted = Command::new("ip")
+                .args(["link", "delete", &self.bridge])
+                .status();
+            if !deleted.is_ok_and(|s| s.success()) {
+                problems.push(format!("could not delete bridge {}", self.bridge));
+            }
+        }
+    }
+}
+
+/// When the last guard goes, the empty [`HOST_DIRS_MADE_REGARDLESS`] that
+/// did not exist before this process started a containerd.
+fn remove_host_dirs_made_regardless(last_guard: bool) {
+    let preexisted = HOST_DIRS_PREEXISTED.get().copied().unwrap_or([true; 3]);
+    for ((dir, subdirs), preexisted) in HOST_DIRS_MADE_REGARDLESS.iter().zip(preexisted) {
+        if last_guard && !preexisted {
+            // remove_dir fails on a non-empty directory, which is what we want.
+            for sub in subdirs.iter().chain([&""]) {
+                let _ = std::fs::remove_dir(Path::new(dir).join(sub));
+            }
+        }
+    }
+}
+
+fn unmount(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: umount2(2) with a valid NUL-terminated path. Detach, because a
+    // stuck mount must not stop the rest of the teardown.
+    unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+}
+
+fn remove_cgroup_tree(dir: &Path, problems: &mut Vec<String>) {
+    for child in subdirectories(dir) {
+        remove_cgroup_tree(&child, problems);
+    }
+    // A cgroup goes with rmdir once its children and processes are gone.
+    if let Err(error) = std::fs::remove_dir(dir) {
+        problems.push(format!("removing cgroup {}: {error}", dir.display()));
+    }
+}
