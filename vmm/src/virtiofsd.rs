@@ -98,7 +98,7 @@ impl VirtiofsdConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtiofsdError {
-    #[error("--shared-dir: no virtiofsd on PATH or in ~/.cargo/bin (cargo install virtiofsd; or --virtiofsd PATH)")]
+    #[error("--shared-dir: no virtiofsd on PATH, in /usr/libexec or in ~/.cargo/bin (cargo install virtiofsd; or --virtiofsd PATH)")]
     NotFound,
     #[error("shared directory {}: {reason}", path.display())]
     SharedDir { path: PathBuf, reason: String },
@@ -412,12 +412,14 @@ impl Drop for Virtiofsd {
     }
 }
 
-/// Finds a virtiofsd executable: `$PATH`, then `~/.cargo/bin` (where
-/// `cargo install virtiofsd` puts it; Debian 12 has no package).
+/// Finds a virtiofsd executable: `$PATH`, then `/usr/libexec` (where
+/// distribution packages put it), then `~/.cargo/bin` (where `cargo
+/// install virtiofsd` puts it; Debian 12 has no package).
 pub fn find_virtiofsd() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let home_bin = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin"));
     std::env::split_paths(&path)
+        .chain(std::iter::once(PathBuf::from("/usr/libexec")))
         .chain(home_bin)
         .chain(std::iter::once(PathBuf::from("/root/.cargo/bin")))
         .map(|d| d.join("virtiofsd"))
