@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::api::Mount as ContainerdMount;
 use std::os::unix::fs::OpenOptionsExt;
 
-use serde_json::Value;
+use oci_spec::runtime::{Mount, Spec};
 use thiserror::Error;
 
 use podbox_mountfd::tree::Tree;
@@ -64,29 +64,24 @@ impl ContainerShare {
     /// Everything the container needs in the share, from the bundle: its
     /// root filesystem and the spec's volumes mounted there, and the spec
     /// rewritten for the guest (see [`rewrite_spec`]).
+    /// `spec` is the bundle's (see [`crate::spec::load`]).
     pub async fn prepare(
         &self,
         mounts: &[ContainerdMount],
         bundle: &Path,
-    ) -> Result<Value, RootfsError> {
-        let path = bundle.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| RootfsError::Io {
-            what: "reading",
-            path: path.clone(),
-            source,
-        })?;
-        let mut spec: Value = serde_json::from_str(&text).map_err(|e| RootfsError::Spec {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        mut spec: Spec,
+    ) -> Result<Spec, RootfsError> {
         let read_only = spec
-            .pointer("/root/readonly")
-            .and_then(Value::as_bool)
+            .root()
+            .as_ref()
+            .and_then(|root| root.readonly())
             .unwrap_or(false);
         // Read before the rewrite: a bind's kind comes from its host source.
         let destinations = read_only.then(|| mount_destinations(&spec));
-        let volumes =
-            rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec { path, reason })?;
+        let volumes = rewrite_spec(&mut spec, self).map_err(|reason| RootfsError::Spec {
+            path: bundle.join("config.json"),
+            reason,
+        })?;
         self.mount_rootfs(mounts, bundle, destinations.as_deref())
             .await?;
         for volume in volumes {
@@ -188,29 +183,23 @@ impl ContainerShare {
 pub type Destination = (PathBuf, bool);
 
 /// Every mount destination of `spec`, with its kind.
-fn mount_destinations(spec: &Value) -> Vec<Destination> {
-    let mounts = spec.get("mounts").and_then(Value::as_array);
-    mounts
-        .into_iter()
+fn mount_destinations(spec: &Spec) -> Vec<Destination> {
+    spec.mounts()
+        .iter()
         .flatten()
-        .filter_map(Value::as_object)
-        .filter_map(|m| {
-            let destination = m.get("destination").and_then(Value::as_str)?;
-            let is_file = is_bind(m)
-                && m.get("source")
-                    .and_then(Value::as_str)
-                    .is_some_and(|source| !Path::new(source).is_dir());
-            Some((PathBuf::from(destination), is_file))
+        .map(|m| {
+            let is_file = is_bind(m) && m.source().as_ref().is_some_and(|source| !source.is_dir());
+            (m.destination().clone(), is_file)
         })
         .collect()
 }
 
-fn is_bind(m: &serde_json::Map<String, Value>) -> bool {
-    let option = |o: &Value| matches!(o.as_str(), Some("bind" | "rbind"));
-    m.get("type").and_then(Value::as_str) == Some("bind")
-        || m.get("options")
-            .and_then(Value::as_array)
-            .is_some_and(|o| o.iter().any(option))
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
 }
 
 /// Creates the mount destinations inside a root filesystem that is about
@@ -263,89 +252,51 @@ pub struct BindMode {
 /// - namespace paths are dropped (they name host namespaces; the agent puts
 ///   the container into the pod's namespaces in the guest);
 /// - hooks are dropped (they are host programs).
-pub fn rewrite_spec(spec: &mut Value, share: &ContainerShare) -> Result<Vec<Volume>, String> {
-    let object = spec
-        .as_object_mut()
-        .ok_or("the spec is not a JSON object")?;
-    let root = object
-        .entry("root")
-        .or_insert_with(|| Value::Object(Default::default()));
-    let root = root.as_object_mut().ok_or("root is not an object")?;
-    root.insert(
-        "path".into(),
-        Value::String(share.guest_rootfs().display().to_string()),
-    );
-    object.remove("hooks");
-
-    if let Some(namespaces) = object
-        .get_mut("linux")
-        .and_then(|l| l.get_mut("namespaces"))
-        .and_then(Value::as_array_mut)
+pub fn rewrite_spec(spec: &mut Spec, share: &ContainerShare) -> Result<Vec<Volume>, String> {
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(share.guest_rootfs());
+    spec.set_root(Some(root));
+    spec.set_hooks(None);
+    if let Some(namespaces) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|linux| linux.namespaces_mut().as_mut())
     {
-        for ns in namespaces.iter_mut().filter_map(Value::as_object_mut) {
-            ns.remove("path");
+        for namespace in namespaces {
+            namespace.set_path(None);
         }
     }
-
     let mut volumes = Vec::new();
-    if let Some(mounts) = object.get_mut("mounts").and_then(Value::as_array_mut) {
-        for (index, m) in mounts.iter_mut().enumerate() {
-            let m = m
-                .as_object_mut()
-                .ok_or(format!("mounts[{index}] is not an object"))?;
-            let options: Vec<String> = m
-                .get("options")
-                .and_then(Value::as_array)
-                .map(|o| {
-                    o.iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !is_bind(m) {
-                continue;
-            }
-            let destination = m
-                .get("destination")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            if destination == "/dev/shm" {
-                m.insert("type".into(), "tmpfs".into());
-                m.insert("source".into(), "shm".into());
-                m.insert(
-                    "options".into(),
-                    serde_json::json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
-                );
-                continue;
-            }
-            let source = m
-                .get("source")
-                .and_then(Value::as_str)
-                .ok_or(format!("bind mount on {destination} has no source"))?;
-            let name = format!("{index}");
-            volumes.push(Volume {
-                host_source: PathBuf::from(source),
-                staging_path: share.staging_dir.join("mounts").join(&name),
-                share_path: share.host_dir.join("mounts").join(&name),
-                mode: BindMode {
-                    read_only: options.iter().any(|o| o == "ro"),
-                    recursive: options.iter().any(|o| o == "rbind"),
-                },
-            });
-            m.insert(
-                "source".into(),
-                Value::String(
-                    share
-                        .guest_dir
-                        .join("mounts")
-                        .join(&name)
-                        .display()
-                        .to_string(),
-                ),
-            );
+    for (index, m) in spec.mounts_mut().iter_mut().flatten().enumerate() {
+        if !is_bind(m) {
+            continue;
         }
+        if m.destination() == Path::new("/dev/shm") {
+            m.set_typ(Some("tmpfs".into()));
+            m.set_source(Some("shm".into()));
+            m.set_options(Some(
+                ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+                    .map(String::from)
+                    .to_vec(),
+            ));
+            continue;
+        }
+        let source = m.source().clone().ok_or(format!(
+            "mounts[{index}]: bind mount on {} has no source",
+            m.destination().display()
+        ))?;
+        let options = m.options().clone().unwrap_or_default();
+        let name = format!("{index}");
+        volumes.push(Volume {
+            host_source: source,
+            staging_path: share.staging_dir.join("mounts").join(&name),
+            share_path: share.host_dir.join("mounts").join(&name),
+            mode: BindMode {
+                read_only: options.iter().any(|o| o == "ro"),
+                recursive: options.iter().any(|o| o == "rbind"),
+            },
+        });
+        m.set_source(Some(share.guest_dir.join("mounts").join(&name)));
     }
     Ok(volumes)
 }
@@ -396,7 +347,7 @@ mod tests {
     fn host_paths_in_the_spec_become_guest_share_paths() {
         let state = StateDir::for_pod("ns", "pod").expect("valid ids");
         let share = ContainerShare::new(&state, "c1");
-        let mut spec = serde_json::json!({
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs", "readonly": false},
             "hooks": {"createRuntime": [{"path": "/usr/bin/hook"}]},
@@ -407,8 +358,10 @@ mod tests {
                 {"destination": "/data", "source": "/srv/data", "options": ["bind"]}
             ],
             "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1"}, {"type": "mount"}]}
-        });
+        }))
+        .expect("a valid spec");
         let volumes = rewrite_spec(&mut spec, &share).expect("rewrites");
+        let spec = serde_json::to_value(&spec).expect("serialises");
         assert_eq!(spec["root"]["path"], "/run/podbox/shared/c1/rootfs");
         assert!(spec.get("hooks").is_none(), "host hooks are dropped");
         assert_eq!(spec["mounts"][0]["source"], "proc", "non-bind mounts stay");
@@ -451,13 +404,14 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_that_is_not_an_object_is_refused() {
+    fn a_bind_mount_without_a_source_is_refused_naming_it() {
         let share = ContainerShare::new(&StateDir::for_pod("ns", "p").expect("valid"), "c");
-        assert!(rewrite_spec(&mut serde_json::json!([1]), &share).is_err());
-        assert!(rewrite_spec(
-            &mut serde_json::json!({"mounts": [{"destination": "/x", "type": "bind"}]}),
-            &share
-        )
-        .is_err());
+        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [{"destination": "/x", "type": "bind"}]
+        }))
+        .expect("a valid spec");
+        let error = rewrite_spec(&mut spec, &share).expect_err("no source");
+        assert!(error.starts_with("mounts[0]: bind mount on /x"), "{error}");
     }
 }

@@ -56,8 +56,8 @@ pub enum ShimError {
     },
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("reading the bundle's OCI spec {path}: {reason}")]
-    Spec { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
     #[error("bundle {bundle}: {source}")]
     Annotations {
         bundle: PathBuf,
@@ -343,21 +343,8 @@ fn tag_wire_type(tag: u32) -> containerd_shim::protos::protobuf::rt::WireType {
 
 /// The annotations of `<bundle>/config.json` (none if it has no annotations).
 fn read_annotations(bundle: &Path) -> Result<HashMap<String, String>, ShimError> {
-    #[derive(serde::Deserialize)]
-    struct SpecAnnotations {
-        #[serde(default)]
-        annotations: HashMap<String, String>,
-    }
-    let path = bundle.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| ShimError::Spec {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    let spec: SpecAnnotations = serde_json::from_str(&text).map_err(|e| ShimError::Spec {
-        path,
-        reason: e.to_string(),
-    })?;
-    Ok(spec.annotations)
+    let spec = crate::spec::load(bundle)?;
+    Ok(crate::spec::annotations(&spec))
 }
 
 /// Cleans up after a shim that is gone: the bundle's rootfs mounts (the
@@ -594,7 +581,7 @@ mod tests {
         std::fs::write(bundle.path().join("config.json"), "{").expect("writing config.json");
         assert!(matches!(
             read_annotations(bundle.path()),
-            Err(ShimError::Spec { .. })
+            Err(ShimError::Spec(_))
         ));
     }
 }

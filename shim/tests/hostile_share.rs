@@ -73,7 +73,11 @@ impl Pod {
             .build()
             .expect("runtime");
         runtime
-            .block_on(share.prepare(&[], &bundle))
+            .block_on(share.prepare(
+                &[],
+                &bundle,
+                podbox_shim::spec::load(&bundle).expect("spec"),
+            ))
             .expect("mounting the rootfs and volumes");
         Pod {
             _tmp: tmp,
@@ -466,7 +470,11 @@ fn snapshot_in_a_shared_root() {
         .build()
         .expect("runtime");
     runtime
-        .block_on(share.prepare(&[snapshot], &bundle))
+        .block_on(share.prepare(
+            &[snapshot],
+            &bundle,
+            podbox_shim::spec::load(&bundle).expect("spec"),
+        ))
         .expect("prepare");
     let rootfs = share.host_rootfs();
     let at_rootfs: Vec<mountinfo::MountInfo> = mountinfo::read(None)

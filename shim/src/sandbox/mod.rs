@@ -4,8 +4,11 @@
 //! and [`Sandbox::kill`] end it. podbox-vmm behind it is [`vmm`]; the
 //! directory and share layout is [`state_dir`].
 
+mod error;
 pub mod state_dir;
 pub mod vmm;
+
+pub use error::{BootError, VmmError};
 
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use containerd_shim::protos::ttrpc::Code;
 use podbox_agent_client::ctx;
 use podbox_protocol::agent::DestroySandboxRequest;
 use tokio::sync::watch;
@@ -29,35 +31,6 @@ const VM_TERM_GRACE: Duration = Duration::from_secs(5);
 const VM_KILL_WAIT: Duration = Duration::from_secs(10);
 /// DestroySandbox resets the guest; it answers at once or not at all.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Why a pod's VM did not come up.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    #[error(transparent)]
-    StateDir(#[from] state_dir::StateDirError),
-    #[error(transparent)]
-    Vmm(#[from] vmm::VmmError),
-    #[error("booting the pod VM: {reason}\n--- podbox-vmm ---\n{vmm_log}\n--- guest console ---\n{console}")]
-    NoAgent {
-        reason: String,
-        vmm_log: String,
-        console: String,
-    },
-}
-
-impl BootError {
-    /// The ttrpc code containerd gets: the pod's own fault, the node's
-    /// set-up, or a VM that did not come up.
-    pub fn code(&self) -> Code {
-        match self {
-            BootError::StateDir(state_dir::StateDirError::BadId(_)) => Code::INVALID_ARGUMENT,
-            BootError::Vmm(vmm::VmmError::NoVmm { .. } | vmm::VmmError::NoVirtiofsd(_)) => {
-                Code::FAILED_PRECONDITION
-            }
-            _ => Code::INTERNAL,
-        }
-    }
-}
 
 /// Boots pod VMs: podbox-vmm ([`vmm::VmmLauncher`]), or a fake in tests.
 #[async_trait]

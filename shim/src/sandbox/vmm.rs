@@ -15,12 +15,11 @@ use podbox_agent_client::{AgentClient, ReadyListener, VmProgress};
 pub use podbox_vmm::logfile::tail;
 use podbox_vmm::logfile::RotatingLog;
 use podbox_vmm_config::{FsBackend, FsConfig, SerialOutput, VirtiofsdSpec, VmConfig, VsockConfig};
-use thiserror::Error;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use super::state_dir::{StateDir, SHARE_TAG};
-use super::{kill_vmm, BootError, Sandbox, VmLauncher};
+use super::{kill_vmm, BootError, Sandbox, VmLauncher, VmmError};
 use crate::settings::config::Config;
 use crate::settings::VmSettings;
 
@@ -45,30 +44,6 @@ pub const AGENT_OVERALL_LIMIT: Duration = Duration::from_secs(900);
 /// Lines of the VMM log and the console a boot failure quotes.
 const TAIL_LINES: usize = 20;
 
-#[derive(Debug, Error)]
-pub enum VmmError {
-    #[error("no {VMM_BINARY} beside {shim} or on PATH")]
-    NoVmm { shim: PathBuf },
-    #[error("podbox config key `virtiofsd`: {0} is not a file")]
-    NoVirtiofsd(PathBuf),
-    #[error("starting {binary}: {source}")]
-    Spawn {
-        binary: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("binding the agent's ready socket {path}: {source}")]
-    ReadySocket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> VmmError + 'a {
     move |source| VmmError::Io {
         what,
@@ -92,7 +67,10 @@ pub fn find_vmm() -> Result<PathBuf, VmmError> {
     std::env::split_paths(&path)
         .map(|d| d.join(VMM_BINARY))
         .find(|p| p.is_file())
-        .ok_or(VmmError::NoVmm { shim })
+        .ok_or(VmmError::NoVmm {
+            binary: VMM_BINARY,
+            shim,
+        })
 }
 
 /// The pod's VM: its settings, with the console, vsock and share in its

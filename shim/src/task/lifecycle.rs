@@ -91,7 +91,7 @@ impl Inner {
         if vm.is_gone() {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
         }
-        let created = self.create_in_vm(&vm, &req, &bundle).await;
+        let created = self.create_in_vm(&vm, &req, &bundle, spec).await;
         let (share, init) = match created {
             Ok(created) => created,
             Err(e) => {
@@ -143,16 +143,20 @@ impl Inner {
         vm: &Arc<Sandbox>,
         req: &CreateTaskRequest,
         bundle: &std::path::Path,
+        spec: oci_spec::runtime::Spec,
     ) -> TtrpcResult<(ContainerShare, Process)> {
         let share = ContainerShare::new(&vm.state, &req.id);
         let prepared = async {
-            let spec = share.prepare(&req.rootfs, bundle).await.map_err(|e| {
-                let code = match e {
-                    RootfsError::Spec { .. } => Code::INVALID_ARGUMENT,
-                    _ => Code::INTERNAL,
-                };
-                status(code, e.to_string())
-            })?;
+            let spec = share
+                .prepare(&req.rootfs, bundle, spec)
+                .await
+                .map_err(|e| {
+                    let code = match e {
+                        RootfsError::Spec { .. } => Code::INVALID_ARGUMENT,
+                        _ => Code::INTERNAL,
+                    };
+                    status(code, e.to_string())
+                })?;
             let spec_json =
                 serde_json::to_vec(&spec).map_err(|e| status(Code::INTERNAL, e.to_string()))?;
             let agent = vm.agent.clone();

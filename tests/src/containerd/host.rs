@@ -19,16 +19,11 @@ pub(super) fn pod_netns_paths(cri: &mut CriClient) -> Vec<PathBuf> {
 
 /// `<mount>/<parent>` for every cgroup hierarchy (v1 controllers, v2) where it exists.
 pub(super) fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mountinfo
-        .lines()
-        .filter(|line| {
-            line.split(" - ")
-                .nth(1)
-                .is_some_and(|fs| fs.starts_with("cgroup ") || fs.starts_with("cgroup2 "))
-        })
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|mount| Path::new(mount).join(parent.trim_start_matches('/')))
+    podbox_mountfd::mountinfo::read(None)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2")
+        .map(|m| m.mount_point.join(parent.trim_start_matches('/')))
         .filter(|dir| dir.is_dir())
         .collect()
 }

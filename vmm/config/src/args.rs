@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::{
-    CachePolicy, ConfigError, FsBackend, FsConfig, NetConfig, PvmMode, SandboxMode, SerialOutput,
+use crate::net::NetConfig;
+use crate::vm::{
+    CachePolicy, ConfigError, FsBackend, FsConfig, PvmMode, SandboxMode, SerialOutput,
     VirtiofsdSpec, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
 };
 
