@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME};
+use super::names::{PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME};
 use crate::oci_image::PAUSE_IMAGE;
 
 /// Where Debian's containernetworking-plugins puts the CNI plugins.

@@ -3,7 +3,9 @@
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Containerd, ContainerdError, PODBOX_RUNTIME, RUNC_RUNTIME, TEST_NAMESPACE};
+use super::error::ContainerdError;
+use super::guard::Containerd;
+use super::names::{PODBOX_RUNTIME, RUNC_RUNTIME, TEST_NAMESPACE};
 use crate::oci_image::BUSYBOX_IMAGE;
 
 /// What one `ctr run` gave.

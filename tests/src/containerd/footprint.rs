@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use podbox_shim::hostfs::mount_points;
 
+use super::guard::Containerd;
 use super::host::{cgroup_dirs, pod_netns_paths, processes_naming};
-use super::Containerd;
 
 /// Everything a [`Containerd`] made on the host, to check after drop that it is gone.
 #[derive(Debug, Clone)]

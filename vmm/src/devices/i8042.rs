@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use crate::exit::{ExitLatch, VmExit};
 
-use super::{I8042_COMMAND_PORT, I8042_DATA_PORT};
+/// i8042 data and command/status ports.
+pub const I8042_DATA_PORT: u16 = 0x60;
+pub const I8042_COMMAND_PORT: u16 = 0x64;
 
 const CMD_PULSE_RESET: u8 = 0xfe;
 

@@ -9,16 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use virtio::mmio::MmioTransport;
 
-pub use i8042::I8042;
+pub use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 pub use serial::Serial;
 
 /// COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const SERIAL_PORT_LEN: u16 = 8;
 pub const SERIAL_IRQ: u32 = 4;
-/// i8042 data and command/status ports.
-pub const I8042_DATA_PORT: u16 = 0x60;
-pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// CMOS/RTC index and data ports. There is no RTC: reads return 0 so that
 /// the kernel's "update in progress" wait ends at once.
 const CMOS_PORTS: std::ops::RangeInclusive<u16> = 0x70..=0x71;

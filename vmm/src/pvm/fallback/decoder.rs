@@ -1,7 +1,7 @@
 //! Decoding the instruction bytes KVM hands over: legacy prefixes, REX,
 //! the opcode and ModRM/SIB operands, bounds-checked throughout.
 
-use super::{
+use super::insn::{
     Base, Decoded, FallbackError, Instruction, MemOperand, Operand, Segment, MAX_INSN_LEN,
 };
 

@@ -3,7 +3,7 @@
 
 use kvm_bindings::kvm_regs;
 
-use super::{Base, Decoded, FallbackError, Instruction, MemOperand, Operand, Segment};
+use super::insn::{Base, Decoded, FallbackError, Instruction, MemOperand, Operand, Segment};
 use crate::pvm::xsave::{self, XsaveFault};
 
 pub(super) const RFLAGS_AC: u64 = 1 << 18;

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::Instruction;
+use super::insn::Instruction;
 
 /// How often each instruction was performed by the fallback.
 #[derive(Default)]
