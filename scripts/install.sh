@@ -31,7 +31,7 @@ fi
 if [ ! -e "$CONFIG" ]; then
     install -d /etc/podbox
     cat > "$CONFIG" <<CONF
-# podbox shim config (see shim/src/config.rs). Every key is optional.
+# podbox shim config (see shim/src/settings/config.rs). Every key is optional.
 kernel = "$SHARE/vmlinux"
 initrd = "$SHARE/initramfs.cpio"
 virtiofsd = "/usr/libexec/virtiofsd"

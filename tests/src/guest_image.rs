@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use podbox_vmm_config::{VmConfig, VsockConfig};
+
 use crate::guest::{compile_static_c, prepared_output};
 use crate::initramfs::Initramfs;
 use crate::repo_root;
@@ -43,6 +45,21 @@ pub fn agent_initramfs() -> PathBuf {
 /// What builds the guest image and its static agent.
 const IMAGE_REMEDY: &str =
     "run `make test-assets` (`make test` runs it first) or `guest-image/build.sh`";
+
+/// The VM the vsock tests and benchmark boot: the test image
+/// ([`vsock_test_initramfs`]) on 2 vCPUs with its vsock behind `socket`.
+pub fn vsock_test_vm(kernel: &Path, initrd: PathBuf, socket: &Path) -> VmConfig {
+    VmConfig {
+        initrd: Some(initrd),
+        cmdline: TEST_IMAGE_CMDLINE.into(),
+        vcpus: 2,
+        vsock: Some(VsockConfig {
+            cid: 3,
+            socket: socket.to_path_buf(),
+        }),
+        ..VmConfig::new(kernel)
+    }
+}
 
 /// The production image with the vsock test helper appended as a second
 /// cpio archive (the kernel unpacks both); boot it with

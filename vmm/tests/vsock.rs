@@ -12,7 +12,7 @@ use podbox_agent_client::{ctx, ReadyListener};
 use podbox_protocol::agent::{DestroySandboxRequest, GuestDetailsRequest};
 use podbox_tests::guest::{guest_kernel, KernelVariant};
 use podbox_tests::guest_image::{
-    fnv1a64, source_byte, vsock_test_initramfs, GUEST_HELLO, HOST_HELLO_PORT, TEST_IMAGE_CMDLINE,
+    fnv1a64, source_byte, vsock_test_initramfs, vsock_test_vm, GUEST_HELLO, HOST_HELLO_PORT,
 };
 use podbox_tests::vm::{spawn_vmm, BOOT_DEADLINE};
 use podbox_tests::vsock::{echo, pattern, sink, source};
@@ -62,16 +62,7 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     let vm = spawn_vmm(
         VMM.as_ref(),
         dir.path(),
-        VmConfig {
-            initrd: Some(initrd),
-            cmdline: TEST_IMAGE_CMDLINE.into(),
-            vcpus: 2,
-            vsock: Some(VsockConfig {
-                cid: 3,
-                socket: socket.clone(),
-            }),
-            ..VmConfig::new(kernel)
-        },
+        vsock_test_vm(&kernel, initrd, &socket),
     );
 
     // 1. The agent answers a health check through the hybrid vsock socket.

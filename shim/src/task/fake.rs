@@ -89,6 +89,13 @@ impl FakeAgent {
         self.changed.notify_all();
     }
 
+    /// The agent's connection breaks while the VMM still runs (it exits
+    /// later, with [`Self::die`]): every call fails as a broken connection does.
+    pub fn break_connection(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
     fn gone(&self) -> watch::Receiver<Option<ExitStatus>> {
         self.gone.subscribe()
     }

@@ -22,7 +22,7 @@ use podbox_protocol::agent::{
 };
 
 use super::pod::{Container, Exit, ExitCell, Process};
-use super::{agent_error, blocking, log_problems, not_found, now, status, Inner};
+use super::{agent_error, blocking, find_process_mut, log_problems, not_found, now, status, Inner};
 use crate::io::{close_stdin, ProcessIo, StdioPaths, Target};
 use crate::rootfs::{ContainerShare, RootfsError};
 use crate::sandbox::state_dir::{GUEST_SHARE, SHARE_TAG};
@@ -238,12 +238,7 @@ impl Inner {
                 .vm
                 .clone()
                 .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the pod has no VM"))?;
-            let process = pod
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&req.id, ""))?
-                .process_mut(&req.exec_id)
-                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            let process = find_process_mut(&mut pod, &req.id, &req.exec_id)?;
             if process.started || process.starting {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
@@ -291,12 +286,8 @@ impl Inner {
         started: TtrpcResult<Option<ProcessIo>>,
     ) -> TtrpcResult<(bool, Arc<ExitCell>, Arc<StdMutex<Option<ProcessIo>>>)> {
         let mut pod = self.pod();
-        let process = pod
-            .containers
-            .get_mut(&req.id)
-            .and_then(|c| c.process_mut(&req.exec_id))
-            // Deleted while it started: nothing to record.
-            .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+        // Deleted while it started: nothing to record.
+        let process = find_process_mut(&mut pod, &req.id, &req.exec_id)?;
         process.starting = false;
         let mut close_now = false;
         if let Some(io) = started? {

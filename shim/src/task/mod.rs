@@ -146,6 +146,28 @@ impl Inner {
     }
 }
 
+/// Process `exec_id` (empty: the init) of container `id`, or NOT_FOUND
+/// naming what is missing.
+fn find_process<'a>(pod: &'a PodState, id: &str, exec_id: &str) -> TtrpcResult<&'a pod::Process> {
+    pod.containers
+        .get(id)
+        .ok_or_else(|| not_found(id, ""))?
+        .process(exec_id)
+        .ok_or_else(|| not_found(id, exec_id))
+}
+
+fn find_process_mut<'a>(
+    pod: &'a mut PodState,
+    id: &str,
+    exec_id: &str,
+) -> TtrpcResult<&'a mut pod::Process> {
+    pod.containers
+        .get_mut(id)
+        .ok_or_else(|| not_found(id, ""))?
+        .process_mut(exec_id)
+        .ok_or_else(|| not_found(id, exec_id))
+}
+
 fn status(code: Code, message: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
 }

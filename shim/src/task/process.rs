@@ -24,7 +24,7 @@ use podbox_protocol::agent::{
 
 use super::lifecycle::CALL_TIMEOUT;
 use super::pod::{Exit, Phase, Process, VM_LOST_EXIT_STATUS};
-use super::{agent_error, blocking, not_found, now, status, Inner};
+use super::{agent_error, blocking, find_process, find_process_mut, not_found, now, status, Inner};
 use crate::io::{close_stdin, StdioPaths};
 
 const EXEC_SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
@@ -117,12 +117,7 @@ impl Inner {
 
     pub(super) async fn wait(&self, req: WaitRequest) -> TtrpcResult<WaitResponse> {
         let mut exit = {
-            let pod = self.pod();
-            pod.containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&req.id, ""))?
-                .process(&req.exec_id)
-                .ok_or_else(|| not_found(&req.id, &req.exec_id))?
+            find_process(&self.pod(), &req.id, &req.exec_id)?
                 .exit
                 .subscribe()
         };
@@ -150,12 +145,7 @@ impl Inner {
     pub(super) async fn kill(&self, req: KillRequest) -> TtrpcResult<Empty> {
         let vm = {
             let pod = self.pod();
-            let process = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found(&req.id, ""))?
-                .process(&req.exec_id)
-                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            let process = find_process(&pod, &req.id, &req.exec_id)?;
             if process.exit().is_some() {
                 return Err(status(
                     Code::NOT_FOUND,
@@ -212,12 +202,7 @@ impl Inner {
         let target = {
             let mut pod = self.pod();
             let vm = pod.vm.clone();
-            let process = pod
-                .containers
-                .get_mut(&req.id)
-                .ok_or_else(|| not_found(&req.id, ""))?
-                .process_mut(&req.exec_id)
-                .ok_or_else(|| not_found(&req.id, &req.exec_id))?;
+            let process = find_process_mut(&mut pod, &req.id, &req.exec_id)?;
             if !process.started && !req.exec_id.is_empty() {
                 // The exec does not exist in the agent yet: Start closes it.
                 process.stdin_close_pending = true;

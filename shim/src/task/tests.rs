@@ -166,6 +166,14 @@ impl Pod {
         self.inner().delete(req).await.map(|d| d.exit_status)
     }
 
+    async fn pids(&self, id: &str) -> ttrpc::Result<usize> {
+        let req = PidsRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.inner().pids(req).await.map(|p| p.processes.len())
+    }
+
     /// The topics published so far.
     fn topics(&mut self) -> Vec<String> {
         let mut topics = Vec::new();
@@ -310,21 +318,8 @@ async fn state_and_kill_answer_while_another_container_is_created_against_a_slow
         state.expect("State answers at once").expect("state").0,
         Status::RUNNING
     );
-    let pids = tokio::time::timeout(
-        PROMPT,
-        pod.inner().pids(PidsRequest {
-            id: "pod".into(),
-            ..Default::default()
-        }),
-    )
-    .await;
-    assert_eq!(
-        pids.expect("Pids answers at once")
-            .expect("pids")
-            .processes
-            .len(),
-        2
-    );
+    let pids = tokio::time::timeout(PROMPT, pod.pids("pod")).await;
+    assert_eq!(pids.expect("Pids answers at once").expect("pids"), 2);
     let killed = tokio::time::timeout(PROMPT, pod.kill("pod", "", 15)).await;
     killed.expect("Kill answers at once").expect("kill");
     let waited = tokio::time::timeout(PROMPT, pod.wait("pod", "")).await;
@@ -410,13 +405,7 @@ async fn errors_reach_containerd_with_the_right_codes() {
         "a failed start leaves it created"
     );
     pod.agent.fail("list_processes", Code::UNAVAILABLE);
-    let pids = pod
-        .inner()
-        .pids(PidsRequest {
-            id: "pod".into(),
-            ..Default::default()
-        })
-        .await;
+    let pids = pod.pids("pod").await;
     assert_eq!(code(pids), Code::UNAVAILABLE);
     assert_eq!(
         pod.delete("pod", "")
@@ -490,13 +479,7 @@ async fn a_vm_death_ends_every_task_and_every_later_call_fails_cleanly() {
         "already finished"
     );
     assert_eq!(code(pod.start("late", "").await), Code::UNAVAILABLE);
-    let pids = pod
-        .inner()
-        .pids(PidsRequest {
-            id: "pod".into(),
-            ..Default::default()
-        })
-        .await;
+    let pids = pod.pids("pod").await;
     assert_eq!(code(pids), Code::UNAVAILABLE);
     let stats = pod
         .inner()
@@ -517,6 +500,52 @@ async fn a_vm_death_ends_every_task_and_every_later_call_fails_cleanly() {
     pod.delete("late", "").await.expect("delete");
     assert_eq!(pod.delete("pod", "e1").await.expect("delete exec"), 255);
     assert_eq!(pod.delete("pod", "").await.expect("delete"), 255);
+    assert!(!pod.state_dir("pod").exists(), "nothing is left of the pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_over_a_broken_agent_connection_fails_unavailable_and_changes_nothing() {
+    if !is_root() {
+        return;
+    }
+    let pod = Pod::new();
+    pod.create("pod", &[]).await.expect("create");
+    pod.start("pod", "").await.expect("start");
+    pod.create("web", &CRI_CONTAINER).await.expect("create web");
+    pod.exec("pod", "e1", EXEC_TYPE).expect("exec");
+    pod.agent.break_connection();
+    let unreachable = |result: ttrpc::Result<()>, call: &str| match result {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), Code::UNAVAILABLE, "{call}: {s:?}");
+            assert!(s.message.contains("unreachable"), "{call}: {}", s.message);
+        }
+        other => panic!("{call}: {other:?}"),
+    };
+    unreachable(pod.start("web", "").await.map(drop), "Start");
+    unreachable(pod.start("pod", "e1").await.map(drop), "Start exec");
+    unreachable(pod.kill("web", "", 15).await, "Kill");
+    unreachable(pod.pids("pod").await.map(drop), "Pids");
+    unreachable(pod.inner().set_paused("pod", true).await.map(drop), "Pause");
+    let stats = pod.inner().stats(StatsRequest {
+        id: "pod".into(),
+        ..Default::default()
+    });
+    unreachable(stats.await.map(drop), "Stats");
+    let create = pod.create("late", &CRI_CONTAINER).await;
+    unreachable(create.map(drop), "Create");
+    assert!(
+        code(pod.state("late", "")) == Code::NOT_FOUND,
+        "a failed Create leaves nothing"
+    );
+    // Nothing changed: what was created is still created (a started
+    // process whose wait broke is lost: status 255).
+    assert_eq!(pod.state("web", "").expect("state").0, Status::CREATED);
+    assert_eq!(pod.state("pod", "e1").expect("state").0, Status::CREATED);
+    assert_eq!(pod.wait("pod", "").await.expect("wait"), 255);
+    pod.agent.die(9);
+    assert_eq!(pod.wait("web", "").await.expect("wait"), 255);
+    pod.delete("web", "").await.expect("delete web");
+    pod.delete("pod", "").await.expect("delete");
     assert!(!pod.state_dir("pod").exists(), "nothing is left of the pod");
 }
 

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use podbox_agent_client::{ctx, ReadyListener};
 use podbox_protocol::agent::DestroySandboxRequest;
-use podbox_vmm_config::{VmConfig, VsockConfig};
 
 use super::{median, secs};
 use crate::guest::{guest_kernel, KernelVariant};
-use crate::guest_image::{fnv1a64, vsock_test_initramfs, TEST_IMAGE_CMDLINE};
+use crate::guest_image::{fnv1a64, vsock_test_initramfs, vsock_test_vm};
 use crate::vm::spawn_vmm;
 use crate::vsock::{echo, pattern, sink, source};
 
@@ -47,20 +46,7 @@ fn one_run(vmm: &Path, work: &Path) -> Result<VsockSample, String> {
     let socket = work.join("vsock.sock");
     let mut ready =
         ReadyListener::bind(&socket).map_err(|e| format!("binding the ready socket: {e}"))?;
-    let vm = spawn_vmm(
-        vmm,
-        work,
-        VmConfig {
-            initrd: Some(initrd),
-            cmdline: TEST_IMAGE_CMDLINE.into(),
-            vcpus: 2,
-            vsock: Some(VsockConfig {
-                cid: 3,
-                socket: socket.clone(),
-            }),
-            ..VmConfig::new(kernel)
-        },
-    );
+    let vm = spawn_vmm(vmm, work, vsock_test_vm(&kernel, initrd, &socket));
     let agent = vm
         .agent(&socket, &mut ready)
         .map_err(|e| format!("{e}\n{}", vm.transcript()))?;
