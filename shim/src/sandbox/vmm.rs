@@ -201,10 +201,10 @@ pub struct VmmLauncher {
 impl VmmLauncher {
     /// Everything before the VMM runs: nothing to undo but the state dir.
     fn prepare(&self, state: &StateDir) -> Result<(PathBuf, ReadyListener), BootError> {
-        let vmm = find_vmm()?;
         if let Some(virtiofsd) = self.config.virtiofsd.as_ref().filter(|p| !p.is_file()) {
             return Err(VmmError::NoVirtiofsd(virtiofsd.clone()).into());
         }
+        let vmm = find_vmm()?;
         state.create()?;
         // Bound before the VMM starts, so the agent's ready call cannot
         // come too early to be seen.
@@ -301,7 +301,35 @@ fn log_problems(problems: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use containerd_shim::protos::ttrpc::Code;
     use podbox_vmm_config::{CachePolicy, VmArgs};
+
+    #[tokio::test]
+    async fn a_configured_virtiofsd_that_does_not_exist_fails_the_boot_naming_the_key() {
+        let launcher = VmmLauncher {
+            namespace: "podbox-unit-test".into(),
+            config: Config {
+                virtiofsd: Some("/nonexistent/virtiofsd".into()),
+                ..Config::default()
+            },
+        };
+        let settings = VmSettings {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        let error = launcher.boot("pod", settings).await.err().expect("refused");
+        assert_eq!(error.code(), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            error.to_string(),
+            "podbox config key `virtiofsd`: /nonexistent/virtiofsd is not a file"
+        );
+        assert!(
+            !Path::new("/run/podbox/podbox-unit-test").exists(),
+            "nothing left"
+        );
+    }
 
     #[test]
     fn the_vmm_gets_the_pod_settings_and_the_share() {

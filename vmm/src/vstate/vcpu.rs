@@ -358,7 +358,7 @@ impl Vcpu {
 }
 
 /// The instruction bytes KVM attached to an emulation failure, if any:
-/// data[0] is the flags word, then one length byte and the bytes.
+/// `data[0]` is the flags word, then one length byte and the bytes.
 fn instruction_bytes(ndata: u32, data: &[u64; 16]) -> Option<Vec<u8>> {
     if ndata < 2 || data[0] & EMULATION_FLAG_INSTRUCTION_BYTES == 0 {
         return None;
