@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use containerd_shim::protos::api::Mount as ContainerdMount;
 use std::os::unix::fs::OpenOptionsExt;
 
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::{Mount, Root, Spec};
 use thiserror::Error;
 
 use podbox_mountfd::tree::Tree;
@@ -253,7 +253,12 @@ pub struct BindMode {
 ///   the container into the pod's namespaces in the guest);
 /// - hooks are dropped (they are host programs).
 pub fn rewrite_spec(spec: &mut Spec, share: &ContainerShare) -> Result<Vec<Volume>, String> {
-    let mut root = spec.root().clone().unwrap_or_default();
+    // Not Root::default(): that one is read-only.
+    let mut root = spec.root().clone().unwrap_or_else(|| {
+        let mut root = Root::default();
+        root.set_readonly(None);
+        root
+    });
     root.set_path(share.guest_rootfs());
     spec.set_root(Some(root));
     spec.set_hooks(None);

@@ -31,8 +31,8 @@ struct State {
     oom: Vec<String>,
     /// Calls (by name) that fail with this status code.
     failing: HashMap<&'static str, Code>,
-    /// CreateContainer waits while this is set.
-    hold_create: bool,
+    /// Calls (by name) that wait while they are listed here.
+    held: std::collections::HashSet<&'static str>,
 }
 
 pub struct FakeAgent {
@@ -63,8 +63,22 @@ impl FakeAgent {
         self.with(|s| s.calls.clone())
     }
 
-    pub fn hold_create(&self, hold: bool) {
-        self.with(|s| s.hold_create = hold);
+    /// Holds `call` (create_container, start_container, exec_process) in
+    /// the agent until released: a slow guest.
+    pub fn hold(&self, call: &'static str, hold: bool) {
+        self.with(|s| {
+            if hold {
+                s.held.insert(call);
+            } else {
+                s.held.remove(call);
+            }
+        });
+    }
+
+    fn held_call(&self, ctx: &Context, name: &'static str, id: &str) -> ttrpc::Result<Empty> {
+        self.record(name, id)?;
+        self.block_while(ctx, |s| s.held.contains(name))?;
+        self.outcome(name).map(|()| Empty::new())
     }
 
     pub fn fail(&self, call: &'static str, code: Code) {
@@ -102,20 +116,32 @@ impl FakeAgent {
 
     /// Records a call; fails it if the VM is dead or the test says so.
     fn call(&self, name: &'static str, id: &str) -> ttrpc::Result<()> {
+        self.record(name, id)?;
+        self.outcome(name)
+    }
+
+    fn record(&self, name: &'static str, id: &str) -> ttrpc::Result<()> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(ttrpc::Error::LocalClosed);
         }
-        let failing = self.with(|s| {
-            s.calls.push(format!("{name} {id}"));
-            s.failing.get(name).copied()
-        });
-        match failing {
+        self.with(|s| s.calls.push(format!("{name} {id}")));
+        Ok(())
+    }
+
+    fn outcome(&self, name: &'static str) -> ttrpc::Result<()> {
+        match self.with(|s| s.failing.get(name).copied()) {
             Some(code) => Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
                 code,
                 format!("fake {name} fails"),
             ))),
             None => Ok(()),
         }
+    }
+
+    /// A new VM boots with this agent.
+    fn revive(&self) {
+        self.dead.store(false, Ordering::SeqCst);
+        self.gone.send_replace(None);
     }
 
     /// Waits while `blocked` holds, up to the call's deadline.
@@ -167,13 +193,10 @@ impl Agent for FakeAgent {
         Ok(Interface::new())
     }
     fn create_container(&self, ctx: Context, r: &CreateContainerRequest) -> ttrpc::Result<Empty> {
-        self.call("create_container", &r.container_id)?;
-        self.block_while(&ctx, |s| s.hold_create)?;
-        Ok(Empty::new())
+        self.held_call(&ctx, "create_container", &r.container_id)
     }
-    fn start_container(&self, _: Context, r: &StartContainerRequest) -> ttrpc::Result<Empty> {
-        self.call("start_container", &r.container_id)
-            .map(|()| Empty::new())
+    fn start_container(&self, ctx: Context, r: &StartContainerRequest) -> ttrpc::Result<Empty> {
+        self.held_call(&ctx, "start_container", &r.container_id)
     }
     fn remove_container(&self, _: Context, r: &RemoveContainerRequest) -> ttrpc::Result<Empty> {
         self.call("remove_container", &r.container_id)
@@ -307,6 +330,7 @@ impl VmLauncher for FakeLauncher {
             });
         }
         state.create()?;
+        self.agent.revive();
         let agent: Arc<dyn Agent> = self.agent.clone();
         Ok(Arc::new(Sandbox::new(agent, 0, state, self.agent.gone())))
     }

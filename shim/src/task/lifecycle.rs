@@ -102,19 +102,50 @@ impl Inner {
                 return Err(e);
             }
         };
-        self.pod().containers.insert(
-            req.id.clone(),
-            Container {
-                id: req.id.clone(),
-                bundle,
-                share,
-                owns_vm,
-                paused: false,
-                init,
-                execs: Default::default(),
-            },
-        );
+        let container = Container {
+            id: req.id.clone(),
+            bundle,
+            share,
+            owns_vm,
+            paused: false,
+            init,
+            execs: Default::default(),
+        };
+        if let Err(container) = self.insert_created(&vm, container, &req) {
+            // The VM died while the container was made: nothing will ever
+            // record its exit, so it must not be left half there.
+            let io = container.init.io.clone();
+            blocking(move || finish_io(&io)).await?;
+            log_problems(&container.id, container.share.remove());
+            if owns_vm {
+                self.pod().vm = None;
+                vm.stop().await;
+            }
+            return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
+        }
         tracing::info!(container = %req.id, ?role, "created");
+        Ok(CreateTaskResponse {
+            pid: vm.vmm_pid,
+            ..Default::default()
+        })
+    }
+
+    /// Records a created container and publishes TaskCreate, in one hold of
+    /// the pod lock, unless its VM is gone (or no longer the pod's): the VM
+    /// watcher records exits under the same lock, so a container inserted
+    /// here always gets one. Gives the container back otherwise.
+    fn insert_created(
+        &self,
+        vm: &Arc<Sandbox>,
+        container: Container,
+        req: &CreateTaskRequest,
+    ) -> Result<(), Box<Container>> {
+        let mut pod = self.pod();
+        let current = pod.vm.as_ref().is_some_and(|v| Arc::ptr_eq(v, vm));
+        if vm.is_gone() || !current {
+            return Err(Box::new(container));
+        }
+        pod.containers.insert(req.id.clone(), container);
         self.events.publish(Box::new(TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -130,10 +161,7 @@ impl Inner {
             pid: vm.vmm_pid,
             ..Default::default()
         }));
-        Ok(CreateTaskResponse {
-            pid: vm.vmm_pid,
-            ..Default::default()
-        })
+        Ok(())
     }
 
     /// The container's files into the share, the container in the agent,
@@ -250,24 +278,10 @@ impl Inner {
         };
         let target = self.target(&vm, &req.id, &req.exec_id);
         let started = start_in_agent(&vm, &target, process_json, stdio).await;
-        let (close_now, exit, io) = self.record_start(&req, started)?;
+        let (close_now, exit, io) = self.record_start(&req, vm.vmm_pid, started)?;
         if close_now {
             let target = target.clone();
             blocking(move || close_stdin(&target)).await?;
-        }
-        if req.exec_id.is_empty() {
-            self.events.publish(Box::new(TaskStart {
-                container_id: req.id.clone(),
-                pid: vm.vmm_pid,
-                ..Default::default()
-            }));
-        } else {
-            self.events.publish(Box::new(TaskExecStarted {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                pid: vm.vmm_pid,
-                ..Default::default()
-            }));
         }
         self.spawn_waiter(target, vm.vmm_pid, exit, io);
         Ok(StartResponse {
@@ -276,13 +290,16 @@ impl Inner {
         })
     }
 
-    /// Records how a Start went; an exec's stdio copies join the process.
+    /// Records how a Start went; an exec's stdio copies join the process,
+    /// and TaskStart / TaskExecStarted goes out under the same hold of the
+    /// pod lock (so no TaskExit of the VM watcher can come first).
     /// Returns whether its stdin must be closed now (CloseIO came while it
     /// started), its exit cell and its stdio.
     #[allow(clippy::type_complexity)]
     fn record_start(
         &self,
         req: &StartRequest,
+        vmm_pid: u32,
         started: TtrpcResult<Option<ProcessIo>>,
     ) -> TtrpcResult<(bool, Arc<ExitCell>, Arc<StdMutex<Option<ProcessIo>>>)> {
         let mut pod = self.pod();
@@ -295,10 +312,33 @@ impl Inner {
             *process.io.lock().unwrap_or_else(|e| e.into_inner()) = Some(io);
         }
         process.started = true;
-        Ok((close_now, process.exit.clone(), process.io.clone()))
+        let recorded = (close_now, process.exit.clone(), process.io.clone());
+        if req.exec_id.is_empty() {
+            self.events.publish(Box::new(TaskStart {
+                container_id: req.id.clone(),
+                pid: vmm_pid,
+                ..Default::default()
+            }));
+        } else {
+            self.events.publish(Box::new(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid: vmm_pid,
+                ..Default::default()
+            }));
+        }
+        Ok(recorded)
     }
 
     pub(super) async fn delete(&self, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        // A container's Delete waits for a Create under way: it may be of
+        // this container (containerd deletes what a timed-out Create left),
+        // or into the VM this Delete would end.
+        let _turn = if req.exec_id.is_empty() {
+            Some(self.lifecycle.lock().await)
+        } else {
+            None
+        };
         let (container, vm) = {
             let mut pod = self.pod();
             let pid = pod.vm.as_ref().map(|vm| vm.vmm_pid).unwrap_or_default();
@@ -309,7 +349,7 @@ impl Inner {
             if !req.exec_id.is_empty() {
                 return delete_exec(container, &req.exec_id, pid);
             }
-            if container.init.started && container.init.exit().is_none() {
+            if container.init.is_running() {
                 return Err(status(
                     Code::FAILED_PRECONDITION,
                     format!("container {} is still running", req.id),
@@ -334,8 +374,6 @@ impl Inner {
         });
         if container.owns_vm {
             if let Some(vm) = vm {
-                // A Create into this VM must not run while it stops.
-                let _turn = self.lifecycle.lock().await;
                 vm.stop().await;
             }
         }
@@ -379,16 +417,16 @@ impl Inner {
             .chain(container.execs.values())
             .map(|process| process.io.clone())
             .collect();
-        blocking(move || {
-            for io in ios {
-                if let Some(mut io) = io.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    io.finish(DELETE_DRAIN_LIMIT);
-                }
-            }
-        })
-        .await?;
+        blocking(move || ios.iter().for_each(finish_io)).await?;
         log_problems(&container.id, container.share.remove());
         Ok(())
+    }
+}
+
+/// Stops a process's stdio copies, waiting at most [`DELETE_DRAIN_LIMIT`].
+fn finish_io(io: &Arc<StdMutex<Option<ProcessIo>>>) {
+    if let Some(mut io) = io.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        io.finish(DELETE_DRAIN_LIMIT);
     }
 }
 
@@ -483,7 +521,7 @@ fn delete_exec(container: &mut Container, exec_id: &str, pid: u32) -> TtrpcResul
         .execs
         .get(exec_id)
         .ok_or_else(|| not_found(&container.id, exec_id))?;
-    if process.started && process.exit().is_none() {
+    if process.is_running() {
         return Err(status(
             Code::FAILED_PRECONDITION,
             format!("exec {exec_id} is still running"),

@@ -100,11 +100,17 @@ impl PodService {
     /// pod, so it goes only with the pod's last container (and not while a
     /// Create is under way).
     pub fn shutdown_if_empty(&self) {
-        let creating = self.inner.lifecycle.try_lock().is_err();
-        if self.inner.pod().containers.is_empty() && !creating {
-            tracing::info!("last container deleted; shim exiting");
-            self.inner.exit.signal();
-        }
+        let inner = self.inner.clone();
+        let Ok(_turn) = inner.lifecycle.try_lock() else {
+            // Asked again once the Create is done: if it failed, nothing
+            // else would ask, and the shim would outlive its pod.
+            tokio::spawn(async move {
+                let _turn = inner.lifecycle.lock().await;
+                inner.exit_if_empty();
+            });
+            return;
+        };
+        inner.exit_if_empty();
     }
 
     /// Tears down whatever is left (on shim exit): the VM and every mount.
@@ -124,6 +130,13 @@ impl PodService {
 }
 
 impl Inner {
+    fn exit_if_empty(&self) {
+        if self.pod().containers.is_empty() {
+            tracing::info!("last container deleted; shim exiting");
+            self.exit.signal();
+        }
+    }
+
     /// The pod's state, for a moment: never held across an await.
     fn pod(&self) -> MutexGuard<'_, PodState> {
         self.pod.lock().unwrap_or_else(|e| e.into_inner())

@@ -70,6 +70,11 @@ impl Process {
         self.exit.borrow().clone()
     }
 
+    /// Started (or being started) and not exited: Delete must wait.
+    pub fn is_running(&self) -> bool {
+        (self.started || self.starting) && self.exit().is_none()
+    }
+
     pub fn phase(&self, paused: bool) -> Phase {
         match (self.exit().is_some(), self.started, paused) {
             (true, _, _) => Phase::Stopped,

@@ -305,7 +305,7 @@ async fn state_and_kill_answer_while_another_container_is_created_against_a_slow
     let pod = Arc::new(Pod::new());
     pod.create("pod", &CRI_SANDBOX).await.expect("create");
     pod.start("pod", "").await.expect("start");
-    pod.agent.hold_create(true);
+    pod.agent.hold("create_container", true);
     let creating = {
         let pod = pod.clone();
         tokio::spawn(async move { pod.create("web", &CRI_CONTAINER).await })
@@ -333,7 +333,7 @@ async fn state_and_kill_answer_while_another_container_is_created_against_a_slow
         "the create is still held in the agent"
     );
 
-    pod.agent.hold_create(false);
+    pod.agent.hold("create_container", false);
     creating
         .await
         .expect("joined")
@@ -444,7 +444,7 @@ async fn a_vm_death_ends_every_task_and_every_later_call_fails_cleanly() {
     pod.create("late", &CRI_CONTAINER)
         .await
         .expect("create a second container");
-    pod.agent.hold_create(true);
+    pod.agent.hold("create_container", true);
     let creating = pod.create("web", &CRI_CONTAINER);
     let die = async {
         until_called(&pod.agent, "create_container web").await;
@@ -547,6 +547,70 @@ async fn every_call_over_a_broken_agent_connection_fails_unavailable_and_changes
     pod.delete("web", "").await.expect("delete web");
     pod.delete("pod", "").await.expect("delete");
     assert!(!pod.state_dir("pod").exists(), "nothing is left of the pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_shutdown_wait_for_what_is_under_way() {
+    if !is_root() {
+        return;
+    }
+    let pod = Arc::new(Pod::new());
+    pod.create("pod", &CRI_SANDBOX).await.expect("create");
+    // A Delete while Start is in the agent is refused: the process may be
+    // running already.
+    pod.agent.hold("start_container", true);
+    let starting = {
+        let pod = pod.clone();
+        tokio::spawn(async move { pod.start("pod", "").await })
+    };
+    until_called(&pod.agent, "start_container pod").await;
+    assert_eq!(code(pod.delete("pod", "").await), Code::FAILED_PRECONDITION);
+    pod.agent.hold("start_container", false);
+    starting.await.expect("joined").expect("the start finishes");
+    assert_eq!(pod.state("pod", "").expect("state").0, Status::RUNNING);
+
+    // containerd's Delete of a container whose Create is under way (its
+    // Create call timed out) waits for it, then deletes it.
+    pod.agent.hold("create_container", true);
+    let creating = {
+        let pod = pod.clone();
+        tokio::spawn(async move { pod.create("web", &CRI_CONTAINER).await })
+    };
+    until_called(&pod.agent, "create_container web").await;
+    let deleting = {
+        let pod = pod.clone();
+        tokio::spawn(async move { pod.delete("web", "").await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!deleting.is_finished(), "Delete waits for the Create");
+    pod.agent.hold("create_container", false);
+    creating.await.expect("joined").expect("created");
+    assert_eq!(deleting.await.expect("joined").expect("deleted"), 0);
+    assert_eq!(code(pod.state("web", "")), Code::NOT_FOUND);
+
+    // Shutdown while the only other Create is under way, and it fails:
+    // the shim still exits once it is done.
+    pod.kill("pod", "", 9).await.expect("kill");
+    pod.wait("pod", "").await.expect("wait");
+    pod.delete("pod", "").await.expect("delete the sandbox");
+    pod.agent.hold("create_container", true);
+    pod.agent.fail("create_container", Code::INVALID_ARGUMENT);
+    let creating = {
+        let pod = pod.clone();
+        tokio::spawn(async move { pod.create("again", &[]).await })
+    };
+    until_called(&pod.agent, "create_container again").await;
+    pod.service.shutdown_if_empty();
+    let early = tokio::time::timeout(Duration::from_millis(200), pod.exit.wait()).await;
+    assert!(early.is_err(), "no exit while a Create is under way");
+    pod.agent.hold("create_container", false);
+    assert_eq!(
+        code(creating.await.expect("joined")),
+        Code::INVALID_ARGUMENT
+    );
+    tokio::time::timeout(PROMPT, pod.exit.wait())
+        .await
+        .expect("the shim exits once the failed Create is done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
