@@ -111,6 +111,9 @@ fn virtio_devices(
     config: &VmConfig,
     exit: &Arc<ExitLatch>,
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
+    if !config.nics.is_empty() {
+        return Err(BuildError::NoVirtioNet);
+    }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut backends = Backends::default();
     if let Some(v) = &config.vsock {
@@ -129,9 +132,6 @@ fn virtio_devices(
             }
         };
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
-    }
-    if !config.nics.is_empty() {
-        return Err(BuildError::NoVirtioNet);
     }
     Ok((devices, backends))
 }

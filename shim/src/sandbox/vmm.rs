@@ -362,23 +362,23 @@ mod tests {
             .collect();
         let args = args.join(" ");
         for expected in [
-            "--kernel /k",
-            "--initrd /i",
-            "--vcpus 2",
-            "--memory-mib 512",
-            "--serial /run/podbox/ns/p/console.log --serial-max-bytes 1048576",
-            "--vsock-socket /run/podbox/ns/p/vsock.sock",
-            "--fs-tag podbox",
-            "--shared-dir /run/podbox/ns/p/share",
-            "--fs-socket /run/podbox/ns/p/virtiofsd.sock",
-            "--virtiofsd /usr/libexec/virtiofsd",
-            "--fs-cache always",
+            "--kernel=/k",
+            "--initrd=/i",
+            "--vcpus=2",
+            "--memory-mib=512",
+            "--serial=/run/podbox/ns/p/console.log --serial-max-bytes=1048576",
+            "--vsock-socket=/run/podbox/ns/p/vsock.sock",
+            "--fs-tag=podbox",
+            "--shared-dir=/run/podbox/ns/p/share",
+            "--fs-socket=/run/podbox/ns/p/virtiofsd.sock",
+            "--virtiofsd=/usr/libexec/virtiofsd",
+            "--fs-cache=always",
         ] {
             assert!(args.contains(expected), "{expected:?} in {args}");
         }
         let unset = vm_config(&settings, &Config::default(), &state);
         assert!(
-            !format!("{:?}", unset.to_args()).contains("--virtiofsd\""),
+            !format!("{:?}", unset.to_args()).contains("--virtiofsd="),
             "without a configured virtiofsd podbox-vmm finds one"
         );
     }

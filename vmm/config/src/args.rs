@@ -186,8 +186,12 @@ impl VmConfig {
 struct Args(Vec<OsString>);
 
 impl Args {
-    fn flag(&mut self, name: &str, value: impl Into<OsString>) {
-        self.0.push(name.into());
-        self.0.push(value.into());
+    /// `--name=value`, one argument: a value starting with `-` (a command
+    /// line, a relative path) cannot be taken for a flag.
+    fn flag(&mut self, name: &str, value: impl AsRef<std::ffi::OsStr>) {
+        let mut arg = OsString::from(name);
+        arg.push("=");
+        arg.push(value);
+        self.0.push(arg);
     }
 }

@@ -60,6 +60,25 @@ fn is_interface_name(name: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !b"/:,=".contains(&b))
 }
 
+impl NetConfig {
+    /// What parsing checks, for a NetConfig built in code.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.backend {
+            NetBackend::Tap(name) if !is_interface_name(name) => {
+                Err(format!("tap {name:?}: not an interface name"))
+            }
+            NetBackend::Fd(fd) if *fd <= 2 => {
+                Err(format!("fd {fd}: expected a descriptor above 2"))
+            }
+            _ if self.mac.0[0] & 1 == 1 => Err(format!(
+                "mac {}: a multicast address cannot name a NIC",
+                self.mac
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl FromStr for NetConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -75,7 +75,19 @@ fn every_config_survives_the_command_line() {
         }),
         ..VmConfig::new("/k")
     };
-    for config in [config(), VmConfig::new("/k"), full, socket_only, defaults] {
+    let dashes = VmConfig {
+        cmdline: "-x --y".into(),
+        initrd: Some("-relative/initrd".into()),
+        ..VmConfig::new("-k")
+    };
+    for config in [
+        config(),
+        VmConfig::new("/k"),
+        full,
+        socket_only,
+        defaults,
+        dashes,
+    ] {
         assert_eq!(
             parsed(&config),
             Ok(config.clone()),
@@ -178,6 +190,17 @@ fn out_of_range_values_are_refused_naming_the_flag() {
     };
     let nics = vec![nic; MAX_NICS + 1];
     assert!(refused(VmConfig { nics, ..config() }).starts_with("--net: at most 8"));
+    let tap = |name: &str| NetConfig {
+        backend: NetBackend::Tap(name.into()),
+        mac: mac(1),
+    };
+    let nics = vec![tap("a,mac=02:00:00:00:00:09")];
+    assert!(refused(VmConfig { nics, ..config() }).contains("not an interface name"));
+    let serial = SerialOutput::File {
+        path: "-".into(),
+        max_bytes: DEFAULT_SERIAL_MAX_BYTES,
+    };
+    assert!(refused(VmConfig { serial, ..config() }).starts_with("--serial:"));
 }
 
 #[test]

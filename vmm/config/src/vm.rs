@@ -195,6 +195,8 @@ pub enum ConfigError {
     TooManyNics(usize),
     #[error("--net: {0}")]
     Net(String),
+    #[error("--serial: a file cannot be named \"-\" (that is stdout)")]
+    SerialFileDash,
 }
 
 impl VmConfig {
@@ -230,9 +232,12 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(v.cid));
             }
         }
-        if let SerialOutput::File { max_bytes, .. } = self.serial {
-            if !SERIAL_MAX_BYTES.contains(&max_bytes) {
-                return Err(ConfigError::SerialMaxBytes(max_bytes));
+        if let SerialOutput::File { path, max_bytes } = &self.serial {
+            if !SERIAL_MAX_BYTES.contains(max_bytes) {
+                return Err(ConfigError::SerialMaxBytes(*max_bytes));
+            }
+            if path.as_os_str() == "-" {
+                return Err(ConfigError::SerialFileDash);
             }
         }
         if let Some(fs) = &self.fs {
@@ -242,6 +247,9 @@ impl VmConfig {
         }
         if self.nics.len() > MAX_NICS {
             return Err(ConfigError::TooManyNics(self.nics.len()));
+        }
+        for nic in &self.nics {
+            nic.validate().map_err(ConfigError::Net)?;
         }
         Ok(())
     }
