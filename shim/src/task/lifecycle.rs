@@ -51,8 +51,7 @@ impl Inner {
         let bundle = PathBuf::from(&req.bundle);
         let spec = crate::spec::load(&bundle)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let annotations = crate::spec::annotations(&spec);
-        let role = PodRole::from_annotations(&annotations)
+        let role = PodRole::from_annotations(&crate::spec::annotations(&spec))
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let _turn = self.lifecycle.lock().await;
         let vm = {
@@ -68,25 +67,7 @@ impl Inner {
         let owns_vm = vm.is_none();
         let vm = match vm {
             Some(vm) => vm,
-            None => {
-                if let PodRole::Container { sandbox_id } = &role {
-                    return Err(status(
-                        Code::FAILED_PRECONDITION,
-                        format!("pod {sandbox_id} has no VM in this shim"),
-                    ));
-                }
-                let settings = VmSettings::resolve(&self.config, &annotations)
-                    .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-                settings
-                    .check_fits_host()
-                    .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-                let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
-                let vm = self
-                    .boot_sandbox(&req.id, settings, hostname.unwrap_or(req.id.clone()))
-                    .await?;
-                self.pod().vm = Some(vm.clone());
-                vm
-            }
+            None => self.boot_for(&req.id, &role, &spec).await?,
         };
         if vm.is_gone() {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
@@ -128,6 +109,34 @@ impl Inner {
             pid: vm.vmm_pid,
             ..Default::default()
         })
+    }
+
+    /// Boots the VM for the pod's first container `id` (a sandbox or a
+    /// standalone container: a CRI container comes to an existing VM), as
+    /// the config and its annotations say, and makes it the pod's.
+    async fn boot_for(
+        self: &Arc<Self>,
+        id: &str,
+        role: &PodRole,
+        spec: &oci_spec::runtime::Spec,
+    ) -> TtrpcResult<Arc<Sandbox>> {
+        if let PodRole::Container { sandbox_id } = role {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("pod {sandbox_id} has no VM in this shim"),
+            ));
+        }
+        let settings = VmSettings::resolve(&self.config, &crate::spec::annotations(spec))
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        settings
+            .check_fits_host()
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+        let vm = self
+            .boot_sandbox(id, settings, hostname.unwrap_or(id.to_string()))
+            .await?;
+        self.pod().vm = Some(vm.clone());
+        Ok(vm)
     }
 
     /// Records a created container and publishes TaskCreate, in one hold of
