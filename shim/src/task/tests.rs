@@ -340,6 +340,11 @@ async fn state_and_kill_answer_while_another_container_is_created_against_a_slow
         .expect("the create finishes once the agent answers");
     assert_eq!(pod.state("web", "").expect("state").0, Status::CREATED);
     pod.agent.die(9);
+    // The VM watcher takes the pod's mounts and state down.
+    assert_eq!(pod.wait("web", "").await.expect("wait"), 255);
+    pod.delete("web", "").await.expect("delete web");
+    pod.delete("pod", "").await.expect("delete pod");
+    assert!(!pod.state_dir("pod").exists(), "nothing is left of the pod");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
