@@ -22,7 +22,7 @@ use podbox_protocol::agent::{
 };
 
 use super::pod::{Container, Exit, ExitCell, Process};
-use super::{agent_error, blocking, find_process_mut, log_problems, not_found, now, status, Inner};
+use super::{agent_call, blocking, find_process_mut, log_problems, not_found, now, status, Inner};
 use crate::io::{close_stdin, ProcessIo, StdioPaths, Target};
 use crate::rootfs::{ContainerShare, RootfsError};
 use crate::sandbox::state_dir::{GUEST_SHARE, SHARE_TAG};
@@ -203,9 +203,10 @@ impl Inner {
                 rootfs: share.guest_rootfs().display().to_string(),
                 ..Default::default()
             };
-            blocking(move || agent.create_container(ctx(CREATE_TIMEOUT), &request))
-                .await?
-                .map_err(|e| agent_error("CreateContainer", e))
+            agent_call("CreateContainer", move || {
+                agent.create_container(ctx(CREATE_TIMEOUT), &request)
+            })
+            .await
         }
         .await;
         if let Err(e) = prepared {
@@ -453,9 +454,10 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         }],
         ..Default::default()
     };
-    blocking(move || agent.create_sandbox(ctx(CREATE_TIMEOUT), &request))
-        .await?
-        .map_err(|e| agent_error("CreateSandbox", e))?;
+    agent_call("CreateSandbox", move || {
+        agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)
+    })
+    .await?;
     // The guest has no NIC yet (no virtio-net): the pod's network is the
     // guest's loopback, which the containers share. It starts down.
     let agent = vm.agent.clone();
@@ -472,9 +474,10 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         }),
         ..Default::default()
     };
-    blocking(move || agent.update_interface(ctx(CALL_TIMEOUT), &lo))
-        .await?
-        .map_err(|e| agent_error("UpdateInterface lo", e))?;
+    agent_call("UpdateInterface lo", move || {
+        agent.update_interface(ctx(CALL_TIMEOUT), &lo)
+    })
+    .await?;
     Ok(())
 }
 
@@ -493,9 +496,10 @@ async fn start_in_agent(
             container_id,
             ..Default::default()
         };
-        blocking(move || agent.start_container(ctx(CREATE_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("StartContainer", e))?;
+        agent_call("StartContainer", move || {
+            agent.start_container(ctx(CREATE_TIMEOUT), &request)
+        })
+        .await?;
         return Ok(None);
     }
     let request = AgentExec {
@@ -504,9 +508,10 @@ async fn start_in_agent(
         process_json,
         ..Default::default()
     };
-    blocking(move || agent.exec_process(ctx(CREATE_TIMEOUT), &request))
-        .await?
-        .map_err(|e| agent_error("ExecProcess", e))?;
+    agent_call("ExecProcess", move || {
+        agent.exec_process(ctx(CREATE_TIMEOUT), &request)
+    })
+    .await?;
     let io_target = target.clone();
     match blocking(move || ProcessIo::start(&io_target, &stdio)).await? {
         Ok(io) => Ok(Some(io)),

@@ -224,6 +224,15 @@ fn log_problems(what: &str, problems: Vec<String>) {
     }
 }
 
+/// Runs agent call `what` off the async threads, its error as containerd
+/// should see it ([`agent_error`]).
+async fn agent_call<T: Send + 'static>(
+    what: &str,
+    call: impl FnOnce() -> ttrpc::Result<T> + Send + 'static,
+) -> TtrpcResult<T> {
+    blocking(call).await?.map_err(|e| agent_error(what, e))
+}
+
 /// Runs a blocking agent call off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> TtrpcResult<T> {
     tokio::task::spawn_blocking(f)

@@ -24,7 +24,7 @@ use podbox_protocol::agent::{
 
 use super::lifecycle::CALL_TIMEOUT;
 use super::pod::{Exit, Phase, Process, VM_LOST_EXIT_STATUS};
-use super::{agent_error, blocking, find_process, find_process_mut, not_found, now, status, Inner};
+use super::{agent_call, blocking, find_process, find_process_mut, not_found, now, status, Inner};
 use crate::io::{close_stdin, StdioPaths};
 
 const EXEC_SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
@@ -165,9 +165,10 @@ impl Inner {
             signal: req.signal,
             ..Default::default()
         };
-        blocking(move || agent.signal_process(ctx(CALL_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("SignalProcess", e))?;
+        agent_call("SignalProcess", move || {
+            agent.signal_process(ctx(CALL_TIMEOUT), &request)
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -177,9 +178,10 @@ impl Inner {
             container_id: req.id.clone(),
             ..Default::default()
         };
-        let response = blocking(move || agent.list_processes(ctx(CALL_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("ListProcesses", e))?;
+        let response = agent_call("ListProcesses", move || {
+            agent.list_processes(ctx(CALL_TIMEOUT), &request)
+        })
+        .await?;
         let processes = response
             .pids
             .iter()
@@ -233,9 +235,10 @@ impl Inner {
             column: req.width,
             ..Default::default()
         };
-        blocking(move || agent.tty_win_resize(ctx(CALL_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("TtyWinResize", e))?;
+        agent_call("TtyWinResize", move || {
+            agent.tty_win_resize(ctx(CALL_TIMEOUT), &request)
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -251,9 +254,10 @@ impl Inner {
             resources_json: resources.value.clone(),
             ..Default::default()
         };
-        blocking(move || agent.update_container(ctx(CALL_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("UpdateContainer", e))?;
+        agent_call("UpdateContainer", move || {
+            agent.update_container(ctx(CALL_TIMEOUT), &request)
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -263,9 +267,10 @@ impl Inner {
             container_id: req.id.clone(),
             ..Default::default()
         };
-        let s = blocking(move || agent.stats_container(ctx(CALL_TIMEOUT), &request))
-            .await?
-            .map_err(|e| agent_error("StatsContainer", e))?;
+        let s = agent_call("StatsContainer", move || {
+            agent.stats_container(ctx(CALL_TIMEOUT), &request)
+        })
+        .await?;
         let metrics = Metrics {
             memory: MessageField::some(MemoryStat {
                 usage: MessageField::some(MemoryEntry {
@@ -306,22 +311,21 @@ impl Inner {
     pub(super) async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<Empty> {
         let agent = self.vm_for(id)?.agent.clone();
         let container_id = id.to_string();
-        let (what, paused_result) = if paused {
+        if paused {
             let request = PauseContainerRequest {
                 container_id,
                 ..Default::default()
             };
-            let call = blocking(move || agent.pause_container(ctx(CALL_TIMEOUT), &request));
-            ("PauseContainer", call.await?)
+            let call = move || agent.pause_container(ctx(CALL_TIMEOUT), &request);
+            agent_call("PauseContainer", call).await?;
         } else {
             let request = ResumeContainerRequest {
                 container_id,
                 ..Default::default()
             };
-            let call = blocking(move || agent.resume_container(ctx(CALL_TIMEOUT), &request));
-            ("ResumeContainer", call.await?)
-        };
-        paused_result.map_err(|e| agent_error(what, e))?;
+            let call = move || agent.resume_container(ctx(CALL_TIMEOUT), &request);
+            agent_call("ResumeContainer", call).await?;
+        }
         if let Some(container) = self.pod().containers.get_mut(id) {
             container.paused = paused;
         }
