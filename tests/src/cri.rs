@@ -184,6 +184,20 @@ impl CriClient {
         Ok(path)
     }
 
+    /// The pod's IP as the CRI reports it (what CNI assigned).
+    pub fn pod_ip(&mut self, pod_id: &str) -> Result<String, CriError> {
+        let status = self.pod_sandbox_status(pod_id, false)?;
+        status
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .filter(|ip| !ip.is_empty())
+            .ok_or(CriError::MissingField {
+                call: "PodSandboxStatus",
+                field: "status.network.ip",
+            })
+    }
+
     pub fn list_pod_sandboxes(&mut self) -> Result<Vec<PodSandbox>, CriError> {
         let response = rpc(
             &self.runtime,

@@ -10,6 +10,7 @@ pub mod cri;
 pub mod guest;
 pub mod guest_image;
 pub mod initramfs;
+pub mod net;
 pub mod oci_image;
 pub mod output;
 pub mod podbox;

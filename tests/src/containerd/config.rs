@@ -124,23 +124,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     )
 }
 
-/// A bridge + host-local network private to one guard. IPAM state lives in
-/// the guard's dir (not /var/lib/cni), so nothing of it outlives the guard.
+/// A bridge + host-local network private to one guard, with `portmap` for
+/// hostPort mappings. The bridge holds the subnet's first address (isGateway),
+/// so the host reaches pods and pods route through it; no masquerading, so no
+/// traffic leaves the bridge. IPAM state lives in the guard's dir (not
+/// /var/lib/cni), so nothing of it outlives the guard.
 pub(super) fn cni_conflist(tag: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": format!("podbox-test-{tag}"),
-        "plugins": [{
-            "type": "bridge",
-            "bridge": bridge,
-            "isGateway": false,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": subnet }]],
-                "dataDir": ipam_dir,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": bridge,
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": subnet }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir,
+                },
             },
-        }],
+            { "type": "portmap", "capabilities": { "portMappings": true } },
+        ],
     })
     .to_string()
 }

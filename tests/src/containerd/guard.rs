@@ -2,6 +2,7 @@
 //! CRI plugin, and the accessors tests use. The `ctr` helpers, the
 //! footprint and the teardown (`Drop`) are in the sibling modules.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,8 @@ pub struct Containerd {
     /// Short unique tag of this guard: names the bridge, subnet, cgroup parent.
     pub(super) tag: String,
     pub(super) bridge: String,
+    /// The pods' gateway: the bridge's address, first of the guard's /24.
+    pub(super) gateway: Ipv4Addr,
     pub(super) cgroup_parent: String,
     pub(super) podbox_config: Option<PathBuf>,
 }
@@ -63,9 +66,10 @@ impl Containerd {
             std::fs::create_dir_all(sub).map_err(|source| io_error("creating", sub, source))?;
         }
         let bridge = format!("pbx{tag}");
-        // Private to this guard's bridge; the bridge has no host address
-        // (isGateway false), so subnets never meet in the host's routes.
-        let subnet = format!("10.{}.{}.0/24", 200 + guard_number % 50, pid % 256);
+        // Private to this guard's bridge, which holds its first address: a
+        // /24 of its own per guard, so two guards' routes never overlap.
+        let subnet_base = Ipv4Addr::new(10, 200 + (guard_number % 50) as u8, (pid % 256) as u8, 0);
+        let subnet = format!("{subnet_base}/24");
         let cgroup_parent = format!("/podbox-test-{tag}");
         write_file(
             &paths.config,
@@ -87,6 +91,7 @@ impl Containerd {
             grpc_socket: paths.grpc.clone(),
             tag,
             bridge,
+            gateway: Ipv4Addr::from(u32::from(subnet_base) + 1),
             cgroup_parent,
             podbox_config: options.podbox_config.clone(),
         };
@@ -110,6 +115,20 @@ impl Containerd {
 
     pub fn grpc_socket(&self) -> &Path {
         &self.grpc_socket
+    }
+
+    /// The CNI bridge's address: the pods' default gateway, and the host's
+    /// address on the pods' subnet.
+    pub fn pod_gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    /// The CRI plugin's files of pod `pod_id` (hosts, hostname, resolv.conf
+    /// that every container of the pod gets).
+    pub fn sandbox_files(&self, pod_id: &str) -> PathBuf {
+        self.root()
+            .join("io.containerd.grpc.v1.cri/sandboxes")
+            .join(pod_id)
     }
 
     pub fn root(&self) -> PathBuf {
