@@ -2,7 +2,8 @@
 # The main job: build everything, start a private containerd, import a
 # locally built busybox image, and run the same two-container pod under
 # runc and in a podbox microVM, printing each container's kernel release,
-# CPU count, MemTotal and network interfaces. (scripts/deps.sh, run by
+# CPU count, MemTotal, network interfaces, eth0 IP and driver, then a request
+# from the runc pod to the podbox pod. (scripts/deps.sh, run by
 # `make demo`, installs containerd, runc, CNI plugins, the kernel source
 # and virtiofsd.)
 set -euo pipefail

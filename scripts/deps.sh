@@ -6,12 +6,13 @@ set -euo pipefail
 # Debian packages: the guest kernel build (its source and toolchain), busybox
 # for guest and container root filesystems, cpio, QEMU (benchmark peer),
 # containerd + runc + CNI plugins (the shim's real peer in tests, runc beside it),
+# iptables (the CNI portmap plugin), iproute2 (tests look into pod netns),
 # protoc (the CRI API test client is generated from .proto at build time).
 APT_PACKAGES=(
     linux-source-6.12 bc flex bison libelf-dev libssl-dev make gcc patch xz-utils
     busybox-static cpio file
     qemu-system-x86
-    containerd runc containernetworking-plugins protobuf-compiler
+    containerd runc containernetworking-plugins iptables iproute2 protobuf-compiler
 )
 
 missing=()
