@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-pods install
+.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-pods bench-net install
 
 deps:
 	scripts/deps.sh
@@ -51,6 +51,12 @@ bench-pods: test-assets
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
 	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench pods --runs 3
+
+# Host <-> pod TCP over the CNI network, podbox beside runc (two guest boots).
+bench-net: test-assets
+	$(CARGO) build --release -p podbox-shim -p podbox-vmm
+	$(CARGO) build --release -p podbox-tests --bin podbox-bench
+	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench net --runs 3
 
 install: deps
 	scripts/install.sh

@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod fs;
+pub mod net;
 pub mod pods;
 pub mod vsock;
 

@@ -4,9 +4,10 @@
 //!   podbox-bench vsock [--runs N] [--vmm PATH]
 //!   podbox-bench fs [--runs N] [--vmm PATH]
 //!   podbox-bench pods [--runs N]
+//!   podbox-bench net [--runs N] [--mib M] [--round-trips K]
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
-//! `pods` runs pods through a private containerd with the shim and VMM from
+//! `pods` and `net` run pods through a private containerd with the shim and VMM from
 //! `PODBOX_BIN_DIR` (`make bench-pods` builds them and sets it).
 
 use std::path::PathBuf;
@@ -14,12 +15,15 @@ use std::process::ExitCode;
 
 use podbox_tests::bench::boot::BootBench;
 use podbox_tests::bench::fs::FsBench;
+use podbox_tests::bench::net::NetBench;
 use podbox_tests::bench::pods::PodsBench;
 use podbox_tests::bench::vsock::VsockBench;
 use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: podbox-bench boot|vsock|fs|pods [--runs N] [--vmm PATH]");
+    eprintln!(
+        "usage: podbox-bench boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K]"
+    );
     ExitCode::from(2)
 }
 
@@ -29,23 +33,36 @@ fn main() -> ExitCode {
         return usage();
     };
     let mut runs = 1usize;
+    let mut mib = 64usize;
+    let mut round_trips = 1000usize;
     let mut vmm = repo_root().join("target/release/podbox-vmm");
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
         match (flag.as_str(), rest.next()) {
-            ("--runs", Some(n)) => match n.parse() {
-                Ok(n) if n > 0 => runs = n,
-                _ => {
-                    eprintln!("--runs {n}: expected a positive number");
-                    return ExitCode::from(2);
-                }
+            ("--runs", Some(n)) => match positive(flag, n) {
+                Some(n) => runs = n,
+                None => return ExitCode::from(2),
             },
             ("--vmm", Some(p)) => vmm = PathBuf::from(p),
+            ("--mib", Some(n)) => match positive(flag, n) {
+                Some(n) => mib = n,
+                None => return ExitCode::from(2),
+            },
+            ("--round-trips", Some(n)) => match positive(flag, n) {
+                Some(n) => round_trips = n,
+                None => return ExitCode::from(2),
+            },
             _ => return usage(),
         }
     }
     if which == "pods" {
         return report(which, PodsBench::run(runs).map(|b| b.table()));
+    }
+    if which == "net" {
+        return report(
+            which,
+            NetBench::run(runs, mib, round_trips).map(|b| b.table()),
+        );
     }
     if !vmm.is_file() {
         eprintln!(
@@ -68,6 +85,17 @@ fn main() -> ExitCode {
         _ => return usage(),
     };
     report(which, result)
+}
+
+/// The value of `flag` as a positive number, or None after saying why.
+fn positive(flag: &str, value: &str) -> Option<usize> {
+    match value.parse() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            eprintln!("{flag} {value}: expected a positive number");
+            None
+        }
+    }
 }
 
 fn report(which: &str, result: Result<String, String>) -> ExitCode {

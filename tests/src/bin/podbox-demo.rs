@@ -71,10 +71,17 @@ fn run() -> Result<(), String> {
     let url = format!("http://{podbox_ip}:8080/index.html");
     println!("runc pod -> podbox pod: wget {url}");
     let out = cri
-        .exec_sync(runc_sidecar, &["wget", "-q", "-O", "-", &url], Duration::from_secs(120))
+        .exec_sync(
+            runc_sidecar,
+            &["wget", "-q", "-O", "-", &url],
+            Duration::from_secs(120),
+        )
         .map_err(|e| format!("ExecSync: {e}"))?;
     if out.exit_code != 0 {
-        return Err(format!("the runc pod could not reach the podbox pod: {}", out.stderr));
+        return Err(format!(
+            "the runc pod could not reach the podbox pod: {}",
+            out.stderr
+        ));
     }
     println!("  {}", out.stdout.trim());
     for (pod, _, _) in pods {
@@ -115,7 +122,10 @@ fn run_pod(
         containers.push((container, id));
     }
     let ip = cri.pod_ip(&pod).map_err(|e| e.to_string())?;
-    println!("pod under {handler} (ready in {:.1?}), CNI IP {ip}:", started.elapsed());
+    println!(
+        "pod under {handler} (ready in {:.1?}), CNI IP {ip}:",
+        started.elapsed()
+    );
     for (name, id) in &containers {
         let out = cri
             .exec_sync(id, &["sh", "-c", REPORT], Duration::from_secs(120))
