@@ -90,6 +90,11 @@ pub fn setup() {
     if let Err(e) = set_hostname("podbox") {
         log::warn!("{e}");
     }
+    // The containers share the agent's network namespace; its loopback
+    // starts down. (UpdateInterface configures the NICs.)
+    if let Err(e) = crate::network::bring_up_loopback() {
+        log::warn!("{e}");
+    }
     log::info!("PID 1 setup done");
 }
 

@@ -14,7 +14,7 @@ use ttrpc::{Code, TtrpcContext};
 
 use crate::config::AgentConfig;
 use crate::container::Error;
-use crate::network::{self, Ipv4Net};
+use crate::network;
 use crate::sandbox::Sandbox;
 
 /// Blocking calls (WaitProcess, Read*, GetOOMEvent) each hold a server
@@ -239,46 +239,21 @@ impl AgentService for Agent {
     }
 
     fn update_interface(&self, _: &TtrpcContext, r: UpdateInterfaceRequest) -> Res<Interface> {
-        let iface = r
-            .interface
-            .into_option()
-            .ok_or_else(|| status(Error::InvalidArgument("interface is missing".into())))?;
-        let name = if iface.name.is_empty() {
-            &iface.device
-        } else {
-            &iface.name
-        };
-        let mut addrs = Vec::new();
-        for a in &iface.ip_addresses {
-            if !(a.family.is_empty() || a.family == "inet" || a.family == "4") {
-                return Err(status(Error::Unsupported(format!(
-                    "address family {:?} (only IPv4)",
-                    a.family
-                ))));
-            }
-            addrs.push(Ipv4Net::parse(&a.address, &a.mask).map_err(status)?);
-        }
-        network::configure_interface(name, &addrs, iface.mtu).map_err(status)?;
-        Ok(iface)
+        let config = network::parse_interface(&r).map_err(status)?;
+        let configured = network::Nic::open()
+            .and_then(|mut nic| nic.configure_interface(&config))
+            .map_err(status)?;
+        log::info!("interface configured: {configured:?}");
+        Ok(network::to_interface(&configured))
     }
 
     fn update_routes(&self, _: &TtrpcContext, r: UpdateRoutesRequest) -> Res<Routes> {
-        let routes = r.routes.into_option().unwrap_or_default();
-        for rt in &routes.routes {
-            let dest = Ipv4Net::parse_cidr(&rt.dest).map_err(status)?;
-            let gw = if rt.gateway.is_empty() {
-                None
-            } else {
-                Some(rt.gateway.parse().map_err(|_| {
-                    status(Error::InvalidArgument(format!(
-                        "gateway {:?} is not an IPv4 address",
-                        rt.gateway
-                    )))
-                })?)
-            };
-            network::add_route(&dest, gw, &rt.device).map_err(status)?;
-        }
-        Ok(routes)
+        let routes = network::parse_routes(&r).map_err(status)?;
+        let applied = network::Nic::open()
+            .and_then(|mut nic| nic.apply_routes(&routes))
+            .map_err(status)?;
+        log::info!("{} routes applied", applied.len());
+        Ok(network::to_routes(&applied))
     }
 
     fn get_guest_details(

@@ -1,7 +1,9 @@
 //! Network interfaces: find them, read what matters to podbox, set them up.
 
-use netlink_packet_core::NLM_F_REQUEST;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::{Error, Netlink};
@@ -113,6 +115,44 @@ pub fn set_link(nl: &mut Netlink, index: u32, change: &LinkChange) -> Result<(),
         &format!("change interface {index} ({change:?})"),
         RouteNetlinkMessage::SetLink(request),
         0,
+    )
+}
+
+/// Renames interface `index` to `name` (RTM_SETLINK with IFLA_IFNAME). The
+/// kernel refuses to rename an interface that is up (EBUSY): bring it down
+/// first.
+pub fn rename_link(nl: &mut Netlink, index: u32, name: &str) -> Result<(), Error> {
+    let mut request = LinkMessage::default();
+    request.header.index = index;
+    request
+        .attributes
+        .push(LinkAttribute::IfName(name.to_string()));
+    nl.change(
+        &format!("rename interface {index} to {name}"),
+        RouteNetlinkMessage::SetLink(request),
+        0,
+    )
+}
+
+/// Creates a veth pair `name` <-> `peer` (both down) in the socket's network
+/// namespace; an interface of either name already there is an error (EEXIST).
+pub fn add_veth(nl: &mut Netlink, name: &str, peer: &str) -> Result<(), Error> {
+    let mut peer_message = LinkMessage::default();
+    peer_message
+        .attributes
+        .push(LinkAttribute::IfName(peer.to_string()));
+    let mut request = LinkMessage::default();
+    request
+        .attributes
+        .push(LinkAttribute::IfName(name.to_string()));
+    request.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_message))),
+    ]));
+    nl.change(
+        &format!("create veth pair {name} <-> {peer}"),
+        RouteNetlinkMessage::NewLink(request),
+        NLM_F_CREATE | NLM_F_EXCL,
     )
 }
 
