@@ -52,7 +52,7 @@ bench-pods: test-assets
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
 	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench pods --runs 3
 
-# Host <-> pod TCP over the CNI network, podbox beside runc (two guest boots).
+# Host <-> pod TCP over the CNI network, podbox beside runc (one guest boot).
 bench-net: test-assets
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench

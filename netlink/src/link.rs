@@ -109,7 +109,9 @@ pub fn set_link(nl: &mut Netlink, index: u32, change: &LinkChange) -> Result<(),
         request.attributes.push(LinkAttribute::Mtu(mtu));
     }
     if let Some(mac) = change.mac {
-        request.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        request
+            .attributes
+            .push(LinkAttribute::Address(mac.to_vec()));
     }
     nl.change(
         &format!("change interface {index} ({change:?})"),

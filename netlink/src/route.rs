@@ -127,7 +127,9 @@ pub fn add_route(nl: &mut Netlink, route: &Route) -> Result<(), Error> {
                 detail: "destination and gateway are of different families".into(),
             });
         }
-        request.attributes.push(RouteAttribute::Gateway(gateway.into()));
+        request
+            .attributes
+            .push(RouteAttribute::Gateway(gateway.into()));
     }
     if let Some(device) = route.device {
         request.attributes.push(RouteAttribute::Oif(device));

@@ -94,17 +94,24 @@ impl Netlink {
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>, Error> {
         self.sequence = self.sequence.wrapping_add(1);
-        let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
+        let mut packet =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(message));
         packet.header.flags = NLM_F_REQUEST | flags;
         packet.header.sequence_number = self.sequence;
         packet.finalize();
         let mut bytes = vec![0; packet.buffer_len()];
         packet.serialize(&mut bytes);
-        self.socket.send(&bytes, 0).map_err(|source| Error::Kernel {
-            what: what.to_string(),
-            source,
-        })?;
-        self.replies(what, flags & NLM_F_DUMP == NLM_F_DUMP, flags & NLM_F_ACK != 0)
+        self.socket
+            .send(&bytes, 0)
+            .map_err(|source| Error::Kernel {
+                what: what.to_string(),
+                source,
+            })?;
+        self.replies(
+            what,
+            flags & NLM_F_DUMP == NLM_F_DUMP,
+            flags & NLM_F_ACK != 0,
+        )
     }
 
     fn replies(

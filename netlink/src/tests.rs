@@ -12,7 +12,12 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
     std::thread::spawn(move || {
         // SAFETY: unshare(2) only affects this new thread.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         f()
     })
     .join()
@@ -25,12 +30,22 @@ fn loopback_is_configured_and_read_back() {
         let mut nl = Netlink::open().expect("netlink socket");
         let all = links(&mut nl).expect("list");
         assert_eq!(all.len(), 1, "a new netns has only lo: {all:?}");
-        let lo = link_by_name(&mut nl, "lo").expect("find").expect("lo exists");
+        let lo = link_by_name(&mut nl, "lo")
+            .expect("find")
+            .expect("lo exists");
         assert!(lo.loopback && !lo.up);
         assert_eq!(link_by_name(&mut nl, "eth9").expect("find"), None);
 
-        set_link(&mut nl, lo.index, &LinkChange { up: Some(true), mtu: Some(9000), mac: None })
-            .expect("set lo up");
+        set_link(
+            &mut nl,
+            lo.index,
+            &LinkChange {
+                up: Some(true),
+                mtu: Some(9000),
+                mac: None,
+            },
+        )
+        .expect("set lo up");
         let lo = link_by_name(&mut nl, "lo").unwrap().unwrap();
         assert!(lo.up);
         assert_eq!(lo.mtu, 9000);
@@ -40,7 +55,12 @@ fn loopback_is_configured_and_read_back() {
         // Adding it again replaces it.
         addr::add_address(&mut nl, lo.index, v4, 24).expect("add v4 again");
         let found = addr::addresses(&mut nl).expect("addresses");
-        assert!(found.iter().any(|a| a.ip == v4 && a.prefix == 24 && a.index == lo.index), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|a| a.ip == v4 && a.prefix == 24 && a.index == lo.index),
+            "{found:?}"
+        );
         assert!(addr::add_address(&mut nl, lo.index, v4, 33).is_err());
 
         let route = Route {
@@ -55,7 +75,10 @@ fn loopback_is_configured_and_read_back() {
         assert!(table.contains(&route), "{table:?}");
 
         // A gateway of the other family is refused before the kernel sees it.
-        let mixed = Route { gateway: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), ..route };
+        let mixed = Route {
+            gateway: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            ..route
+        };
         assert!(add_route(&mut nl, &mixed).is_err());
     });
 }
@@ -64,8 +87,15 @@ fn loopback_is_configured_and_read_back() {
 fn kernel_errors_name_the_request() {
     in_new_netns(|| {
         let mut nl = Netlink::open().expect("netlink socket");
-        let err = set_link(&mut nl, 4242, &LinkChange { up: Some(true), ..Default::default() })
-            .expect_err("no interface 4242");
+        let err = set_link(
+            &mut nl,
+            4242,
+            &LinkChange {
+                up: Some(true),
+                ..Default::default()
+            },
+        )
+        .expect_err("no interface 4242");
         assert_eq!(err.errno(), Some(libc::ENODEV));
         assert!(err.to_string().contains("interface 4242"), "{err}");
     });
