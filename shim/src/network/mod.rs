@@ -23,6 +23,8 @@ pub mod netns;
 pub mod tap;
 
 #[cfg(test)]
+pub(crate) mod testnet;
+#[cfg(test)]
 mod tests;
 
 use std::os::fd::{BorrowedFd, OwnedFd};

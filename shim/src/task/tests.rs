@@ -19,6 +19,8 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::ExitSignal;
 use tokio::sync::mpsc;
 
+mod network;
+
 use super::fake::{FakeAgent, FakeLauncher};
 use super::{EventMessage, EventSenders, Inner, PodService};
 use crate::settings::config::Config;
