@@ -392,6 +392,64 @@ mod tests {
         );
     }
 
+    /// spawn_vmm with a script standing in for podbox-vmm: it runs in the
+    /// pod's netns, holds the tap at the descriptor its --net names, and
+    /// the tap goes when it exits.
+    #[tokio::test]
+    async fn the_vmm_runs_in_the_pods_netns_and_is_the_taps_last_holder() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: a pod network namespace needs root");
+            return;
+        }
+        let net = crate::network::testnet::TestNetns::cni_like();
+        let network = PodNetwork::set_up(&crate::network::NetnsSource::Path(net.netns.path()))
+            .expect("wired");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let vmm = tmp.path().join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            "#!/bin/sh\nreadlink /proc/self/ns/net\nfor a; do case $a in --net=fd=*) fd=${a#--net=fd=}; fd=${fd%%,*};; esac; done\nreadlink /proc/self/fd/$fd\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let state = StateDir::under(&tmp.path().join("state"), "ns", "p").expect("valid id");
+        state.create().expect("state dir");
+        let tap = network.take_tap().expect("a tap");
+        let nic = NetConfig {
+            backend: NetBackend::Fd(tap.0.as_raw_fd()),
+            mac: tap.1,
+        };
+        let settings = VmSettings {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        let config = vm_config(&settings, &Config::default(), &state, Some(nic));
+        let vmm_network = VmmNetwork {
+            netns: network.netns_fd().as_raw_fd(),
+            tap: Some(tap.0.as_raw_fd()),
+        };
+        let mut child = spawn_vmm(&vmm, &config, &state, 1 << 20, vmm_network).expect("spawned");
+        drop(tap);
+        assert!(child.wait().await.expect("waited").success());
+        // The output copy ends at EOF, just after the exit.
+        let since = std::time::Instant::now();
+        let mut log = String::new();
+        while log.lines().count() < 2 && since.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+            log = std::fs::read_to_string(state.vmm_log()).unwrap_or_default();
+        }
+        let netns = std::fs::read_link(net.netns.path()).expect("the pod netns");
+        let mut lines = log.lines();
+        assert_eq!(lines.next(), Some(netns.to_str().unwrap()), "{log}");
+        assert_eq!(lines.next(), Some("/dev/net/tun"), "the tap is inherited: {log}");
+        assert_eq!(net.link(crate::network::tap::TAP_NAME), None, "gone with the VMM");
+        network.tear_down();
+        assert!(net.ingress_qdiscs().is_empty());
+    }
+
     #[test]
     fn the_vmm_gets_the_pod_settings_and_the_share() {
         let settings = VmSettings {

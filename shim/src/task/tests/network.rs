@@ -106,3 +106,20 @@ async fn host_network_is_refused_and_leaves_nothing() {
     assert_eq!(code(refused), Code::FAILED_PRECONDITION);
     assert!(missing.agent.calls().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_cannot_take_the_interface_fails_the_pod_and_unwires_it() {
+    if !is_root() {
+        return;
+    }
+    let net = TestNetns::cni_like();
+    let pod = Pod::new();
+    pod.set_namespaces(in_netns(&net));
+    pod.agent.fail("update_routes", Code::INVALID_ARGUMENT);
+    let error = pod.create("pod", &CRI_SANDBOX).await.expect_err("refused");
+    assert!(format!("{error:?}").contains("UpdateRoutes"), "{error:?}");
+    assert!(pod.inner().pod().vm.is_none());
+    assert!(pod.agent.calls().iter().any(|c| c == "destroy_sandbox "));
+    assert_eq!(net.link(TAP_NAME), None);
+    assert!(net.ingress_qdiscs().is_empty(), "{:?}", net.ingress_qdiscs());
+}
