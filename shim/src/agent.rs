@@ -30,6 +30,7 @@ agent_calls! {
     create_sandbox(CreateSandboxRequest) -> Empty;
     destroy_sandbox(DestroySandboxRequest) -> Empty;
     update_interface(UpdateInterfaceRequest) -> Interface;
+    update_routes(UpdateRoutesRequest) -> Routes;
     create_container(CreateContainerRequest) -> Empty;
     start_container(StartContainerRequest) -> Empty;
     remove_container(RemoveContainerRequest) -> Empty;

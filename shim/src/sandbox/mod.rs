@@ -21,6 +21,7 @@ use podbox_protocol::agent::DestroySandboxRequest;
 use tokio::sync::watch;
 
 use crate::agent::Agent;
+use crate::network::PodNetwork;
 use crate::settings::VmSettings;
 use state_dir::StateDir;
 
@@ -35,9 +36,16 @@ const DESTROY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Boots pod VMs: podbox-vmm ([`vmm::VmmLauncher`]), or a fake in tests.
 #[async_trait]
 pub trait VmLauncher: Send + Sync {
-    /// Boots the VM of pod `pod_id` and waits until its agent answers.
-    /// On error nothing of the VM is left (process, sockets, state).
-    async fn boot(&self, pod_id: &str, settings: VmSettings) -> Result<Arc<Sandbox>, BootError>;
+    /// Boots the VM of pod `pod_id` in the pod's network namespace, with
+    /// the tap of `network` (if it has one) as its NIC, and waits until its
+    /// agent answers. On error nothing of the VM is left (process, sockets,
+    /// state); `network` is the caller's to tear down.
+    async fn boot(
+        &self,
+        pod_id: &str,
+        settings: VmSettings,
+        network: Arc<PodNetwork>,
+    ) -> Result<Arc<Sandbox>, BootError>;
 }
 
 /// A running VM of the pod.
@@ -47,6 +55,8 @@ pub struct Sandbox {
     /// pod); 0 when there is no process to signal (a fake VM).
     pub vmm_pid: u32,
     pub state: StateDir,
+    /// The pod's netns and the wiring of its interface to the VM's NIC.
+    pub network: Arc<PodNetwork>,
     /// Set before the shim itself ends the VM, so that its exit is not
     /// taken for a failure.
     stopping: AtomicBool,
@@ -60,11 +70,13 @@ impl Sandbox {
         vmm_pid: u32,
         state: StateDir,
         gone: watch::Receiver<Option<ExitStatus>>,
+        network: Arc<PodNetwork>,
     ) -> Self {
         Sandbox {
             agent,
             vmm_pid,
             state,
+            network,
             stopping: AtomicBool::new(false),
             gone,
         }
@@ -103,7 +115,8 @@ impl Sandbox {
 
     /// Ends the VM the orderly way (DestroySandbox resets the guest, the
     /// VMM exits 0 and stops virtiofsd), with SIGTERM and then SIGKILL
-    /// behind it, and removes the pod's state directory.
+    /// behind it, and removes the pod's state directory and what the shim
+    /// added to the pod's netns.
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         if !self.is_gone() {
@@ -128,6 +141,13 @@ impl Sandbox {
         for problem in self.state.remove() {
             tracing::warn!("cleaning up the pod state: {problem}");
         }
+        self.tear_down_network().await;
+    }
+
+    /// Leaves the pod's netns as CNI made it (idempotent).
+    pub async fn tear_down_network(&self) {
+        let network = self.network.clone();
+        let _ = tokio::task::spawn_blocking(move || network.tear_down()).await;
     }
 }
 

@@ -4,6 +4,7 @@
 //! the agent's ready call. podbox-vmm starts virtiofsd for the share and
 //! stops it with the VM; if virtiofsd dies, the VMM ends the VM.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -14,12 +15,15 @@ use async_trait::async_trait;
 use podbox_agent_client::{AgentClient, ReadyListener, VmProgress};
 pub use podbox_vmm::logfile::tail;
 use podbox_vmm::logfile::RotatingLog;
-use podbox_vmm_config::{FsBackend, FsConfig, SerialOutput, VirtiofsdSpec, VmConfig, VsockConfig};
+use podbox_vmm_config::{
+    FsBackend, FsConfig, NetBackend, NetConfig, SerialOutput, VirtiofsdSpec, VmConfig, VsockConfig,
+};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use super::state_dir::{StateDir, SHARE_TAG};
 use super::{kill_vmm, BootError, Sandbox, VmLauncher, VmmError};
+use crate::network::PodNetwork;
 use crate::settings::config::Config;
 use crate::settings::VmSettings;
 
@@ -74,8 +78,14 @@ pub fn find_vmm() -> Result<PathBuf, VmmError> {
 }
 
 /// The pod's VM: its settings, with the console, vsock and share in its
-/// state directory, and virtiofsd as the node's config says.
-pub fn vm_config(settings: &VmSettings, config: &Config, state: &StateDir) -> VmConfig {
+/// state directory, virtiofsd as the node's config says, and the pod's NIC
+/// if it has one.
+pub fn vm_config(
+    settings: &VmSettings,
+    config: &Config,
+    state: &StateDir,
+    nic: Option<NetConfig>,
+) -> VmConfig {
     VmConfig {
         initrd: Some(settings.initrd.clone()),
         // Bounded by the contract's range when the settings were resolved.
@@ -98,8 +108,17 @@ pub fn vm_config(settings: &VmSettings, config: &Config, state: &StateDir) -> Vm
                 ..VirtiofsdSpec::new(state.share())
             }),
         }),
+        nics: nic.into_iter().collect(),
         ..VmConfig::new(&settings.kernel)
     }
+}
+
+/// What of the pod's network the VMM's process gets: it runs in `netns`,
+/// and inherits `tap` (a descriptor of the shim's, close-on-exec there).
+#[derive(Clone, Copy)]
+struct VmmNetwork {
+    netns: RawFd,
+    tap: Option<RawFd>,
 }
 
 /// Starts podbox-vmm; its output goes to `vmm.log` (see
@@ -110,6 +129,7 @@ fn spawn_vmm(
     config: &VmConfig,
     state: &StateDir,
     log_max_bytes: u64,
+    network: VmmNetwork,
 ) -> Result<Child, VmmError> {
     let log_path = state.vmm_log();
     let log = RotatingLog::create(&log_path, log_max_bytes)
@@ -118,12 +138,27 @@ fn spawn_vmm(
         .map_err(|e| io("a pipe for", &log_path)(e.into()))?;
     let log_err = log_w.try_clone().map_err(io("duplicating", &log_path))?;
     let mut command = Command::new(vmm);
-    // SAFETY: prctl is async-signal-safe. If the shim dies without tearing
-    // the pod down (SIGKILL), the VMM must not outlive it.
+    // SAFETY: prctl, setns and fcntl are async-signal-safe syscalls; the
+    // descriptors are the caller's and open until spawn returns.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
+            // If the shim dies without tearing the pod down (SIGKILL), the
+            // VMM must not outlive it.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The VMM (and the virtiofsd it starts) live in the pod's netns,
+            // as Kata's hypervisor does: containerd and CNI find it at
+            // /proc/<task pid>/ns/net. Its sockets are paths, unaffected.
+            if libc::setns(network.netns, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Only this child inherits the tap: the shim's descriptor stays
+            // close-on-exec for every other process it starts.
+            if let Some(tap) = network.tap {
+                if libc::fcntl(tap, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -249,16 +284,32 @@ impl VmmLauncher {
 
 #[async_trait]
 impl VmLauncher for VmmLauncher {
-    async fn boot(&self, pod_id: &str, settings: VmSettings) -> Result<Arc<Sandbox>, BootError> {
+    async fn boot(
+        &self,
+        pod_id: &str,
+        settings: VmSettings,
+        network: Arc<PodNetwork>,
+    ) -> Result<Arc<Sandbox>, BootError> {
         let state = StateDir::for_pod(&self.namespace, pod_id)?;
         // A previous shim of this pod that was killed may have left it.
         log_problems(state.remove());
         let (vmm, ready) = self
             .prepare(&state)
             .inspect_err(|_| log_problems(state.remove()))?;
-        let config = vm_config(&settings, &self.config, &state);
-        let child = spawn_vmm(&vmm, &config, &state, self.config.log_max_bytes)
-            .inspect_err(|_| log_problems(state.remove()))?;
+        let tap = network.take_tap();
+        let nic = tap.as_ref().map(|(fd, mac)| NetConfig {
+            backend: NetBackend::Fd(fd.as_raw_fd()),
+            mac: *mac,
+        });
+        let config = vm_config(&settings, &self.config, &state, nic);
+        let vmm_network = VmmNetwork {
+            netns: network.netns_fd().as_raw_fd(),
+            tap: tap.as_ref().map(|(fd, _)| fd.as_raw_fd()),
+        };
+        let spawned = spawn_vmm(&vmm, &config, &state, self.config.log_max_bytes, vmm_network);
+        // The VMM holds the tap now: its exit must remove it.
+        drop(tap);
+        let child = spawned.inspect_err(|_| log_problems(state.remove()))?;
         let vmm_pid = child.id().unwrap_or_default();
         tracing::info!(
             pod = pod_id,
@@ -276,6 +327,7 @@ impl VmLauncher for VmmLauncher {
                     vmm_pid,
                     state,
                     gone,
+                    network,
                 )))
             }
             Err(reason) => {
@@ -319,7 +371,16 @@ mod tests {
             kernel: "/k".into(),
             initrd: "/i".into(),
         };
-        let error = launcher.boot("pod", settings).await.err().expect("refused");
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: a pod network namespace needs root");
+            return;
+        }
+        let network = PodNetwork::set_up(&crate::network::NetnsSource::New).expect("a netns");
+        let error = launcher
+            .boot("pod", settings, Arc::new(network))
+            .await
+            .err()
+            .expect("refused");
         assert_eq!(error.code(), Code::FAILED_PRECONDITION);
         assert_eq!(
             error.to_string(),
@@ -329,6 +390,64 @@ mod tests {
             !Path::new("/run/podbox/podbox-unit-test").exists(),
             "nothing left"
         );
+    }
+
+    /// spawn_vmm with a script standing in for podbox-vmm: it runs in the
+    /// pod's netns, holds the tap at the descriptor its --net names, and
+    /// the tap goes when it exits.
+    #[tokio::test]
+    async fn the_vmm_runs_in_the_pods_netns_and_is_the_taps_last_holder() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: a pod network namespace needs root");
+            return;
+        }
+        let net = crate::network::testnet::TestNetns::cni_like();
+        let network = PodNetwork::set_up(&crate::network::NetnsSource::Path(net.netns.path()))
+            .expect("wired");
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let vmm = tmp.path().join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            "#!/bin/sh\nreadlink /proc/self/ns/net\nfor a; do case $a in --net=fd=*) fd=${a#--net=fd=}; fd=${fd%%,*};; esac; done\nreadlink /proc/self/fd/$fd\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let state = StateDir::under(&tmp.path().join("state"), "ns", "p").expect("valid id");
+        state.create().expect("state dir");
+        let tap = network.take_tap().expect("a tap");
+        let nic = NetConfig {
+            backend: NetBackend::Fd(tap.0.as_raw_fd()),
+            mac: tap.1,
+        };
+        let settings = VmSettings {
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+        };
+        let config = vm_config(&settings, &Config::default(), &state, Some(nic));
+        let vmm_network = VmmNetwork {
+            netns: network.netns_fd().as_raw_fd(),
+            tap: Some(tap.0.as_raw_fd()),
+        };
+        let mut child = spawn_vmm(&vmm, &config, &state, 1 << 20, vmm_network).expect("spawned");
+        drop(tap);
+        assert!(child.wait().await.expect("waited").success());
+        // The output copy ends at EOF, just after the exit.
+        let since = std::time::Instant::now();
+        let mut log = String::new();
+        while log.lines().count() < 2 && since.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+            log = std::fs::read_to_string(state.vmm_log()).unwrap_or_default();
+        }
+        let netns = std::fs::read_link(net.netns.path()).expect("the pod netns");
+        let mut lines = log.lines();
+        assert_eq!(lines.next(), Some(netns.to_str().unwrap()), "{log}");
+        assert_eq!(lines.next(), Some("/dev/net/tun"), "the tap is inherited: {log}");
+        assert_eq!(net.link(crate::network::tap::TAP_NAME), None, "gone with the VMM");
+        network.tear_down();
+        assert!(net.ingress_qdiscs().is_empty());
     }
 
     #[test]
@@ -346,7 +465,11 @@ mod tests {
             ..Config::default()
         };
         let state = StateDir::for_pod("ns", "p").expect("valid id");
-        let vm = vm_config(&settings, &config, &state);
+        let nic = NetConfig {
+            backend: NetBackend::Fd(7),
+            mac: podbox_vmm_config::MacAddr([0x0a, 0x58, 0x0a, 0x58, 0, 5]),
+        };
+        let vm = vm_config(&settings, &config, &state, Some(nic));
         assert_eq!(vm.validate(), Ok(()));
         // What podbox-vmm parses from the command line the shim writes.
         let argv = std::iter::once("podbox-vmm".into()).chain(vm.to_args());
@@ -373,10 +496,12 @@ mod tests {
             "--fs-socket=/run/podbox/ns/p/virtiofsd.sock",
             "--virtiofsd=/usr/libexec/virtiofsd",
             "--fs-cache=always",
+            "--net=fd=7,mac=0a:58:0a:58:00:05",
         ] {
             assert!(args.contains(expected), "{expected:?} in {args}");
         }
-        let unset = vm_config(&settings, &Config::default(), &state);
+        let unset = vm_config(&settings, &Config::default(), &state, None);
+        assert!(!format!("{:?}", unset.to_args()).contains("--net"), "no NIC without one");
         assert!(
             !format!("{:?}", unset.to_args()).contains("--virtiofsd="),
             "without a configured virtiofsd podbox-vmm finds one"

@@ -16,6 +16,7 @@ use podbox_protocol::agent::*;
 use tokio::sync::watch;
 
 use crate::agent::Agent;
+use crate::network::PodNetwork;
 use crate::sandbox::state_dir::StateDir;
 use crate::sandbox::{BootError, Sandbox, VmLauncher};
 use crate::settings::VmSettings;
@@ -33,6 +34,9 @@ struct State {
     failing: HashMap<&'static str, Code>,
     /// Calls (by name) that wait while they are listed here.
     held: std::collections::HashSet<&'static str>,
+    /// What UpdateInterface and UpdateRoutes were sent.
+    interfaces: Vec<Interface>,
+    routes: Vec<Routes>,
 }
 
 pub struct FakeAgent {
@@ -40,6 +44,8 @@ pub struct FakeAgent {
     changed: Condvar,
     dead: AtomicBool,
     gone: watch::Sender<Option<ExitStatus>>,
+    /// The pod's tap, held as podbox-vmm would: closed when the VM ends.
+    tap: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl FakeAgent {
@@ -49,6 +55,7 @@ impl FakeAgent {
             changed: Condvar::new(),
             dead: AtomicBool::new(false),
             gone: watch::channel(None).0,
+            tap: Mutex::new(None),
         })
     }
 
@@ -56,6 +63,20 @@ impl FakeAgent {
         let t = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
         self.changed.notify_all();
         t
+    }
+
+    /// The interfaces and routes sent so far.
+    pub fn network_calls(&self) -> (Vec<Interface>, Vec<Routes>) {
+        self.with(|s| (s.interfaces.clone(), s.routes.clone()))
+    }
+
+    /// Whether the "VMM" holds the pod's tap.
+    pub fn holds_tap(&self) -> bool {
+        self.tap.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn close_tap(&self) {
+        self.tap.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// The calls so far, as `name id[/exec]`.
@@ -98,6 +119,7 @@ impl FakeAgent {
     /// broken connection does.
     pub fn die(&self, status: i32) {
         self.dead.store(true, Ordering::SeqCst);
+        self.close_tap();
         self.gone
             .send_replace(Some(ExitStatus::from_raw(status << 8)));
         self.changed.notify_all();
@@ -184,13 +206,20 @@ impl Agent for FakeAgent {
     fn destroy_sandbox(&self, _: Context, _: &DestroySandboxRequest) -> ttrpc::Result<Empty> {
         self.call("destroy_sandbox", "")?;
         // The guest resets: the VMM exits 0.
+        self.close_tap();
         self.gone.send_replace(Some(ExitStatus::from_raw(0)));
         self.dead.store(true, Ordering::SeqCst);
         Ok(Empty::new())
     }
     fn update_interface(&self, _: Context, r: &UpdateInterfaceRequest) -> ttrpc::Result<Interface> {
         self.call("update_interface", &r.interface.name)?;
+        self.with(|s| s.interfaces.push((*r.interface).clone()));
         Ok(Interface::new())
+    }
+    fn update_routes(&self, _: Context, r: &UpdateRoutesRequest) -> ttrpc::Result<Routes> {
+        self.call("update_routes", &r.routes.routes.len().to_string())?;
+        self.with(|s| s.routes.push((*r.routes).clone()));
+        Ok(Routes::new())
     }
     fn create_container(&self, ctx: Context, r: &CreateContainerRequest) -> ttrpc::Result<Empty> {
         self.held_call(&ctx, "create_container", &r.container_id)
@@ -320,7 +349,12 @@ impl FakeLauncher {
 
 #[async_trait]
 impl VmLauncher for FakeLauncher {
-    async fn boot(&self, pod_id: &str, _: VmSettings) -> Result<Arc<Sandbox>, BootError> {
+    async fn boot(
+        &self,
+        pod_id: &str,
+        _: VmSettings,
+        network: Arc<PodNetwork>,
+    ) -> Result<Arc<Sandbox>, BootError> {
         let state = StateDir::under(&self.root, "test", pod_id)?;
         if let Some(reason) = self.fail.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Err(BootError::NoAgent {
@@ -331,7 +365,15 @@ impl VmLauncher for FakeLauncher {
         }
         state.create()?;
         self.agent.revive();
+        *self.agent.tap.lock().unwrap_or_else(|e| e.into_inner()) =
+            network.take_tap().map(|(fd, _)| fd);
         let agent: Arc<dyn Agent> = self.agent.clone();
-        Ok(Arc::new(Sandbox::new(agent, 0, state, self.agent.gone())))
+        Ok(Arc::new(Sandbox::new(
+            agent,
+            0,
+            state,
+            self.agent.gone(),
+            network,
+        )))
     }
 }

@@ -20,6 +20,7 @@ use podbox_protocol::agent::{
     Interface, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest, Storage,
     UpdateInterfaceRequest,
 };
+use crate::network::{NetnsSource, NetworkError, PodNetwork};
 
 use super::pod::{Container, Exit, ExitCell, Process};
 use super::{agent_call, blocking, find_process_mut, log_problems, not_found, now, status, Inner};
@@ -53,6 +54,7 @@ impl Inner {
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let role = PodRole::from_annotations(&crate::spec::annotations(&spec))
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let netns = NetnsSource::from_spec(&spec).map_err(|e| network_status(&req.id, e))?;
         let _turn = self.lifecycle.lock().await;
         let vm = {
             let pod = self.pod();
@@ -66,8 +68,13 @@ impl Inner {
         };
         let owns_vm = vm.is_none();
         let vm = match vm {
-            Some(vm) => vm,
-            None => self.boot_for(&req.id, &role, &spec).await?,
+            Some(vm) => {
+                vm.network
+                    .check_same(&netns)
+                    .map_err(|e| network_status(&req.id, e))?;
+                vm
+            }
+            None => self.boot_for(&req.id, &role, &spec, netns).await?,
         };
         if vm.is_gone() {
             return Err(status(Code::UNAVAILABLE, "the pod's VM is gone"));
@@ -119,6 +126,7 @@ impl Inner {
         id: &str,
         role: &PodRole,
         spec: &oci_spec::runtime::Spec,
+        netns: NetnsSource,
     ) -> TtrpcResult<Arc<Sandbox>> {
         if let PodRole::Container { sandbox_id } = role {
             return Err(status(
@@ -132,8 +140,11 @@ impl Inner {
             .check_fits_host()
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
+        let network = blocking(move || PodNetwork::set_up(&netns))
+            .await?
+            .map_err(|e| network_status(id, e))?;
         let vm = self
-            .boot_sandbox(id, settings, hostname.unwrap_or(id.to_string()))
+            .boot_sandbox(id, settings, hostname.unwrap_or(id.to_string()), Arc::new(network))
             .await?;
         self.pod().vm = Some(vm.clone());
         Ok(vm)
@@ -254,12 +265,19 @@ impl Inner {
         sandbox_id: &str,
         settings: VmSettings,
         hostname: String,
+        network: Arc<PodNetwork>,
     ) -> TtrpcResult<Arc<Sandbox>> {
-        let vm = self
+        let booted = self
             .launcher
-            .boot(sandbox_id, settings)
-            .await
-            .map_err(|e| status(e.code(), e.to_string()))?;
+            .boot(sandbox_id, settings, network.clone())
+            .await;
+        let vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                blocking(move || network.tear_down()).await?;
+                return Err(status(e.code(), e.to_string()));
+            }
+        };
         self.watch_vm(&vm);
         if let Err(e) = set_up_sandbox(&vm, sandbox_id, hostname).await {
             vm.stop().await;
@@ -294,6 +312,12 @@ impl Inner {
             blocking(move || close_stdin(&target)).await?;
         }
         self.spawn_waiter(target, vm.vmm_pid, exit, io);
+        if req.exec_id.is_empty() {
+            // `ctr run --cni` has run CNI by now, in a netns the VM got no
+            // NIC for: say so rather than leave a silently offline pod.
+            let network = vm.network.clone();
+            tokio::task::spawn_blocking(move || network.warn_unwired());
+        }
         Ok(StartResponse {
             pid: vm.vmm_pid,
             ..Default::default()
@@ -458,8 +482,7 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)
     })
     .await?;
-    // The guest has no NIC yet (no virtio-net): the pod's network is the
-    // guest's loopback, which the containers share. It starts down.
+    // The guest's loopback, which the pod's containers share. It starts down.
     let agent = vm.agent.clone();
     let lo = UpdateInterfaceRequest {
         interface: MessageField::some(Interface {
@@ -478,7 +501,33 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         agent.update_interface(ctx(CALL_TIMEOUT), &lo)
     })
     .await?;
+    set_up_nic(vm).await
+}
+
+/// The guest's NIC takes the pod's identity: the CNI interface's MAC, MTU,
+/// addresses, then its routes (on-link ones first).
+async fn set_up_nic(vm: &Sandbox) -> TtrpcResult<()> {
+    let Some(nic) = vm.network.nic() else {
+        return Ok(());
+    };
+    let (interface, routes) = (nic.cni.update_interface(), nic.cni.update_routes());
+    let what = format!("UpdateInterface eth0 (the pod's {} {})", nic.cni.name, nic.cni.mac);
+    let agent = vm.agent.clone();
+    agent_call(&what, move || {
+        agent.update_interface(ctx(CALL_TIMEOUT), &interface)
+    })
+    .await?;
+    let agent = vm.agent.clone();
+    agent_call("UpdateRoutes (the pod's routes)", move || {
+        agent.update_routes(ctx(CALL_TIMEOUT), &routes)
+    })
+    .await?;
     Ok(())
+}
+
+/// A network error as containerd sees it, naming the container.
+fn network_status(container_id: &str, error: NetworkError) -> containerd_shim::protos::ttrpc::Error {
+    status(error.code(), format!("container {container_id}: {error}"))
 }
 
 /// Starts a container's init (`process_json` empty) or an exec in the

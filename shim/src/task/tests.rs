@@ -19,6 +19,8 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::ExitSignal;
 use tokio::sync::mpsc;
 
+mod network;
+
 use super::fake::{FakeAgent, FakeLauncher};
 use super::{EventMessage, EventSenders, Inner, PodService};
 use crate::settings::config::Config;
@@ -42,6 +44,10 @@ struct Pod {
     events: mpsc::UnboundedReceiver<EventMessage>,
     oom: mpsc::Receiver<EventMessage>,
     exit: Arc<ExitSignal>,
+    /// The bundles' `linux.namespaces`, when a test sets them; else, as
+    /// from CRI, the first container's asks for a network namespace (the
+    /// shim makes one: loopback only) and later ones name the pod's.
+    namespaces: std::sync::Mutex<Option<serde_json::Value>>,
 }
 
 impl Pod {
@@ -70,6 +76,22 @@ impl Pod {
             events,
             oom,
             exit,
+            namespaces: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Later bundles get these `linux.namespaces`.
+    fn set_namespaces(&self, namespaces: serde_json::Value) {
+        *self.namespaces.lock().unwrap() = Some(namespaces);
+    }
+
+    fn namespaces(&self) -> serde_json::Value {
+        if let Some(namespaces) = self.namespaces.lock().unwrap().clone() {
+            return namespaces;
+        }
+        match self.inner().pod().vm.as_ref() {
+            Some(vm) => serde_json::json!([{"type": "network", "path": vm.network.netns_path()}]),
+            None => serde_json::json!([{"type": "network"}]),
         }
     }
 
@@ -90,6 +112,7 @@ impl Pod {
             "process": {"args": ["/bin/sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
             "root": {"path": "rootfs"},
             "annotations": annotations,
+            "linux": {"namespaces": self.namespaces()},
         });
         std::fs::write(bundle.join("config.json"), spec.to_string()).expect("config.json");
         bundle.display().to_string()

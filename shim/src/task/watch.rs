@@ -25,13 +25,20 @@ const TAIL_LINES: usize = 20;
 
 impl Inner {
     /// Waits for the VM's end: unless the shim ended it, every task of the
-    /// pod gets TaskExit with [`VM_LOST_EXIT_STATUS`], and the pod's mounts
-    /// and state directory go.
+    /// pod gets TaskExit with [`VM_LOST_EXIT_STATUS`], and the pod's mounts,
+    /// state directory and network wiring go.
     pub(super) fn watch_vm(self: &Arc<Self>, vm: &Arc<Sandbox>) {
         let (inner, vm) = (self.clone(), vm.clone());
         tokio::spawn(async move {
             vm.gone().await;
+            // Read first: a stop that begins now tears down itself.
+            let lost = !vm.is_stopping();
             inner.vm_exited(&vm);
+            if lost {
+                // The tap went with the VMM; the CNI interface's qdisc must
+                // go too, or the pod's traffic is redirected to nothing.
+                vm.tear_down_network().await;
+            }
         });
     }
 
