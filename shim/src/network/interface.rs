@@ -9,8 +9,7 @@ use podbox_netlink::addr::Address;
 use podbox_netlink::link::Link;
 use podbox_netlink::route::Route;
 use podbox_protocol::agent::{
-    IPAddress, Interface, Route as AgentRoute, Routes, UpdateInterfaceRequest,
-    UpdateRoutesRequest,
+    IPAddress, Interface, Route as AgentRoute, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use podbox_vmm_config::MacAddr;
 

@@ -105,7 +105,11 @@ impl Netns {
 
     /// A path naming it while the shim lives (its descriptor in /proc).
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd()))
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.fd.as_raw_fd()
+        ))
     }
 
     /// Runs `f` on a thread of its own that has entered this namespace

@@ -306,7 +306,13 @@ impl VmLauncher for VmmLauncher {
             netns: network.netns_fd().as_raw_fd(),
             tap: tap.as_ref().map(|(fd, _)| fd.as_raw_fd()),
         };
-        let spawned = spawn_vmm(&vmm, &config, &state, self.config.log_max_bytes, vmm_network);
+        let spawned = spawn_vmm(
+            &vmm,
+            &config,
+            &state,
+            self.config.log_max_bytes,
+            vmm_network,
+        );
         // The VMM holds the tap now: its exit must remove it.
         drop(tap);
         let child = spawned.inspect_err(|_| log_problems(state.remove()))?;
@@ -444,8 +450,16 @@ mod tests {
         let netns = std::fs::read_link(net.netns.path()).expect("the pod netns");
         let mut lines = log.lines();
         assert_eq!(lines.next(), Some(netns.to_str().unwrap()), "{log}");
-        assert_eq!(lines.next(), Some("/dev/net/tun"), "the tap is inherited: {log}");
-        assert_eq!(net.link(crate::network::tap::TAP_NAME), None, "gone with the VMM");
+        assert_eq!(
+            lines.next(),
+            Some("/dev/net/tun"),
+            "the tap is inherited: {log}"
+        );
+        assert_eq!(
+            net.link(crate::network::tap::TAP_NAME),
+            None,
+            "gone with the VMM"
+        );
         network.tear_down();
         assert!(net.ingress_qdiscs().is_empty());
     }
@@ -501,7 +515,10 @@ mod tests {
             assert!(args.contains(expected), "{expected:?} in {args}");
         }
         let unset = vm_config(&settings, &Config::default(), &state, None);
-        assert!(!format!("{:?}", unset.to_args()).contains("--net"), "no NIC without one");
+        assert!(
+            !format!("{:?}", unset.to_args()).contains("--net"),
+            "no NIC without one"
+        );
         assert!(
             !format!("{:?}", unset.to_args()).contains("--virtiofsd="),
             "without a configured virtiofsd podbox-vmm finds one"

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use crate::network::{NetnsSource, NetworkError, PodNetwork};
 use containerd_shim::api::{
     CreateTaskRequest, CreateTaskResponse, DeleteRequest, StartRequest, StartResponse,
 };
@@ -16,11 +17,9 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::{DeleteResponse, TtrpcResult};
 use podbox_agent_client::ctx;
 use podbox_protocol::agent::{
-    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest as AgentExec, IPAddress,
-    Interface, RemoveContainerRequest, SignalProcessRequest, StartContainerRequest, Storage,
-    UpdateInterfaceRequest,
+    CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest as AgentExec,
+    RemoveContainerRequest, SignalProcessRequest, StartContainerRequest, Storage,
 };
-use crate::network::{NetnsSource, NetworkError, PodNetwork};
 
 use super::pod::{Container, Exit, ExitCell, Process};
 use super::{agent_call, blocking, find_process_mut, log_problems, not_found, now, status, Inner};
@@ -144,7 +143,12 @@ impl Inner {
             .await?
             .map_err(|e| network_status(id, e))?;
         let vm = self
-            .boot_sandbox(id, settings, hostname.unwrap_or(id.to_string()), Arc::new(network))
+            .boot_sandbox(
+                id,
+                settings,
+                hostname.unwrap_or(id.to_string()),
+                Arc::new(network),
+            )
             .await?;
         self.pod().vm = Some(vm.clone());
         Ok(vm)
@@ -464,7 +468,8 @@ fn finish_io(io: &Arc<StdMutex<Option<ProcessIo>>>) {
     }
 }
 
-/// The agent's sandbox: the share mounted, the hostname set, loopback up.
+/// The agent's sandbox: the share mounted, the hostname set, and the pod's
+/// NIC if it has one (the agent brings the guest's loopback up itself).
 async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> TtrpcResult<()> {
     let agent = vm.agent.clone();
     let request = CreateSandboxRequest {
@@ -482,25 +487,6 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)
     })
     .await?;
-    // The guest's loopback, which the pod's containers share. It starts down.
-    let agent = vm.agent.clone();
-    let lo = UpdateInterfaceRequest {
-        interface: MessageField::some(Interface {
-            name: "lo".into(),
-            ip_addresses: vec![IPAddress {
-                family: "inet".into(),
-                address: "127.0.0.1".into(),
-                mask: "8".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    agent_call("UpdateInterface lo", move || {
-        agent.update_interface(ctx(CALL_TIMEOUT), &lo)
-    })
-    .await?;
     set_up_nic(vm).await
 }
 
@@ -511,7 +497,10 @@ async fn set_up_nic(vm: &Sandbox) -> TtrpcResult<()> {
         return Ok(());
     };
     let (interface, routes) = (nic.cni.update_interface(), nic.cni.update_routes());
-    let what = format!("UpdateInterface eth0 (the pod's {} {})", nic.cni.name, nic.cni.mac);
+    let what = format!(
+        "UpdateInterface eth0 (the pod's {} {})",
+        nic.cni.name, nic.cni.mac
+    );
     let agent = vm.agent.clone();
     agent_call(&what, move || {
         agent.update_interface(ctx(CALL_TIMEOUT), &interface)
@@ -526,7 +515,10 @@ async fn set_up_nic(vm: &Sandbox) -> TtrpcResult<()> {
 }
 
 /// A network error as containerd sees it, naming the container.
-fn network_status(container_id: &str, error: NetworkError) -> containerd_shim::protos::ttrpc::Error {
+fn network_status(
+    container_id: &str,
+    error: NetworkError,
+) -> containerd_shim::protos::ttrpc::Error {
     status(error.code(), format!("container {container_id}: {error}"))
 }
 

@@ -249,11 +249,7 @@ async fn a_pod_lives_in_order_from_create_to_delete() {
         .expect("create boots the VM");
     assert_eq!(
         pod.agent.calls(),
-        [
-            "create_sandbox pod",
-            "update_interface lo",
-            "create_container pod"
-        ]
+        ["create_sandbox pod", "create_container pod"]
     );
     assert_eq!(pod.state("pod", "").expect("state").0, Status::CREATED);
     pod.start("pod", "").await.expect("start");

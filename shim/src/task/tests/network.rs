@@ -24,43 +24,69 @@ async fn the_guest_takes_the_pods_interface_and_delete_leaves_the_netns_as_cni_m
     pod.set_namespaces(in_netns(&net));
     pod.create("pod", &CRI_SANDBOX).await.expect("create");
     assert_eq!(
-        pod.agent.calls()[..5],
+        pod.agent.calls()[..4],
         [
             "create_sandbox pod",
-            "update_interface lo",
             "update_interface eth0",
             "update_routes 3",
             "create_container pod"
         ]
     );
     let (interfaces, routes) = pod.agent.network_calls();
-    let eth0 = &interfaces[1];
-    assert_eq!((eth0.name.as_str(), eth0.hw_addr.as_str(), eth0.mtu), ("eth0", CNI_MAC, 1400));
-    let ips: Vec<_> = eth0.ip_addresses.iter().map(|a| format!("{}/{}", a.address, a.mask)).collect();
+    let eth0 = &interfaces[0];
+    assert_eq!(
+        (eth0.name.as_str(), eth0.hw_addr.as_str(), eth0.mtu),
+        ("eth0", CNI_MAC, 1400)
+    );
+    let ips: Vec<_> = eth0
+        .ip_addresses
+        .iter()
+        .map(|a| format!("{}/{}", a.address, a.mask))
+        .collect();
     assert_eq!(ips, ["10.88.0.5/16", "fd00::5/64"]);
     let last = routes[0].routes.last().expect("routes");
-    assert_eq!((last.dest.as_str(), last.gateway.as_str()), ("default", "10.88.0.1"));
+    assert_eq!(
+        (last.dest.as_str(), last.gateway.as_str()),
+        ("default", "10.88.0.1")
+    );
 
     assert!(pod.agent.holds_tap(), "the VMM got the tap");
-    let tap = net.link(TAP_NAME).expect("the tap exists while the pod lives");
-    assert!(net.ingress_filters("eth0").iter().any(|f| f.redirect_to == Some(tap.index)));
+    let tap = net
+        .link(TAP_NAME)
+        .expect("the tap exists while the pod lives");
+    assert!(net
+        .ingress_filters("eth0")
+        .iter()
+        .any(|f| f.redirect_to == Some(tap.index)));
     assert!(!net.ingress_filters(TAP_NAME).is_empty());
 
-    pod.create("web", &CRI_CONTAINER).await.expect("the same netns");
+    pod.create("web", &CRI_CONTAINER)
+        .await
+        .expect("the same netns");
     let other = TestNetns::empty();
     pod.set_namespaces(in_netns(&other));
     let refused = pod.create("other", &CRI_CONTAINER).await;
     assert_eq!(code(refused), Code::INVALID_ARGUMENT, "another netns");
     pod.set_namespaces(serde_json::json!([{"type": "mount"}]));
-    assert_eq!(code(pod.create("host", &CRI_CONTAINER).await), Code::INVALID_ARGUMENT);
+    assert_eq!(
+        code(pod.create("host", &CRI_CONTAINER).await),
+        Code::INVALID_ARGUMENT
+    );
 
     pod.delete("web", "").await.expect("delete web");
     assert!(net.link(TAP_NAME).is_some(), "the pod's VM lives on");
     pod.delete("pod", "").await.expect("delete the pod");
     assert!(!pod.agent.holds_tap());
     assert_eq!(net.link(TAP_NAME), None, "the tap is gone");
-    assert!(net.ingress_qdiscs().is_empty(), "{:?}", net.ingress_qdiscs());
-    assert!(net.link("eth0").is_some_and(|l| l.up), "eth0 stays as CNI made it");
+    assert!(
+        net.ingress_qdiscs().is_empty(),
+        "{:?}",
+        net.ingress_qdiscs()
+    );
+    assert!(
+        net.link("eth0").is_some_and(|l| l.up),
+        "eth0 stays as CNI made it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +103,11 @@ async fn a_vm_death_unwires_the_netns() {
     pod.agent.die(9);
     let since = Instant::now();
     while !net.ingress_qdiscs().is_empty() {
-        assert!(since.elapsed() < Duration::from_secs(10), "{:?}", net.ingress_qdiscs());
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            net.ingress_qdiscs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(net.link(TAP_NAME), None);
@@ -121,5 +151,9 @@ async fn a_guest_that_cannot_take_the_interface_fails_the_pod_and_unwires_it() {
     assert!(pod.inner().pod().vm.is_none());
     assert!(pod.agent.calls().iter().any(|c| c == "destroy_sandbox "));
     assert_eq!(net.link(TAP_NAME), None);
-    assert!(net.ingress_qdiscs().is_empty(), "{:?}", net.ingress_qdiscs());
+    assert!(
+        net.ingress_qdiscs().is_empty(),
+        "{:?}",
+        net.ingress_qdiscs()
+    );
 }
