@@ -16,10 +16,12 @@ use crate::arch::x86_64::layout::{
     ZERO_PAGE_START,
 };
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
-use crate::config::{ConfigError, FsBackend, PvmMode, SerialOutput, VmConfig};
+use crate::config::{
+    ConfigError, FsBackend, NetBackend, NetConfig, PvmMode, SerialOutput, VmConfig,
+};
 use crate::devices::serial::ConsoleOutput;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{fs, vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{fs, net, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::logfile::{rotated_path, LogError, RotatingLog};
@@ -71,8 +73,8 @@ pub enum BuildError {
     Virtiofsd(#[from] VirtiofsdError),
     #[error("virtio-fs: {0}")]
     Fs(#[from] fs::FsError),
-    #[error("--net: this podbox-vmm has no virtio-net device yet")]
-    NoVirtioNet,
+    #[error("--net {nic}: {source}")]
+    Net { nic: String, source: net::TapError },
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
     #[error("attaching {device}: {detail}")]
@@ -111,9 +113,6 @@ fn virtio_devices(
     config: &VmConfig,
     exit: &Arc<ExitLatch>,
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
-    if !config.nics.is_empty() {
-        return Err(BuildError::NoVirtioNet);
-    }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut backends = Backends::default();
     if let Some(v) = &config.vsock {
@@ -133,7 +132,29 @@ fn virtio_devices(
         };
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
     }
+    // NICs come last, so the other devices keep their slots and IRQs.
+    for nic in &config.nics {
+        devices.push(Box::new(net_device(nic)?));
+    }
     Ok((devices, backends))
+}
+
+/// Opens a NIC's tap (by name in our network namespace, or the inherited
+/// descriptor) and builds its device.
+fn net_device(nic: &NetConfig) -> Result<net::Net<net::Tap>, BuildError> {
+    let tap = match &nic.backend {
+        NetBackend::Tap(name) => net::Tap::open(name),
+        // SAFETY: `fd=N` hands this process the descriptor; nothing else
+        // in podbox-vmm uses it.
+        NetBackend::Fd(fd) => unsafe { net::Tap::from_fd(*fd) },
+    }
+    .map_err(|source| BuildError::Net {
+        nic: nic.to_string(),
+        source,
+    })?;
+    let device = net::Net::with_tap(tap, nic.mac);
+    tracing::info!("{nic}: features offered {:#x}", device.features());
+    Ok(device)
 }
 
 /// Starts virtiofsd; if it dies while the VM runs, the VM ends.
