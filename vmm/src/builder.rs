@@ -104,6 +104,8 @@ impl Drop for SocketGuard {
 struct Backends {
     _sockets: Vec<SocketGuard>,
     _virtiofsd: Option<Virtiofsd>,
+    /// Each NIC's counters, logged when the VM ends.
+    nics: Vec<(String, Arc<net::NetCounters>)>,
 }
 
 /// The virtio devices the config asks for, in MMIO slot order, and their
@@ -134,7 +136,9 @@ fn virtio_devices(
     }
     // NICs come last, so the other devices keep their slots and IRQs.
     for nic in &config.nics {
-        devices.push(Box::new(net_device(nic)?));
+        let device = net_device(nic)?;
+        backends.nics.push((nic.to_string(), device.counters()));
+        devices.push(Box::new(device));
     }
     Ok((devices, backends))
 }
@@ -352,7 +356,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
 
     // Bound now, so that host clients can connect while the guest boots,
     // and before the kernel is loaded so a failing backend fails fast.
-    let (virtio, _backends) = virtio_devices(config, &exit)?;
+    let (virtio, backends) = virtio_devices(config, &exit)?;
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
     let initrd = initrd
@@ -467,6 +471,9 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             "emulation fallback counts: {}",
             shared.fallback_stats.summary()
         );
+    }
+    for (nic, counters) in &backends.nics {
+        tracing::info!("--net {nic}: {}", counters.summary());
     }
     // vCPU threads still inside KVM_RUN end with the process.
     Ok(reason)
