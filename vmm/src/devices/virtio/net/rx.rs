@@ -57,6 +57,7 @@ impl<B: Backend> Worker<B> {
                 }
             }
             match self.deliver_rx() {
+                // (deliver_rx retries by itself: Retry never gets here.)
                 Delivery::Done | Delivery::Dropped | Delivery::Retry => self.rx.pending = 0,
                 Delivery::NoBuffers => {
                     self.rx.blocked = true;
