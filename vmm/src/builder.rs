@@ -16,10 +16,12 @@ use crate::arch::x86_64::layout::{
     ZERO_PAGE_START,
 };
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
-use crate::config::{ConfigError, FsBackend, PvmMode, SerialOutput, VmConfig};
+use crate::config::{
+    ConfigError, FsBackend, NetBackend, NetConfig, PvmMode, SerialOutput, VmConfig,
+};
 use crate::devices::serial::ConsoleOutput;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{fs, vsock, Interrupt, VirtioDevice};
+use crate::devices::virtio::{fs, net, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::logfile::{rotated_path, LogError, RotatingLog};
@@ -71,8 +73,8 @@ pub enum BuildError {
     Virtiofsd(#[from] VirtiofsdError),
     #[error("virtio-fs: {0}")]
     Fs(#[from] fs::FsError),
-    #[error("--net: this podbox-vmm has no virtio-net device yet")]
-    NoVirtioNet,
+    #[error("--net {nic}: {source}")]
+    Net { nic: String, source: net::TapError },
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
     #[error("attaching {device}: {detail}")]
@@ -102,6 +104,8 @@ impl Drop for SocketGuard {
 struct Backends {
     _sockets: Vec<SocketGuard>,
     _virtiofsd: Option<Virtiofsd>,
+    /// Each NIC's counters, logged when the VM ends.
+    nics: Vec<(String, Arc<net::NetCounters>)>,
 }
 
 /// The virtio devices the config asks for, in MMIO slot order, and their
@@ -111,9 +115,6 @@ fn virtio_devices(
     config: &VmConfig,
     exit: &Arc<ExitLatch>,
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
-    if !config.nics.is_empty() {
-        return Err(BuildError::NoVirtioNet);
-    }
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut backends = Backends::default();
     if let Some(v) = &config.vsock {
@@ -133,7 +134,31 @@ fn virtio_devices(
         };
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
     }
+    // NICs come last, so the other devices keep their slots and IRQs.
+    for nic in &config.nics {
+        let device = net_device(nic)?;
+        backends.nics.push((nic.to_string(), device.counters()));
+        devices.push(Box::new(device));
+    }
     Ok((devices, backends))
+}
+
+/// Opens a NIC's tap (by name in our network namespace, or the inherited
+/// descriptor) and builds its device.
+fn net_device(nic: &NetConfig) -> Result<net::Net<net::Tap>, BuildError> {
+    let tap = match &nic.backend {
+        NetBackend::Tap(name) => net::Tap::open(name),
+        // SAFETY: `fd=N` hands this process the descriptor; nothing else
+        // in podbox-vmm uses it.
+        NetBackend::Fd(fd) => unsafe { net::Tap::from_fd(*fd) },
+    }
+    .map_err(|source| BuildError::Net {
+        nic: nic.to_string(),
+        source,
+    })?;
+    let device = net::Net::with_tap(tap, nic.mac);
+    tracing::info!("{nic}: features offered {:#x}", device.features());
+    Ok(device)
 }
 
 /// Starts virtiofsd; if it dies while the VM runs, the VM ends.
@@ -331,7 +356,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
 
     // Bound now, so that host clients can connect while the guest boots,
     // and before the kernel is loaded so a failing backend fails fast.
-    let (virtio, _backends) = virtio_devices(config, &exit)?;
+    let (virtio, backends) = virtio_devices(config, &exit)?;
     let loaded = loader::load_kernel(&memory, &mut kernel)?;
     let low_ram_end = ram[0].0 + ram[0].1;
     let initrd = initrd
@@ -446,6 +471,9 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             "emulation fallback counts: {}",
             shared.fallback_stats.summary()
         );
+    }
+    for (nic, counters) in &backends.nics {
+        tracing::info!("--net {nic}: {}", counters.summary());
     }
     // vCPU threads still inside KVM_RUN end with the process.
     Ok(reason)

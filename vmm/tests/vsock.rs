@@ -2,6 +2,10 @@
 //! agent as PID 1) plus the vsock test helper, and every host<->guest check
 //! runs against it, because each boot costs about a minute of emulated
 //! kernel work on PVM hosts. `cargo test -- vsock` selects these tests.
+//! The same VM has two virtio-net NICs on taps in a network namespace of
+//! the test's own (see `netns`), checked through the agent and with pings.
+
+mod netns;
 
 use std::io::Read;
 use std::os::unix::net::UnixListener;
@@ -59,11 +63,20 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     // The guest connects to host port 6000 once at start: listen before boot.
     let hello = UnixListener::bind(format!("{}_{HOST_HELLO_PORT}", socket.display())).unwrap();
     let mut ready = ReadyListener::bind(&socket).unwrap();
-    let vm = spawn_vmm(
-        VMM.as_ref(),
-        dir.path(),
-        vsock_test_vm(&kernel, initrd, &socket),
-    );
+    // Declared before the VM: dropped (namespace deleted) after it is killed.
+    let mut nics = netns::nics::TestNics::setup();
+    let mut config = vsock_test_vm(&kernel, initrd, &socket);
+    let vm = match &nics {
+        Some(n) => {
+            config.nics = n.configs();
+            // The VMM opens tap=pbx0 in its namespace: start it inside ours.
+            n.ns.run_in(|| spawn_vmm(VMM.as_ref(), dir.path(), config))
+        }
+        None => spawn_vmm(VMM.as_ref(), dir.path(), config),
+    };
+    if let Some(n) = &mut nics {
+        n.vm_started();
+    }
 
     // 1. The agent answers a health check through the hybrid vsock socket.
     let agent = vm
@@ -87,6 +100,14 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
         "guest kernel release must differ from the host's"
     );
     assert_eq!(details.cpu_count, 2, "{details:?}");
+
+    // 2b. virtio-net: addresses and routes through the agent, pings from
+    // the host side of both taps, the guest's MACs on the wire.
+    if let Some(n) = &nics {
+        let start = Instant::now();
+        n.check(&agent);
+        eprintln!("virtio-net checks: {:?}", start.elapsed());
+    }
 
     // 3. Guest-initiated stream to a host listener at <socket>_6000.
     let said = accept_and_read(&hello, Duration::from_secs(120));
@@ -152,6 +173,31 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     );
     assert!(!socket.exists(), "the vsock socket must be removed at exit");
     assert!(!t.contains("panicked"), "{t}");
+    if nics.is_some() {
+        for line in t
+            .lines()
+            .filter(|l| l.contains("virtio-net") || l.contains("--net"))
+        {
+            eprintln!("vmm: {line}");
+        }
+        // One line per NIC at exit: "--net tap=pbx0,mac=..: tx .. (0 malformed, ..".
+        let counters: Vec<&str> = t
+            .lines()
+            .filter(|l| l.contains("--net") && l.contains("frames"))
+            .collect();
+        assert_eq!(
+            counters.len(),
+            2,
+            "the VMM logs each NIC's counters at exit\n{t}"
+        );
+        for line in counters {
+            assert_eq!(
+                line.matches("(0 malformed").count(),
+                2,
+                "nothing malformed: {line}"
+            );
+        }
+    }
 }
 
 #[test]

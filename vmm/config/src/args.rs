@@ -75,8 +75,10 @@ pub struct VmArgs {
     /// virtiofsd's --sandbox: namespace (root), chroot (root), none.
     #[arg(long, value_enum)]
     virtiofsd_sandbox: Option<SandboxMode>,
-    /// Add a virtio-net NIC: `tap=NAME` or `fd=N` (an open tap), with
-    /// `,mac=XX:XX:XX:XX:XX:XX`. Repeat for more NICs.
+    /// Add a virtio-net NIC on a tap: `tap=NAME` (attached or created in
+    /// podbox-vmm's network namespace) or `fd=N` (an inherited tap opened
+    /// with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR), with `,mac=XX:XX:XX:XX:XX:XX`
+    /// (the guest's). Repeat for more NICs (at most 8).
     #[arg(long, value_name = "tap=NAME|fd=N,mac=MAC")]
     net: Vec<NetConfig>,
 }

@@ -253,6 +253,15 @@ impl MmioTransport {
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
+            if let Err(e) = self.device.negotiate(self.acked_features) {
+                tracing::warn!(
+                    "{}: features {:#x}: {e}; FEATURES_OK refused",
+                    self.device.name(),
+                    self.acked_features
+                );
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
         }
         self.status = v;
         if new & STATUS_DRIVER_OK != 0 {

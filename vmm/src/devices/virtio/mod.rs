@@ -10,6 +10,7 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -19,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device IDs (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
 
@@ -139,6 +141,13 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes to the configuration space; read-only devices ignore them.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set FEATURES_OK with `acked` (a subset of
+    /// [`features`](Self::features)): the last chance to configure the
+    /// backend for them. An error keeps FEATURES_OK clear, so the driver
+    /// gives up on the device.
+    fn negotiate(&mut self, _acked: u64) -> Result<(), String> {
+        Ok(())
+    }
     /// The driver is ready: start serving the queues.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// The driver reset the device after activation. Returns false where the

@@ -1,0 +1,160 @@
+//! The virtio-net header (virtio 1.2, 5.1.6), the device's feature bits,
+//! and how negotiated features map to the tap's offloads.
+//!
+//! With VIRTIO_F_VERSION_1 the header is always the 12-byte
+//! `virtio_net_hdr_v1` (with `num_buffers`), whether or not MRG_RXBUF is
+//! negotiated, and the tap is told to use the same size (TUNSETVNETHDRSZ),
+//! so frames pass between guest and tap with their header unchanged except
+//! `num_buffers`, which only the device knows.
+
+use crate::devices::virtio::VIRTIO_F_VERSION_1;
+
+/// Size of `struct virtio_net_hdr_v1`.
+pub const HDR_LEN: usize = 12;
+/// Offset of `num_buffers` (le16) in the header.
+pub const NUM_BUFFERS_OFFSET: usize = 10;
+const ETH_HLEN: usize = 14;
+/// The largest frame (Ethernet header and payload, after the virtio
+/// header) the guest may send: a 64 KiB GSO super-frame.
+pub const MAX_TX_FRAME: usize = 64 * 1024;
+/// The largest frame the tap may hand us: 64 KiB of IP packet plus the
+/// Ethernet and a VLAN header, with room to spare so that a read that
+/// fills the buffer means truncation.
+pub const MAX_RX_FRAME: usize = 65_535 + ETH_HLEN + 4 + 8;
+
+// Feature bits (virtio 1.2, 5.1.3).
+pub const F_CSUM: u64 = 1 << 0;
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+pub const F_MAC: u64 = 1 << 5;
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+pub const F_HOST_TSO4: u64 = 1 << 11;
+pub const F_HOST_TSO6: u64 = 1 << 12;
+pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_STATUS: u64 = 1 << 16;
+
+/// Header flags and GSO types (virtio 1.2, 5.1.6).
+const HDR_F_NEEDS_CSUM: u8 = 1;
+const HDR_F_DATA_VALID: u8 = 2;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+
+/// Config space `status`: the link is up (with VIRTIO_NET_F_STATUS).
+pub const S_LINK_UP: u16 = 1;
+
+/// What the device offers whatever the tap does: the TX direction
+/// (CSUM, HOST_TSO*) only needs the tap to accept GSO frames written with a
+/// vnet header, which every IFF_VNET_HDR tap does.
+pub const BASE_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | F_MRG_RXBUF | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6;
+
+/// Guest features (RX direction) and the tap offload that must be on for the
+/// tap to hand us such frames. Guest UFO/USO stay off: Linux guests do not
+/// need them and not every host kernel has them.
+const GUEST_OFFLOADS: [(u64, libc::c_uint); 3] = [
+    (F_GUEST_CSUM, libc::TUN_F_CSUM),
+    (F_GUEST_TSO4, libc::TUN_F_TSO4),
+    (F_GUEST_TSO6, libc::TUN_F_TSO6),
+];
+
+/// The TUNSETOFFLOAD sets to try on a new tap, best first (the kernel
+/// refuses a set with any flag it does not know, so fall back in steps).
+pub const TAP_OFFLOAD_CANDIDATES: [libc::c_uint; 3] = [
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6,
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4,
+    libc::TUN_F_CSUM,
+];
+
+/// The guest features to offer given the tap offloads the tap accepted.
+pub fn guest_features_for(tap_offloads: libc::c_uint) -> u64 {
+    let mut features = 0;
+    for &(feature, tun) in &GUEST_OFFLOADS {
+        if tap_offloads & tun == tun {
+            features |= feature;
+        }
+    }
+    // TSO frames come with partial checksums: never offer TSO without CSUM.
+    if features & F_GUEST_CSUM == 0 {
+        features = 0;
+    }
+    features
+}
+
+/// The TUNSETOFFLOAD flags for the features the guest accepted: exactly
+/// what it can take, so the tap never sends it a frame it did not ask for.
+pub fn tap_offloads_for(acked: u64) -> libc::c_uint {
+    if acked & F_GUEST_CSUM == 0 {
+        return 0;
+    }
+    GUEST_OFFLOADS
+        .iter()
+        .filter(|&&(feature, _)| acked & feature != 0)
+        .fold(0, |acc, &(_, t)| acc | t)
+}
+
+/// Why a guest frame's header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("frame of {0} bytes is shorter than an Ethernet header")]
+    Undersize(usize),
+    #[error("flags {0:#x} not allowed")]
+    Flags(u8),
+    #[error("partial checksum without VIRTIO_NET_F_CSUM")]
+    CsumNotNegotiated,
+    #[error("checksum at {start}+{offset} outside a {len}-byte frame")]
+    CsumOutside { start: u16, offset: u16, len: usize },
+    #[error("GSO type {0:#x} not negotiated")]
+    GsoType(u8),
+    #[error("GSO frame with gso_size 0 or without a partial checksum")]
+    GsoIncomplete,
+}
+
+/// Checks the header of a TX frame (`hdr` then `frame_len` bytes of frame)
+/// against the negotiated features. The tap checks again; this keeps
+/// frames the guest was not allowed to send out of the host's stack and
+/// counts them as the guest's fault.
+pub fn check_tx_header(
+    hdr: &[u8; HDR_LEN],
+    frame_len: usize,
+    acked: u64,
+) -> Result<(), HeaderError> {
+    let flags = hdr[0];
+    let gso_type = hdr[1];
+    let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
+    let csum_start = u16::from_le_bytes([hdr[6], hdr[7]]);
+    let csum_offset = u16::from_le_bytes([hdr[8], hdr[9]]);
+    if frame_len < ETH_HLEN {
+        return Err(HeaderError::Undersize(frame_len));
+    }
+    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
+        return Err(HeaderError::Flags(flags));
+    }
+    let needs_csum = flags & HDR_F_NEEDS_CSUM != 0;
+    if needs_csum {
+        if acked & F_CSUM == 0 {
+            return Err(HeaderError::CsumNotNegotiated);
+        }
+        let end = usize::from(csum_start) + usize::from(csum_offset) + 2;
+        if end > frame_len {
+            return Err(HeaderError::CsumOutside {
+                start: csum_start,
+                offset: csum_offset,
+                len: frame_len,
+            });
+        }
+    }
+    let allowed = match gso_type {
+        GSO_NONE => return Ok(()),
+        GSO_TCPV4 => acked & F_HOST_TSO4 != 0,
+        GSO_TCPV6 => acked & F_HOST_TSO6 != 0,
+        _ => false,
+    };
+    if !allowed {
+        return Err(HeaderError::GsoType(gso_type));
+    }
+    if gso_size == 0 || !needs_csum {
+        return Err(HeaderError::GsoIncomplete);
+    }
+    Ok(())
+}

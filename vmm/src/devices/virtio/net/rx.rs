@@ -1,0 +1,247 @@
+//! Tap → guest: one frame at a time is read from the tap into the device's
+//! buffer and copied into the guest's RX buffers.
+//!
+//! With VIRTIO_NET_F_MRG_RXBUF a frame may span several chains (the first
+//! header's `num_buffers` says how many); without it, one chain must hold
+//! it. When the guest has too few buffers, the chains taken are put back,
+//! the frame stays in the device, and the tap is not read again until the
+//! guest notifies the RX queue: nothing is dropped for lack of buffers.
+
+use std::io::ErrorKind;
+
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::chain::{self, Segment};
+use super::device::{NetCounters, Worker, RX};
+use super::header::{F_MRG_RXBUF, HDR_LEN, NUM_BUFFERS_OFFSET};
+use super::tap::Backend;
+
+/// Frames delivered per round before TX gets its turn (the tap stays
+/// readable, so epoll brings us back).
+const RX_BUDGET: usize = 256;
+/// An Ethernet header: anything shorter from the tap is not a frame.
+const ETH_HLEN: usize = 14;
+
+/// What became of the frame waiting in `rx.buf`.
+enum Delivery {
+    Done,
+    /// Malformed buffers or no way to fit it: gone (counted).
+    Dropped,
+    /// Not enough guest buffers now: it waits.
+    NoBuffers,
+    /// A malformed chain came first and was returned: try again with the
+    /// next one (each retry uses up a chain, so this ends).
+    Retry,
+}
+
+/// What one read of the tap gave.
+enum TapRead {
+    Frame(usize),
+    Skipped,
+    Empty,
+}
+
+impl<B: Backend> Worker<B> {
+    /// Delivers frames until the tap is empty, the guest is out of
+    /// buffers, or the budget is spent.
+    pub(super) fn process_rx(&mut self) {
+        if self.rx.blocked {
+            return;
+        }
+        for _ in 0..RX_BUDGET {
+            if self.rx.pending == 0 {
+                match self.read_tap() {
+                    TapRead::Frame(n) => self.rx.pending = n,
+                    TapRead::Skipped => continue,
+                    TapRead::Empty => return,
+                }
+            }
+            match self.deliver_rx() {
+                // (deliver_rx retries by itself: Retry never gets here.)
+                Delivery::Done | Delivery::Dropped | Delivery::Retry => self.rx.pending = 0,
+                Delivery::NoBuffers => {
+                    self.rx.blocked = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_tap(&mut self) -> TapRead {
+        let counters = &self.counters;
+        loop {
+            return match self.backend.read_frame(&mut self.rx.buf) {
+                Ok(n) if n < HDR_LEN + ETH_HLEN => {
+                    let detail = format!("{n} bytes");
+                    counters.note(
+                        &self.label,
+                        &counters.rx_dropped,
+                        "short frame from the tap",
+                        &detail,
+                    );
+                    TapRead::Skipped
+                }
+                Ok(n) if n >= self.rx.buf.len() => {
+                    let detail = format!("{n} bytes or more");
+                    counters.note(
+                        &self.label,
+                        &counters.rx_dropped,
+                        "oversize frame from the tap",
+                        &detail,
+                    );
+                    TapRead::Skipped
+                }
+                Ok(n) => TapRead::Frame(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => TapRead::Empty,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    counters.note(&self.label, &counters.rx_dropped, "reading the tap", &e);
+                    TapRead::Empty
+                }
+            };
+        }
+    }
+
+    /// Puts back the `n` chains last taken from the RX queue, untouched
+    /// as far as the guest can tell (nothing was marked used).
+    fn put_back_rx(&mut self, n: usize) {
+        for _ in 0..n {
+            self.queues[RX].go_to_previous_position();
+        }
+    }
+
+    fn deliver_rx(&mut self) -> Delivery {
+        loop {
+            match self.try_deliver_rx() {
+                Delivery::Retry => continue,
+                d => return d,
+            }
+        }
+    }
+
+    /// Copies the pending frame into as many RX chains as it needs (one
+    /// without MRG_RXBUF) and marks them used.
+    fn try_deliver_rx(&mut self) -> Delivery {
+        let frame_len = self.rx.pending;
+        let mergeable = self.acked & F_MRG_RXBUF != 0;
+        let max_chains = if mergeable {
+            usize::from(self.queues[RX].size())
+        } else {
+            1
+        };
+        self.rx.held.clear();
+        let mut placed = 0;
+        while placed < frame_len {
+            if self.rx.held.len() == max_chains {
+                return self.frame_does_not_fit(frame_len, placed);
+            }
+            let Some(chain) = self.queues[RX].pop_descriptor_chain(self.mem.clone()) else {
+                self.put_back_rx(self.rx.held.len());
+                return Delivery::NoBuffers;
+            };
+            let head = chain.head_index();
+            let first = self.rx.held.is_empty();
+            let segs = if first {
+                &mut self.rx.first
+            } else {
+                &mut self.segs
+            };
+            let capacity = match chain::collect(&self.mem, chain, true, u32::MAX as usize, segs) {
+                Ok(c) if c >= HDR_LEN => c,
+                Ok(c) => {
+                    let e = format!("{c} bytes, shorter than the header");
+                    return self.bad_rx_chain(head, &e);
+                }
+                Err(e) => return self.bad_rx_chain(head, &e),
+            };
+            if !mergeable && capacity < frame_len {
+                self.put_back_rx(1);
+                return self.frame_does_not_fit(frame_len, capacity);
+            }
+            let n = capacity.min(frame_len - placed);
+            let segs: &[Segment] = if first { &self.rx.first } else { &self.segs };
+            if let Err(e) = chain::write_at(&self.mem, segs, 0, &self.rx.buf[placed..placed + n]) {
+                return self.bad_rx_chain(head, &e);
+            }
+            self.rx.held.push((head, n as u32));
+            placed += n;
+        }
+        self.finish_rx(frame_len)
+    }
+
+    /// Writes num_buffers and hands the chains to the guest.
+    fn finish_rx(&mut self, frame_len: usize) -> Delivery {
+        let count = self.rx.held.len() as u16;
+        if let Err(e) = chain::write_at(
+            &self.mem,
+            &self.rx.first,
+            NUM_BUFFERS_OFFSET,
+            &count.to_le_bytes(),
+        ) {
+            // Checked memory that cannot be written: give everything back empty.
+            let held = std::mem::take(&mut self.rx.held);
+            for &(head, _) in &held {
+                self.complete(RX, head, 0);
+            }
+            self.rx.held = held;
+            let c = &self.counters;
+            c.note(&self.label, &c.rx_dropped, "RX header not written", &e);
+            return Delivery::Dropped;
+        }
+        let held = std::mem::take(&mut self.rx.held);
+        for &(head, len) in &held {
+            self.complete(RX, head, len);
+        }
+        self.rx.held = held;
+        NetCounters::add(&self.counters.rx_frames, 1);
+        NetCounters::add(&self.counters.rx_bytes, (frame_len - HDR_LEN) as u64);
+        Delivery::Done
+    }
+
+    /// A frame larger than one buffer (no MRG_RXBUF), or than the whole
+    /// ring: it could never be delivered, so it is dropped rather than
+    /// stalling RX for ever. Chains taken for it go back untouched.
+    fn frame_does_not_fit(&mut self, frame_len: usize, room: usize) -> Delivery {
+        self.put_back_rx(self.rx.held.len());
+        let detail = format!("{frame_len} bytes with header, room for {room}");
+        let c = &self.counters;
+        c.note(
+            &self.label,
+            &c.rx_dropped,
+            "RX frame larger than the guest's buffers",
+            &detail,
+        );
+        Delivery::Dropped
+    }
+
+    /// A malformed RX chain: it and every chain already holding part of
+    /// this frame are returned empty, in order (Linux drops used buffers
+    /// shorter than a header), and the frame is lost. A bad chain taken
+    /// first costs no frame: the next chain is tried.
+    fn bad_rx_chain(&mut self, head: u16, detail: &dyn std::fmt::Display) -> Delivery {
+        let c = self.counters.clone();
+        c.note(
+            &self.label,
+            &c.rx_malformed,
+            "bad RX chain returned empty",
+            detail,
+        );
+        let held = std::mem::take(&mut self.rx.held);
+        for &(h, _) in &held {
+            self.complete(RX, h, 0);
+        }
+        self.complete(RX, head, 0);
+        if held.is_empty() {
+            self.rx.held = held;
+            return Delivery::Retry;
+        }
+        self.rx.held = held;
+        c.note(
+            &self.label,
+            &c.rx_dropped,
+            "RX frame lost to a bad chain",
+            &"",
+        );
+        Delivery::Dropped
+    }
+}
