@@ -278,13 +278,14 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
 }
 
 /// A CRI pod of the test: `web` serves its /tmp on port 8080 (`a` holds
-/// "pod-a", `big` 1 MiB of random bytes), `client` sleeps.
+/// "pod-a", `big` 1 MiB of random bytes); `client`, if the pod has one,
+/// sleeps.
 struct TestPod {
     handler: &'static str,
     id: String,
     hostname: String,
     web: String,
-    client: String,
+    client: Option<String>,
     ip: Ipv4Addr,
     netns: PathBuf,
 }
@@ -293,13 +294,32 @@ const WEB_PORT: u16 = 8080;
 const WEB_SCRIPT: &str =
     "echo pod-a > /tmp/a; head -c 1048576 /dev/urandom > /tmp/big; exec httpd -f -p 8080 -h /tmp";
 
+/// What the checks read in a container, as `key=value` lines: one exec
+/// each, since an exec costs seconds in a guest whose kernel is emulated.
+const WEB_FACTS: &str = "echo boot=$(cat /proc/sys/kernel/random/boot_id); \
+    echo release=$(uname -r); test -e /tmp/a && echo tmp_a=yes || echo tmp_a=no; \
+    echo big=$(sha256sum /tmp/big | cut -d' ' -f1)";
+const CLIENT_FACTS: &str = "echo boot=$(cat /proc/sys/kernel/random/boot_id); \
+    test -e /tmp/a && echo tmp_a=yes || echo tmp_a=no; \
+    echo localhost=$(wget -q -O - http://127.0.0.1:8080/a)";
+/// The guest's NIC and the CRI's files, for the podbox pod's client.
+const NIC_FACTS: &str = "echo addr=$(ip -o -4 addr show dev eth0 | awk '{print $4}'); \
+    d=$(readlink /sys/class/net/eth0/device/driver); echo driver=${d##*/}; \
+    echo mac=$(cat /sys/class/net/eth0/address); echo mtu=$(cat /sys/class/net/eth0/mtu); \
+    echo default=$(ip route | grep '^default'); echo hostname=$(cat /etc/hostname); \
+    echo resolv=$(sha256sum /etc/resolv.conf | cut -d' ' -f1)";
+
+type Facts = std::collections::HashMap<String, String>;
+
 /// Runs a pod with `handler` (with a hostPort mapping to web's port if
-/// `host_port` is given), calls `before_containers` with its id between
-/// RunPodSandbox and the first CreateContainer, then starts web and client.
+/// `host_port` is given, a client container if `client`), calling
+/// `before_containers` with its id between RunPodSandbox and the first
+/// CreateContainer.
 fn start_pod(
     containerd: &Containerd,
     handler: &'static str,
     host_port: Option<u16>,
+    client: bool,
     before_containers: impl FnOnce(&str),
 ) -> TestPod {
     let mut cri = containerd.cri().expect("CRI client");
@@ -336,7 +356,7 @@ fn start_pod(
         "{handler}: pod ready (RunPodSandbox + first container started): {:?}",
         started.elapsed()
     );
-    let client = container("client", &["sleep", "1000"]);
+    let client = client.then(|| container("client", &["sleep", "1000"]));
     let ip = cri
         .pod_ip(&id)
         .expect("the pod's IP")
@@ -357,115 +377,113 @@ fn start_pod(
     }
 }
 
-fn exec(cri: &mut CriClient, pod: &TestPod, container: &str, command: &[&str]) -> ExecOutput {
-    cri.exec_sync(container, command, EXEC_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{}: ExecSync {command:?}: {e}", pod.handler))
-}
-
-/// `wget -O - url` in the pod's client, retried while the server starts.
-fn fetch_in(cri: &mut CriClient, pod: &TestPod, url: &str) -> String {
-    let script = format!("wget -q -O - {url}");
-    for _ in 0..50 {
-        let out = exec(cri, pod, &pod.client.clone(), &["sh", "-c", &script]);
-        if out.exit_code == 0 {
-            return out.stdout.trim().to_string();
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{}: {url} never answered in the pod", pod.handler);
-}
-
-/// One kernel per pod, shared localhost, separate root filesystems.
-fn assert_pod_basics(cri: &mut CriClient, pod: &TestPod) -> String {
-    let handler = pod.handler;
-    let boot = |cri: &mut CriClient, id: &str| {
-        exec(cri, pod, id, &["cat", "/proc/sys/kernel/random/boot_id"])
-            .stdout
-            .trim()
-            .to_string()
+/// The `key=value` lines `script` prints in `container`, once `complete`
+/// says they are all there (servers in the pod may still be starting).
+fn facts(
+    cri: &mut CriClient,
+    pod: &TestPod,
+    container: &str,
+    script: &str,
+    complete: impl Fn(&Facts) -> bool,
+) -> Facts {
+    let mut last = ExecOutput {
+        exit_code: -1,
+        stdout: String::new(),
+        stderr: String::new(),
     };
-    let web_boot = boot(cri, &pod.web);
+    for _ in 0..20 {
+        last = cri
+            .exec_sync(container, &["sh", "-c", script], EXEC_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{}: ExecSync {script:?}: {e}", pod.handler));
+        let facts: Facts = last
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect();
+        if complete(&facts) {
+            return facts;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("{}: {script:?} never completed: {last:?}", pod.handler);
+}
+
+fn fact<'a>(facts: &'a Facts, key: &str) -> &'a str {
+    facts.get(key).map(String::as_str).unwrap_or("")
+}
+
+/// One kernel per pod (podbox: not the host's), shared localhost, separate
+/// root filesystems. Returns the pod's boot id and web's facts.
+fn assert_pod_basics(cri: &mut CriClient, pod: &TestPod) -> (String, Facts) {
+    let handler = pod.handler;
+    let web = facts(cri, pod, &pod.web.clone(), WEB_FACTS, |f| {
+        f.contains_key("big")
+    });
     assert_eq!(
-        web_boot,
-        boot(cri, &pod.client),
-        "{handler}: one kernel per pod"
+        fact(&web, "tmp_a"),
+        "yes",
+        "{handler}: web sees its own file"
     );
-    let release = exec(cri, pod, &pod.client, &["uname", "-r"]).stdout;
+    let boot = fact(&web, "boot").to_string();
     if handler == PODBOX_HANDLER {
+        assert_ne!(boot, host_boot_id(), "podbox: the pod has its own kernel");
         assert_ne!(
-            web_boot,
-            host_boot_id(),
-            "podbox: the pod has its own kernel"
-        );
-        assert_ne!(
-            release.trim(),
+            fact(&web, "release"),
             host_kernel_release(),
             "podbox: guest kernel"
         );
     } else {
-        assert_eq!(web_boot, host_boot_id(), "runc shares the host kernel");
+        assert_eq!(boot, host_boot_id(), "runc shares the host kernel");
     }
-    let local = format!("http://127.0.0.1:{WEB_PORT}/a");
-    assert_eq!(
-        fetch_in(cri, pod, &local),
-        "pod-a",
-        "{handler}: shared localhost"
-    );
-    let exists =
-        |cri: &mut CriClient, id: &str| exec(cri, pod, id, &["test", "-e", "/tmp/a"]).exit_code;
-    assert_eq!(
-        exists(cri, &pod.client.clone()),
-        1,
-        "{handler}: separate rootfs"
-    );
-    assert_eq!(
-        exists(cri, &pod.web.clone()),
-        0,
-        "{handler}: web sees its own file"
-    );
-    web_boot
+    if let Some(client) = pod.client.clone() {
+        let script = if handler == PODBOX_HANDLER {
+            format!("{CLIENT_FACTS}; {NIC_FACTS}")
+        } else {
+            CLIENT_FACTS.to_string()
+        };
+        let seen = facts(cri, pod, &client, &script, |f| {
+            fact(f, "localhost") == "pod-a"
+        });
+        assert_eq!(fact(&seen, "boot"), boot, "{handler}: one kernel per pod");
+        assert_eq!(fact(&seen, "tmp_a"), "no", "{handler}: separate rootfs");
+        return (boot, web.into_iter().chain(seen).collect());
+    }
+    (boot, web)
 }
 
 /// Inside the podbox pod's VM: the CNI's IP on a virtio_net NIC with the
 /// veth's MAC and MTU, the default route via the CNI gateway, and the CRI's
-/// hostname, resolv.conf and hosts files.
-fn assert_guest_nic(cri: &mut CriClient, containerd: &Containerd, pod: &TestPod) {
-    let run = |cri: &mut CriClient, script: &str| {
-        let out = exec(cri, pod, &pod.client, &["sh", "-c", script]);
-        assert_eq!(out.exit_code, 0, "{script}: {}", out.stderr);
-        out.stdout.trim().to_string()
-    };
-    let addresses = run(cri, "ip -o -4 addr show dev eth0");
-    assert!(
-        addresses.contains(&format!("inet {}/24", pod.ip)),
-        "the guest's eth0 has the CNI IP {}: {addresses}",
-        pod.ip
+/// hostname and resolv.conf; in the pod's netns, the VM's tap.
+fn assert_guest_nic(containerd: &Containerd, pod: &TestPod, seen: &Facts) {
+    assert_eq!(
+        fact(seen, "addr"),
+        format!("{}/24", pod.ip),
+        "the guest's eth0 has the CNI IP"
     );
-    let driver = run(cri, "readlink /sys/class/net/eth0/device/driver");
-    assert!(driver.ends_with("/virtio_net"), "eth0's driver: {driver}");
+    assert_eq!(fact(seen, "driver"), "virtio_net", "eth0's driver");
     let netns = NetnsView::new(&pod.netns);
     assert_eq!(
-        Some(run(cri, "cat /sys/class/net/eth0/address")),
-        netns.mac("eth0"),
-        "the guest NIC has the veth's MAC"
+        Some(fact(seen, "mac")),
+        netns.mac("eth0").as_deref(),
+        "the veth's MAC"
     );
     assert_eq!(
-        run(cri, "cat /sys/class/net/eth0/mtu").parse::<u32>().ok(),
+        fact(seen, "mtu").parse::<u32>().ok(),
         netns.mtu("eth0"),
-        "the guest NIC has the veth's MTU"
+        "the veth's MTU"
     );
-    let routes = run(cri, "ip route");
     let gateway = containerd.pod_gateway();
     assert!(
-        routes.contains(&format!("default via {gateway} dev eth0")),
-        "default route via the CNI gateway: {routes}"
+        fact(seen, "default").starts_with(&format!("default via {gateway} dev eth0")),
+        "default route via the CNI gateway: {seen:?}"
     );
+    assert_eq!(fact(seen, "hostname"), pod.hostname, "/etc/hostname");
     let files = containerd.sandbox_files(&pod.id);
-    assert_eq!(run(cri, "cat /etc/hostname"), pod.hostname, "/etc/hostname");
-    let resolv = std::fs::read_to_string(files.join("resolv.conf")).expect("the CRI's resolv.conf");
+    let resolv = std::fs::read(files.join("resolv.conf")).expect("the CRI's resolv.conf");
     assert_eq!(
-        run(cri, "cat /etc/resolv.conf"),
-        resolv.trim(),
+        fact(seen, "resolv"),
+        sha256_hex(&resolv),
         "/etc/resolv.conf"
     );
     let links = netns.links();
@@ -475,29 +493,13 @@ fn assert_guest_nic(cri: &mut CriClient, containerd: &Containerd, pod: &TestPod)
     );
 }
 
-/// The bytes of 1 MiB cross host <-> pod intact, both ways.
-fn assert_bulk_transfer(cri: &mut CriClient, containerd: &Containerd, pod: &TestPod) {
-    let web = SocketAddr::new(IpAddr::V4(pod.ip), WEB_PORT);
-    let big = http_get_retrying(web, "/big", 50).expect("GET /big from the pod");
-    assert_eq!(big.len(), 1 << 20, "1 MiB from the pod");
-    let in_pod = exec(cri, pod, &pod.web, &["sha256sum", "/tmp/big"]).stdout;
-    assert_eq!(
-        in_pod.split_whitespace().next(),
-        Some(sha256_hex(&big).as_str()),
-        "pod -> host intact"
-    );
-
-    let payload = random_bytes(1 << 20);
-    let server = HostServer::start(IpAddr::V4(containerd.pod_gateway()), payload.clone())
-        .expect("a server on the bridge address");
-    let script = format!("wget -q -O - http://{}/payload | sha256sum", server.addr);
-    let out = exec(cri, pod, &pod.client, &["sh", "-c", &script]);
-    assert_eq!(
-        out.stdout.split_whitespace().next(),
-        Some(sha256_hex(&payload).as_str()),
-        "host -> pod intact (stderr {})",
-        out.stderr
-    );
+/// `key=$(wget -q -O - url)` for each (key, url).
+fn fetch_script(fetches: &[(&str, String)]) -> String {
+    fetches
+        .iter()
+        .map(|(key, url)| format!("echo {key}=$(wget -q -O - {url})"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A port nobody on the host listens on now.
@@ -516,11 +518,11 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
         return;
     };
     let mut cri = containerd.cri().expect("CRI client");
-    let runc = start_pod(&containerd, RUNC_HANDLER, None, |_| {});
+    let runc = start_pod(&containerd, RUNC_HANDLER, None, true, |_| {});
     // A name only pod A's /etc/hosts knows, for the runc pod.
     let peer = "runc-peer.podbox.test";
     let host_port = free_port();
-    let a = start_pod(&containerd, PODBOX_HANDLER, Some(host_port), |id| {
+    let a = start_pod(&containerd, PODBOX_HANDLER, Some(host_port), true, |id| {
         let hosts = containerd.sandbox_files(id).join("hosts");
         let mut file = std::fs::OpenOptions::new()
             .append(true)
@@ -528,49 +530,75 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
             .unwrap_or_else(|e| panic!("{}: {e}", hosts.display()));
         writeln!(file, "{} {peer}", runc.ip).expect("appending to the pod's hosts file");
     });
-    let b = start_pod(&containerd, PODBOX_HANDLER, None, |_| {});
-    let kernels = [&runc, &a, &b].map(|pod| assert_pod_basics(&mut cri, pod));
+    // Pod B only serves: one container is enough for podbox <-> podbox.
+    let b = start_pod(&containerd, PODBOX_HANDLER, None, false, |_| {});
+    let (runc_boot, _) = assert_pod_basics(&mut cri, &runc);
+    let (a_boot, a_facts) = assert_pod_basics(&mut cri, &a);
+    let (b_boot, _) = assert_pod_basics(&mut cri, &b);
     assert!(
-        kernels[0] != kernels[1] && kernels[1] != kernels[2] && kernels[0] != kernels[2],
-        "three pods, three kernels: {kernels:?}"
+        runc_boot != a_boot && a_boot != b_boot && runc_boot != b_boot,
+        "three pods, three kernels"
     );
+    assert_guest_nic(&containerd, &a, &a_facts);
 
-    assert_guest_nic(&mut cri, &containerd, &a);
+    // Host <-> pod: ping, HTTP, 1 MiB each way intact.
     assert!(ping(IpAddr::V4(a.ip)), "host -> podbox pod ping");
-    let web = |pod: &TestPod| SocketAddr::new(IpAddr::V4(pod.ip), WEB_PORT);
+    let a_web = SocketAddr::new(IpAddr::V4(a.ip), WEB_PORT);
     assert_eq!(
-        http_get_retrying(web(&a), "/a", 50).as_deref(),
+        http_get_retrying(a_web, "/a", 50).as_deref(),
         Ok(&b"pod-a\n"[..]),
-        "host -> pod TCP"
+        "host -> pod"
     );
-    assert_bulk_transfer(&mut cri, &containerd, &a);
+    let big = http_get_retrying(a_web, "/big", 5).expect("GET /big from the pod");
+    assert_eq!(big.len(), 1 << 20, "1 MiB from the pod");
+    assert_eq!(
+        sha256_hex(&big),
+        fact(&a_facts, "big"),
+        "pod -> host intact"
+    );
+    let payload = random_bytes(1 << 20);
+    let server = HostServer::start(IpAddr::V4(containerd.pod_gateway()), payload.clone())
+        .expect("a server on the bridge address");
     let url = |pod: &TestPod| format!("http://{}:{WEB_PORT}/a", pod.ip);
-    assert_eq!(
-        fetch_in(&mut cri, &runc, &url(&a)),
-        "pod-a",
-        "runc pod -> podbox pod"
+
+    // Pod <-> pod, from each side, and host -> pod through the hostPort.
+    let from_a = format!(
+        "{}; echo payload=$(wget -q -O - http://{}/payload | sha256sum | cut -d' ' -f1)",
+        fetch_script(&[
+            ("runc", format!("http://{peer}:{WEB_PORT}/a")),
+            ("b", url(&b))
+        ]),
+        server.addr
     );
+    let a_client = a.client.clone().expect("pod A has a client");
+    let seen = facts(&mut cri, &a, &a_client, &from_a, |f| {
+        fact(f, "b") == "pod-a"
+    });
     assert_eq!(
-        fetch_in(&mut cri, &a, &format!("http://{peer}:{WEB_PORT}/a")),
+        fact(&seen, "runc"),
         "pod-a",
         "podbox pod -> runc pod, by a name from its /etc/hosts"
     );
     assert_eq!(
-        fetch_in(&mut cri, &b, &url(&a)),
-        "pod-a",
-        "podbox pod B -> A"
+        fact(&seen, "payload"),
+        sha256_hex(&payload),
+        "host -> pod intact"
     );
-    assert_eq!(
-        fetch_in(&mut cri, &a, &url(&b)),
-        "pod-a",
-        "podbox pod A -> B"
-    );
+    let to_a = fetch_script(&[("a", url(&a))]);
+    let runc_client = runc.client.clone().expect("the runc pod has a client");
+    facts(&mut cri, &runc, &runc_client, &to_a, |f| {
+        fact(f, "a") == "pod-a"
+    });
+    facts(&mut cri, &b, &b.web.clone(), &to_a, |f| {
+        fact(f, "a") == "pod-a"
+    });
     let mapped = SocketAddr::new(IpAddr::V4(containerd.pod_gateway()), host_port);
     assert_eq!(
         http_get_retrying(mapped, "/a", 50).as_deref(),
         Ok(&b"pod-a\n"[..]),
         "hostPort {host_port} -> podbox pod A's web"
     );
+    drop(server);
 
     // Failure: kill pod A's VMM. Every task of the pod exits non-zero, and
     // the shim takes the pod's host state down: its tap and tc filters go,
@@ -578,7 +606,7 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
     let vmm = vmm_pid(CRI_NAMESPACE, &a.id).expect("the pod's vmm.pid");
     // SAFETY: kill(2) on the pid the shim recorded for this pod's VMM.
     unsafe { libc::kill(vmm as libc::pid_t, libc::SIGKILL) };
-    for container in [&a.web, &a.client] {
+    for container in [&a.web, &a_client] {
         wait_until(
             "the container to exit after its VM died",
             Duration::from_secs(120),

@@ -15,8 +15,8 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use vm_memory::{GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device IDs (virtio 1.2, section 5).
@@ -168,6 +168,21 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
     }
+}
+
+/// Takes the next chain the driver made available, or None when there is
+/// none. Unlike `QueueT::pop_descriptor_chain`, which logs an error and
+/// returns None every time, a ring the driver broke is an `Err`: its avail
+/// idx more than a ring ahead of what was taken
+/// (`InvalidAvailRingIndex`), or the queue not ready. Such a ring stays
+/// broken until the driver rewrites the index, so callers must not wait in
+/// a loop for it to yield something.
+pub fn pop_chain<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    Ok(queue.iter(mem)?.next())
 }
 
 #[cfg(test)]

@@ -31,7 +31,9 @@ const TOKEN_TAP: u64 = 2;
 
 /// What one NIC moved and refused, for logs (and tests). Malformed means
 /// the guest broke the rules (the chain was completed and its frame
-/// dropped); dropped means a well-formed frame could not be delivered.
+/// dropped); dropped means a well-formed frame could not be delivered;
+/// ring errors count the times a queue could not be read at all (the
+/// guest's avail idx more than a ring ahead).
 #[derive(Debug, Default)]
 pub struct NetCounters {
     pub tx_frames: AtomicU64,
@@ -42,6 +44,7 @@ pub struct NetCounters {
     pub rx_malformed: AtomicU64,
     pub tx_dropped: AtomicU64,
     pub rx_dropped: AtomicU64,
+    pub ring_errors: AtomicU64,
 }
 
 impl NetCounters {
@@ -74,7 +77,7 @@ impl NetCounters {
     pub fn summary(&self) -> String {
         let g = Self::get;
         format!(
-            "tx {} frames {} B ({} malformed, {} dropped), rx {} frames {} B ({} malformed, {} dropped)",
+            "tx {} frames {} B ({} malformed, {} dropped), rx {} frames {} B ({} malformed, {} dropped), {} ring errors",
             g(&self.tx_frames),
             g(&self.tx_bytes),
             g(&self.tx_malformed),
@@ -83,6 +86,7 @@ impl NetCounters {
             g(&self.rx_bytes),
             g(&self.rx_malformed),
             g(&self.rx_dropped),
+            g(&self.ring_errors),
         )
     }
 }
@@ -192,10 +196,19 @@ impl<B: Backend> VirtioDevice for Net<B> {
             (Some(rx), Some(tx)) => (rx, tx),
             _ => return Err(fail("queues missing".into())),
         };
+        // The worker raises its own queue eventfds to come back to a queue
+        // it left with work undone: without them a queue could stall.
+        let kick = |notify: &EventFd, queue: &str| {
+            notify
+                .try_clone()
+                .map_err(|e| fail(format!("duplicating the {queue} queue eventfd: {e}")))
+        };
+        let kicks = [kick(&rx.notify, "RX")?, kick(&tx.notify, "TX")?];
         let mut worker = Worker::new(
             self.label.clone(),
             Arc::new(ctx.memory),
             [rx.queue, tx.queue],
+            kicks,
             backend,
             self.acked,
             ctx.interrupt,
@@ -230,8 +243,6 @@ pub(super) struct TxState {
     pub buf: Box<[u8]>,
     /// A frame the tap would not take yet (EAGAIN); 0 when none.
     pub pending: usize,
-    /// Raised to come back to the TX queue after a full budget.
-    pub kick: Option<EventFd>,
 }
 
 /// The device state that lives on its thread.
@@ -239,6 +250,9 @@ pub(super) struct Worker<B: Backend> {
     pub label: String,
     pub mem: Mem,
     pub queues: [Queue; 2],
+    /// Each queue's notify eventfd (RX, TX), raised by the worker itself to
+    /// come back to a queue after a spent budget.
+    pub kick: [EventFd; 2],
     pub backend: B,
     pub acked: u64,
     pub interrupt: Arc<Interrupt>,
@@ -256,6 +270,7 @@ impl<B: Backend> Worker<B> {
         label: String,
         mem: Mem,
         queues: [Queue; 2],
+        kick: [EventFd; 2],
         backend: B,
         acked: u64,
         interrupt: Arc<Interrupt>,
@@ -265,6 +280,7 @@ impl<B: Backend> Worker<B> {
             label,
             mem,
             queues,
+            kick,
             backend,
             acked,
             interrupt,
@@ -279,11 +295,28 @@ impl<B: Backend> Worker<B> {
             tx: TxState {
                 buf: vec![0; HDR_LEN + MAX_TX_FRAME].into_boxed_slice(),
                 pending: 0,
-                kick: None,
             },
             segs: Vec::new(),
             need_irq: false,
         }
+    }
+
+    /// With work left on `queue` (a spent budget), the next round must
+    /// happen without the guest: raise the queue's own eventfd.
+    pub fn come_back_for(&self, queue: usize) {
+        if let Err(e) = self.kick[queue].write(1) {
+            tracing::warn!("{}: queue {queue} self-notify: {e}", self.label);
+        }
+    }
+
+    /// The guest broke `queue`'s avail ring (its idx more than a ring
+    /// ahead of what was taken): nothing can be taken until it rewrites the
+    /// index. Counted and logged (rarely); the caller returns with the
+    /// queue's notifications enabled, so each retry costs the guest a kick.
+    pub fn ring_broken(&self, queue: usize, e: &virtio_queue::Error) {
+        let name = if queue == RX { "RX" } else { "TX" };
+        let c = &self.counters;
+        c.note(&self.label, &c.ring_errors, name, &format!("avail ring unusable: {e}"));
     }
 
     /// Returns a chain to the guest; a head the queue refuses (out of
@@ -365,7 +398,6 @@ impl EventLoop {
     }
 
     fn run<B: Backend>(mut self, worker: &mut Worker<B>) {
-        worker.tx.kick = self.tx_notify.try_clone().ok();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             self.update_tap_interest(worker);

@@ -34,11 +34,25 @@ pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
 
 /// Header flags and GSO types (virtio 1.2, 5.1.6).
-const HDR_F_NEEDS_CSUM: u8 = 1;
-const HDR_F_DATA_VALID: u8 = 2;
-const GSO_NONE: u8 = 0;
-const GSO_TCPV4: u8 = 1;
-const GSO_TCPV6: u8 = 4;
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+pub const HDR_F_DATA_VALID: u8 = 2;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const GSO_TCPV6: u8 = 4;
+/// Where the guest's TCP checksum goes: `check` in the TCP header.
+const TCP_CSUM_OFFSET: u16 = 16;
+/// A TCP header without options.
+const TCP_HLEN: usize = 20;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+/// The smallest segment size a TSO frame may ask for: Linux's floor for
+/// the MSS it sends with (TCP_MIN_SND_MSS, the least `tcp_min_snd_mss`
+/// takes). Smaller would let one 64 KiB frame become thousands of
+/// segments on a host path without TSO.
+pub const MIN_GSO_SIZE: u16 = 48;
 
 /// Config space `status`: the link is up (with VIRTIO_NET_F_STATUS).
 pub const S_LINK_UP: u16 = 1;
@@ -106,28 +120,45 @@ pub enum HeaderError {
     CsumOutside { start: u16, offset: u16, len: usize },
     #[error("GSO type {0:#x} not negotiated")]
     GsoType(u8),
-    #[error("GSO frame with gso_size 0 or without a partial checksum")]
-    GsoIncomplete,
+    #[error("TSO frame without a partial TCP checksum (NEEDS_CSUM, csum_offset {TCP_CSUM_OFFSET})")]
+    GsoNoTcpCsum,
+    #[error("TSO frame with gso_size {0}, below {MIN_GSO_SIZE}")]
+    GsoSize(u16),
+    #[error("TSO frame with hdr_len {hdr_len} beyond its {len} bytes")]
+    GsoHdrLen { hdr_len: u16, len: usize },
+    #[error("TSO frame's TCP header at {start} does not fit a {len}-byte frame after its IP header")]
+    GsoTcpOutside { start: u16, len: usize },
+    #[error("GSO type {gso_type:#x} on a frame of ethertype {ethertype:#06x}")]
+    GsoProtocol { gso_type: u8, ethertype: u16 },
 }
 
-/// Checks the header of a TX frame (`hdr` then `frame_len` bytes of frame)
-/// against the negotiated features. The tap checks again; this keeps
-/// frames the guest was not allowed to send out of the host's stack and
-/// counts them as the guest's fault.
-pub fn check_tx_header(
-    hdr: &[u8; HDR_LEN],
-    frame_len: usize,
-    acked: u64,
-) -> Result<(), HeaderError> {
+/// The frame's ethertype and where its network header starts, past one
+/// 802.1Q tag if there is one; None when the frame is too short for them.
+fn network_header(frame: &[u8]) -> Option<(u16, usize)> {
+    let at = |i: usize| Some(u16::from_be_bytes([*frame.get(i)?, *frame.get(i + 1)?]));
+    match at(12)? {
+        ETH_P_8021Q => Some((at(16)?, ETH_HLEN + 4)),
+        ethertype => Some((ethertype, ETH_HLEN)),
+    }
+}
+
+/// Checks the header of a TX frame (`hdr` then `frame`, the Ethernet frame)
+/// against the negotiated features and the spec's rules for the driver.
+/// The tap checks again; this keeps frames the guest was not allowed to
+/// send out of the host's stack and counts them as the guest's fault.
+pub fn check_tx_header(hdr: &[u8; HDR_LEN], frame: &[u8], acked: u64) -> Result<(), HeaderError> {
     let flags = hdr[0];
     let gso_type = hdr[1];
+    let hdr_len = u16::from_le_bytes([hdr[2], hdr[3]]);
     let gso_size = u16::from_le_bytes([hdr[4], hdr[5]]);
     let csum_start = u16::from_le_bytes([hdr[6], hdr[7]]);
     let csum_offset = u16::from_le_bytes([hdr[8], hdr[9]]);
+    let frame_len = frame.len();
     if frame_len < ETH_HLEN {
         return Err(HeaderError::Undersize(frame_len));
     }
-    if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
+    // DATA_VALID is for the device to set (5.1.6.2.1: the driver MUST NOT).
+    if flags & !HDR_F_NEEDS_CSUM != 0 {
         return Err(HeaderError::Flags(flags));
     }
     let needs_csum = flags & HDR_F_NEEDS_CSUM != 0;
@@ -144,17 +175,59 @@ pub fn check_tx_header(
             });
         }
     }
-    let allowed = match gso_type {
+    let (allowed, ethertype, ip_hlen) = match gso_type {
         GSO_NONE => return Ok(()),
-        GSO_TCPV4 => acked & F_HOST_TSO4 != 0,
-        GSO_TCPV6 => acked & F_HOST_TSO6 != 0,
-        _ => false,
+        GSO_TCPV4 => (acked & F_HOST_TSO4 != 0, ETH_P_IPV4, IPV4_HLEN),
+        GSO_TCPV6 => (acked & F_HOST_TSO6 != 0, ETH_P_IPV6, IPV6_HLEN),
+        _ => (false, 0, 0),
     };
     if !allowed {
         return Err(HeaderError::GsoType(gso_type));
     }
-    if gso_size == 0 || !needs_csum {
-        return Err(HeaderError::GsoIncomplete);
+    if !needs_csum || csum_offset != TCP_CSUM_OFFSET {
+        return Err(HeaderError::GsoNoTcpCsum);
+    }
+    if gso_size < MIN_GSO_SIZE {
+        return Err(HeaderError::GsoSize(gso_size));
+    }
+    if usize::from(hdr_len) > frame_len {
+        return Err(HeaderError::GsoHdrLen { hdr_len, len: frame_len });
+    }
+    let (found, l3) = network_header(frame).unwrap_or((0, ETH_HLEN));
+    if found != ethertype {
+        return Err(HeaderError::GsoProtocol {
+            gso_type,
+            ethertype: found,
+        });
+    }
+    let start = usize::from(csum_start);
+    if start < l3 + ip_hlen || start + TCP_HLEN > frame_len {
+        return Err(HeaderError::GsoTcpOutside {
+            start: csum_start,
+            len: frame_len,
+        });
+    }
+    Ok(())
+}
+
+/// Makes the tap's header of an RX frame say only what the guest
+/// negotiated: without GUEST_CSUM the flags must be 0 (5.1.6.4.1), and a
+/// GSO type the guest did not accept cannot be delivered (Err: the frame
+/// is dropped). The tap's offloads (TUNSETOFFLOAD) already follow the
+/// guest's features; this keeps a tap that disagrees from reaching it.
+pub fn fix_rx_header(hdr: &mut [u8], acked: u64) -> Result<(), HeaderError> {
+    if acked & F_GUEST_CSUM == 0 {
+        hdr[0] = 0;
+    }
+    let allowed = match hdr[1] {
+        GSO_NONE => true,
+        GSO_TCPV4 => acked & F_GUEST_TSO4 != 0,
+        GSO_TCPV6 => acked & F_GUEST_TSO6 != 0,
+        _ => false,
+    };
+    // (TSO frames come with partial checksums: never without GUEST_CSUM.)
+    if !allowed || (hdr[1] != GSO_NONE && acked & F_GUEST_CSUM == 0) {
+        return Err(HeaderError::GsoType(hdr[1]));
     }
     Ok(())
 }

@@ -13,11 +13,13 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::chain::{self, Segment};
 use super::device::{NetCounters, Worker, RX};
-use super::header::{F_MRG_RXBUF, HDR_LEN, NUM_BUFFERS_OFFSET};
+use super::header::{fix_rx_header, F_MRG_RXBUF, HDR_LEN, NUM_BUFFERS_OFFSET};
 use super::tap::Backend;
+use crate::devices::virtio::pop_chain;
 
-/// Frames delivered per round before TX gets its turn (the tap stays
-/// readable, so epoll brings us back).
+/// Turns (tap reads, delivery attempts) per round before TX gets its
+/// turn: the tap stays readable, or the worker raises the RX eventfd for a
+/// frame still waiting, so the event loop comes back.
 const RX_BUDGET: usize = 256;
 /// An Ethernet header: anything shorter from the tap is not a frame.
 const ETH_HLEN: usize = 14;
@@ -30,7 +32,8 @@ enum Delivery {
     /// Not enough guest buffers now: it waits.
     NoBuffers,
     /// A malformed chain came first and was returned: try again with the
-    /// next one (each retry uses up a chain, so this ends).
+    /// next one (each retry costs budget: the guest can refill its ring as
+    /// fast as bad chains are returned).
     Retry,
 }
 
@@ -43,12 +46,18 @@ enum TapRead {
 
 impl<B: Backend> Worker<B> {
     /// Delivers frames until the tap is empty, the guest is out of
-    /// buffers, or the budget is spent.
+    /// buffers, or the budget is spent. Each tap read and each delivery
+    /// attempt (a bad chain returned included) costs budget.
     pub(super) fn process_rx(&mut self) {
+        self.process_rx_within(RX_BUDGET);
+    }
+
+    /// [`process_rx`](Self::process_rx) with `budget` turns.
+    pub(super) fn process_rx_within(&mut self, budget: usize) {
         if self.rx.blocked {
             return;
         }
-        for _ in 0..RX_BUDGET {
+        for _ in 0..budget {
             if self.rx.pending == 0 {
                 match self.read_tap() {
                     TapRead::Frame(n) => self.rx.pending = n,
@@ -56,14 +65,19 @@ impl<B: Backend> Worker<B> {
                     TapRead::Empty => return,
                 }
             }
-            match self.deliver_rx() {
-                // (deliver_rx retries by itself: Retry never gets here.)
-                Delivery::Done | Delivery::Dropped | Delivery::Retry => self.rx.pending = 0,
+            match self.try_deliver_rx() {
+                Delivery::Done | Delivery::Dropped => self.rx.pending = 0,
+                // The frame stays for the next chain.
+                Delivery::Retry => {}
                 Delivery::NoBuffers => {
                     self.rx.blocked = true;
                     return;
                 }
             }
+        }
+        if self.rx.pending > 0 {
+            // The tap may have nothing more to wake us for this frame.
+            self.come_back_for(RX);
         }
     }
 
@@ -91,7 +105,14 @@ impl<B: Backend> Worker<B> {
                     );
                     TapRead::Skipped
                 }
-                Ok(n) => TapRead::Frame(n),
+                Ok(n) => match fix_rx_header(&mut self.rx.buf[..HDR_LEN], self.acked) {
+                    Ok(()) => TapRead::Frame(n),
+                    Err(e) => {
+                        let what = "frame from the tap the guest did not negotiate";
+                        counters.note(&self.label, &counters.rx_dropped, what, &e);
+                        TapRead::Skipped
+                    }
+                },
                 Err(e) if e.kind() == ErrorKind::WouldBlock => TapRead::Empty,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -107,15 +128,6 @@ impl<B: Backend> Worker<B> {
     fn put_back_rx(&mut self, n: usize) {
         for _ in 0..n {
             self.queues[RX].go_to_previous_position();
-        }
-    }
-
-    fn deliver_rx(&mut self) -> Delivery {
-        loop {
-            match self.try_deliver_rx() {
-                Delivery::Retry => continue,
-                d => return d,
-            }
         }
     }
 
@@ -135,9 +147,19 @@ impl<B: Backend> Worker<B> {
             if self.rx.held.len() == max_chains {
                 return self.frame_does_not_fit(frame_len, placed);
             }
-            let Some(chain) = self.queues[RX].pop_descriptor_chain(self.mem.clone()) else {
-                self.put_back_rx(self.rx.held.len());
-                return Delivery::NoBuffers;
+            let chain = match pop_chain(&mut self.queues[RX], self.mem.clone()) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    self.put_back_rx(self.rx.held.len());
+                    return Delivery::NoBuffers;
+                }
+                // Until the guest rewrites its avail idx: like no buffers,
+                // the frame waits for the next RX notify.
+                Err(e) => {
+                    self.put_back_rx(self.rx.held.len());
+                    self.ring_broken(RX, &e);
+                    return Delivery::NoBuffers;
+                }
             };
             let head = chain.head_index();
             let first = self.rx.held.is_empty();

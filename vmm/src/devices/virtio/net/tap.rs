@@ -94,34 +94,41 @@ unsafe fn ioctl_ptr<T>(fd: RawFd, req: libc::Ioctl, arg: *mut T) -> io::Result<(
     Ok(())
 }
 
+/// Opens /dev/net/tun (non-blocking, close-on-exec) and attaches it to
+/// the tap `name` with `flags` (TUNSETIFF); returns it with the name the
+/// kernel reports. Tests use it for descriptors to pass to
+/// [`Tap::from_fd`], flags of their choosing included.
+pub(super) fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TapError> {
+    // SAFETY: a plain open of a constant path; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(TapError::OpenTun(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let mut req = ifreq_named(name);
+    req.ifr_ifru.ifru_flags = flags as i16;
+    // SAFETY: TUNSETIFF takes a struct ifreq.
+    unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF, &mut req) }.map_err(|source| {
+        TapError::SetIff {
+            name: name.to_string(),
+            source,
+        }
+    })?;
+    Ok((file, ifreq_name(&req)))
+}
+
 impl Tap {
     /// Opens (or creates) the tap `name` in this process's network namespace.
     pub fn open(name: &str) -> Result<Tap, TapError> {
-        // SAFETY: a plain open of a constant path; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(TapError::OpenTun(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just opened and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let mut req = ifreq_named(name);
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-        // SAFETY: TUNSETIFF takes a struct ifreq.
-        unsafe { ioctl_ptr(file.as_raw_fd(), libc::TUNSETIFF, &mut req) }.map_err(|source| {
-            TapError::SetIff {
-                name: name.to_string(),
-                source,
-            }
-        })?;
-        let tap = Tap {
-            file,
-            name: ifreq_name(&req),
-        };
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let (file, name) = attach(name, flags)?;
+        let tap = Tap { file, name };
         tap.set_vnet_hdr_size()?;
         Ok(tap)
     }

@@ -14,24 +14,42 @@ use super::chain;
 use super::device::{NetCounters, Worker, TX};
 use super::header::{check_tx_header, HDR_LEN, MAX_TX_FRAME};
 use super::tap::Backend;
+use crate::devices::virtio::pop_chain;
 
-/// Frames taken per round before RX gets its turn.
+/// Turns (chains taken, passes over the queue) per round before RX gets
+/// its turn.
 const TX_BUDGET: usize = 256;
 
 impl<B: Backend> Worker<B> {
     /// Moves the guest's frames to the tap until the queue is empty, the
-    /// tap is full or the budget is spent.
+    /// tap is full or the budget is spent. Every pass over the queue costs
+    /// budget, so whatever the guest writes into its ring this returns.
     pub(super) fn process_tx(&mut self) {
+        self.process_tx_within(TX_BUDGET);
+    }
+
+    /// [`process_tx`](Self::process_tx) with `budget` turns.
+    pub(super) fn process_tx_within(&mut self, mut budget: usize) {
         if self.tx.pending > 0 && !self.send_tx(self.tx.pending) {
             return;
         }
-        let mut budget = TX_BUDGET;
         loop {
             // No kicks while we drain anyway: each costs the guest an exit.
             if let Err(e) = self.queues[TX].disable_notification(&*self.mem) {
                 tracing::debug!("{}: TX disable_notification: {e}", self.label);
             }
-            while let Some(chain) = self.queues[TX].pop_descriptor_chain(self.mem.clone()) {
+            loop {
+                if budget == 0 {
+                    // Notifications stay off: we come back by ourselves.
+                    self.come_back_for(TX);
+                    return;
+                }
+                budget -= 1;
+                let chain = match pop_chain(&mut self.queues[TX], self.mem.clone()) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => return self.tx_ring_broken(&e),
+                };
                 let head = chain.head_index();
                 let frame = self.copy_tx_chain(chain);
                 self.complete(TX, head, 0);
@@ -41,14 +59,13 @@ impl<B: Backend> Worker<B> {
                         return;
                     }
                 }
-                budget -= 1;
-                if budget == 0 {
-                    self.come_back_for_tx();
-                    return;
-                }
             }
             match self.queues[TX].enable_notification(&*self.mem) {
-                Ok(true) => continue, // more arrived while notifications were off
+                // More arrived while notifications were off (the guest may
+                // not kick for it). A ring that only claims more is caught
+                // by pop_chain on the next pass, and a guest that moves its
+                // index back and forth runs into the budget.
+                Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
                     tracing::debug!("{}: TX enable_notification: {e}", self.label);
@@ -58,13 +75,12 @@ impl<B: Backend> Worker<B> {
         }
     }
 
-    /// With notifications still off, the next round must happen without a
-    /// kick: raise our own TX eventfd.
-    fn come_back_for_tx(&self) {
-        if let Some(kick) = &self.tx.kick {
-            if let Err(e) = kick.write(1) {
-                tracing::warn!("{}: TX self-notify: {e}", self.label);
-            }
+    /// The TX ring cannot be read: counted, and the queue is left with its
+    /// notifications on, so nothing happens until the guest kicks again.
+    fn tx_ring_broken(&mut self, e: &virtio_queue::Error) {
+        self.ring_broken(TX, e);
+        if let Err(e) = self.queues[TX].enable_notification(&*self.mem) {
+            tracing::debug!("{}: TX enable_notification: {e}", self.label);
         }
     }
 
@@ -99,7 +115,7 @@ impl<B: Backend> Worker<B> {
         };
         let mut hdr = [0u8; HDR_LEN];
         hdr.copy_from_slice(&self.tx.buf[..HDR_LEN]);
-        if let Err(e) = check_tx_header(&hdr, len - HDR_LEN, self.acked) {
+        if let Err(e) = check_tx_header(&hdr, &self.tx.buf[HDR_LEN..len], self.acked) {
             return malformed(self, "TX frame dropped", &e);
         }
         Some(len)
