@@ -54,6 +54,23 @@ pub fn virtiofsd() -> Option<PathBuf> {
     podbox_vmm::virtiofsd::find_virtiofsd()
 }
 
+/// A private containerd whose CRI handler and ctr runtime `podbox` use the
+/// shim from [`bin_dir`] with a config in a new temp dir (returned: it must
+/// outlive the containerd). What the demo and the pod benchmarks run on.
+pub fn containerd_with_podbox() -> Result<(tempfile::TempDir, crate::containerd::Containerd), String>
+{
+    let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
+    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let config = write_shim_config(dir.path(), &virtiofsd);
+    let containerd =
+        crate::containerd::Containerd::start_with(crate::containerd::ContainerdOptions {
+            shim_dirs: vec![bin_dir()],
+            podbox_config: Some(config),
+        })
+        .map_err(|e| format!("starting containerd: {e}"))?;
+    Ok((dir, containerd))
+}
+
 /// Writes a shim config for the test guest kernel and image into `dir`.
 pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
     write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs(), "")

@@ -10,10 +10,10 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::containerd::CRI_NAMESPACE;
-use crate::containerd::{Containerd, ContainerdOptions, PODBOX_HANDLER, RUNC_HANDLER};
+use crate::containerd::{Containerd, PODBOX_HANDLER, RUNC_HANDLER};
 use crate::cri::container_config;
 use crate::oci_image::BUSYBOX_IMAGE;
-use crate::podbox::{bin_dir, virtiofsd, vmm_pid, write_shim_config};
+use crate::podbox::{containerd_with_podbox, vmm_pid};
 
 const SINK_PORT: u16 = 5001;
 const ECHO_PORT: u16 = 5002;
@@ -49,13 +49,7 @@ fn servers(mib: usize) -> String {
 
 impl NetBench {
     pub fn run(runs: usize, mib: usize, round_trips: usize) -> Result<NetBench, String> {
-        let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let containerd = Containerd::start_with(ContainerdOptions {
-            shim_dirs: vec![bin_dir()],
-            podbox_config: Some(write_shim_config(dir.path(), &virtiofsd)),
-        })
-        .map_err(|e| format!("starting containerd: {e}"))?;
+        let (_dir, containerd) = containerd_with_podbox()?;
         let mut bench = NetBench {
             mib,
             round_trips,

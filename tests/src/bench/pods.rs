@@ -5,12 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::containerd::{
-    Containerd, ContainerdOptions, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
-};
+use crate::containerd::{Containerd, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME};
 use crate::cri::container_config;
 use crate::oci_image::BUSYBOX_IMAGE;
-use crate::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
+use crate::podbox::{containerd_with_podbox, processes_mentioning};
 
 /// Guest size the shim config gives each pod (podbox::write_shim_config).
 const GUEST: &str = "2 vCPUs, 256 MiB";
@@ -31,13 +29,7 @@ pub struct PodsBench {
 
 impl PodsBench {
     pub fn run(runs: usize) -> Result<PodsBench, String> {
-        let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
-        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let containerd = Containerd::start_with(ContainerdOptions {
-            shim_dirs: vec![bin_dir()],
-            podbox_config: Some(write_shim_config(dir.path(), &virtiofsd)),
-        })
-        .map_err(|e| format!("starting containerd: {e}"))?;
+        let (_dir, containerd) = containerd_with_podbox()?;
         let mut bench = PodsBench::default();
         for run in 0..runs {
             for (i, handler) in [RUNC_HANDLER, PODBOX_HANDLER].into_iter().enumerate() {

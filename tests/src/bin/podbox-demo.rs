@@ -12,10 +12,10 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use podbox_tests::containerd::{Containerd, ContainerdOptions, PODBOX_HANDLER, RUNC_HANDLER};
+use podbox_tests::containerd::{Containerd, PODBOX_HANDLER, RUNC_HANDLER};
 use podbox_tests::cri::{container_config, CriClient};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
-use podbox_tests::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
+use podbox_tests::podbox::{containerd_with_podbox, processes_mentioning};
 
 const REPORT: &str = "echo \"kernel:     $(uname -r)\"; echo \"CPUs:       $(nproc)\"; \
                       echo \"MemTotal:   $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)\"; \
@@ -39,17 +39,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
-    let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let config = write_shim_config(dir.path(), &virtiofsd);
     eprintln!(
         "==> starting a private containerd (CRI, runtimes runc and podbox) and importing busybox"
     );
-    let containerd = Containerd::start_with(ContainerdOptions {
-        shim_dirs: vec![bin_dir()],
-        podbox_config: Some(config),
-    })
-    .map_err(|e| format!("starting containerd: {e}"))?;
+    let (_dir, containerd) = containerd_with_podbox()?;
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
     println!(
         "host:\n  kernel:     {}",
