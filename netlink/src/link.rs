@@ -1,6 +1,6 @@
 //! Network interfaces: find them, read what matters to podbox, set them up.
 
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -76,7 +76,7 @@ pub fn link_by_name(nl: &mut Netlink, name: &str) -> Result<Option<Link>, Error>
     match nl.request(
         &format!("find interface {name}"),
         RouteNetlinkMessage::GetLink(request),
-        NLM_F_REQUEST,
+        0,
     ) {
         Ok(replies) => Ok(replies.iter().find_map(|r| match r {
             RouteNetlinkMessage::NewLink(m) => Some(Link::from_message(m)),
