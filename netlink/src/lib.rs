@@ -14,6 +14,8 @@ pub mod link;
 pub mod route;
 mod socket;
 pub mod tc;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use netlink_packet_route as packet;
 pub use socket::{Error, Netlink};

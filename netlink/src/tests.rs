@@ -5,24 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::link::{link_by_name, links, set_link, LinkChange};
 use crate::route::{add_route, routes, Route};
+use crate::testing::in_new_netns;
 use crate::{addr, Netlink};
-
-/// Runs `f` on a thread in a new, empty network namespace.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare(2) only affects this new thread.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
 
 #[test]
 fn loopback_is_configured_and_read_back() {

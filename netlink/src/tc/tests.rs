@@ -8,23 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::link::{link_by_name, set_link, LinkChange};
-
-/// Runs `f` on a thread in a new, empty network namespace.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare(2) only affects this new thread.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
+use crate::testing::in_new_netns;
 
 /// A veth pair `va`/`vb`, both up; `ip` runs in this thread's netns.
 fn veth_pair(nl: &mut Netlink) -> (u32, u32) {

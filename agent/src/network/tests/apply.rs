@@ -7,14 +7,15 @@ use std::path::Path;
 
 use podbox_netlink::link::{self, LinkChange};
 use podbox_netlink::route::{self, Route as NetlinkRoute};
+use podbox_netlink::testing::in_new_netns;
 use podbox_netlink::{addr, Netlink};
 use podbox_protocol::agent::{
     IPAddress, Interface, Route, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use protobuf::MessageField;
 
-use super::*;
 use crate::container::Error;
+use crate::network::*;
 
 const GUEST_MAC: &str = "02:00:00:00:00:01";
 
@@ -24,23 +25,6 @@ fn root() -> bool {
     }
     eprintln!("SKIPPING: network tests need root (a network namespace of their own)");
     false
-}
-
-/// Runs `f` on a thread in a new, empty network namespace.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare(2) only affects this new thread.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
 }
 
 /// The guest's NIC: veth `vguest` with GUEST_MAC, up, its peer `vpeer` up
