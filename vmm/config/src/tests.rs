@@ -190,6 +190,39 @@ fn out_of_range_values_are_refused_naming_the_flag() {
     };
     let nics = vec![nic; MAX_NICS + 1];
     assert!(refused(VmConfig { nics, ..config() }).starts_with("--net: at most 8"));
+    let nic = |backend, last| NetConfig {
+        backend,
+        mac: mac(last),
+    };
+    let (fd3, tap0) = (NetBackend::Fd(3), NetBackend::Tap("tap0".into()));
+    let ok = vec![
+        nic(fd3.clone(), 1),
+        nic(NetBackend::Fd(4), 2),
+        nic(tap0.clone(), 3),
+    ];
+    assert_eq!(
+        VmConfig {
+            nics: ok,
+            ..config()
+        }
+        .validate(),
+        Ok(())
+    );
+    for (nics, expect) in [
+        (vec![nic(fd3.clone(), 1), nic(fd3.clone(), 2)], "--net: fd=3 twice"),
+        (
+            vec![nic(tap0.clone(), 1), nic(NetBackend::Fd(4), 2), nic(tap0, 3)],
+            "--net: tap=tap0 twice",
+        ),
+        (
+            vec![nic(fd3, 1), nic(NetBackend::Fd(4), 1)],
+            "--net: mac=02:00:00:00:00:01 twice (fd=3,mac=02:00:00:00:00:01 and fd=4,mac=02:00:00:00:00:01)",
+        ),
+    ] {
+        let err = refused(VmConfig { nics, ..config() });
+        assert!(err.starts_with(expect), "{err}");
+        assert!(err.ends_with("each NIC needs its own tap (tap=NAME or fd=N) and MAC"), "{err}");
+    }
     let tap = |name: &str| NetConfig {
         backend: NetBackend::Tap(name.into()),
         mac: mac(1),

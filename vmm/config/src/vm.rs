@@ -2,7 +2,15 @@
 
 use std::path::PathBuf;
 
-use crate::net::NetConfig;
+use crate::net::{NetBackend, NetConfig};
+
+/// A NIC's `tap=NAME` or `fd=N`, as `--net` spells it.
+fn backend_arg(nic: &NetConfig) -> String {
+    match &nic.backend {
+        NetBackend::Tap(name) => format!("tap={name}"),
+        NetBackend::Fd(fd) => format!("fd={fd}"),
+    }
+}
 
 /// The most vCPUs podbox-vmm boots: what its MP table describes.
 pub const MAX_VCPUS: u8 = 32;
@@ -195,6 +203,8 @@ pub enum ConfigError {
     TooManyNics(usize),
     #[error("--net: {0}")]
     Net(String),
+    #[error("--net: {0}: each NIC needs its own tap (tap=NAME or fd=N) and MAC")]
+    NetDuplicate(String),
     #[error("--serial: a file cannot be named \"-\" (that is stdout)")]
     SerialFileDash,
 }
@@ -248,8 +258,25 @@ impl VmConfig {
         if self.nics.len() > MAX_NICS {
             return Err(ConfigError::TooManyNics(self.nics.len()));
         }
-        for nic in &self.nics {
+        for (i, nic) in self.nics.iter().enumerate() {
             nic.validate().map_err(ConfigError::Net)?;
+            // Two NICs on one descriptor would both own (and close) it; on
+            // one tap they would split its frames; one MAC twice confuses
+            // every switch and neighbour table.
+            for other in &self.nics[..i] {
+                if other.backend == nic.backend {
+                    return Err(ConfigError::NetDuplicate(format!(
+                        "{} twice",
+                        backend_arg(nic)
+                    )));
+                }
+                if other.mac == nic.mac {
+                    return Err(ConfigError::NetDuplicate(format!(
+                        "mac={} twice ({other} and {nic})",
+                        nic.mac
+                    )));
+                }
+            }
         }
         Ok(())
     }
