@@ -117,6 +117,14 @@ fn virtio_devices(
 ) -> Result<(Vec<Box<dyn VirtioDevice>>, Backends), BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let mut backends = Backends::default();
+    // Taps first, before anything is started: an inherited `fd=N` comes
+    // without close-on-exec (the caller cleared it to pass it on), and
+    // taking it over sets it, so virtiofsd does not inherit the tap.
+    let nics = config
+        .nics
+        .iter()
+        .map(net_device)
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(v) = &config.vsock {
         let muxer = vsock::Muxer::new(v.cid, &v.socket)?;
         backends._sockets.push(SocketGuard(v.socket.clone()));
@@ -135,8 +143,7 @@ fn virtio_devices(
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
     }
     // NICs come last, so the other devices keep their slots and IRQs.
-    for nic in &config.nics {
-        let device = net_device(nic)?;
+    for (nic, device) in config.nics.iter().zip(nics) {
         backends.nics.push((nic.to_string(), device.counters()));
         devices.push(Box::new(device));
     }
@@ -522,5 +529,84 @@ mod tests {
             kernel_cmdline(&"x".repeat(4096), &hw),
             Err(BuildError::Cmdline(_))
         ));
+    }
+
+    /// The shim hands podbox-vmm a tap with close-on-exec cleared; the
+    /// builder must take it over (setting it) before it starts virtiofsd,
+    /// or virtiofsd holds the tap for as long as it runs. A fake virtiofsd
+    /// reports which tun descriptors it inherited (fdinfo names the tap).
+    #[test]
+    fn inherited_taps_are_taken_over_before_virtiofsd_starts() {
+        use crate::config::{CachePolicy, FsConfig, MacAddr, SandboxMode, VirtiofsdSpec};
+        use std::os::fd::IntoRawFd;
+        if !Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping: no /dev/net/tun");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("fake-virtiofsd");
+        let seen = dir.path().join("fdinfo");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ncat /proc/self/fdinfo/* > {} 2>/dev/null\nexit 3\n",
+                seen.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let dir_path = dir.path().to_owned();
+        let inherited = move || {
+            std::fs::read_to_string(&seen)
+                .unwrap_or_default()
+                .contains("iff:\tpbxorder0")
+        };
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects only this thread, which ends here.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!(
+                    "skipping: unshare(CLONE_NEWNET): {}",
+                    std::io::Error::last_os_error()
+                );
+                return;
+            }
+            let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+            let (file, _) = net::tap::attach("pbxorder0", flags).expect("a tap");
+            let fd = file.into_raw_fd();
+            // SAFETY: F_SETFD on our own descriptor.
+            assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+            // The check works: run directly, the fake sees the tap.
+            let status = std::process::Command::new(&script).status().unwrap();
+            assert_eq!(status.code(), Some(3));
+            assert!(
+                inherited(),
+                "a descriptor without close-on-exec is inherited"
+            );
+
+            let mut config = VmConfig::new("/k");
+            let mut spec = VirtiofsdSpec::new(&dir_path);
+            spec.binary = Some(script.clone());
+            spec.socket = Some(dir_path.join("fs.sock"));
+            spec.cache = CachePolicy::Never;
+            spec.sandbox = SandboxMode::None;
+            config.fs = Some(FsConfig {
+                tag: "t".into(),
+                backend: FsBackend::Spawn(spec),
+            });
+            config.nics = vec![NetConfig {
+                backend: NetBackend::Fd(fd),
+                mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            }];
+            // The fake exits at once, so the build fails there, after the
+            // NIC was opened (and then closed with the error).
+            let err = virtio_devices(&config, &Arc::new(ExitLatch::new()))
+                .err()
+                .expect("the fake virtiofsd fails");
+            assert!(matches!(err, BuildError::Virtiofsd(_)), "{err}");
+            assert!(!inherited(), "virtiofsd inherited the tap");
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -98,7 +98,7 @@ unsafe fn ioctl_ptr<T>(fd: RawFd, req: libc::Ioctl, arg: *mut T) -> io::Result<(
 /// the tap `name` with `flags` (TUNSETIFF); returns it with the name the
 /// kernel reports. Tests use it for descriptors to pass to
 /// [`Tap::from_fd`], flags of their choosing included.
-pub(super) fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TapError> {
+pub(crate) fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TapError> {
     // SAFETY: a plain open of a constant path; the result is checked.
     let fd = unsafe {
         libc::open(

@@ -1,3 +1,11 @@
+//! A real tap, in a network namespace of its own (root only).
+
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+
+use super::super::tap::{attach, Tap, TapError};
+use super::TAP_OFFLOAD_CANDIDATES;
+
 /// Runs `f` on a thread of its own in a new, empty network namespace, or
 /// returns None where this process may not make one (not root).
 fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
@@ -16,31 +24,37 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Op
     .unwrap()
 }
 
-/// Opens /dev/net/tun as `TUNSETIFF` with `flags` would, for a descriptor
-/// to pass to `Tap::from_fd`.
-fn raw_tun(name: &str, flags: libc::c_int) -> RawFd {
-    // SAFETY: open of a constant path; result checked.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    assert!(fd >= 0, "/dev/net/tun: {}", io::Error::last_os_error());
-    // SAFETY: ifreq is plain data.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
+/// A tap descriptor as the shim passes one on: opened by the production
+/// path (`tap::attach`) with `flags`, then with close-on-exec and
+/// O_NONBLOCK cleared, as a descriptor inherited across exec has them.
+fn inherited_tun(name: &str, flags: libc::c_int) -> RawFd {
+    let (file, _) = attach(name, flags).expect("TUNSETIFF");
+    let fd = file.into_raw_fd();
+    // SAFETY: fcntl on our own descriptor.
+    unsafe {
+        assert_eq!(libc::fcntl(fd, libc::F_SETFD, 0), 0);
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        assert_eq!(libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK), 0);
     }
-    req.ifr_ifru.ifru_flags = flags as i16;
-    // SAFETY: TUNSETIFF takes a struct ifreq.
-    assert_eq!(
-        unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut req) },
-        0,
-        "{}",
-        io::Error::last_os_error()
-    );
+    assert_eq!(fd_flags(fd), (false, false));
     fd
+}
+
+/// (close-on-exec, O_NONBLOCK) of `fd`.
+fn fd_flags(fd: RawFd) -> (bool, bool) {
+    // SAFETY: F_GETFD / F_GETFL take no argument.
+    let (fd_flags, fl) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFD),
+            libc::fcntl(fd, libc::F_GETFL),
+        )
+    };
+    assert!(fd_flags >= 0 && fl >= 0);
+    (fd_flags & libc::FD_CLOEXEC != 0, fl & libc::O_NONBLOCK != 0)
 }
 
 #[test]
 fn net_real_tap_open_by_name_and_inherited_fd_checks() {
-    use super::tap::{Tap, TapError};
     if !std::path::Path::new("/dev/net/tun").exists() {
         eprintln!("skipping: no /dev/net/tun");
         return;
@@ -57,13 +71,18 @@ fn net_real_tap_open_by_name_and_inherited_fd_checks() {
         );
         drop(tap);
 
-        let ok = raw_tun(
+        let ok = inherited_tun(
             "pbxtest1",
             libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR,
         );
         // SAFETY: `ok` is ours and handed over.
         let tap = unsafe { Tap::from_fd(ok) }.expect("a good inherited tap");
         assert_eq!(tap.name(), "pbxtest1");
+        assert_eq!(
+            fd_flags(tap.as_raw_fd()),
+            (true, true),
+            "taken over: close-on-exec and non-blocking"
+        );
 
         // (A tap opened without IFF_NO_PI is not tried: this host's kernel
         // reports IFF_NO_PI for a TAP | VNET_HDR tap anyway.)
@@ -74,7 +93,7 @@ fn net_real_tap_open_by_name_and_inherited_fd_checks() {
                 "IFF_TAP",
             ),
         ] {
-            let fd = raw_tun("pbxtest2", flags);
+            let fd = inherited_tun("pbxtest2", flags);
             // SAFETY: refused descriptors are not taken over; closed below.
             let err = unsafe { Tap::from_fd(fd) }.unwrap_err();
             assert!(
@@ -93,4 +112,3 @@ fn net_real_tap_open_by_name_and_inherited_fd_checks() {
         return;
     };
 }
-
