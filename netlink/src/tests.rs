@@ -84,3 +84,64 @@ fn kernel_errors_name_the_request() {
         assert!(err.to_string().contains("interface 4242"), "{err}");
     });
 }
+
+/// Runs `ip ARGS` in this thread's netns (a fixture).
+fn ip(args: &str) {
+    let status = std::process::Command::new("nsenter")
+        .arg("--net=/proc/thread-self/ns/net")
+        .arg("ip")
+        .args(args.split_whitespace())
+        .status()
+        .expect("running nsenter ip");
+    assert!(status.success(), "ip {args}");
+}
+
+#[test]
+fn listed_routes_say_what_a_copy_of_them_would_lose() {
+    in_new_netns(|| {
+        let mut nl = Netlink::open().expect("netlink socket");
+        crate::link::add_veth(&mut nl, "va", "vb").expect("veth pair");
+        ip("link set va up");
+        ip("link set vb up");
+        ip("addr add 10.77.0.2/24 dev va");
+        ip("addr add 10.77.0.3/24 dev va");
+        ip("addr add 10.78.0.2/24 dev vb");
+        ip("route add 10.1.0.0/16 via 10.77.0.1 metric 50 src 10.77.0.3");
+        ip("route add 10.2.0.0/16 nexthop via 10.77.0.1 dev va nexthop via 10.78.0.1 dev vb");
+        ip("route add 10.3.0.0/16 via 10.77.0.1 mtu 1300");
+        ip("route add 10.4.0.0/16 via 10.77.0.1 table 100");
+        ip("route add blackhole 10.5.0.0/16");
+        ip("route add default via 10.77.0.1");
+        let va = link_by_name(&mut nl, "va").unwrap().unwrap().index;
+        let listed = crate::route::list_routes(&mut nl).expect("list");
+        let find = |prefix: &str| {
+            listed
+                .iter()
+                .find(|r| r.to_string().starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} in {listed:#?}"))
+        };
+        let metric = find("10.1.0.0/16");
+        assert_eq!(metric.lost, ["metric 50", "src 10.77.0.3"], "{metric}");
+        let multipath = find("10.2.0.0/16");
+        assert_eq!(multipath.route.device, None);
+        assert_eq!(multipath.nexthops.len(), 2, "{multipath}");
+        assert!(multipath.lost.is_empty() && multipath.main_unicast);
+        assert_eq!(find("10.3.0.0/16").lost, ["mtu 1300"]);
+        let table = find("10.4.0.0/16");
+        assert!(!table.main_unicast && table.lost == ["table 100"], "{table}");
+        let blackhole = find("10.5.0.0/16");
+        assert!(!blackhole.main_unicast && blackhole.lost == ["type blackhole"]);
+        // The kernel's route for the addresses: its source is not a loss.
+        let kernel = find("10.77.0.0/24");
+        assert!(kernel.kernel && kernel.lost.is_empty(), "{kernel}");
+        assert!(find("default via 10.77.0.1").lost.is_empty());
+        assert!(
+            listed.iter().all(|r| !r.to_string().starts_with("10.77.0.2/32")),
+            "no local-table routes: {listed:#?}"
+        );
+        let copied = routes(&mut nl).expect("routes");
+        assert!(copied.iter().all(|r| r.destination
+            != Some((IpAddr::V4(Ipv4Addr::new(10, 4, 0, 0)), 16))));
+        assert!(copied.iter().any(|r| r.device == Some(va) && r.gateway.is_none()));
+    });
+}
