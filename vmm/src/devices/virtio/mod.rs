@@ -177,7 +177,10 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// (`InvalidAvailRingIndex`), or the queue not ready. Such a ring stays
 /// broken until the driver rewrites the index, so callers must not wait in
 /// a loop for it to yield something.
-pub fn pop_chain<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
+pub fn pop_chain<M>(
+    queue: &mut Queue,
+    mem: M,
+) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
 where
     M: Clone + std::ops::Deref,
     M::Target: GuestMemory,

@@ -203,12 +203,14 @@ impl<B: Backend> VirtioDevice for Net<B> {
                 .try_clone()
                 .map_err(|e| fail(format!("duplicating the {queue} queue eventfd: {e}")))
         };
-        let kicks = [kick(&rx.notify, "RX")?, kick(&tx.notify, "TX")?];
+        let queues = [
+            (rx.queue, kick(&rx.notify, "RX")?),
+            (tx.queue, kick(&tx.notify, "TX")?),
+        ];
         let mut worker = Worker::new(
             self.label.clone(),
             Arc::new(ctx.memory),
-            [rx.queue, tx.queue],
-            kicks,
+            queues,
             backend,
             self.acked,
             ctx.interrupt,
@@ -269,18 +271,19 @@ impl<B: Backend> Worker<B> {
     pub fn new(
         label: String,
         mem: Mem,
-        queues: [Queue; 2],
-        kick: [EventFd; 2],
+        // RX and TX, each with a duplicate of its notify eventfd.
+        queues: [(Queue, EventFd); 2],
         backend: B,
         acked: u64,
         interrupt: Arc<Interrupt>,
         counters: Arc<NetCounters>,
     ) -> Self {
+        let [(rx_queue, rx_kick), (tx_queue, tx_kick)] = queues;
         Self {
             label,
             mem,
-            queues,
-            kick,
+            queues: [rx_queue, tx_queue],
+            kick: [rx_kick, tx_kick],
             backend,
             acked,
             interrupt,
@@ -316,7 +319,12 @@ impl<B: Backend> Worker<B> {
     pub fn ring_broken(&self, queue: usize, e: &virtio_queue::Error) {
         let name = if queue == RX { "RX" } else { "TX" };
         let c = &self.counters;
-        c.note(&self.label, &c.ring_errors, name, &format!("avail ring unusable: {e}"));
+        c.note(
+            &self.label,
+            &c.ring_errors,
+            name,
+            &format!("avail ring unusable: {e}"),
+        );
     }
 
     /// Returns a chain to the guest; a head the queue refuses (out of

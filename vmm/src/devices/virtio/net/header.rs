@@ -120,13 +120,17 @@ pub enum HeaderError {
     CsumOutside { start: u16, offset: u16, len: usize },
     #[error("GSO type {0:#x} not negotiated")]
     GsoType(u8),
-    #[error("TSO frame without a partial TCP checksum (NEEDS_CSUM, csum_offset {TCP_CSUM_OFFSET})")]
+    #[error(
+        "TSO frame without a partial TCP checksum (NEEDS_CSUM, csum_offset {TCP_CSUM_OFFSET})"
+    )]
     GsoNoTcpCsum,
     #[error("TSO frame with gso_size {0}, below {MIN_GSO_SIZE}")]
     GsoSize(u16),
     #[error("TSO frame with hdr_len {hdr_len} beyond its {len} bytes")]
     GsoHdrLen { hdr_len: u16, len: usize },
-    #[error("TSO frame's TCP header at {start} does not fit a {len}-byte frame after its IP header")]
+    #[error(
+        "TSO frame's TCP header at {start} does not fit a {len}-byte frame after its IP header"
+    )]
     GsoTcpOutside { start: u16, len: usize },
     #[error("GSO type {gso_type:#x} on a frame of ethertype {ethertype:#06x}")]
     GsoProtocol { gso_type: u8, ethertype: u16 },
@@ -191,7 +195,10 @@ pub fn check_tx_header(hdr: &[u8; HDR_LEN], frame: &[u8], acked: u64) -> Result<
         return Err(HeaderError::GsoSize(gso_size));
     }
     if usize::from(hdr_len) > frame_len {
-        return Err(HeaderError::GsoHdrLen { hdr_len, len: frame_len });
+        return Err(HeaderError::GsoHdrLen {
+            hdr_len,
+            len: frame_len,
+        });
     }
     let (found, l3) = network_header(frame).unwrap_or((0, ETH_HLEN));
     if found != ethertype {

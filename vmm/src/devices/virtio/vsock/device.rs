@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::{TxPacket, HDR_SIZE, MAX_PKT_PAYLOAD};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -99,6 +99,7 @@ impl VirtioDevice for Vsock {
             queues,
             events,
             interrupt: ctx.interrupt,
+            ring_errors: 0,
         };
         std::thread::Builder::new()
             .name("virtio-vsock".into())
@@ -115,6 +116,30 @@ struct Worker {
     queues: Vec<Queue>,
     events: Vec<EventFd>,
     interrupt: Arc<Interrupt>,
+    /// Times a queue could not be read (the guest's avail idx more than a
+    /// ring ahead): logged at the 1st, 2nd, 4th... so that a guest that
+    /// keeps its ring broken cannot flood the log.
+    ring_errors: u64,
+}
+
+/// Takes the next chain of `queue`; a ring the guest broke yields None
+/// (until it rewrites its avail idx) and is counted in `errors`.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    errors: &mut u64,
+    name: &str,
+) -> Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>> {
+    match pop_chain(queue, mem) {
+        Ok(chain) => chain,
+        Err(e) => {
+            *errors += 1;
+            if errors.is_power_of_two() {
+                tracing::warn!("virtio-vsock: {name} avail ring unusable: {e} ({errors} so far)");
+            }
+            None
+        }
+    }
 }
 
 impl Worker {
@@ -154,7 +179,7 @@ impl Worker {
         let mut used = false;
         let mem = &self.memory;
         let queue = &mut self.queues[TX];
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(queue, mem, &mut self.ring_errors, "TX") {
             let head = chain.head_index();
             match TxPacket::from_chain(mem, chain) {
                 Ok(pkt) => self.muxer.on_guest_packet(pkt),
@@ -176,7 +201,7 @@ impl Worker {
         let queue = &mut self.queues[RX];
         let mut scratch = vec![0u8; MAX_PKT_PAYLOAD];
         while self.muxer.has_rx() {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = next_chain(queue, mem, &mut self.ring_errors, "RX") else {
                 break;
             };
             let head = chain.head_index();
@@ -293,6 +318,7 @@ mod tests {
             ],
             events: vec![],
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            ring_errors: 0,
         };
         assert!(worker.process_tx());
         assert_eq!(
@@ -310,5 +336,59 @@ mod tests {
             (answer.op, answer.dst_port, answer.src_port),
             (OP_RST, 9, 77)
         );
+    }
+
+    /// Avail idx 100 on 16-entry rings: nothing can be taken, the device
+    /// returns at once from both queues and counts it, and serves the ring
+    /// again once the guest writes a sane index.
+    #[test]
+    fn vsock_avail_idx_far_ahead_returns_and_is_counted() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+        let ev = MockSplitQueue::create(&mem, GuestAddress(0x3_0000), 16);
+        let req = Header {
+            src_cid: 3,
+            dst_cid: 2,
+            src_port: 9,
+            dst_port: 77,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Default::default()
+        };
+        mem.write_slice(&req.to_bytes(), GuestAddress(0xa_0000))
+            .unwrap();
+        let d = RawDescriptor::from(SplitDescriptor::new(0xa_0000, 44, 0, 0));
+        tx.desc_table().store(0, d).unwrap();
+        tx.avail().ring().ref_at(0).unwrap().store(0);
+        tx.avail().idx().store(100);
+        let d = RawDescriptor::from(SplitDescriptor::new(0xb_0000, 4096, F_WRITE, 0));
+        rx.desc_table().store(0, d).unwrap();
+        rx.avail().ring().ref_at(0).unwrap().store(0);
+        rx.avail().idx().store(100);
+        let dir = tempfile::tempdir().unwrap();
+        let muxer = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
+        let mut worker = Worker {
+            muxer,
+            memory: mem.clone(),
+            queues: vec![
+                rx.create_queue().unwrap(),
+                tx.create_queue().unwrap(),
+                ev.create_queue().unwrap(),
+            ],
+            events: vec![],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            ring_errors: 0,
+        };
+        assert!(!worker.process_tx());
+        assert!(!worker.process_rx());
+        assert_eq!(worker.ring_errors, 1, "TX (RX had nothing to send)");
+        tx.avail().idx().store(1);
+        assert!(worker.process_tx(), "the mended ring is served");
+        assert!(!worker.process_rx(), "RX still broken");
+        assert_eq!(worker.ring_errors, 2);
+        rx.avail().idx().store(1);
+        assert!(worker.process_rx());
+        assert_eq!(rx.used().idx().load(), 1, "the RST went out");
     }
 }

@@ -169,7 +169,11 @@ fn net_tx_header_flags_and_checksums() {
         "DATA_VALID is the device's to set"
     );
     assert_eq!(
-        check_tx_header(&csum(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID, 34, 16), &f(60), all),
+        check_tx_header(
+            &csum(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID, 34, 16),
+            &f(60),
+            all
+        ),
         Err(HeaderError::Flags(3))
     );
     assert_eq!(
@@ -177,7 +181,7 @@ fn net_tx_header_flags_and_checksums() {
         Err(HeaderError::Flags(4))
     );
     assert_eq!(
-        check_tx_header(&[0; HDR_LEN], &f(13), all),
+        check_tx_header(&[0; HDR_LEN], &[0; 13], all),
         Err(HeaderError::Undersize(13))
     );
     assert_eq!(check_tx_header(&[0; HDR_LEN], &f(14), all), Ok(()));
@@ -202,7 +206,10 @@ fn net_tx_refused_headers_are_counted_as_malformed() {
         with(tso(GSO_TCPV4, 1448, TCP4), eth(3000, V4, false)), // good
         with(tso(GSO_TCPV4, 1, TCP4), eth(3000, V4, false)),    // gso_size 1
         with(tso(GSO_TCPV6, 1448, TCP6), eth(3000, V4, false)), // v6 GSO on v4
-        with([HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], eth(60, V4, false)),
+        with(
+            [HDR_F_DATA_VALID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            eth(60, V4, false),
+        ),
     ];
     let mut chains = Vec::new();
     for (i, f) in frames.iter().enumerate() {
@@ -239,7 +246,8 @@ fn net_offloads_follow_the_negotiated_features() {
 
     let (tap, state) = fake_tap();
     let mac = MacAddr([0x02, 0, 0, 0, 0, 0x42]);
-    let mut dev = super::super::Net::new("virtio-net(test)".into(), tap, mac, guest_features_for(all));
+    let mut dev =
+        super::super::Net::new("virtio-net(test)".into(), tap, mac, guest_features_for(all));
     let offered = dev.features();
     assert_eq!(offered & BASE_FEATURES, BASE_FEATURES);
     assert_eq!(offered & F_GUEST_TSO6, F_GUEST_TSO6);
@@ -257,4 +265,3 @@ fn net_offloads_follow_the_negotiated_features() {
         "MAC, then status LINK_UP"
     );
 }
-

@@ -125,8 +125,7 @@ fn worker(
     let w = Worker::new(
         "virtio-net(test)".into(),
         mem.clone(),
-        [queue(rx), queue(tx)],
-        [kick(), kick()],
+        [(queue(rx), kick()), (queue(tx), kick())],
         tap,
         acked,
         Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
@@ -241,4 +240,3 @@ fn returns<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 }
 
 const TX_OFFLOADS: u64 = VIRTIO_F_VERSION_1 | F_CSUM | F_HOST_TSO4 | F_HOST_TSO6;
-

@@ -218,7 +218,6 @@ fn net_rx_frame_larger_than_the_whole_ring_is_dropped_not_stalled() {
     assert_eq!(count(&w.counters.rx_dropped), 1);
 }
 
-
 /// An RX ring whose avail idx is more than a ring ahead: the frame waits,
 /// the ring error is counted, and process_rx returns until the guest
 /// notifies again.
@@ -324,6 +323,22 @@ fn net_rx_header_says_only_what_the_guest_negotiated() {
         fix_rx_header(&mut h6, acked),
         Err(HeaderError::GsoType(GSO_TCPV6))
     );
-    let mut ecn = [HDR_F_NEEDS_CSUM, GSO_TCPV4 | 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    assert!(fix_rx_header(&mut ecn, acked).is_err(), "ECN is never offered");
+    let mut ecn = [
+        HDR_F_NEEDS_CSUM,
+        GSO_TCPV4 | 0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ];
+    assert!(
+        fix_rx_header(&mut ecn, acked).is_err(),
+        "ECN is never offered"
+    );
 }

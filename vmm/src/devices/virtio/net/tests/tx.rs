@@ -120,7 +120,6 @@ fn net_tx_waits_for_a_full_tap_without_losing_frames() {
     assert_eq!(w.tx.pending, 0);
 }
 
-
 /// The reviewer's case: an avail idx of 100 on a 16-entry ring. virtio-queue
 /// refuses to iterate it, so nothing can be taken, yet the ring claims more:
 /// the device counts it and returns with notifications on, and serves the
