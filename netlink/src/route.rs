@@ -58,33 +58,40 @@ pub struct ListedRoute {
     pub lost: Vec<String>,
 }
 
-impl fmt::Display for ListedRoute {
-    /// Roughly `ip route`'s form, interfaces by index: "10.1.0.0/16 via
-    /// 10.0.0.1 dev 3 metric 100".
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl ListedRoute {
+    /// Roughly `ip route`'s form, with `name` naming the interfaces:
+    /// "10.1.0.0/16 via 10.0.0.1 dev eth0 metric 100".
+    pub fn describe(&self, name: impl Fn(u32) -> String) -> String {
         let r = &self.route;
-        match r.destination {
-            Some((ip, prefix)) => write!(f, "{ip}/{prefix}")?,
-            None if r.ipv6 => f.write_str("default (IPv6)")?,
-            None => f.write_str("default")?,
-        }
+        let mut out = match r.destination {
+            Some((ip, prefix)) => format!("{ip}/{prefix}"),
+            None if r.ipv6 => "default (IPv6)".to_string(),
+            None => "default".to_string(),
+        };
         if let Some(g) = r.gateway {
-            write!(f, " via {g}")?;
+            out += &format!(" via {g}");
         }
         if let Some(d) = r.device {
-            write!(f, " dev {d}")?;
+            out += &format!(" dev {}", name(d));
         }
         for (gateway, device) in &self.nexthops {
-            f.write_str(" nexthop")?;
+            out += " nexthop";
             if let Some(g) = gateway {
-                write!(f, " via {g}")?;
+                out += &format!(" via {g}");
             }
-            write!(f, " dev {device}")?;
+            out += &format!(" dev {}", name(*device));
         }
         for lost in &self.lost {
-            write!(f, " {lost}")?;
+            out += &format!(" {lost}");
         }
-        Ok(())
+        out
+    }
+}
+
+impl fmt::Display for ListedRoute {
+    /// [`ListedRoute::describe`] with interfaces by index.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe(|index| index.to_string()))
     }
 }
 

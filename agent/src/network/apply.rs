@@ -239,6 +239,9 @@ impl Nic {
             };
             resolved.push((r, device));
         }
+        // The one place route order and scope are decided (the shim sends
+        // the netns' routes in the kernel's order, without scopes): any
+        // client may send any order, so the agent must be robust to it.
         // Stable: the request's order within each group.
         resolved.sort_by_key(|(r, _)| r.gateway.is_some());
         for (r, device) in &resolved {

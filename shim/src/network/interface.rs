@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use podbox_netlink::addr::Address;
 use podbox_netlink::link::Link;
-use podbox_netlink::route::Route;
+use podbox_netlink::route::{ListedRoute, Route};
 use podbox_protocol::agent::{
     IPAddress, Interface, Route as AgentRoute, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
@@ -30,31 +30,80 @@ pub struct CniInterface {
     pub mtu: u32,
     /// Not link-local (the guest's kernel makes those itself).
     pub addresses: Vec<(IpAddr, u8)>,
-    /// Routes through it, on-link ones first (a gateway must be reachable
-    /// before a route through it can be added).
+    /// Routes through it, in the kernel's order. The agent owns their order
+    /// and scope (on-link routes first, so a gateway is reachable when the
+    /// route through it is added; link scope for IPv4 routes without a
+    /// gateway): UpdateRoutes must work in any order from any client, so
+    /// the agent has to do it anyway, and doing it here as well would be two
+    /// places to keep in step.
     pub routes: Vec<Route>,
+    /// The netns' routes the guest does not get, or gets without some of
+    /// their attributes, one sentence each (the caller logs them).
+    pub route_warnings: Vec<String>,
+}
+
+/// The pod's interface among the netns' interfaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice<'a> {
+    pub link: &'a Link,
+    /// The other interfaces that could have been the pod's (Multus' net1,
+    /// ...): they do not reach the VM.
+    pub ignored: Vec<&'a str>,
 }
 
 /// The pod's interface among `links`: the one Ethernet interface other than
 /// loopback (and podbox's own tap), `eth0` if there are several. None: the
-/// pod has loopback only.
-pub fn choose(links: &[Link]) -> Result<Option<&Link>, NetworkError> {
-    let candidates: Vec<&Link> = links
+/// pod has loopback only. An interface without an Ethernet address
+/// (wireguard, tun, ipip) that is up, where there is no Ethernet one, is an
+/// error: the VM's NIC cannot stand in for it, and booting the pod without
+/// its network would fail it silently. MAC-less interfaces that are down are
+/// passed over: the kernel makes fallback tunnels (tunl0, sit0, ip6tnl0,
+/// gre0) down in every netns while their modules are loaded, and CNI brings
+/// the pod's interface up.
+pub fn choose(links: &[Link]) -> Result<Option<Choice<'_>>, NetworkError> {
+    let others: Vec<&Link> = links
         .iter()
-        .filter(|l| !l.loopback && l.name != TAP_NAME && l.mac.len() == 6)
+        .filter(|l| !l.loopback && l.name != TAP_NAME)
         .collect();
-    match candidates.as_slice() {
-        [] => Ok(None),
-        [one] => Ok(Some(one)),
+    let (ethernet, macless): (Vec<&Link>, Vec<&Link>) =
+        others.iter().partition(|l| l.mac.len() == 6);
+    let macless_up: Vec<&Link> = macless.into_iter().filter(|l| l.up).collect();
+    let chosen = match ethernet.as_slice() {
+        [] => {
+            return match macless_up.first() {
+                None => Ok(None),
+                Some(l) => Err(NetworkError::NoMac {
+                    name: l.name.clone(),
+                    kind: kind(l),
+                }),
+            }
+        }
+        [one] => *one,
         several => several
             .iter()
             .find(|l| l.name == CNI_NAME)
             .copied()
-            .map(Some)
             .ok_or_else(|| NetworkError::AmbiguousInterface {
                 names: several.iter().map(|l| l.name.clone()).collect(),
-            }),
-    }
+            })?,
+    };
+    let ignored = ethernet
+        .iter()
+        .chain(&macless_up)
+        .filter(|l| l.index != chosen.index)
+        .map(|l| l.name.as_str())
+        .collect();
+    Ok(Some(Choice {
+        link: chosen,
+        ignored,
+    }))
+}
+
+/// "wireguard", or what podbox knows of an interface without a kind.
+fn kind(link: &Link) -> String {
+    link.kind
+        .clone()
+        .unwrap_or_else(|| "no rtnetlink kind".into())
 }
 
 fn is_link_local_v6(ip: &IpAddr) -> bool {
@@ -62,35 +111,89 @@ fn is_link_local_v6(ip: &IpAddr) -> bool {
 }
 
 /// `link` with its addresses and the routes through it, from the netns'
-/// full lists.
+/// full lists (`links` names the interfaces in warnings).
 pub fn describe(
     link: &Link,
+    links: &[Link],
     addresses: &[Address],
-    routes: &[Route],
+    routes: &[ListedRoute],
 ) -> Result<CniInterface, NetworkError> {
     let mac = <[u8; 6]>::try_from(link.mac.as_slice())
         .map(MacAddr)
-        .map_err(|_| NetworkError::NoMac(link.name.clone()))?;
+        .map_err(|_| NetworkError::NoMac {
+            name: link.name.clone(),
+            kind: kind(link),
+        })?;
     let addresses = addresses
         .iter()
         .filter(|a| a.index == link.index && !a.link_local && !is_link_local_v6(&a.ip))
         .map(|a| (a.ip, a.prefix))
         .collect();
-    let mut routes: Vec<Route> = routes
-        .iter()
-        .filter(|r| r.device == Some(link.index))
-        .filter(|r| !r.destination.is_some_and(|(ip, _)| is_link_local_v6(&ip)))
-        .cloned()
-        .collect();
-    // Stable: on-link routes first, each group in the kernel's order.
-    routes.sort_by_key(|r| r.gateway.is_some());
+    let name = |index: u32| {
+        links
+            .iter()
+            .find(|l| l.index == index)
+            .map(|l| l.name.clone())
+            .unwrap_or_else(|| format!("interface {index}"))
+    };
+    let mut copied = Vec::new();
+    let mut route_warnings = Vec::new();
+    for r in routes {
+        // The guest's kernel makes fe80::/64 on its NIC itself.
+        if r.route
+            .destination
+            .is_some_and(|(ip, _)| is_link_local_v6(&ip))
+        {
+            continue;
+        }
+        let shown = r.describe(name);
+        if r.route.device != Some(link.index) && !r.nexthops.iter().any(|(_, d)| *d == link.index)
+        {
+            let loopback = |index| links.iter().any(|l| l.index == index && l.loopback);
+            match r.route.device {
+                // The guest has its own lo (and ::1's route); the kernel's
+                // routes for another interface's addresses go with that
+                // interface, which choose() names.
+                Some(d) if loopback(d) || r.kernel => {}
+                Some(d) => route_warnings.push(format!(
+                    "route {shown} is not copied to the guest: it goes through {}, which the VM does not get (only {}'s routes are copied)",
+                    name(d),
+                    link.name
+                )),
+                None => route_warnings.push(format!(
+                    "route {shown} is not copied to the guest (only unicast routes through {} are)",
+                    link.name
+                )),
+            }
+            continue;
+        }
+        if !r.nexthops.is_empty() {
+            route_warnings.push(format!(
+                "multipath route {shown} is not copied to the guest (podbox copies single-path routes through {})",
+                link.name
+            ));
+        } else if !r.main_unicast {
+            route_warnings.push(format!(
+                "route {shown} is not copied to the guest (podbox copies the main table's unicast routes)"
+            ));
+        } else {
+            if !r.lost.is_empty() {
+                route_warnings.push(format!(
+                    "route {shown} is copied to the guest without {} (podbox copies destination, gateway and device)",
+                    r.lost.join(", ")
+                ));
+            }
+            copied.push(r.route.clone());
+        }
+    }
     Ok(CniInterface {
         index: link.index,
         name: link.name.clone(),
         mac,
         mtu: link.mtu,
         addresses,
-        routes,
+        routes: copied,
+        route_warnings,
     })
 }
 

@@ -56,10 +56,19 @@ pub enum NetworkError {
     EnterNetns(#[source] std::io::Error),
     #[error("in the pod's network namespace: {0}")]
     Netlink(#[from] podbox_netlink::Error),
+    /// A netlink request about one interface, which `interface` names.
+    #[error("{interface}: {source}")]
+    Interface {
+        interface: String,
+        #[source]
+        source: podbox_netlink::Error,
+    },
     #[error("the pod's network namespace has several interfaces and none is eth0: {names:?}; podbox gives the VM one NIC")]
     AmbiguousInterface { names: Vec<String> },
-    #[error("the pod's interface {0} has no Ethernet address")]
-    NoMac(String),
+    #[error("the pod's interface {name} ({kind}) has no Ethernet address: podbox passes the pod's frames to the VM's Ethernet NIC unchanged, which needs an Ethernet interface (veth, macvlan, ipvlan L2); MAC-less ones such as wireguard, tun or ipip are not supported")]
+    NoMac { name: String, kind: String },
+    #[error("{interface} already has an ingress qdisc (someone else's tc setup: an ingress or clsact qdisc); podbox needs it for the VM's redirect")]
+    IngressTaken { interface: String },
     #[error("creating the pod's tap {name} (/dev/net/tun): {source}")]
     Tap {
         name: String,
@@ -67,8 +76,12 @@ pub enum NetworkError {
     },
     #[error("the pod's tap {0} vanished while being set up")]
     TapGone(String),
-    #[error("joining the pod's interface to its tap: {0}")]
-    NoClassifier(#[from] tc::NoClassifier),
+    #[error("joining the pod's interface {interface} to its tap {TAP_NAME}: {source}")]
+    NoClassifier {
+        interface: String,
+        #[source]
+        source: tc::NoClassifier,
+    },
     #[error("a container of this pod names network namespace {path}, not the pod's ({pod}); the containers of a podbox pod share its VM's network")]
     OtherNetns { path: PathBuf, pod: String },
     #[error("a container of this pod asks for a network namespace of its own; the containers of a podbox pod share its VM's network ({pod})")]
@@ -85,8 +98,9 @@ impl NetworkError {
             | NetworkError::OwnNetns { .. } => Code::INVALID_ARGUMENT,
             NetworkError::OpenNetns { .. }
             | NetworkError::AmbiguousInterface { .. }
-            | NetworkError::NoMac(_)
-            | NetworkError::NoClassifier(_) => Code::FAILED_PRECONDITION,
+            | NetworkError::NoMac { .. }
+            | NetworkError::IngressTaken { .. }
+            | NetworkError::NoClassifier { .. } => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         }
     }
@@ -198,22 +212,27 @@ impl PodNetwork {
         }
         drop(self.take_tap());
         let Some(nic) = &self.nic else { return };
-        let index = nic.cni.index;
+        let (index, name) = (nic.cni.index, &nic.cni.name);
         let undone = self.netns.run(|| {
             let mut nl = Netlink::open()?;
             let mut problems = Vec::new();
             if let Err(e) = tc::delete_ingress_qdisc(&mut nl, index) {
-                problems.push(e.to_string());
+                problems.push(format!("{name}: {e}"));
             }
-            // Gone with the VMM's descriptor, normally.
+            // Gone with the VMM's descriptor, normally. An interface of that
+            // name with another index is not the shim's: left alone.
             match link::link_by_name(&mut nl, TAP_NAME) {
-                Ok(Some(tap)) => {
+                Ok(Some(tap)) if tap.index == nic.tap_index => {
                     if let Err(e) = link::delete_link(&mut nl, tap.index) {
-                        problems.push(e.to_string());
+                        problems.push(format!("{TAP_NAME}: {e}"));
                     }
                 }
+                Ok(Some(other)) => problems.push(format!(
+                    "{TAP_NAME} is interface {} now, not the pod's tap (interface {}): left alone",
+                    other.index, nic.tap_index
+                )),
                 Ok(None) => {}
-                Err(e) => problems.push(e.to_string()),
+                Err(e) => problems.push(format!("{TAP_NAME}: {e}")),
             }
             Ok(problems)
         });
@@ -233,15 +252,19 @@ impl PodNetwork {
         if !self.netns.created || self.nic.is_some() {
             return;
         }
-        let listed = self.netns.run(|| Ok(link::links(&mut Netlink::open()?)?));
-        if let Ok(links) = listed {
-            if let Ok(Some(late)) = interface::choose(&links) {
-                tracing::warn!(
-                    interface = %late.name,
-                    "an interface appeared in the pod's network namespace after its VM booted (CNI run after the task was created, as `ctr run --cni` does); podbox does not wire it, so the pod has loopback only"
-                );
-            }
-        }
+        let Ok(links) = self.netns.run(|| Ok(link::links(&mut Netlink::open()?)?)) else {
+            return;
+        };
+        // An interface podbox could not take is as late: named either way.
+        let late = match interface::choose(&links) {
+            Ok(Some(late)) => late.link.name.clone(),
+            Ok(None) => return,
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            interface = %late,
+            "an interface appeared in the pod's network namespace after its VM booted (CNI run after the task was created, as `ctr run --cni` does); podbox does not wire it, so the pod has loopback only"
+        );
     }
 }
 
@@ -255,24 +278,53 @@ impl Drop for PodNetwork {
 fn wire() -> Result<Option<(Nic, OwnedFd)>, NetworkError> {
     let mut nl = Netlink::open()?;
     let links = link::links(&mut nl)?;
-    let Some(link) = interface::choose(&links)? else {
+    let Some(choice) = interface::choose(&links)? else {
         return Ok(None);
     };
-    let cni = interface::describe(link, &addr::addresses(&mut nl)?, &route::routes(&mut nl)?)?;
+    if !choice.ignored.is_empty() {
+        tracing::warn!(
+            interface = %choice.link.name,
+            ignored = ?choice.ignored,
+            "the pod's network namespace has several interfaces; the VM gets {} only, the others do not reach it",
+            choice.link.name
+        );
+    }
+    let cni = interface::describe(
+        choice.link,
+        &links,
+        &addr::addresses(&mut nl)?,
+        &route::list_routes(&mut nl)?,
+    )?;
+    for warning in &cni.route_warnings {
+        tracing::warn!(interface = %cni.name, "{warning}");
+    }
+    let on_cni = |source| NetworkError::Interface {
+        interface: format!("the pod's interface {} (index {})", cni.name, cni.index),
+        source,
+    };
     // On error below, dropping the descriptor removes the tap and its qdisc.
     let tap = tap::create(TAP_NAME)?;
     let tap_link = link::link_by_name(&mut nl, TAP_NAME)?
         .ok_or_else(|| NetworkError::TapGone(TAP_NAME.into()))?;
+    let on_tap = |source| NetworkError::Interface {
+        interface: format!("the pod's tap {TAP_NAME} (index {})", tap_link.index),
+        source,
+    };
     let up = LinkChange {
         up: Some(true),
         mtu: Some(cni.mtu),
         mac: None,
     };
-    link::set_link(&mut nl, tap_link.index, &up)?;
-    tc::add_ingress_qdisc(&mut nl, tap_link.index)?;
+    link::set_link(&mut nl, tap_link.index, &up).map_err(on_tap)?;
+    tc::add_ingress_qdisc(&mut nl, tap_link.index).map_err(on_tap)?;
     // EEXIST here is someone else's qdisc: it is left alone.
-    tc::add_ingress_qdisc(&mut nl, cni.index)?;
-    let redirected = redirect(&mut nl, cni.index, tap_link.index);
+    tc::add_ingress_qdisc(&mut nl, cni.index).map_err(|e| match e.errno() {
+        Some(libc::EEXIST) => NetworkError::IngressTaken {
+            interface: cni.name.clone(),
+        },
+        _ => on_cni(e),
+    })?;
+    let redirected = redirect(&mut nl, &cni, tap_link.index);
     match redirected {
         Ok(classifier) => Ok(Some((
             Nic {
@@ -284,7 +336,7 @@ fn wire() -> Result<Option<(Nic, OwnedFd)>, NetworkError> {
         ))),
         Err(e) => {
             if let Err(undo) = tc::delete_ingress_qdisc(&mut nl, cni.index) {
-                tracing::warn!("undoing the pod's network: {undo}");
+                tracing::warn!("undoing the pod's network: {}: {undo}", cni.name);
             }
             Err(e)
         }
@@ -292,8 +344,15 @@ fn wire() -> Result<Option<(Nic, OwnedFd)>, NetworkError> {
 }
 
 /// Both directions, with the first classifier the kernel has.
-fn redirect(nl: &mut Netlink, cni: u32, tap: u32) -> Result<Classifier, NetworkError> {
-    let classifier = tc::add_redirect_any(nl, cni, tap)?;
-    tc::add_redirect(nl, tap, cni, classifier)?;
+fn redirect(nl: &mut Netlink, cni: &CniInterface, tap: u32) -> Result<Classifier, NetworkError> {
+    let classifier =
+        tc::add_redirect_any(nl, cni.index, tap).map_err(|source| NetworkError::NoClassifier {
+            interface: cni.name.clone(),
+            source,
+        })?;
+    tc::add_redirect(nl, tap, cni.index, classifier).map_err(|source| NetworkError::Interface {
+        interface: format!("the pod's tap {TAP_NAME} (index {tap})"),
+        source,
+    })?;
     Ok(classifier)
 }
