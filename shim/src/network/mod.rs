@@ -9,6 +9,15 @@
 //! agent gives it the interface's addresses and routes, so the pod keeps
 //! the identity CNI gave it (IPAM, routes, the peer's ARP/ND entries).
 //!
+//! Security: the redirect matches every ethertype (ETH_P_ALL) and does not
+//! look at the frames, so the guest's kernel (root in the VM, whatever the
+//! containers' capabilities) can put any frame on the pod's veth: another
+//! source MAC or IP, ARP/ND for addresses that are not the pod's, any
+//! ethertype. A runc container without CAP_NET_RAW cannot. Anti-spoofing
+//! belongs to the CNI (its MAC/IP spoof checks on the host side of the
+//! veth) or, in podbox, to a future source-MAC check in the tap's filter;
+//! the redirect itself is no security boundary.
+//!
 //! - [`netns`]: which netns (the OCI spec's), held by a descriptor;
 //! - [`interface`]: choosing the CNI interface, the agent's messages;
 //! - [`tap`]: the tap device.
@@ -165,8 +174,10 @@ impl PodNetwork {
         self.netns.fd()
     }
 
-    /// A path naming the pod's netns while the shim lives.
-    pub fn netns_path(&self) -> PathBuf {
+    /// A path naming the pod's netns while the shim lives (tests name it
+    /// in specs).
+    #[cfg(test)]
+    pub(crate) fn netns_path(&self) -> PathBuf {
         self.netns.path()
     }
 

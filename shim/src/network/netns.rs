@@ -103,8 +103,10 @@ impl Netns {
         self.fd.as_fd()
     }
 
-    /// A path naming it while the shim lives (its descriptor in /proc).
-    pub fn path(&self) -> PathBuf {
+    /// A path naming it while the shim lives (its descriptor in /proc):
+    /// tests name it in specs and nsenter.
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> PathBuf {
         PathBuf::from(format!(
             "/proc/{}/fd/{}",
             std::process::id(),
