@@ -14,3 +14,17 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// "ready call"); podbox-vmm forwards it to `<vsock socket>_1025`, which the
 /// host binds before the VMM starts and dials the agent only after.
 pub const AGENT_READY_PORT: u32 = 1025;
+
+impl agent::IPAddress {
+    /// An interface address as UpdateInterface carries it, and as the
+    /// agent's reply gives it back: family "inet" or "inet6", the address,
+    /// and the prefix length in `mask`.
+    pub fn from_ip(ip: std::net::IpAddr, prefix: u8) -> agent::IPAddress {
+        agent::IPAddress {
+            family: if ip.is_ipv4() { "inet" } else { "inet6" }.into(),
+            address: ip.to_string(),
+            mask: prefix.to_string(),
+            ..Default::default()
+        }
+    }
+}

@@ -401,12 +401,7 @@ pub fn to_interface(c: &Configured) -> Interface {
         ip_addresses: c
             .addresses
             .iter()
-            .map(|a| IPAddress {
-                family: if a.ip.is_ipv4() { "inet" } else { "inet6" }.into(),
-                address: a.ip.to_string(),
-                mask: a.prefix.to_string(),
-                ..Default::default()
-            })
+            .map(|a| IPAddress::from_ip(a.ip, a.prefix))
             .collect(),
         mtu: u64::from(c.mtu),
         hw_addr: c.mac.map(|m| m.to_string()).unwrap_or_default(),

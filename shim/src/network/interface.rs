@@ -204,12 +204,7 @@ impl CniInterface {
         let ip_addresses = self
             .addresses
             .iter()
-            .map(|(ip, prefix)| IPAddress {
-                family: if ip.is_ipv4() { "inet" } else { "inet6" }.into(),
-                address: ip.to_string(),
-                mask: prefix.to_string(),
-                ..Default::default()
-            })
+            .map(|(ip, prefix)| IPAddress::from_ip(*ip, *prefix))
             .collect();
         UpdateInterfaceRequest {
             interface: Some(Interface {
