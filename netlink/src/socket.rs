@@ -182,9 +182,9 @@ impl Reply<'_> {
         while !bytes.is_empty() {
             let message: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(bytes)
                 .map_err(|e| Error::Decode {
-                    what: self.what.to_string(),
-                    detail: e.to_string(),
-                })?;
+                what: self.what.to_string(),
+                detail: e.to_string(),
+            })?;
             let length = message.header.length as usize;
             // A reply to an earlier request (one given up on) is skipped.
             if message.header.sequence_number == self.sequence && self.take(message)? {

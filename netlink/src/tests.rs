@@ -128,7 +128,10 @@ fn listed_routes_say_what_a_copy_of_them_would_lose() {
         assert!(multipath.lost.is_empty() && multipath.main_unicast);
         assert_eq!(find("10.3.0.0/16").lost, ["mtu 1300"]);
         let table = find("10.4.0.0/16");
-        assert!(!table.main_unicast && table.lost == ["table 100"], "{table}");
+        assert!(
+            !table.main_unicast && table.lost == ["table 100"],
+            "{table}"
+        );
         let blackhole = find("10.5.0.0/16");
         assert!(!blackhole.main_unicast && blackhole.lost == ["type blackhole"]);
         // The kernel's route for the addresses: its source is not a loss.
@@ -136,12 +139,17 @@ fn listed_routes_say_what_a_copy_of_them_would_lose() {
         assert!(kernel.kernel && kernel.lost.is_empty(), "{kernel}");
         assert!(find("default via 10.77.0.1").lost.is_empty());
         assert!(
-            listed.iter().all(|r| !r.to_string().starts_with("10.77.0.2/32")),
+            listed
+                .iter()
+                .all(|r| !r.to_string().starts_with("10.77.0.2/32")),
             "no local-table routes: {listed:#?}"
         );
         let copied = routes(&mut nl).expect("routes");
-        assert!(copied.iter().all(|r| r.destination
-            != Some((IpAddr::V4(Ipv4Addr::new(10, 4, 0, 0)), 16))));
-        assert!(copied.iter().any(|r| r.device == Some(va) && r.gateway.is_none()));
+        assert!(copied
+            .iter()
+            .all(|r| r.destination != Some((IpAddr::V4(Ipv4Addr::new(10, 4, 0, 0)), 16))));
+        assert!(copied
+            .iter()
+            .any(|r| r.device == Some(va) && r.gateway.is_none()));
     });
 }

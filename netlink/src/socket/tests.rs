@@ -47,7 +47,9 @@ fn a_dump_is_its_messages_up_to_done_across_datagrams_skipping_stale_ones() {
     let mut r = reply(false);
     let first = [link(SEQUENCE, 0), link(SEQUENCE - 1, 0), link(SEQUENCE, 0)].concat();
     assert!(!r.datagram(&first).unwrap(), "no DONE yet");
-    assert!(r.datagram(&[link(SEQUENCE, 0), done(0, 0)].concat()).unwrap());
+    assert!(r
+        .datagram(&[link(SEQUENCE, 0), done(0, 0)].concat())
+        .unwrap());
     assert_eq!(r.finish().unwrap().len(), 3, "the stale one is skipped");
 }
 

@@ -147,8 +147,7 @@ pub fn describe(
             continue;
         }
         let shown = r.describe(name);
-        if r.route.device != Some(link.index) && !r.nexthops.iter().any(|(_, d)| *d == link.index)
-        {
+        if r.route.device != Some(link.index) && !r.nexthops.iter().any(|(_, d)| *d == link.index) {
             let loopback = |index| links.iter().any(|l| l.index == index && l.loopback);
             match r.route.device {
                 // The guest has its own lo (and ::1's route); the kernel's

@@ -88,8 +88,10 @@ pub enum NetworkError {
     #[error("joining the pod's interface {interface} to its tap {TAP_NAME}: {source}")]
     NoClassifier {
         interface: String,
+        /// Boxed: two netlink errors, which would make every
+        /// Result<_, NetworkError> that large.
         #[source]
-        source: tc::NoClassifier,
+        source: Box<tc::NoClassifier>,
     },
     #[error("a container of this pod names network namespace {path}, not the pod's ({pod}); the containers of a podbox pod share its VM's network")]
     OtherNetns { path: PathBuf, pod: String },
@@ -359,7 +361,7 @@ fn redirect(nl: &mut Netlink, cni: &CniInterface, tap: u32) -> Result<Classifier
     let classifier =
         tc::add_redirect_any(nl, cni.index, tap).map_err(|source| NetworkError::NoClassifier {
             interface: cni.name.clone(),
-            source,
+            source: Box::new(source),
         })?;
     tc::add_redirect(nl, tap, cni.index, classifier).map_err(|source| NetworkError::Interface {
         interface: format!("the pod's tap {TAP_NAME} (index {tap})"),

@@ -36,14 +36,28 @@ fn the_pods_interface_is_the_one_ethernet_one_or_eth0() {
     let eth0 = link(3, "eth0", &MAC);
     let net1 = link(4, "net1", &MAC);
     let tap = link(5, tap::TAP_NAME, &MAC);
-    let chosen = |links: &[Link]| choose(links).unwrap().map(|c| (c.link.clone(), c.ignored.iter().map(|i| i.to_string()).collect::<Vec<_>>()));
-    assert_eq!(chosen(&[lo.clone(), tunl.clone()]), None, "a fallback tunnel, down");
+    let chosen = |links: &[Link]| {
+        choose(links).unwrap().map(|c| {
+            (
+                c.link.clone(),
+                c.ignored.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+            )
+        })
+    };
+    assert_eq!(
+        chosen(&[lo.clone(), tunl.clone()]),
+        None,
+        "a fallback tunnel, down"
+    );
     assert_eq!(
         chosen(&[lo.clone(), net1.clone(), tap, tunl.clone()]),
         Some((net1.clone(), vec![]))
     );
     let several = [lo.clone(), net1.clone(), eth0.clone()];
-    assert_eq!(chosen(&several), Some((eth0.clone(), vec!["net1".to_string()])));
+    assert_eq!(
+        chosen(&several),
+        Some((eth0.clone(), vec!["net1".to_string()]))
+    );
     let other = link(6, "net2", &MAC);
     let err = choose(&[lo.clone(), net1, other]).expect_err("two, neither eth0");
     assert!(err.to_string().contains("\"net1\", \"net2\""), "{err}");
@@ -60,7 +74,10 @@ fn the_pods_interface_is_the_one_ethernet_one_or_eth0() {
     assert!(err.to_string().contains("wg0 (wireguard)"), "{err}");
     assert_eq!(err.code(), Code::FAILED_PRECONDITION);
     // Beside an Ethernet one it is passed over, and named.
-    assert_eq!(chosen(&[lo, eth0.clone(), wg]), Some((eth0, vec!["wg0".to_string()])));
+    assert_eq!(
+        chosen(&[lo, eth0.clone(), wg]),
+        Some((eth0, vec!["wg0".to_string()]))
+    );
 }
 
 fn listed(route: Route) -> ListedRoute {
@@ -335,7 +352,8 @@ fn a_failed_wiring_leaves_nothing_and_foreign_qdiscs_alone() {
         "{err:?}"
     );
     assert!(
-        err.to_string().starts_with("eth0 already has an ingress qdisc"),
+        err.to_string()
+            .starts_with("eth0 already has an ingress qdisc"),
         "{err}"
     );
     assert_eq!(err.code(), Code::FAILED_PRECONDITION);
