@@ -23,9 +23,10 @@
 //! - [`tap`]: the tap device.
 //!
 //! Not yet: `ctr run --cni` runs CNI in a netns the shim made only after
-//! the VM booted (so the VM has no NIC for it); the shim warns when that
-//! happens ([`PodNetwork::warn_unwired`]). Wiring a late interface to a NIC
-//! the VM got at boot is the next step.
+//! the VM booted (so the VM has no NIC for it); the first container's Start
+//! is then refused naming the interface
+//! ([`PodNetwork::check_no_late_interface`]). Wiring a late interface to a
+//! NIC the VM got at boot is the next step.
 
 pub mod interface;
 pub mod netns;
@@ -78,6 +79,8 @@ pub enum NetworkError {
     NoMac { name: String, kind: String },
     #[error("{interface} already has an ingress qdisc (someone else's tc setup: an ingress or clsact qdisc); podbox needs it for the VM's redirect")]
     IngressTaken { interface: String },
+    #[error("{interface} appeared in the pod's network namespace after its VM booted (CNI run after the task was created, as `ctr run --cni` does): podbox gives the VM the pod's CNI interface at boot only (CRI pods); run it without --cni, or as a CRI pod")]
+    LateInterface { interface: String },
     #[error("creating the pod's tap {name} (/dev/net/tun): {source}")]
     Tap {
         name: String,
@@ -111,6 +114,7 @@ impl NetworkError {
             | NetworkError::AmbiguousInterface { .. }
             | NetworkError::NoMac { .. }
             | NetworkError::IngressTaken { .. }
+            | NetworkError::LateInterface { .. }
             | NetworkError::NoClassifier { .. } => Code::FAILED_PRECONDITION,
             _ => Code::INTERNAL,
         }
@@ -259,25 +263,22 @@ impl PodNetwork {
         }
     }
 
-    /// Warns about interfaces that appeared in a netns the shim made after
-    /// the VM booted (`ctr run --cni`): they do not reach the VM. Blocking.
-    pub fn warn_unwired(&self) {
+    /// Refuses a pod whose netns (one the shim made) gained an interface
+    /// after the VM booted: CNI run after the task was created, as `ctr run
+    /// --cni` does. podbox wires the CNI interface at boot only, and the pod
+    /// must not start believing it has a network it does not.
+    pub fn check_no_late_interface(&self) -> Result<(), NetworkError> {
         if !self.netns.created || self.nic.is_some() {
-            return;
+            return Ok(());
         }
-        let Ok(links) = self.netns.run(|| Ok(link::links(&mut Netlink::open()?)?)) else {
-            return;
-        };
+        let links = self.netns.run(|| Ok(link::links(&mut Netlink::open()?)?))?;
         // An interface podbox could not take is as late: named either way.
         let late = match interface::choose(&links) {
             Ok(Some(late)) => late.link.name.clone(),
-            Ok(None) => return,
+            Ok(None) => return Ok(()),
             Err(e) => e.to_string(),
         };
-        tracing::warn!(
-            interface = %late,
-            "an interface appeared in the pod's network namespace after its VM booted (CNI run after the task was created, as `ctr run --cni` does); podbox does not wire it, so the pod has loopback only"
-        );
+        Err(NetworkError::LateInterface { interface: late })
     }
 }
 

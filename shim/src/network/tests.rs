@@ -383,7 +383,15 @@ fn a_netns_with_loopback_only_gives_the_vm_no_nic() {
     let network = PodNetwork::set_up(&NetnsSource::New).expect("a netns of its own");
     assert!(network.nic().is_none());
     assert!(network.take_tap().is_none());
-    network.warn_unwired();
+    network.check_no_late_interface().expect("nothing late yet");
+    // What `ctr run --cni` does once the task exists: CNI adds eth0.
+    network
+        .netns
+        .run(|| Ok(podbox_netlink::link::add_veth(&mut Netlink::open()?, "eth0", "peer0")?))
+        .expect("a late veth");
+    let late = network.check_no_late_interface().expect_err("a late eth0 is refused");
+    assert!(late.to_string().contains("--cni"), "{late}");
+    assert_eq!(late.code(), Code::FAILED_PRECONDITION);
 }
 
 #[test]

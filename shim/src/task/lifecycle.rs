@@ -309,19 +309,16 @@ impl Inner {
             (vm, process.process_json.clone(), process.stdio.clone())
         };
         let target = self.target(&vm, &req.id, &req.exec_id);
-        let started = start_in_agent(&vm, &target, process_json, stdio).await;
+        let started = match late_interface(&vm, &req.exec_id).await {
+            Ok(()) => start_in_agent(&vm, &target, process_json, stdio).await,
+            Err(e) => Err(e),
+        };
         let (close_now, exit, io) = self.record_start(&req, vm.vmm_pid, started)?;
         if close_now {
             let target = target.clone();
             blocking(move || close_stdin(&target)).await?;
         }
         self.spawn_waiter(target, vm.vmm_pid, exit, io);
-        if req.exec_id.is_empty() {
-            // `ctr run --cni` has run CNI by now, in a netns the VM got no
-            // NIC for: say so rather than leave a silently offline pod.
-            let network = vm.network.clone();
-            tokio::task::spawn_blocking(move || network.warn_unwired());
-        }
         Ok(StartResponse {
             pid: vm.vmm_pid,
             ..Default::default()
@@ -466,6 +463,18 @@ fn finish_io(io: &Arc<StdMutex<Option<ProcessIo>>>) {
     if let Some(mut io) = io.lock().unwrap_or_else(|e| e.into_inner()).take() {
         io.finish(DELETE_DRAIN_LIMIT);
     }
+}
+
+/// A container's first Start: `ctr run --cni` has run CNI by now, in a
+/// netns the VM got no NIC for. Refused rather than a silently offline pod.
+async fn late_interface(vm: &Sandbox, exec_id: &str) -> TtrpcResult<()> {
+    if !exec_id.is_empty() {
+        return Ok(());
+    }
+    let network = vm.network.clone();
+    blocking(move || network.check_no_late_interface())
+        .await?
+        .map_err(|e| status(e.code(), e.to_string()))
 }
 
 /// The agent's sandbox: the share mounted, the hostname set, and the pod's
