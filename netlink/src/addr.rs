@@ -75,6 +75,17 @@ pub fn add_address(nl: &mut Netlink, index: u32, ip: IpAddr, prefix: u8) -> Resu
     request.header.index = index;
     request.attributes.push(AddressAttribute::Local(ip));
     request.attributes.push(AddressAttribute::Address(ip));
+    // IPv4 subnets get their broadcast address (as `ip addr add ... brd +`
+    // does): the CNI side has one, so broadcasts in the pod's subnet work.
+    if let IpAddr::V4(v4) = ip {
+        if prefix < 31 {
+            let host_bits = u32::MAX >> prefix;
+            let broadcast = std::net::Ipv4Addr::from(u32::from(v4) | host_bits);
+            request
+                .attributes
+                .push(AddressAttribute::Broadcast(broadcast));
+        }
+    }
     nl.change(
         &format!("add address {ip}/{prefix} to interface {index}"),
         RouteNetlinkMessage::NewAddress(request),

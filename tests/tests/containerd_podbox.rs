@@ -467,10 +467,16 @@ fn assert_pod_basics(cri: &mut CriClient, pod: &TestPod) -> (String, Facts) {
 /// veth's MAC and MTU, the default route via the CNI gateway, and the CRI's
 /// hostname and resolv.conf; in the pod's netns, the VM's tap.
 fn assert_guest_nic(containerd: &Containerd, pod: &TestPod, seen: &Facts) {
-    assert_eq!(
-        fact(seen, "addr"),
-        format!("{}/24", pod.ip),
-        "the guest's eth0 has the CNI IP"
+    let addr = fact(seen, "addr");
+    assert!(
+        addr.contains(&format!(" inet {}/24 ", pod.ip)),
+        "the guest's eth0 has the CNI IP {}: {addr}",
+        pod.ip
+    );
+    let [a, b, c, _] = pod.ip.octets();
+    assert!(
+        addr.contains(&format!(" brd {a}.{b}.{c}.255 ")),
+        "the subnet's broadcast: {addr}"
     );
     assert_eq!(fact(seen, "driver"), "virtio_net", "eth0's driver");
     let netns = NetnsView::new(&pod.netns);
