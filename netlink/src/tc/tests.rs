@@ -207,8 +207,16 @@ fn a_redirect_pair_carries_frames_both_ways_and_goes_with_the_qdiscs() {
             left.iter().any(|q| q.index == tap && q.is_ingress()),
             "{left:?}"
         );
-        // Closing the tap's last descriptor removes it and its qdisc.
+        // Closing the tap's last descriptor removes it and its qdisc. A
+        // child another test thread forks holds a copy until its exec, so
+        // "last" may come a moment later.
         drop(tap_fd);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while link_by_name(&mut nl, "tap0_test").unwrap().is_some()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(link_by_name(&mut nl, "tap0_test").unwrap(), None);
         let left = qdiscs(&mut nl).expect("qdiscs");
         assert!(!left.iter().any(|q| q.index == tap), "{left:?}");
