@@ -317,7 +317,7 @@ const NIC_FACTS: &str = "echo -n addr=; ip -o -4 addr show dev eth0; echo; \
     read mtu < /sys/class/net/eth0/mtu; echo mtu=$mtu; \
     echo -n default=; ip route show default; echo; \
     read name < /etc/hostname; echo hostname=$name; \
-    n=0; while read -r l || [ -n \"$l\" ]; do n=$((n+1)); echo \"resolv$n=$l\"; \
+    n=0; while IFS= read -r l || [ -n \"$l\" ]; do n=$((n+1)); echo \"resolv$n=$l\"; \
     done < /etc/resolv.conf; echo resolv_lines=$n";
 
 type Facts = std::collections::HashMap<String, String>;
@@ -424,6 +424,11 @@ fn fact<'a>(facts: &'a Facts, key: &str) -> &'a str {
     facts.get(key).map(String::as_str).unwrap_or("")
 }
 
+/// The hash of a `sha256sum` line (`<hex>  <file or ->`).
+fn digest<'a>(facts: &'a Facts, key: &str) -> &'a str {
+    fact(facts, key).split_whitespace().next().unwrap_or("")
+}
+
 /// One kernel per pod (podbox: not the host's), shared localhost, separate
 /// root filesystems. Returns the pod's boot id and web's facts.
 fn assert_pod_basics(cri: &mut CriClient, pod: &TestPod) -> (String, Facts) {
@@ -497,12 +502,18 @@ fn assert_guest_nic(containerd: &Containerd, pod: &TestPod, seen: &Facts) {
     );
     assert_eq!(fact(seen, "hostname"), pod.hostname, "/etc/hostname");
     let files = containerd.sandbox_files(&pod.id);
-    let resolv = std::fs::read(files.join("resolv.conf")).expect("the CRI's resolv.conf");
+    let resolv =
+        std::fs::read_to_string(files.join("resolv.conf")).expect("the CRI's resolv.conf");
+    let lines: Vec<&str> = resolv.lines().collect();
     assert_eq!(
-        fact(seen, "resolv"),
-        sha256_hex(&resolv),
-        "/etc/resolv.conf"
+        fact(seen, "resolv_lines"),
+        lines.len().to_string(),
+        "/etc/resolv.conf's line count: {seen:?}"
     );
+    for (i, line) in lines.iter().enumerate() {
+        let key = format!("resolv{}", i + 1);
+        assert_eq!(fact(seen, &key), line.trim(), "/etc/resolv.conf line {}", i + 1);
+    }
     let links = netns.links();
     assert!(
         links.iter().any(|l| l.starts_with("tap")),
@@ -570,7 +581,7 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
     assert_eq!(big.len(), 1 << 20, "1 MiB from the pod");
     assert_eq!(
         sha256_hex(&big),
-        fact(&a_facts, "big"),
+        digest(&a_facts, "big"),
         "pod -> host intact"
     );
     let payload = random_bytes(1 << 20);
@@ -597,7 +608,7 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
         "podbox pod -> runc pod, by a name from its /etc/hosts"
     );
     assert_eq!(
-        fact(&seen, "payload"),
+        digest(&seen, "payload"),
         sha256_hex(&payload),
         "host -> pod intact"
     );
