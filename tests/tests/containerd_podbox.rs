@@ -502,8 +502,7 @@ fn assert_guest_nic(containerd: &Containerd, pod: &TestPod, seen: &Facts) {
     );
     assert_eq!(fact(seen, "hostname"), pod.hostname, "/etc/hostname");
     let files = containerd.sandbox_files(&pod.id);
-    let resolv =
-        std::fs::read_to_string(files.join("resolv.conf")).expect("the CRI's resolv.conf");
+    let resolv = std::fs::read_to_string(files.join("resolv.conf")).expect("the CRI's resolv.conf");
     let lines: Vec<&str> = resolv.lines().collect();
     assert_eq!(
         fact(seen, "resolv_lines"),
@@ -512,7 +511,12 @@ fn assert_guest_nic(containerd: &Containerd, pod: &TestPod, seen: &Facts) {
     );
     for (i, line) in lines.iter().enumerate() {
         let key = format!("resolv{}", i + 1);
-        assert_eq!(fact(seen, &key), line.trim(), "/etc/resolv.conf line {}", i + 1);
+        assert_eq!(
+            fact(seen, &key),
+            line.trim(),
+            "/etc/resolv.conf line {}",
+            i + 1
+        );
     }
     let links = netns.links();
     assert!(
