@@ -56,7 +56,7 @@ bench-pods: test-assets
 bench-net: test-assets
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
-	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench net --runs 3
+	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench net --runs 1
 
 install: deps
 	scripts/install.sh

@@ -3,6 +3,9 @@
 //! host (to assert that nothing is left).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cri::CriClient;
 
 use crate::guest::{guest_kernel, KernelVariant};
 use crate::guest_image::agent_initramfs;
@@ -121,6 +124,27 @@ pub fn pod_leftovers(namespace: &str, pod_id: &str) -> Vec<String> {
         ));
     }
     left
+}
+
+/// StopPodSandbox and RemovePodSandbox, then waits (60 s at most) for every
+/// process naming the pod (shim, VMM, virtiofsd) to exit: the shim exits
+/// after answering containerd's Shutdown, once its VM is down, and a
+/// containerd stopped before then would leave it to be killed mid-cleanup.
+pub fn remove_pod(cri: &mut CriClient, pod: &str) -> Result<(), String> {
+    cri.stop_pod_sandbox(pod)
+        .map_err(|e| format!("StopPodSandbox {pod}: {e}"))?;
+    cri.remove_pod_sandbox(pod)
+        .map_err(|e| format!("RemovePodSandbox {pod}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !processes_mentioning(pod).is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "processes of pod {pod} still running 60 s after RemovePodSandbox"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// Pids whose command line contains `needle` in one of its arguments.

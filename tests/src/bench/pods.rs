@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::containerd::{Containerd, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME};
 use crate::cri::container_config;
 use crate::oci_image::BUSYBOX_IMAGE;
-use crate::podbox::{containerd_with_podbox, processes_mentioning};
+use crate::podbox::{containerd_with_podbox, processes_mentioning, remove_pod};
 
 /// Guest size the shim config gives each pod (podbox::write_shim_config).
 const GUEST: &str = "2 vCPUs, 256 MiB";
@@ -132,10 +132,7 @@ fn pod_ready(
         });
         Ok::<_, String>((ready, pss))
     })();
-    let stopped = cri
-        .stop_pod_sandbox(&pod)
-        .and_then(|()| cri.remove_pod_sandbox(&pod))
-        .map_err(|e| format!("removing the {handler} pod: {e}"));
+    let stopped = remove_pod(&mut cri, &pod).map_err(|e| format!("{handler} pod: {e}"));
     let measured = result?;
     stopped?;
     Ok(measured)

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use podbox_tests::containerd::{Containerd, PODBOX_HANDLER, RUNC_HANDLER};
 use podbox_tests::cri::{container_config, CriClient};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
-use podbox_tests::podbox::{containerd_with_podbox, processes_mentioning};
+use podbox_tests::podbox::{containerd_with_podbox, remove_pod};
 
 const REPORT: &str = "echo \"kernel:     $(uname -r)\"; echo \"CPUs:       $(nproc)\"; \
                       echo \"MemTotal:   $(grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)\"; \
@@ -78,11 +78,7 @@ fn run() -> Result<(), String> {
     }
     println!("  {}", out.stdout.trim());
     for (pod, _, _) in pods {
-        cri.stop_pod_sandbox(&pod)
-            .map_err(|e| format!("StopPodSandbox: {e}"))?;
-        cri.remove_pod_sandbox(&pod)
-            .map_err(|e| format!("RemovePodSandbox: {e}"))?;
-        wait_for_exit(&pod);
+        remove_pod(&mut cri, &pod)?;
     }
     Ok(())
 }
@@ -129,18 +125,4 @@ fn run_pod(
         }
     }
     Ok((pod, containers.into_iter().map(|(_, id)| id).collect(), ip))
-}
-
-/// The shim exits after answering containerd's Shutdown, once its VM is
-/// down: wait for every process naming the pod (shim, VMM, virtiofsd)
-/// before containerd is stopped, so that nothing is cut short.
-fn wait_for_exit(pod: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !processes_mentioning(pod).is_empty() {
-        if Instant::now() > deadline {
-            eprintln!("podbox-demo: processes of pod {pod} still running after 60 s");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
