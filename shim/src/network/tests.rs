@@ -387,9 +387,17 @@ fn a_netns_with_loopback_only_gives_the_vm_no_nic() {
     // What `ctr run --cni` does once the task exists: CNI adds eth0.
     network
         .netns
-        .run(|| Ok(podbox_netlink::link::add_veth(&mut Netlink::open()?, "eth0", "peer0")?))
+        .run(|| {
+            Ok(podbox_netlink::link::add_veth(
+                &mut Netlink::open()?,
+                "eth0",
+                "peer0",
+            )?)
+        })
         .expect("a late veth");
-    let late = network.check_no_late_interface().expect_err("a late eth0 is refused");
+    let late = network
+        .check_no_late_interface()
+        .expect_err("a late eth0 is refused");
     assert!(late.to_string().contains("--cni"), "{late}");
     assert_eq!(late.code(), Code::FAILED_PRECONDITION);
 }
