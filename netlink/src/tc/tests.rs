@@ -26,20 +26,22 @@ fn veth_pair(nl: &mut Netlink) -> (u32, u32) {
         .status()
         .expect("running ip");
     assert!(status.success(), "ip link add va type veth peer name vb");
-    let mut up = |name: &str| {
-        let link = link_by_name(nl, name).unwrap().expect(name);
-        set_link(
-            nl,
-            link.index,
-            &LinkChange {
-                up: Some(true),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        link.index
-    };
-    (up("va"), up("vb"))
+    (up(nl, "va"), up(nl, "vb"))
+}
+
+/// Sets link `name` up; returns its index.
+fn up(nl: &mut Netlink, name: &str) -> u32 {
+    let link = link_by_name(nl, name).unwrap().expect(name);
+    set_link(
+        nl,
+        link.index,
+        &LinkChange {
+            up: Some(true),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    link.index
 }
 
 /// A non-persistent tap as podbox makes one (IFF_TAP | IFF_NO_PI |
@@ -66,17 +68,7 @@ fn tap(nl: &mut Netlink, name: &str) -> (OwnedFd, u32) {
         assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
         fd
     };
-    let link = link_by_name(nl, name).unwrap().expect("the tap exists");
-    set_link(
-        nl,
-        link.index,
-        &LinkChange {
-            up: Some(true),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    (fd, link.index)
+    (fd, up(nl, name))
 }
 
 /// An AF_PACKET socket on interface `index` (every protocol), non-blocking.

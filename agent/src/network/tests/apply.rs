@@ -10,12 +10,14 @@ use podbox_netlink::route::{self, Route as NetlinkRoute};
 use podbox_netlink::testing::in_new_netns;
 use podbox_netlink::{addr, Netlink};
 use podbox_protocol::agent::{
-    IPAddress, Interface, Route, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
+    Interface, Route, Routes, UpdateInterfaceRequest, UpdateRoutesRequest,
 };
 use protobuf::MessageField;
 
 use crate::container::Error;
 use crate::network::*;
+
+use super::address;
 
 const GUEST_MAC: &str = "02:00:00:00:00:01";
 
@@ -50,15 +52,6 @@ fn guest_nic(nl: &mut Netlink) -> u32 {
 
 fn ipv6() -> bool {
     Path::new("/proc/sys/net/ipv6").exists()
-}
-
-fn address(family: &str, address: &str, mask: &str) -> IPAddress {
-    IPAddress {
-        family: family.into(),
-        address: address.into(),
-        mask: mask.into(),
-        ..Default::default()
-    }
 }
 
 fn update_interface(nic: &mut Nic, i: Interface) -> Result<Interface, Error> {

@@ -12,14 +12,7 @@ use protobuf::MessageField;
 use crate::container::Error;
 use crate::network::*;
 
-fn address(family: &str, address: &str, mask: &str) -> IPAddress {
-    IPAddress {
-        family: family.into(),
-        address: address.into(),
-        mask: mask.into(),
-        ..Default::default()
-    }
-}
+use super::address;
 
 fn interface(i: Interface) -> Result<InterfaceConfig, Error> {
     parse_interface(&UpdateInterfaceRequest {

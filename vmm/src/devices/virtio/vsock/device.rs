@@ -261,6 +261,26 @@ mod tests {
     /// Malformed TX chains from the guest, straight through the real queue
     /// code: each is consumed and dropped, the device keeps working, and a
     /// valid packet after them is still served.
+    /// A device worker over mock rx/tx/event queues, its muxer's socket in `dir`.
+    fn test_worker(
+        mem: &GuestMemoryMmap,
+        [rx, tx, ev]: [&MockSplitQueue<GuestMemoryMmap>; 3],
+        dir: &std::path::Path,
+    ) -> Worker {
+        Worker {
+            muxer: Muxer::new(3, &dir.join("v.sock")).unwrap(),
+            memory: mem.clone(),
+            queues: vec![
+                rx.create_queue().unwrap(),
+                tx.create_queue().unwrap(),
+                ev.create_queue().unwrap(),
+            ],
+            events: vec![],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            ring_errors: 0,
+        }
+    }
+
     #[test]
     fn vsock_malformed_tx_chains_are_dropped_without_harm() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -307,19 +327,7 @@ mod tests {
         rx.avail().idx().store(1);
 
         let dir = tempfile::tempdir().unwrap();
-        let muxer = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
-        let mut worker = Worker {
-            muxer,
-            memory: mem.clone(),
-            queues: vec![
-                rx.create_queue().unwrap(),
-                tx.create_queue().unwrap(),
-                ev.create_queue().unwrap(),
-            ],
-            events: vec![],
-            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-            ring_errors: 0,
-        };
+        let mut worker = test_worker(&mem, [&rx, &tx, &ev], dir.path());
         assert!(worker.process_tx());
         assert_eq!(
             tx.used().idx().load(),
@@ -367,19 +375,7 @@ mod tests {
         rx.avail().ring().ref_at(0).unwrap().store(0);
         rx.avail().idx().store(100);
         let dir = tempfile::tempdir().unwrap();
-        let muxer = Muxer::new(3, &dir.path().join("v.sock")).unwrap();
-        let mut worker = Worker {
-            muxer,
-            memory: mem.clone(),
-            queues: vec![
-                rx.create_queue().unwrap(),
-                tx.create_queue().unwrap(),
-                ev.create_queue().unwrap(),
-            ],
-            events: vec![],
-            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
-            ring_errors: 0,
-        };
+        let mut worker = test_worker(&mem, [&rx, &tx, &ev], dir.path());
         assert!(!worker.process_tx());
         assert!(!worker.process_rx());
         assert_eq!(worker.ring_errors, 1, "TX (RX had nothing to send)");

@@ -211,14 +211,7 @@ fn net_tx_refused_headers_are_counted_as_malformed() {
             eth(60, V4, false),
         ),
     ];
-    let mut chains = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let at = DATA + i as u64 * 0x1000;
-        mem.write_slice(f, GuestAddress(at)).unwrap();
-        chains.push([(at, f.len() as u32)]);
-    }
-    let chains: Vec<&[(u64, u32)]> = chains.iter().map(|c| &c[..]).collect();
-    post(&txq, 0, &chains, 0);
+    post_frames(&mem, &txq, &frames);
     w.process_tx();
     assert_eq!(used(&mem, &txq).len(), 4);
     assert_eq!(count(&w.counters.tx_malformed), 3);

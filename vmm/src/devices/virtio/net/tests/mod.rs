@@ -154,6 +154,19 @@ fn post_raw(
     q.avail().idx().store(idx.wrapping_add(heads.len() as u16));
 }
 
+/// Writes each frame at its own page from DATA and posts it as a one-buffer
+/// TX chain.
+fn post_frames(mem: &GuestMemoryMmap, txq: &MockSplitQueue<GuestMemoryMmap>, frames: &[Vec<u8>]) {
+    let mut chains = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let at = DATA + i as u64 * 0x1000;
+        mem.write_slice(f, GuestAddress(at)).unwrap();
+        chains.push([(at, f.len() as u32)]);
+    }
+    let chains: Vec<&[(u64, u32)]> = chains.iter().map(|c| &c[..]).collect();
+    post(txq, 0, &chains, 0);
+}
+
 /// Posts well-formed chains from table index `first`: each chain a list
 /// of `(addr, len)` buffers, all with `flags`. Returns the next free index.
 fn post(

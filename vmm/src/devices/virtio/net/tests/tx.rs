@@ -167,14 +167,7 @@ fn net_tx_budget_is_kept_and_the_device_comes_back() {
     );
     let (mut w, tap) = worker(&mem, &rxq, &txq, VIRTIO_F_VERSION_1);
     let frames: Vec<_> = (0..6).map(|i| frame(64, i)).collect();
-    let mut chains = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let at = DATA + i as u64 * 0x1000;
-        mem.write_slice(f, GuestAddress(at)).unwrap();
-        chains.push([(at, f.len() as u32)]);
-    }
-    let chains: Vec<&[(u64, u32)]> = chains.iter().map(|c| &c[..]).collect();
-    post(&txq, 0, &chains, 0);
+    post_frames(&mem, &txq, &frames);
     w.process_tx_within(4);
     assert_eq!(tap.lock().unwrap().from_guest.len(), 4);
     assert!(notify_off(&mem, &txq));
