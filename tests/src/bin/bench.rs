@@ -7,7 +7,7 @@
 //!   podbox-bench net [--runs N] [--mib M] [--round-trips K]
 //!
 //! `net` moves M MiB each way (default 2) and times K round trips (default
-//! 100): a podbox guest on a PVM host receives TCP at tens of KiB/s (its
+//! 1000): a podbox guest on a PVM host receives TCP at tens of KiB/s (its
 //! kernel is emulated), so 64 MiB would take an hour.
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     };
     let mut runs = 1usize;
     let mut mib = 2usize;
-    let mut round_trips = 100usize;
+    let mut round_trips = 1000usize;
     let mut vmm = repo_root().join("target/release/podbox-vmm");
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use podbox_shim::hostfs::mount_points;
 
+use crate::podbox::SHIM_BINARY;
+
 use super::guard::Containerd;
 use super::host::{
     cgroup_dirs, pids_in_cgroup_tree, pod_netns_paths, processes_naming, subdirectories,
@@ -140,14 +142,22 @@ impl Containerd {
         }
         pids.sort_unstable();
         pids.dedup();
+        let mut podbox_pods = Vec::new();
         for pid in pids {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             problems.push(format!(
                 "process {pid} ({}) outlived containerd; killed",
                 comm.trim()
             ));
+            podbox_pods.extend(podbox_shim_pod(pid));
             // SAFETY: kill(2) with a pid read from our own shims' cgroups or command lines.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        // What containerd does for a shim that died: `shim delete`, which
+        // stops the pod's VMM and removes its state dir and share mounts.
+        for (shim, namespace, id) in podbox_pods {
+            problems.push(format!("ran the podbox shim's delete for pod {id}"));
+            shim_delete(&shim, &namespace, &id, problems);
         }
     }
 
@@ -209,5 +219,40 @@ fn remove_cgroup_tree(dir: &Path, problems: &mut Vec<String>) {
     // A cgroup goes with rmdir once its children and processes are gone.
     if let Err(error) = std::fs::remove_dir(dir) {
         problems.push(format!("removing cgroup {}: {error}", dir.display()));
+    }
+}
+
+/// A podbox shim process's binary, namespace and pod id, from its arguments.
+fn podbox_shim_pod(pid: u32) -> Option<(PathBuf, String, String)> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if !args.first()?.ends_with(SHIM_BINARY) {
+        return None;
+    }
+    let value = |flag: &str| {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    };
+    Some((PathBuf::from(&args[0]), value("-namespace")?, value("-id")?))
+}
+
+fn shim_delete(shim: &Path, namespace: &str, id: &str, problems: &mut Vec<String>) {
+    let Ok(bundle) = tempfile::tempdir() else {
+        problems.push("a bundle dir for the shim's delete".into());
+        return;
+    };
+    let ran = Command::new(shim)
+        .args(["-namespace", namespace, "-id", id, "-bundle"])
+        .arg(bundle.path())
+        .arg("delete")
+        .stdout(std::process::Stdio::null())
+        .status();
+    if !ran.as_ref().is_ok_and(|s| s.success()) {
+        problems.push(format!(
+            "the podbox shim's delete for pod {id} failed: {ran:?}"
+        ));
     }
 }
