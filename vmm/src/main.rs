@@ -44,7 +44,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PODBOX_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // virtio-queue logs guest ring mistakes at error level,
+                // one line each; the devices count and rate-limit those.
+                .unwrap_or_else(|_| "info,virtio_queue=off".into()),
         )
         .with_target(false)
         .init();

@@ -327,9 +327,22 @@ impl<B: Backend> Worker<B> {
         );
     }
 
-    /// Returns a chain to the guest; a head the queue refuses (out of
-    /// range) cannot be returned and is only logged.
+    /// Returns a chain to the guest. A head out of the ring's range cannot
+    /// be returned: counted as a ring error here, because virtio-queue's
+    /// add_used would log each one at error level (a guest could flood the
+    /// log with them at no cost).
     pub fn complete(&mut self, queue: usize, head: u16, len: u32) {
+        if head >= self.queues[queue].size() {
+            let name = if queue == RX { "RX" } else { "TX" };
+            let c = &self.counters;
+            c.note(
+                &self.label,
+                &c.ring_errors,
+                name,
+                &format!("head {head} outside the ring"),
+            );
+            return;
+        }
         match self.queues[queue].add_used(&*self.mem, head, len) {
             Ok(()) => self.need_irq = true,
             Err(e) => tracing::debug!("{}: queue {queue}: add_used({head}): {e}", self.label),

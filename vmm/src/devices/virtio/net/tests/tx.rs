@@ -177,3 +177,23 @@ fn net_tx_budget_is_kept_and_the_device_comes_back() {
     assert!(!notify_off(&mem, &txq), "drained: the guest kicks again");
     assert!(!kicked(&w, TX));
 }
+
+/// A head index past the ring's end cannot be returned: counted as a ring
+/// error (virtio-queue would log each at error level), nothing sent or
+/// used, and the frame after it still goes out.
+#[test]
+fn net_tx_head_outside_the_ring_is_counted_not_returned() {
+    let mem = memory();
+    let (rxq, txq) = (
+        MockSplitQueue::create(&*mem, GuestAddress(RXQ), QSIZE),
+        MockSplitQueue::create(&*mem, GuestAddress(TXQ), QSIZE),
+    );
+    let (mut w, tap) = worker(&mem, &rxq, &txq, VIRTIO_F_VERSION_1);
+    post_raw(&txq, 0, &[], &[QSIZE + 3]);
+    let good = frame(60, 1);
+    post_frames(&mem, &txq, &[good.clone()]);
+    w.process_tx();
+    assert_eq!(count(&w.counters.ring_errors), 1);
+    assert_eq!(tap.lock().unwrap().from_guest, vec![good]);
+    assert_eq!(used(&mem, &txq), vec![(0, 0)]);
+}
