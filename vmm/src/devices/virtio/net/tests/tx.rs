@@ -191,7 +191,7 @@ fn net_tx_head_outside_the_ring_is_counted_not_returned() {
     let (mut w, tap) = worker(&mem, &rxq, &txq, VIRTIO_F_VERSION_1);
     post_raw(&txq, 0, &[], &[QSIZE + 3]);
     let good = frame(60, 1);
-    post_frames(&mem, &txq, &[good.clone()]);
+    post_frames(&mem, &txq, std::slice::from_ref(&good));
     w.process_tx();
     assert_eq!(count(&w.counters.ring_errors), 1);
     assert_eq!(tap.lock().unwrap().from_guest, vec![good]);
