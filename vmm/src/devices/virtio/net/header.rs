@@ -118,6 +118,8 @@ pub enum HeaderError {
     CsumNotNegotiated,
     #[error("checksum at {start}+{offset} outside a {len}-byte frame")]
     CsumOutside { start: u16, offset: u16, len: usize },
+    #[error("checksum starting at {0}, inside the Ethernet header")]
+    CsumInEthernetHeader(u16),
     #[error("GSO type {0:#x} not negotiated")]
     GsoType(u8),
     #[error(
@@ -169,6 +171,11 @@ pub fn check_tx_header(hdr: &[u8; HDR_LEN], frame: &[u8], acked: u64) -> Result<
     if needs_csum {
         if acked & F_CSUM == 0 {
             return Err(HeaderError::CsumNotNegotiated);
+        }
+        // A checksum written over the MAC header is no L4 checksum; the
+        // host stack's software fallback must never be handed one.
+        if usize::from(csum_start) < ETH_HLEN {
+            return Err(HeaderError::CsumInEthernetHeader(csum_start));
         }
         let end = usize::from(csum_start) + usize::from(csum_offset) + 2;
         if end > frame_len {

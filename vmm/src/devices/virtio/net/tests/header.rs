@@ -160,6 +160,14 @@ fn net_tx_header_flags_and_checksums() {
         Ok(())
     );
     assert_eq!(
+        check_tx_header(&csum(HDR_F_NEEDS_CSUM, 0, 6), &f(52), all),
+        Err(HeaderError::CsumInEthernetHeader(0))
+    );
+    assert_eq!(
+        check_tx_header(&csum(HDR_F_NEEDS_CSUM, 13, 16), &f(52), all),
+        Err(HeaderError::CsumInEthernetHeader(13))
+    );
+    assert_eq!(
         check_tx_header(&csum(HDR_F_NEEDS_CSUM, 34, 16), &f(52), VIRTIO_F_VERSION_1),
         Err(HeaderError::CsumNotNegotiated)
     );
