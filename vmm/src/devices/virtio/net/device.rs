@@ -317,14 +317,13 @@ impl<B: Backend> Worker<B> {
     /// index. Counted and logged (rarely); the caller returns with the
     /// queue's notifications enabled, so each retry costs the guest a kick.
     pub fn ring_broken(&self, queue: usize, e: &virtio_queue::Error) {
+        self.note_ring_error(queue, &format!("avail ring unusable: {e}"));
+    }
+
+    fn note_ring_error(&self, queue: usize, detail: &dyn std::fmt::Display) {
         let name = if queue == RX { "RX" } else { "TX" };
         let c = &self.counters;
-        c.note(
-            &self.label,
-            &c.ring_errors,
-            name,
-            &format!("avail ring unusable: {e}"),
-        );
+        c.note(&self.label, &c.ring_errors, name, detail);
     }
 
     /// Returns a chain to the guest. A head out of the ring's range cannot
@@ -333,14 +332,7 @@ impl<B: Backend> Worker<B> {
     /// log with them at no cost).
     pub fn complete(&mut self, queue: usize, head: u16, len: u32) {
         if head >= self.queues[queue].size() {
-            let name = if queue == RX { "RX" } else { "TX" };
-            let c = &self.counters;
-            c.note(
-                &self.label,
-                &c.ring_errors,
-                name,
-                &format!("head {head} outside the ring"),
-            );
+            self.note_ring_error(queue, &format!("head {head} outside the ring"));
             return;
         }
         match self.queues[queue].add_used(&*self.mem, head, len) {
