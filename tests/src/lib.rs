@@ -45,3 +45,28 @@ pub fn host_kernel_release() -> String {
         .trim()
         .to_string()
 }
+
+/// A process's arguments (`/proc/<pid>/cmdline`, lossily UTF-8); None once
+/// it is gone.
+pub fn process_args(pid: u32) -> Option<Vec<String>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Pids, other than this process, with an argument that `matches`.
+pub fn processes_with_arg(matches: impl Fn(&str) -> bool) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| process_args(*pid).is_some_and(|args| args.iter().any(|a| matches(a))))
+        .collect()
+}

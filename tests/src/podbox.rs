@@ -149,20 +149,7 @@ pub fn remove_pod(cri: &mut CriClient, pod: &str) -> Result<(), String> {
 
 /// Pids whose command line contains `needle` in one of its arguments.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                c.split(|b| *b == 0)
-                    .any(|arg| String::from_utf8_lossy(arg).contains(needle))
-            })
-        })
-        .collect()
+    crate::processes_with_arg(|arg| arg.contains(needle))
 }
 
 /// The pid of the pod's podbox-vmm, from the shim's pid file.

@@ -224,11 +224,7 @@ fn remove_cgroup_tree(dir: &Path, problems: &mut Vec<String>) {
 
 /// A podbox shim process's binary, namespace and pod id, from its arguments.
 fn podbox_shim_pod(pid: u32) -> Option<(PathBuf, String, String)> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let args = crate::process_args(pid)?;
     if !args.first()?.ends_with(SHIM_BINARY) {
         return None;
     }

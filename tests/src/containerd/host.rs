@@ -53,21 +53,5 @@ pub(super) fn subdirectories(dir: &Path) -> Vec<PathBuf> {
 
 /// Processes whose command line mentions `needle` as one argument.
 pub(super) fn processes_naming(needle: &Path) -> Vec<u32> {
-    let needle = needle.as_os_str().as_encoded_bytes();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-        })
-        .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| cmdline.split(|b| *b == 0).any(|arg| arg == needle))
-        })
-        .collect()
+    crate::processes_with_arg(|arg| Path::new(arg) == needle)
 }
