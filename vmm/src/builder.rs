@@ -25,8 +25,11 @@ use crate::devices::virtio::{fs, net, vsock, Interrupt, VirtioDevice};
 use crate::devices::{IoBus, MmioBus, Serial, I8042, SERIAL_IRQ};
 use crate::exit::{ExitLatch, VmExit};
 use crate::logfile::{rotated_path, LogError, RotatingLog};
+use crate::profiler::report::StatsColumn;
+use crate::profiler::{Profiler, ProfilerError};
 use crate::pvm::{xsave, GuestProfile, HostKind};
 use crate::virtiofsd::{Virtiofsd, VirtiofsdConfig, VirtiofsdError, DEFAULT_START_TIMEOUT};
+use crate::vstate::kvm_stats::{self, KvmStats};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{Vm, VmError};
@@ -77,6 +80,8 @@ pub enum BuildError {
     Net { nic: String, source: net::TapError },
     #[error("more virtio devices than IRQs {VIRTIO_FIRST_IRQ}-{VIRTIO_LAST_IRQ}")]
     TooManyDevices,
+    #[error(transparent)]
+    Profiler(#[from] ProfilerError),
     #[error("attaching {device}: {detail}")]
     Attach {
         device: &'static str,
@@ -240,6 +245,64 @@ fn attach_virtio(
         Arc::new(std::sync::Mutex::new(transport)),
     );
     Ok(())
+}
+
+/// KVM's statistics files for the VM and each vCPU, labelled; none where
+/// the host's KVM has no KVM_GET_STATS_FD (said once).
+fn open_stats(vm: &Vm, vcpus: &[Vcpu]) -> Vec<(String, KvmStats)> {
+    let mut files = Vec::new();
+    let opened = std::iter::once(("vm".to_string(), KvmStats::open(&vm.fd))).chain(
+        vcpus
+            .iter()
+            .enumerate()
+            .map(|(id, v)| (format!("vcpu{id}"), v.stats())),
+    );
+    for (label, file) in opened {
+        match file {
+            Ok(file) => files.push((label, file)),
+            Err(e) => {
+                tracing::info!("no KVM statistics for {label}: {e}");
+                return Vec::new();
+            }
+        }
+    }
+    files
+}
+
+fn read_stats(files: &[(String, KvmStats)]) -> Vec<StatsColumn> {
+    files
+        .iter()
+        .filter_map(|(label, f)| match f.read() {
+            Ok(values) => Some((label.clone(), values)),
+            Err(e) => {
+                tracing::warn!("{label}: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// The statistics that tell where a vCPU's time went, one line per vCPU.
+const LOGGED_VCPU_STATS: &[&str] = &[
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "signal_exits",
+    "insn_emulation",
+    "insn_emulation_fail",
+    "pf_taken",
+    "halt_wait_ns",
+];
+
+fn log_stats(stats: &[StatsColumn]) {
+    for (label, values) in stats.iter().filter(|(l, _)| l != "vm") {
+        tracing::info!(
+            "kvm stats {label}: {}",
+            kvm_stats::summary(values, LOGGED_VCPU_STATS)
+        );
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP end the VM like any other exit, so the
@@ -440,6 +503,11 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             );
         }
     }
+    let profiler = config
+        .guest_profile
+        .as_ref()
+        .map(|p| Profiler::new(p, &config.kernel, config.vcpus).map(Arc::new))
+        .transpose()?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id)?;
@@ -451,6 +519,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         )?;
         vcpus.push(vcpu);
     }
+    let stats = open_stats(&vm, &vcpus);
 
     let shared = Arc::new(VcpuShared {
         bus,
@@ -461,7 +530,11 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         fallback_stats: Default::default(),
         xsave_layout: xsave::Layout::from_cpuid(&supported),
         started,
+        profiler: profiler.clone(),
     });
+    if let Some(p) = &profiler {
+        p.start(exit.clone())?;
+    }
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
         // Named per vCPU: a panic report (crate::fatal) names its thread.
@@ -481,6 +554,14 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     }
     for (nic, counters) in &backends.nics {
         tracing::info!("--net {nic}: {}", counters.summary());
+    }
+    let stats = read_stats(&stats);
+    log_stats(&stats);
+    if let Some(p) = &profiler {
+        match p.write(&stats) {
+            Ok(path) => tracing::info!("guest profile written to {}", path.display()),
+            Err(e) => tracing::warn!("{e}"),
+        }
     }
     // vCPU threads still inside KVM_RUN end with the process.
     Ok(reason)

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod exit;
 pub mod fatal;
 pub mod logfile;
+pub mod profiler;
 pub mod pvm;
 pub mod virtiofsd;
 pub mod vstate;

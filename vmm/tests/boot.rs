@@ -8,7 +8,8 @@ use podbox_tests::guest::{busybox, compile_static_c, guest_kernel, KernelVariant
 use podbox_tests::initramfs::Initramfs;
 use podbox_tests::kvm_available;
 use podbox_tests::vm::{run_vmm, BOOT_DEADLINE};
-use podbox_vmm::config::VmConfig;
+use podbox_vmm::config::{ProfileConfig, VmConfig};
+use podbox_vmm::profiler::folded_path;
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
 const MARKER: &str = "PODBOX-BOOT-MARKER";
@@ -25,7 +26,7 @@ fn busybox_initramfs(
     }
     fs.copy("bin/busybox", 0o755, &busybox()).unwrap();
     for applet in [
-        "sh", "mount", "cat", "echo", "grep", "nproc", "reboot", "uname",
+        "sh", "mount", "cat", "echo", "grep", "nproc", "reboot", "uname", "dd",
     ] {
         fs.symlink(&format!("bin/{applet}"), "busybox");
     }
@@ -44,6 +45,14 @@ fn line_value<'a>(serial: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
 }
 
+/// 4 KiB blocks `dd` reads from /dev/urandom under the profiler: on PVM
+/// about a few seconds of emulated ChaCha20 in the guest kernel.
+const URANDOM_BLOCKS: u32 = 64;
+
+/// The boot runs under `--guest-profile`; besides the checks below it
+/// checks the profiler: `dd` reading /dev/urandom spends its kernel time in
+/// ChaCha20's block function, so that is dd's top kernel function in the
+/// folded stacks, and the report names the boot's work and KVM's counts.
 #[test]
 fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
     if !kvm_available("boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0") {
@@ -68,6 +77,9 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
          grep MemTotal /proc/meminfo\n\
          /syscall_probe\n\
          /vector_state_probe\n\
+         mount -t devtmpfs dev /dev\n\
+         dd if=/dev/urandom of=/dev/null bs=4096 count={URANDOM_BLOCKS} 2>/dev/null\n\
+         echo urandom-done\n\
          reboot -f\n"
     );
     let initrd = busybox_initramfs(
@@ -79,18 +91,28 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
         ],
     );
     let kernel = guest_kernel(KernelVariant::Podbox);
+    let profile = dir.path().join("boot.profile");
     let run = run_vmm(
         VMM.as_ref(),
         dir.path(),
         VmConfig {
             initrd: Some(initrd),
             vcpus: 2,
+            guest_profile: Some(ProfileConfig {
+                path: profile.clone(),
+                hz: 200,
+            }),
             ..VmConfig::new(kernel)
         },
         BOOT_DEADLINE,
     );
     let t = run.transcript();
     assert!(run.serial.contains(MARKER), "init marker missing\n{t}");
+    assert!(
+        run.serial.contains("urandom-done"),
+        "dd did not finish\n{t}"
+    );
+    check_profile(&profile, &t);
     assert_eq!(
         run.status.code(),
         Some(0),
@@ -159,6 +181,38 @@ fn boots_to_init_with_2_vcpus_and_256_mib_and_reboot_exits_0() {
             .unwrap_or_else(|| panic!("no xsave count in the fallback counts\n{t}"));
         assert!(xsaves > 0, "the guest kernel did not use XSAVE\n{t}");
     }
+}
+
+/// What `--guest-profile` wrote for the boot test's VM.
+fn check_profile(profile: &std::path::Path, t: &str) {
+    let report = std::fs::read_to_string(profile)
+        .unwrap_or_else(|e| panic!("no profile at {}: {e}\n{t}", profile.display()));
+    let folded = std::fs::read_to_string(folded_path(profile)).expect("folded stacks");
+    let all = format!("{report}\n--- folded ---\n{folded}\n{t}");
+    // dd's kernel samples, by function, from `dd;[kernel];FUNCTION COUNT`.
+    let mut dd: Vec<(u64, &str)> = folded
+        .lines()
+        .filter_map(|l| {
+            let (stack, n) = l.rsplit_once(' ')?;
+            let f = stack.strip_prefix("dd;[kernel];")?;
+            Some((n.parse().ok()?, f))
+        })
+        .collect();
+    dd.sort_unstable_by(|a, b| b.cmp(a));
+    let dd_total: u64 = dd.iter().map(|(n, _)| n).sum();
+    assert!(dd_total >= 20, "too few samples of dd in the kernel\n{all}");
+    assert_eq!(
+        dd.first().map(|(_, f)| *f),
+        Some("chacha_permute"),
+        "dd's top kernel function must be ChaCha20's\n{all}"
+    );
+    assert!(report.contains("2 vCPU(s)"), "{all}");
+    for section in ["top guest kernel functions", "processes", "KVM statistics"] {
+        assert!(report.contains(section), "no {section:?} section\n{all}");
+    }
+    assert!(folded.lines().any(|l| l.starts_with("swapper/")), "{all}");
+    assert!(t.contains("guest profile written to"), "{t}");
+    assert!(t.contains("kvm stats vcpu1: exits="), "{t}");
 }
 
 #[test]

@@ -109,6 +109,16 @@ impl StateDir {
         })
     }
 
+    /// `<namespace>-<pod_id>.profile`: the pod's guest profile's name in
+    /// the node's `guest_profile_dir` (outside the state directory, which
+    /// goes with the pod).
+    pub fn profile_file_name(&self) -> String {
+        let mut parts = self.dir.iter().rev().take(2).map(|p| p.to_string_lossy());
+        let pod = parts.next().unwrap_or_default();
+        let namespace = parts.next().unwrap_or_default();
+        format!("{namespace}-{pod}.profile")
+    }
+
     pub fn vsock_socket(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }

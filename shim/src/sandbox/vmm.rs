@@ -16,7 +16,8 @@ use podbox_agent_client::{AgentClient, ReadyListener, VmProgress};
 pub use podbox_vmm::logfile::tail;
 use podbox_vmm::logfile::RotatingLog;
 use podbox_vmm_config::{
-    FsBackend, FsConfig, NetBackend, NetConfig, SerialOutput, VirtiofsdSpec, VmConfig, VsockConfig,
+    FsBackend, FsConfig, NetBackend, NetConfig, ProfileConfig, SerialOutput, VirtiofsdSpec,
+    VmConfig, VsockConfig, DEFAULT_PROFILE_HZ,
 };
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -109,6 +110,10 @@ pub fn vm_config(
             }),
         }),
         nics: nic.into_iter().collect(),
+        guest_profile: config.guest_profile_dir.as_ref().map(|dir| ProfileConfig {
+            path: dir.join(state.profile_file_name()),
+            hz: DEFAULT_PROFILE_HZ,
+        }),
         ..VmConfig::new(&settings.kernel)
     }
 }
@@ -241,6 +246,13 @@ impl VmmLauncher {
         }
         let vmm = find_vmm()?;
         state.create()?;
+        if let Some(dir) = &self.config.guest_profile_dir {
+            // The VMM writes the profile there when the VM ends; without
+            // the directory only that write fails (said in vmm.log).
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                tracing::warn!("guest_profile_dir {}: {e}", dir.display());
+            }
+        }
         // Bound before the VMM starts, so the agent's ready call cannot
         // come too early to be seen.
         let path = state.vsock_socket();
@@ -476,6 +488,7 @@ mod tests {
             virtiofsd: Some("/usr/libexec/virtiofsd".into()),
             fs_cache: CachePolicy::Always,
             log_max_bytes: 1048576,
+            guest_profile_dir: Some("/var/lib/podbox/profiles".into()),
             ..Config::default()
         };
         let state = StateDir::for_pod("ns", "p").expect("valid id");
@@ -511,6 +524,7 @@ mod tests {
             "--virtiofsd=/usr/libexec/virtiofsd",
             "--fs-cache=always",
             "--net=fd=7,mac=0a:58:0a:58:00:05",
+            "--guest-profile=/var/lib/podbox/profiles/ns-p.profile,hz=100",
         ] {
             assert!(args.contains(expected), "{expected:?} in {args}");
         }
@@ -523,5 +537,6 @@ mod tests {
             !format!("{:?}", unset.to_args()).contains("--virtiofsd="),
             "without a configured virtiofsd podbox-vmm finds one"
         );
+        assert_eq!(unset.guest_profile, None, "no profiling unless configured");
     }
 }

@@ -13,6 +13,9 @@
 //! # where io.podbox.kernel / io.podbox.initrd may point (when allowed)
 //! asset_dirs = ["/usr/share/podbox"]
 //! log_max_bytes = 1048576   # console.log and vmm.log rotate here
+//! # runtime developers: profile each pod's VM (podbox-vmm --guest-profile)
+//! # to <dir>/<namespace>-<pod id>.profile when the pod's VM ends
+//! guest_profile_dir = "/var/lib/podbox/profiles"
 //! ```
 //!
 //! Unknown keys are errors (a misspelt key would otherwise be silently
@@ -87,6 +90,10 @@ pub struct Config {
     /// Size at which a pod's console.log and vmm.log rotate (each keeps one
     /// `.1`): a guest printing for ever cannot fill /run (1 MiB).
     pub log_max_bytes: u64,
+    /// Where each pod's VM writes its guest profile (podbox-vmm
+    /// `--guest-profile`, 100 Hz) when it ends; none by default (a
+    /// developer's tool: each sample costs the guest a vCPU exit).
+    pub guest_profile_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -103,6 +110,7 @@ impl Default for Config {
             allowed_annotations: Vec::new(),
             asset_dirs: Vec::new(),
             log_max_bytes: podbox_vmm_config::DEFAULT_SERIAL_MAX_BYTES,
+            guest_profile_dir: None,
         }
     }
 }
@@ -151,6 +159,11 @@ impl Config {
         for (key, value) in [("kernel", &self.kernel), ("initrd", &self.initrd)]
             .into_iter()
             .chain(self.virtiofsd.as_ref().map(|v| ("virtiofsd", v)))
+            .chain(
+                self.guest_profile_dir
+                    .as_ref()
+                    .map(|v| ("guest_profile_dir", v)),
+            )
         {
             if !value.is_absolute() {
                 return Err(invalid(
@@ -302,6 +315,10 @@ mod tests {
         assert_eq!(invalid_key("kernel = \"vmlinux\""), "kernel");
         assert_eq!(invalid_key("initrd = \"\""), "initrd");
         assert_eq!(invalid_key("virtiofsd = \"bin/virtiofsd\""), "virtiofsd");
+        assert_eq!(
+            invalid_key("guest_profile_dir = \"profiles\""),
+            "guest_profile_dir"
+        );
         assert_eq!(
             invalid_key("allowed_annotations = [\"io.podbox.cpus\"]"),
             "allowed_annotations"

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::net::NetConfig;
+use crate::profile::ProfileConfig;
 use crate::vm::{
     CachePolicy, ConfigError, FsBackend, FsConfig, PvmMode, SandboxMode, SerialOutput,
     VirtiofsdSpec, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
@@ -81,6 +82,12 @@ pub struct VmArgs {
     /// (the guest's). Repeat for more NICs (at most 8).
     #[arg(long, value_name = "tap=NAME|fd=N,mac=MAC")]
     net: Vec<NetConfig>,
+    /// Sample every vCPU N times a second (default 100, at most 1000) and
+    /// write where guest time went (kernel functions from the vmlinux's
+    /// symbol table, processes, halted time, KVM's statistics) to FILE when
+    /// the VM ends; folded stacks go to FILE.folded.
+    #[arg(long, value_name = "FILE[,hz=N]")]
+    guest_profile: Option<ProfileConfig>,
 }
 
 impl VmArgs {
@@ -132,6 +139,7 @@ impl VmArgs {
                 backend,
             }),
             nics: self.net,
+            guest_profile: self.guest_profile,
         };
         config.validate()?;
         Ok(config)
@@ -179,6 +187,9 @@ impl VmConfig {
         }
         for nic in &self.nics {
             args.flag("--net", nic.to_string());
+        }
+        if let Some(profile) = &self.guest_profile {
+            args.flag("--guest-profile", profile.to_string());
         }
         args.0
     }

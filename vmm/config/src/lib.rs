@@ -13,10 +13,12 @@
 
 mod args;
 mod net;
+mod profile;
 mod vm;
 
 pub use args::VmArgs;
 pub use net::{MacAddr, NetBackend, NetConfig};
+pub use profile::{ProfileConfig, DEFAULT_PROFILE_HZ, PROFILE_HZ};
 pub use vm::*;
 
 #[cfg(test)]

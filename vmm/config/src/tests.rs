@@ -59,6 +59,10 @@ fn every_config_survives_the_command_line() {
                 mac: mac(2),
             },
         ],
+        guest_profile: Some(ProfileConfig {
+            path: "/tmp/a,b/boot.profile".into(),
+            hz: 250,
+        }),
         ..VmConfig::new("/boot/vmlinux")
     };
     let socket_only = VmConfig {
@@ -298,4 +302,33 @@ fn nics_are_parsed_with_errors_naming_the_part() {
         let err = bad.parse::<NetConfig>().unwrap_err();
         assert!(err.contains(says), "{bad}: {err}");
     }
+}
+
+#[test]
+fn guest_profile_takes_a_file_and_an_optional_rate() {
+    let p: ProfileConfig = "/tmp/boot.txt".parse().expect("valid");
+    assert_eq!(p.path, std::path::Path::new("/tmp/boot.txt"));
+    assert_eq!(p.hz, DEFAULT_PROFILE_HZ);
+    let p: ProfileConfig = "/tmp/x,y.txt,hz=1000".parse().expect("valid");
+    assert_eq!((p.path.to_str(), p.hz), (Some("/tmp/x,y.txt"), 1000));
+    let p: ProfileConfig = "/tmp/x,y.txt".parse().expect("a comma in a path");
+    assert_eq!(p.path.to_str(), Some("/tmp/x,y.txt"));
+    for (bad, says) in [
+        ("f,hz=0", "from 1 to 1000"),
+        ("f,hz=1001", "from 1 to 1000"),
+        ("f,hz=fast", "\"fast\""),
+        ("f,rate=5", "the only option is hz=N"),
+        (",hz=10", "a file to write the profile to"),
+        ("", "a file to write the profile to"),
+    ] {
+        let err = bad.parse::<ProfileConfig>().unwrap_err();
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let err = VmArgs::try_parse_from(["vmm", "--kernel", "/k", "--guest-profile", "p,hz=0"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--guest-profile") && err.contains("hz="),
+        "{err}"
+    );
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::net::{NetBackend, NetConfig};
+use crate::profile::ProfileConfig;
 
 /// A NIC's `tap=NAME` or `fd=N`, as `--net` spells it.
 fn backend_arg(nic: &NetConfig) -> String {
@@ -173,6 +174,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     pub fs: Option<FsConfig>,
     pub nics: Vec<NetConfig>,
+    /// Sample the vCPUs and write a profile when the VM ends.
+    pub guest_profile: Option<ProfileConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -224,6 +227,7 @@ impl VmConfig {
             vsock: None,
             fs: None,
             nics: Vec::new(),
+            guest_profile: None,
         }
     }
 

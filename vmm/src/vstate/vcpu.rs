@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_xsave, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+    kvm_cpuid_entry2, kvm_msr_entry, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_SIPI_RECEIVED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_RESET,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -12,11 +14,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::{IoBus, MmioBus};
 use crate::exit::{ExitLatch, VmExit};
+use crate::profiler::sample::{CpuState, RunState, SampleSource};
+use crate::profiler::Profiler;
 use crate::pvm::fallback::{
     self, Effect, Exception, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN,
     PF_PRESENT, PF_WRITE,
 };
 use crate::pvm::{xsave, GuestProfile};
+use crate::vstate::kvm_stats::{KvmStats, StatsError};
 
 /// KVM_INTERNAL_ERROR_EMULATION and its "instruction bytes present" flag.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -29,6 +34,8 @@ const APIC_MODE_NMI: u32 = 0x4;
 const BP_VECTOR: u8 = 3;
 const GP_VECTOR: u8 = 13;
 const PF_VECTOR: u8 = 14;
+/// Where the kernel's GS base waits while the vCPU is in user mode.
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -56,6 +63,8 @@ pub struct VcpuShared {
     pub xsave_layout: xsave::Layout,
     /// When the VMM started, for the "first KVM_RUN" log line.
     pub started: Instant,
+    /// `--guest-profile`: sample this vCPU when the profiler kicks it.
+    pub profiler: Option<Arc<Profiler>>,
 }
 
 pub struct Vcpu {
@@ -107,6 +116,11 @@ impl Vcpu {
         Ok(())
     }
 
+    /// This vCPU's KVM statistics (read by the main thread at the end).
+    pub fn stats(&self) -> Result<KvmStats, StatsError> {
+        KvmStats::open(&self.fd)
+    }
+
     /// LINT0 takes the PIC's ExtINT, LINT1 the NMI, as the MP table says.
     fn set_lint(&self) -> Result<(), kvm_ioctls::Error> {
         let mut lapic = self.fd.get_lapic()?;
@@ -126,6 +140,10 @@ impl Vcpu {
     pub fn run(mut self, shared: Arc<VcpuShared>) {
         let id = self.id;
         let mut first_run = id == 0;
+        let profiler = shared.profiler.clone();
+        if let Some(p) = &profiler {
+            p.slot(id).kick.register(self.fd.get_kvm_run());
+        }
         while !shared.exit.is_set() {
             if first_run {
                 tracing::info!(
@@ -184,6 +202,37 @@ impl Vcpu {
             if let Some(exit) = outcome {
                 shared.exit.trigger(exit);
             }
+            if let Some(p) = &profiler {
+                if self.take_kick() {
+                    p.record(
+                        id,
+                        &VcpuGuest {
+                            vcpu: &self,
+                            shared: &shared,
+                        },
+                    );
+                }
+            }
+        }
+        if let Some(p) = &profiler {
+            p.slot(id).kick.unregister();
+        }
+    }
+
+    /// Whether the profiler kicked this vCPU since the last look (its
+    /// signal handler set `immediate_exit`); clears the flag, or every
+    /// later KVM_RUN would return at once.
+    fn take_kick(&mut self) -> bool {
+        let run = self.fd.get_kvm_run();
+        let flag = std::ptr::addr_of_mut!(run.immediate_exit);
+        // SAFETY: `flag` points into this vCPU's mapped kvm_run; volatile
+        // because the signal handler on this thread writes it.
+        unsafe {
+            let kicked = flag.read_volatile() != 0;
+            if kicked {
+                flag.write_volatile(0);
+            }
+            kicked
         }
     }
 
@@ -464,6 +513,47 @@ impl GuestAccess for VcpuGuest<'_> {
 
     fn xsave_layout(&self) -> &xsave::Layout {
         &self.shared.xsave_layout
+    }
+}
+
+/// What a profiler sample reads of a kicked vCPU.
+impl SampleSource for VcpuGuest<'_> {
+    fn state(&self) -> Option<CpuState> {
+        let regs = self.vcpu.fd.get_regs().ok()?;
+        let sregs = self.vcpu.fd.get_sregs().ok()?;
+        Some(CpuState {
+            rip: regs.rip,
+            cpl: (sregs.cs.selector & 3) as u8,
+            gs_base: sregs.gs.base,
+        })
+    }
+
+    fn run_state(&self) -> RunState {
+        match self.vcpu.fd.get_mp_state().map(|s| s.mp_state) {
+            Ok(KVM_MP_STATE_HALTED) => RunState::Halted,
+            Ok(
+                KVM_MP_STATE_UNINITIALIZED
+                | KVM_MP_STATE_INIT_RECEIVED
+                | KVM_MP_STATE_SIPI_RECEIVED,
+            ) => RunState::NotStarted,
+            _ => RunState::Running,
+        }
+    }
+
+    fn kernel_gs_base(&self) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_KERNEL_GS_BASE,
+            ..Default::default()
+        }])
+        .ok()?;
+        match self.vcpu.fd.get_msrs(&mut msrs) {
+            Ok(1) => Some(msrs.as_slice()[0].data),
+            _ => None,
+        }
+    }
+
+    fn read_virt(&self, gva: u64, len: usize) -> Option<Vec<u8>> {
+        self.vcpu.read_guest_virt(self.shared, gva, len).ok()
     }
 }
 
