@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-pods bench-net install
+.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-agent-boot bench-pods bench-net install
 
 deps:
 	scripts/deps.sh
@@ -45,6 +45,14 @@ demo-vm: deps
 bench: bench-assets
 	$(CARGO) build --release -p podbox-vmm
 	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- boot
+
+# Boot to agent-ready, the guest kernel and agent of before the boot diet
+# (issue 11) beside today's, in one run (two guest boots per run).
+bench-agent-boot: test-assets
+	guest-kernel/build.sh --variant baseline
+	guest-image/build.sh --baseline
+	$(CARGO) build --release -p podbox-vmm
+	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- agent-boot --runs 2
 
 # Pods through containerd, podbox beside runc (several guest boots: minutes).
 bench-pods: test-assets

@@ -2,7 +2,7 @@
 # Build the podbox guest kernel: an uncompressed x86-64 vmlinux from Debian's
 # linux-source-6.12, allnoconfig + podbox.config + patches/.
 #
-#   guest-kernel/build.sh [--variant podbox|qemu] [--print-path]
+#   guest-kernel/build.sh [--variant podbox|qemu|baseline] [--print-path]
 #
 # --variant podbox (default): the kernel podbox-vmm boots. Its patches/ are
 #   only the ones the VMM cannot replace (the PVM syscall completion, which is
@@ -10,6 +10,8 @@
 # --variant qemu: the same kernel plus patches/qemu/*, which remove the
 #   instructions podbox-vmm's emulation fallback performs on PVM hosts; the
 #   benchmark boots it under QEMU microvm, which has no such fallback.
+# --variant baseline: the podbox kernel from baseline.config, the fragment
+#   before the boot diet, for `podbox-bench agent-boot` (before vs after).
 # --print-path: build and install nothing; print the path of the cached
 #   vmlinux for the current inputs, or fail (status 1) if it is not built
 #   yet. The test harness looks the kernel up this way (`make test-assets`,
@@ -34,14 +36,16 @@ while [ $# -gt 0 ]; do
         --variant) variant=${2:-}; shift 2 || { echo "build.sh: --variant needs a value" >&2; exit 2; } ;;
         --variant=*) variant=${1#--variant=}; shift ;;
         --print-path) print_path=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
+fragment=$here/podbox.config
 case "$variant" in
     podbox) patch_dirs=("$here/patches") ;;
     qemu) patch_dirs=("$here/patches" "$here/patches/qemu") ;;
-    *) echo "build.sh: unknown variant '$variant' (expected podbox or qemu)" >&2; exit 2 ;;
+    baseline) patch_dirs=("$here/patches"); fragment=$here/baseline.config ;;
+    *) echo "build.sh: unknown variant '$variant' (expected podbox, qemu or baseline)" >&2; exit 2 ;;
 esac
 
 log() { echo "guest-kernel: $*" >&2; }
@@ -75,7 +79,7 @@ done
 
 key=$( {
     echo "recipe $RECIPE_VERSION variant $variant source $SOURCE_PACKAGE $source_version"
-    cat "$here/podbox.config"
+    cat "$fragment"
     for p in "${patches[@]}"; do echo "patch ${p#"$here"/}"; cat "$p"; done
 } | sha256sum | cut -c1-16)
 
@@ -114,7 +118,7 @@ done
 
 # allnoconfig with the fragment forced in; then check that every option the
 # fragment names kept its value (an unmet dependency drops one silently).
-KCONFIG_ALLCONFIG="$here/podbox.config" make -C "$work" -s allnoconfig >&2
+KCONFIG_ALLCONFIG="$fragment" make -C "$work" -s allnoconfig >&2
 missing=0
 while IFS= read -r line; do
     case "$line" in
@@ -130,7 +134,7 @@ while IFS= read -r line; do
         log "config: wanted '$want', got '$(grep -E "^(# )?$name[= ]" "$work/.config" || echo absent)'"
         missing=1
     fi
-done < "$here/podbox.config"
+done < "$fragment"
 [ "$missing" = 0 ] || { log "config fragment did not apply cleanly"; exit 1; }
 
 make -C "$work" -s -j"$(nproc)" vmlinux >&2

@@ -7,6 +7,7 @@
 //! exits before it is registered.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock};
 use std::time::Duration;
 
@@ -69,11 +70,33 @@ pub fn registry() -> MutexGuard<'static, Registry> {
     lock(registry_mutex())
 }
 
+/// Counts registrations; signalled on each, for a reaper with no children.
+fn child_started() -> &'static (AtomicU64, Condvar) {
+    static STARTED: OnceLock<(AtomicU64, Condvar)> = OnceLock::new();
+    STARTED.get_or_init(Default::default)
+}
+
 /// Registers `pid` (call with the guard from `registry`).
 pub fn register(reg: &mut Registry, pid: i32) -> Arc<ExitCell> {
     let cell = Arc::new(ExitCell::default());
     reg.insert(pid, cell.clone());
+    let (count, cv) = child_started();
+    count.fetch_add(1, Ordering::SeqCst);
+    cv.notify_all();
     cell
+}
+
+/// While the agent has no children, waits for the next registration (with
+/// a 1 s safety net) instead of polling: on PVM hosts every wakeup of an
+/// idle guest is emulated kernel work. `seen` is the registration count
+/// read before the waitpid that found no children; a child registered
+/// since then ends the wait at once.
+fn wait_for_a_child(seen: u64) {
+    let (count, cv) = child_started();
+    let reg = registry();
+    if count.load(Ordering::SeqCst) == seen {
+        let _ = cv.wait_timeout(reg, Duration::from_secs(1));
+    }
 }
 
 /// Starts the reaper thread (idempotent).
@@ -89,13 +112,14 @@ pub fn start() {
 
 fn reap_loop() {
     loop {
+        let seen = child_started().0.load(Ordering::SeqCst);
         let (pid, status) = match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, code),
             Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + sig as i32),
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(_) => {
-                // ECHILD: no children right now; check again shortly.
-                std::thread::sleep(Duration::from_millis(20));
+                // ECHILD: no children right now.
+                wait_for_a_child(seen);
                 continue;
             }
         };

@@ -12,6 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::fcntl::OFlag;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 
@@ -22,7 +26,11 @@ use crate::container::spawn::{self, Namespaces, PidNs};
 use crate::container::{seccomp, validate_id, validate_process, Error, InitConfig, InitMode};
 use crate::reaper::{lock, ExitCell};
 
+/// How often OOM counters are re-read where the kernel cannot tell the
+/// agent of a change (cgroup v1's memory.oom_control), and the longest an
+/// event-driven wait lasts before a re-check anyway.
 const OOM_POLL: Duration = Duration::from_millis(100);
+const OOM_WAIT_MAX: Duration = Duration::from_secs(30);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Container {
@@ -47,10 +55,29 @@ struct Pod {
     storages: Vec<PathBuf>,
 }
 
-#[derive(Default)]
 struct OomQueue {
     events: Mutex<VecDeque<String>>,
     cv: Condvar,
+    /// A byte here wakes the watcher: a container was added, or the
+    /// sandbox is going away.
+    wake: (OwnedFd, OwnedFd),
+}
+
+impl OomQueue {
+    fn new() -> Self {
+        let wake = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+            .expect("a pipe for the OOM watcher");
+        OomQueue {
+            events: Mutex::default(),
+            cv: Condvar::new(),
+            wake,
+        }
+    }
+
+    fn wake_watcher(&self) {
+        // A full pipe already wakes it: EAGAIN is fine.
+        let _ = nix::unistd::write(&self.wake.1, &[1]);
+    }
 }
 
 pub struct Sandbox {
@@ -79,7 +106,7 @@ impl Sandbox {
             cgroups,
             pod: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
-            oom: OomQueue::default(),
+            oom: OomQueue::new(),
             destroyed: AtomicBool::new(false),
         })
     }
@@ -151,16 +178,40 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Polls each container's OOM-kill counter. Polling one counter file
-    /// works the same on v1 (memory.oom_control) and v2 (memory.events),
-    /// and 100 ms is far below how fast a shim reacts anyway.
+    /// Watches each container's OOM-kill counter. On cgroup v2 the kernel
+    /// marks memory.events for poll(2) (POLLPRI) when it changes, so the
+    /// watcher sleeps until then: an idle pod's guest kernel is not woken
+    /// ten times a second (each wakeup is emulated work on PVM hosts). A
+    /// file opened before its counter is read reports any later change, so
+    /// no kill is missed. On v1 (no such notification) it re-reads every
+    /// 100 ms, far below how fast a shim reacts anyway.
     fn watch_oom(&self) {
         while !self.destroyed.load(Ordering::SeqCst) {
             let ctrs: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
-            for c in ctrs {
-                self.check_oom(&c);
+            let files: Vec<std::fs::File> = ctrs
+                .iter()
+                .filter_map(|c| c.cgroup.oom_events_path())
+                .filter_map(|p| std::fs::File::open(p).ok())
+                .collect();
+            for c in &ctrs {
+                self.check_oom(c);
             }
-            std::thread::sleep(OOM_POLL);
+            let timeout = if files.len() == ctrs.len() {
+                OOM_WAIT_MAX
+            } else {
+                OOM_POLL
+            };
+            let mut fds: Vec<PollFd> = files
+                .iter()
+                .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLPRI))
+                .collect();
+            fds.push(PollFd::new(self.oom.wake.0.as_fd(), PollFlags::POLLIN));
+            let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+            let _ = poll(&mut fds, timeout);
+            let mut drain = [0u8; 64];
+            while matches!(nix::unistd::read(self.oom.wake.0.as_raw_fd(), &mut drain), Ok(n) if n > 0)
+            {
+            }
         }
     }
 
@@ -293,6 +344,8 @@ impl Sandbox {
             return Err(Error::AlreadyExists(format!("container {id:?}")));
         }
         ctrs.insert(id.to_string(), c);
+        drop(ctrs);
+        self.oom.wake_watcher();
         log::info!("container {id} created");
         Ok(())
     }
@@ -394,6 +447,7 @@ impl Sandbox {
             }
         }
         self.destroyed.store(true, Ordering::SeqCst);
+        self.oom.wake_watcher();
         if let Some(pod) = lock(&self.pod).take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pod.pause_pid),

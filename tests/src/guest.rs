@@ -14,6 +14,9 @@ pub enum KernelVariant {
     /// Plus the patches that stand in for podbox-vmm's emulation fallback,
     /// for QEMU on PVM hosts.
     Qemu,
+    /// The podbox kernel before the boot diet (`baseline.config`), for
+    /// `podbox-bench agent-boot`.
+    Baseline,
 }
 
 impl KernelVariant {
@@ -21,6 +24,7 @@ impl KernelVariant {
         match self {
             KernelVariant::Podbox => "podbox",
             KernelVariant::Qemu => "qemu",
+            KernelVariant::Baseline => "baseline",
         }
     }
 
@@ -30,6 +34,7 @@ impl KernelVariant {
         match self {
             KernelVariant::Podbox => "`make test-assets` (`make test` runs it first)",
             KernelVariant::Qemu => "`make bench-assets` (`make bench` runs it first)",
+            KernelVariant::Baseline => "`make bench-agent-boot`",
         }
     }
 }

@@ -42,6 +42,17 @@ pub fn agent_initramfs() -> PathBuf {
     path
 }
 
+/// The guest image with the agent built as before the boot diet
+/// (`guest-image/build.sh --baseline`), for `podbox-bench agent-boot`.
+pub fn baseline_initramfs() -> PathBuf {
+    prepared_output(
+        "guest-image/build.sh",
+        &["--baseline"],
+        "the baseline guest image",
+        "run `make bench-agent-boot` or `guest-image/build.sh --baseline`",
+    )
+}
+
 /// What builds the guest image and its static agent.
 const IMAGE_REMEDY: &str =
     "run `make test-assets` (`make test` runs it first) or `guest-image/build.sh`";
@@ -84,7 +95,8 @@ pub fn agent_binary() -> PathBuf {
     let target = std::env::var_os("PODBOX_GUEST_TARGET_DIR")
         .map(|dir| repo_root().join(dir))
         .unwrap_or_else(|| repo_root().join("target/guest"));
-    let agent = target.join("x86_64-unknown-linux-gnu/release/podbox-agent");
+    // The `guest` cargo profile guest-image/build.sh builds it with.
+    let agent = target.join("x86_64-unknown-linux-gnu/guest/podbox-agent");
     assert!(
         agent.is_file(),
         "no agent binary at {}: {IMAGE_REMEDY}",

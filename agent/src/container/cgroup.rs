@@ -219,6 +219,14 @@ impl Cgroup {
         Ok(())
     }
 
+    /// cgroup v2's memory.events, which the kernel marks for poll(2)
+    /// (POLLPRI) when a counter in it changes; None on v1.
+    pub fn oom_events_path(&self) -> Option<PathBuf> {
+        self.v2
+            .then(|| self.dir("memory").map(|d| d.join("memory.events")))
+            .flatten()
+    }
+
     /// How many times the kernel OOM-killed a process of this group.
     pub fn oom_kills(&self) -> u64 {
         let (file, key) = if self.v2 {

@@ -1,5 +1,6 @@
 //! Benchmarks: side-by-side measurements printed as tables (never asserted).
 
+pub mod agent_boot;
 pub mod boot;
 pub mod fs;
 pub mod net;

@@ -1,6 +1,7 @@
 //! `podbox-bench`: podbox's benchmarks, each printing a markdown table.
 //!
 //!   podbox-bench boot [--runs N] [--vmm PATH]
+//!   podbox-bench agent-boot [--runs N] [--vmm PATH]   (before vs after the boot diet)
 //!   podbox-bench vsock [--runs N] [--vmm PATH]
 //!   podbox-bench fs [--runs N] [--vmm PATH]
 //!   podbox-bench pods [--runs N]
@@ -17,16 +18,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use podbox_tests::bench::agent_boot::{AgentBootBench, GuestBuild};
 use podbox_tests::bench::boot::BootBench;
 use podbox_tests::bench::fs::FsBench;
 use podbox_tests::bench::net::NetBench;
 use podbox_tests::bench::pods::PodsBench;
 use podbox_tests::bench::vsock::VsockBench;
+use podbox_tests::guest::{guest_kernel, KernelVariant};
+use podbox_tests::guest_image::{agent_initramfs, baseline_initramfs};
 use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: podbox-bench boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K]"
+        "usage: podbox-bench boot|agent-boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K]"
     );
     ExitCode::from(2)
 }
@@ -84,6 +88,17 @@ fn main() -> ExitCode {
     };
     let result = match which.as_str() {
         "boot" => BootBench::run(&vmm, runs, work.path()).map(|b| b.table()),
+        "agent-boot" => {
+            let before = GuestBuild {
+                kernel: guest_kernel(KernelVariant::Baseline),
+                initrd: baseline_initramfs(),
+            };
+            let after = GuestBuild {
+                kernel: guest_kernel(KernelVariant::Podbox),
+                initrd: agent_initramfs(),
+            };
+            AgentBootBench::run(&vmm, runs, before, after, work.path()).map(|b| b.table())
+        }
         "vsock" => VsockBench::run(&vmm, runs, work.path()).map(|b| b.table()),
         "fs" => FsBench::run(&vmm, runs, work.path()).map(|b| b.table()),
         _ => return usage(),

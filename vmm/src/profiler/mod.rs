@@ -169,7 +169,8 @@ impl Profiler {
             })
         };
         write(path, report::render(&header, &tallies, stats))?;
-        write(&folded_path(path), report::folded(&tallies))?;
+        let name = |addr| self.symbols.function(addr).unwrap_or("?").to_owned();
+        write(&folded_path(path), report::folded(&tallies, &name))?;
         Ok(path)
     }
 }

@@ -229,15 +229,21 @@ fn render_stats(w: &mut String, stats: &[StatsColumn]) {
     }
 }
 
-/// Folded stacks, one `process;mode;function count` line each, for
-/// flamegraph.pl or speedscope. Kernel samples carry the function only
-/// (the guest kernel has no frame pointers to walk).
-pub fn folded(vcpus: &[Tally]) -> String {
+/// Folded stacks, one `process;mode;outermost;...;function count` line
+/// each, for flamegraph.pl or speedscope; `name` names a caller's start
+/// address (kernel samples carry callers where the guest kernel keeps
+/// frame pointers).
+pub fn folded(vcpus: &[Tally], name: &dyn Fn(u64) -> String) -> String {
     let mut stacks: HashMap<String, u64> = HashMap::new();
     for tally in vcpus {
         for (key, &n) in &tally.counts {
             let frame = match &key.place {
-                Place::Kernel(f) => format!("[kernel];{f}"),
+                Place::Kernel(f) => {
+                    let mut frames = vec!["[kernel]".to_string()];
+                    frames.extend(key.callers.iter().rev().map(|&a| name(a)));
+                    frames.push(f.clone());
+                    frames.join(";")
+                }
                 Place::User(_) | Place::Other => "[user]".into(),
                 Place::Halted => "[halted]".into(),
                 Place::NotStarted => "[not-started]".into(),
@@ -268,6 +274,7 @@ mod tests {
                 t.add(Key {
                     process: (*p).into(),
                     place: place.clone(),
+                    callers: Vec::new(),
                 });
             }
         }
@@ -321,14 +328,21 @@ mod tests {
 
     #[test]
     fn folded_lines_are_process_mode_function_count() {
-        let vcpus = [tally(&[
+        let mut vcpus = [tally(&[
             ("podbox agent", Place::Kernel("do_syscall_64".into()), 3),
             ("a;b", Place::User(1), 1),
             ("swapper/1", Place::Halted, 2),
         ])];
+        vcpus[0].add(Key {
+            process: "sh".into(),
+            place: Place::Kernel("memset".into()),
+            callers: vec![0x20, 0x10],
+        });
+        let name = |a: u64| format!("f{a:x}");
         assert_eq!(
-            folded(&vcpus),
-            "a_b;[user] 1\npodbox_agent;[kernel];do_syscall_64 3\nswapper/1;[halted] 2\n"
+            folded(&vcpus, &name),
+            "a_b;[user] 1\npodbox_agent;[kernel];do_syscall_64 3\nsh;[kernel];f10;f20;memset 1\n\
+             swapper/1;[halted] 2\n"
         );
     }
 }

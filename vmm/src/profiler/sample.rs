@@ -13,6 +13,11 @@ const TASK_COMM_LEN: usize = 16;
 /// counted as "other": a guest cannot grow the VMM's memory by running
 /// code at ever new user addresses.
 pub const MAX_KEYS: usize = 16 * 1024;
+/// Caller frames walked per kernel sample (frame pointers).
+pub const MAX_FRAMES: usize = 24;
+/// How far up from the first frame a caller's frame may lie: a kernel
+/// stack is 16 KiB; a chain leaving it is garbage or an IRQ-stack switch.
+const MAX_STACK_SPAN: u64 = 16 * 1024;
 
 /// What the profiler reads of a vCPU when it has been kicked out of KVM_RUN.
 pub trait SampleSource {
@@ -40,6 +45,8 @@ pub enum RunState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuState {
     pub rip: u64,
+    /// The frame pointer (in a kernel built with them).
+    pub rbp: u64,
     /// The current privilege level: 0 kernel, 3 user.
     pub cpl: u8,
     /// GS base: the kernel's per-CPU base while in the kernel.
@@ -68,6 +75,9 @@ pub struct Key {
     /// The running task's name, or "?" where it cannot be read.
     pub process: String,
     pub place: Place,
+    /// For a kernel sample in a frame-pointer kernel: the callers'
+    /// function starts, innermost first (empty otherwise).
+    pub callers: Vec<u64>,
 }
 
 impl Key {
@@ -77,6 +87,7 @@ impl Key {
         Key {
             process: "*".into(),
             place: Place::Other,
+            callers: Vec::new(),
         }
     }
 }
@@ -107,6 +118,7 @@ pub fn take(source: &dyn SampleSource, symbols: &KernelSymbols) -> Key {
         return Key {
             process: "?".into(),
             place: Place::Unknown,
+            callers: Vec::new(),
         };
     };
     let process = symbols
@@ -124,7 +136,45 @@ pub fn take(source: &dyn SampleSource, symbols: &KernelSymbols) -> Key {
             None => Place::Kernel(format!("{:#x}", state.rip)),
         },
     };
-    Key { process, place }
+    let callers = match place {
+        Place::Kernel(_) if symbols.frame_pointers => callers(source, symbols, state.rbp),
+        _ => Vec::new(),
+    };
+    Key {
+        process,
+        place,
+        callers,
+    }
+}
+
+/// Walks the frame-pointer chain from `rbp`: each frame holds the caller's
+/// RBP, then the return address. The guest controls every word, so a
+/// frame must be aligned, in the kernel half, above the last one and
+/// within one kernel stack of the first, and its return address in kernel
+/// text; the walk stops at the first that is not.
+fn callers(source: &dyn SampleSource, symbols: &KernelSymbols, mut rbp: u64) -> Vec<u64> {
+    let first = rbp;
+    let mut out = Vec::new();
+    while out.len() < MAX_FRAMES
+        && rbp >= KERNEL_HALF
+        && rbp.is_multiple_of(8)
+        && rbp.wrapping_sub(first) < MAX_STACK_SPAN
+    {
+        let Some(frame) = source.read_virt(rbp, 16) else {
+            break;
+        };
+        let word = |i: usize| u64::from_le_bytes(frame[i * 8..i * 8 + 8].try_into().unwrap());
+        let (next, ret) = (word(0), word(1));
+        let Some(start) = symbols.function_start(ret) else {
+            break;
+        };
+        out.push(start);
+        if next <= rbp {
+            break;
+        }
+        rbp = next;
+    }
+    out
 }
 
 /// The running task's `comm`, read from guest memory: every value on the
@@ -169,6 +219,7 @@ mod tests {
         run: RunState,
         /// The per-CPU base, in GS (kernel mode) or the MSR (user mode).
         gs: u64,
+        rbp: u64,
         memory: Vec<(u64, Vec<u8>)>,
     }
 
@@ -176,7 +227,12 @@ mod tests {
         fn state(&self) -> Option<CpuState> {
             let (rip, cpl) = self.regs?;
             let gs_base = if cpl == 0 { self.gs } else { 0 };
-            Some(CpuState { rip, cpl, gs_base })
+            Some(CpuState {
+                rip,
+                rbp: self.rbp,
+                cpl,
+                gs_base,
+            })
         }
         fn run_state(&self) -> RunState {
             self.run
@@ -212,6 +268,7 @@ mod tests {
             regs: Some((0x40_1000, 3)),
             run: RunState::Running,
             gs: GS,
+            rbp: 0,
             memory: vec![(GS + 0x20c40, TASK.to_le_bytes().to_vec()), (TASK, task)],
         }
     }
@@ -279,6 +336,72 @@ mod tests {
         assert_eq!(take(&g, &symbols()).process, "?");
     }
 
+    fn fp_symbols() -> KernelSymbols {
+        let mut s = KernelSymbols::from_functions(&[
+            (0xffff_ffff_8100_0000, "leaf"),
+            (0xffff_ffff_8100_1000, "caller"),
+            (0xffff_ffff_8100_2000, "outer"),
+        ]);
+        s.current_task = symbols().current_task;
+        s
+    }
+
+    const STACK: u64 = 0xffff_c900_0001_0000;
+
+    fn frame(next: u64, ret: u64) -> Vec<u8> {
+        [next.to_le_bytes(), ret.to_le_bytes()].concat()
+    }
+
+    #[test]
+    fn kernel_samples_carry_their_callers_from_the_frame_pointers() {
+        let mut g = guest(b"sh");
+        g.regs = Some((0xffff_ffff_8100_0010, 0));
+        g.rbp = STACK;
+        g.memory
+            .push((STACK, frame(STACK + 0x40, 0xffff_ffff_8100_1234)));
+        g.memory
+            .push((STACK + 0x40, frame(0, 0xffff_ffff_8100_2100)));
+        let key = take(&g, &fp_symbols());
+        assert_eq!(key.place, Place::Kernel("leaf".into()));
+        assert_eq!(key.callers, [0xffff_ffff_8100_1000, 0xffff_ffff_8100_2000]);
+        // Without frame pointers (an ORC kernel) RBP is not followed.
+        assert!(take(&g, &symbols()).callers.is_empty());
+    }
+
+    /// A guest can point RBP anywhere and build any chain: loops, chains
+    /// going down, leaving the stack, or returning into user space stop
+    /// the walk, which never exceeds MAX_FRAMES.
+    #[test]
+    fn hostile_frame_chains_stop_the_walk() {
+        let ret = 0xffff_ffff_8100_1234;
+        let mut g = guest(b"sh");
+        g.regs = Some((0xffff_ffff_8100_0010, 0));
+        g.rbp = STACK;
+        g.memory.push((STACK, frame(STACK, ret)));
+        assert_eq!(take(&g, &fp_symbols()).callers.len(), 1, "a self-loop");
+        g.memory[2] = (STACK, frame(STACK - 0x40, ret));
+        assert_eq!(take(&g, &fp_symbols()).callers.len(), 1, "going down");
+        g.memory[2] = (STACK, frame(STACK + MAX_STACK_SPAN, ret));
+        g.memory.push((
+            STACK + MAX_STACK_SPAN,
+            frame(STACK + MAX_STACK_SPAN + 64, ret),
+        ));
+        assert_eq!(take(&g, &fp_symbols()).callers.len(), 1, "off the stack");
+        g.memory[2] = (STACK, frame(STACK + 64, 0x40_1000));
+        assert!(take(&g, &fp_symbols()).callers.is_empty(), "a user return");
+        g.rbp = STACK + 3;
+        assert!(take(&g, &fp_symbols()).callers.is_empty(), "misaligned");
+        // A long well-formed chain is cut at MAX_FRAMES.
+        let mut g = guest(b"sh");
+        g.regs = Some((0xffff_ffff_8100_0010, 0));
+        g.rbp = STACK;
+        for i in 0..100u64 {
+            g.memory
+                .push((STACK + i * 16, frame(STACK + (i + 1) * 16, ret)));
+        }
+        assert_eq!(take(&g, &fp_symbols()).callers.len(), MAX_FRAMES);
+    }
+
     #[test]
     fn the_tally_is_bounded() {
         let mut t = Tally::default();
@@ -286,6 +409,7 @@ mod tests {
             t.add(Key {
                 process: format!("p{}", rip % 7),
                 place: Place::User(rip),
+                callers: Vec::new(),
             });
         }
         assert_eq!(t.counts.len(), MAX_KEYS + 1);

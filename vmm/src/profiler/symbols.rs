@@ -35,6 +35,9 @@ pub struct KernelSymbols {
     /// (start address, name), sorted by address.
     functions: Vec<(u64, String)>,
     pub current_task: Option<CurrentTask>,
+    /// The kernel keeps frame pointers (it has no ORC unwind table, whose
+    /// kernels use RBP as a plain register): stacks can be walked.
+    pub frame_pointers: bool,
 }
 
 /// Where the running task's pointer sits in each CPU's per-CPU area, and
@@ -73,9 +76,11 @@ impl KernelSymbols {
         let mut percpu_current = None;
         let mut plain_current = None;
         let mut init_task = None;
+        let mut orc = false;
         for sym in file.symbols() {
             let Ok(name) = sym.name() else { continue };
             match name {
+                "__start_orc_unwind_ip" => orc = true,
                 "pcpu_hot" => percpu_current = Some(sym.address()),
                 "current_task" => plain_current = Some(sym.address()),
                 "init_task" => init_task = Some((sym.address(), sym.size(), sym.section_index())),
@@ -105,6 +110,7 @@ impl KernelSymbols {
             _ => None,
         };
         Ok(Self {
+            frame_pointers: !orc && !functions.is_empty(),
             functions,
             current_task,
         })
@@ -119,12 +125,33 @@ impl KernelSymbols {
         i.checked_sub(1).map(|i| self.functions[i].1.as_str())
     }
 
+    /// The start of the function `addr` lies in.
+    pub fn function_start(&self, addr: u64) -> Option<u64> {
+        if addr < KERNEL_MAP {
+            return None;
+        }
+        let i = self.functions.partition_point(|(start, _)| *start <= addr);
+        i.checked_sub(1).map(|i| self.functions[i].0)
+    }
+
     pub fn len(&self) -> usize {
         self.functions.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.functions.is_empty()
+    }
+}
+
+#[cfg(test)]
+impl KernelSymbols {
+    /// A frame-pointer kernel with these (sorted) functions, for tests.
+    pub fn from_functions(functions: &[(u64, &str)]) -> Self {
+        KernelSymbols {
+            functions: functions.iter().map(|&(a, n)| (a, n.to_owned())).collect(),
+            current_task: None,
+            frame_pointers: true,
+        }
     }
 }
 
@@ -136,16 +163,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn symbols(functions: &[(u64, &str)]) -> KernelSymbols {
-        KernelSymbols {
-            functions: functions.iter().map(|&(a, n)| (a, n.to_owned())).collect(),
-            current_task: None,
-        }
-    }
-
     #[test]
     fn an_address_belongs_to_the_symbol_at_or_below_it() {
-        let s = symbols(&[
+        let s = KernelSymbols::from_functions(&[
             (0xffff_ffff_8100_0000, "_text"),
             (0xffff_ffff_8100_0100, "start_kernel"),
             (0xffff_ffff_8100_0200, "memset"),
@@ -155,6 +175,10 @@ mod tests {
         assert_eq!(s.function(0xffff_ffff_8100_0fff), Some("memset"));
         assert_eq!(s.function(0xffff_ffff_80ff_ffff), None, "below the first");
         assert_eq!(s.function(0x40_1000), None, "a user address");
+        assert_eq!(
+            s.function_start(0xffff_ffff_8100_01ff),
+            Some(0xffff_ffff_8100_0100)
+        );
     }
 
     #[test]

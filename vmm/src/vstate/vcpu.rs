@@ -523,6 +523,7 @@ impl SampleSource for VcpuGuest<'_> {
         let sregs = self.vcpu.fd.get_sregs().ok()?;
         Some(CpuState {
             rip: regs.rip,
+            rbp: regs.rbp,
             cpl: (sregs.cs.selector & 3) as u8,
             gs_base: sregs.gs.base,
         })
