@@ -20,7 +20,7 @@ use nix::sched::{unshare, CloneFlags};
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 
 use crate::config::AgentConfig;
-use crate::container::cgroup::{Cgroup, CgroupRoot, CgroupStats};
+use crate::container::cgroup::{oom_kill_count, Cgroup, CgroupRoot, CgroupStats};
 use crate::container::process::Process;
 use crate::container::spawn::{self, Namespaces, PidNs};
 use crate::container::{seccomp, validate_id, validate_process, Error, InitConfig, InitMode};
@@ -78,6 +78,15 @@ impl OomQueue {
         // A full pipe already wakes it: EAGAIN is fine.
         let _ = nix::unistd::write(&self.wake.1, &[1]);
     }
+}
+
+/// A container's memory.events (cgroup v2), opened and read through the
+/// same descriptor, which arms it for POLLPRI; with its oom_kill count.
+fn armed_oom_events(c: &Container) -> Option<(std::fs::File, u64)> {
+    let mut file = std::fs::File::open(c.cgroup.oom_events_path()?).ok()?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).ok()?;
+    Some((file, oom_kill_count(&text)))
 }
 
 pub struct Sandbox {
@@ -179,22 +188,27 @@ impl Sandbox {
     }
 
     /// Watches each container's OOM-kill counter. On cgroup v2 the kernel
-    /// marks memory.events for poll(2) (POLLPRI) when it changes, so the
-    /// watcher sleeps until then: an idle pod's guest kernel is not woken
-    /// ten times a second (each wakeup is emulated work on PVM hosts). A
-    /// file opened before its counter is read reports any later change, so
-    /// no kill is missed. On v1 (no such notification) it re-reads every
-    /// 100 ms, far below how fast a shim reacts anyway.
+    /// marks memory.events for poll(2) (POLLPRI) when it changes after the
+    /// descriptor's last read, so the watcher reads each file through the
+    /// descriptor it then polls, and sleeps until one changes: an idle
+    /// pod's guest kernel is not woken ten times a second (each wakeup is
+    /// emulated work on PVM hosts), and a kill after that read is never
+    /// missed. memory.events also changes on every `high`/`max` event, so
+    /// after a change the watcher waits 100 ms before it looks again. On
+    /// v1 (no such notification) it re-reads every 100 ms, far below how
+    /// fast a shim reacts anyway.
     fn watch_oom(&self) {
         while !self.destroyed.load(Ordering::SeqCst) {
             let ctrs: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
-            let files: Vec<std::fs::File> = ctrs
-                .iter()
-                .filter_map(|c| c.cgroup.oom_events_path())
-                .filter_map(|p| std::fs::File::open(p).ok())
-                .collect();
+            let mut files = Vec::new();
             for c in &ctrs {
-                self.check_oom(c);
+                match armed_oom_events(c) {
+                    Some((file, kills)) => {
+                        self.note_oom_kills(c, kills);
+                        files.push(file);
+                    }
+                    None => self.note_oom_kills(c, c.cgroup.oom_kills()),
+                }
             }
             let timeout = if files.len() == ctrs.len() {
                 OOM_WAIT_MAX
@@ -208,15 +222,20 @@ impl Sandbox {
             fds.push(PollFd::new(self.oom.wake.0.as_fd(), PollFlags::POLLIN));
             let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
             let _ = poll(&mut fds, timeout);
+            let changed = fds[..files.len()]
+                .iter()
+                .any(|f| f.revents().is_some_and(|r| !r.is_empty()));
             let mut drain = [0u8; 64];
             while matches!(nix::unistd::read(self.oom.wake.0.as_raw_fd(), &mut drain), Ok(n) if n > 0)
             {
             }
+            if changed {
+                std::thread::sleep(OOM_POLL);
+            }
         }
     }
 
-    fn check_oom(&self, c: &Container) {
-        let n = c.cgroup.oom_kills();
+    fn note_oom_kills(&self, c: &Container, n: u64) {
         let seen = c.oom_seen.swap(n, Ordering::SeqCst);
         if n > seen {
             log::info!("container {} was OOM-killed ({n} kills)", c.id);

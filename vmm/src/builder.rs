@@ -503,11 +503,14 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
             );
         }
     }
-    let profiler = config
-        .guest_profile
-        .as_ref()
-        .map(|p| Profiler::new(p, &config.kernel, config.vcpus).map(Arc::new))
-        .transpose()?;
+    // A profile that cannot be taken (a stripped vmlinux) must not keep
+    // the VM from booting: say why and run without.
+    let profiler = config.guest_profile.as_ref().and_then(|p| {
+        Profiler::new(p, &config.kernel, config.vcpus)
+            .map(Arc::new)
+            .inspect_err(|e| tracing::warn!("{e}; running without the profiler"))
+            .ok()
+    });
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
         let vcpu = Vcpu::new(&vm.fd, id)?;

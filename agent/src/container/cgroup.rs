@@ -229,18 +229,13 @@ impl Cgroup {
 
     /// How many times the kernel OOM-killed a process of this group.
     pub fn oom_kills(&self) -> u64 {
-        let (file, key) = if self.v2 {
-            ("memory.events", "oom_kill")
+        let file = if self.v2 {
+            "memory.events"
         } else {
-            ("memory.oom_control", "oom_kill")
+            "memory.oom_control"
         };
         self.read("memory", file)
-            .and_then(|s| {
-                s.lines()
-                    .filter_map(|l| l.split_once(' '))
-                    .find(|(k, _)| *k == key)
-                    .and_then(|(_, v)| v.trim().parse().ok())
-            })
+            .map(|s| oom_kill_count(&s))
             .unwrap_or(0)
     }
 
@@ -369,4 +364,13 @@ impl Cgroup {
     pub fn exists(&self) -> bool {
         self.dirs.iter().any(|(_, d)| d.exists())
     }
+}
+
+/// The `oom_kill N` line of memory.events (v2) or memory.oom_control (v1).
+pub fn oom_kill_count(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == "oom_kill")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -324,6 +324,14 @@ fn guest_profile_takes_a_file_and_an_optional_rate() {
         let err = bad.parse::<ProfileConfig>().unwrap_err();
         assert!(err.contains(says), "{bad}: {err}");
     }
+    let zero = VmConfig {
+        guest_profile: Some(ProfileConfig {
+            path: "/p".into(),
+            hz: 0,
+        }),
+        ..config()
+    };
+    assert!(zero.validate().unwrap_err().to_string().contains("hz=0"));
     let err = VmArgs::try_parse_from(["vmm", "--kernel", "/k", "--guest-profile", "p,hz=0"])
         .unwrap_err()
         .to_string();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::net::{NetBackend, NetConfig};
-use crate::profile::ProfileConfig;
+use crate::profile::{ProfileConfig, PROFILE_HZ};
 
 /// A NIC's `tap=NAME` or `fd=N`, as `--net` spells it.
 fn backend_arg(nic: &NetConfig) -> String {
@@ -210,6 +210,8 @@ pub enum ConfigError {
     NetDuplicate(String),
     #[error("--serial: a file cannot be named \"-\" (that is stdout)")]
     SerialFileDash,
+    #[error("--guest-profile: hz={0} must be from {min} to {max}", min = PROFILE_HZ.start(), max = PROFILE_HZ.end())]
+    GuestProfileHz(u32),
 }
 
 impl VmConfig {
@@ -257,6 +259,11 @@ impl VmConfig {
         if let Some(fs) = &self.fs {
             if fs.tag.is_empty() || fs.tag.len() > FS_TAG_LEN || fs.tag.contains('\0') {
                 return Err(ConfigError::FsTag(fs.tag.clone()));
+            }
+        }
+        if let Some(p) = &self.guest_profile {
+            if !PROFILE_HZ.contains(&p.hz) {
+                return Err(ConfigError::GuestProfileHz(p.hz));
             }
         }
         if self.nics.len() > MAX_NICS {

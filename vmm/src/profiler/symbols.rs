@@ -34,6 +34,9 @@ pub enum SymbolError {
 pub struct KernelSymbols {
     /// (start address, name), sorted by address.
     functions: Vec<(u64, String)>,
+    /// The end of the executable sections: no function lies beyond it
+    /// (modules, BPF JIT, fixmap addresses are not kernel text).
+    text_end: u64,
     pub current_task: Option<CurrentTask>,
     /// The kernel keeps frame pointers (it has no ORC unwind table, whose
     /// kernels use RBP as a plain register): stacks can be walked.
@@ -97,6 +100,12 @@ impl KernelSymbols {
         }
         functions.sort_unstable();
         functions.dedup_by_key(|(addr, _)| *addr);
+        let text_end = file
+            .sections()
+            .filter(|s| s.kind() == SectionKind::Text)
+            .map(|s| s.address().saturating_add(s.size()))
+            .max()
+            .unwrap_or(0);
         let comm_offset = init_task.and_then(|(addr, size, section)| {
             let section = file.section_by_index(section?).ok()?;
             let bytes = section.data_range(addr, size.min(64 * 1024)).ok()??;
@@ -112,26 +121,27 @@ impl KernelSymbols {
         Ok(Self {
             frame_pointers: !orc && !functions.is_empty(),
             functions,
+            text_end,
             current_task,
         })
     }
 
     /// The function `addr` lies in: the nearest symbol at or below it.
     pub fn function(&self, addr: u64) -> Option<&str> {
-        if addr < KERNEL_MAP {
-            return None;
-        }
-        let i = self.functions.partition_point(|(start, _)| *start <= addr);
-        i.checked_sub(1).map(|i| self.functions[i].1.as_str())
+        self.index(addr).map(|i| self.functions[i].1.as_str())
     }
 
     /// The start of the function `addr` lies in.
     pub fn function_start(&self, addr: u64) -> Option<u64> {
-        if addr < KERNEL_MAP {
+        self.index(addr).map(|i| self.functions[i].0)
+    }
+
+    fn index(&self, addr: u64) -> Option<usize> {
+        if addr < KERNEL_MAP || addr >= self.text_end {
             return None;
         }
         let i = self.functions.partition_point(|(start, _)| *start <= addr);
-        i.checked_sub(1).map(|i| self.functions[i].0)
+        i.checked_sub(1)
     }
 
     pub fn len(&self) -> usize {
@@ -149,6 +159,8 @@ impl KernelSymbols {
     pub fn from_functions(functions: &[(u64, &str)]) -> Self {
         KernelSymbols {
             functions: functions.iter().map(|&(a, n)| (a, n.to_owned())).collect(),
+            // As if text ended 64 KiB after the last function.
+            text_end: functions.last().map_or(0, |&(a, _)| a + 0x1_0000),
             current_task: None,
             frame_pointers: true,
         }
@@ -175,6 +187,7 @@ mod tests {
         assert_eq!(s.function(0xffff_ffff_8100_0fff), Some("memset"));
         assert_eq!(s.function(0xffff_ffff_80ff_ffff), None, "below the first");
         assert_eq!(s.function(0x40_1000), None, "a user address");
+        assert_eq!(s.function(0xffff_ffff_a000_0000), None, "past kernel text");
         assert_eq!(
             s.function_start(0xffff_ffff_8100_01ff),
             Some(0xffff_ffff_8100_0100)
