@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
@@ -296,24 +296,31 @@ const LOGGED_VCPU_STATS: &[&str] = &[
     "halt_wait_ns",
 ];
 
-fn log_stats(stats: &[StatsColumn]) {
+/// One line per vCPU; `when` says at which point ("" at the VM's end).
+fn log_stats(stats: &[StatsColumn], when: &str) {
     for (label, values) in stats.iter().filter(|(l, _)| l != "vm") {
         tracing::info!(
-            "kvm stats {label}: {}",
+            "kvm stats{when} {label}: {}",
             kvm_stats::summary(values, LOGGED_VCPU_STATS)
         );
     }
 }
 
+/// The VM's KVM statistics files, once the vCPUs exist (for SIGUSR1).
+type StatsFiles = Arc<OnceLock<Vec<(String, KvmStats)>>>;
+
 /// SIGTERM, SIGINT and SIGHUP end the VM like any other exit, so the
-/// clean-up in [`run`] (sockets) happens. They are blocked in every thread
-/// (threads inherit the mask) and taken by one thread with sigwait.
-fn stop_on_signals(exit: Arc<ExitLatch>) -> Result<(), BuildError> {
+/// clean-up in [`run`] (sockets) happens. SIGUSR1 logs KVM's statistics
+/// so far (`kvm stats at SIGUSR1 vcpuN: ...`), for measuring one phase of
+/// a guest's work (a benchmark signals at each phase's end). They are
+/// blocked in every thread (threads inherit the mask) and taken by one
+/// thread with sigwait.
+fn stop_on_signals(exit: Arc<ExitLatch>, stats: StatsFiles) -> Result<(), BuildError> {
     // SAFETY: plain libc signal-set calls on a local, initialised set.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -324,8 +331,13 @@ fn stop_on_signals(exit: Arc<ExitLatch>) -> Result<(), BuildError> {
         .spawn(move || loop {
             let mut sig = 0;
             // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if sig != libc::SIGUSR1 {
                 exit.trigger(VmExit::Signal(sig));
+            } else if let Some(files) = stats.get() {
+                log_stats(&read_stats(files), " at SIGUSR1");
             }
         })
         .map(|_| ())
@@ -401,7 +413,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     );
 
     let exit = Arc::new(ExitLatch::new());
-    stop_on_signals(exit.clone())?;
+    let stats_files = StatsFiles::default();
+    stop_on_signals(exit.clone(), stats_files.clone())?;
     let mut kernel = open("kernel", &config.kernel)?;
     let mut initrd = config
         .initrd
@@ -522,7 +535,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         )?;
         vcpus.push(vcpu);
     }
-    let stats = open_stats(&vm, &vcpus);
+    let _ = stats_files.set(open_stats(&vm, &vcpus));
 
     let shared = Arc::new(VcpuShared {
         bus,
@@ -558,8 +571,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     for (nic, counters) in &backends.nics {
         tracing::info!("--net {nic}: {}", counters.summary());
     }
-    let stats = read_stats(&stats);
-    log_stats(&stats);
+    let stats = read_stats(stats_files.get().map_or(&[], Vec::as_slice));
+    log_stats(&stats, "");
     if let Some(p) = &profiler {
         match p.write(&stats) {
             Ok(path) => tracing::info!("guest profile written to {}", path.display()),

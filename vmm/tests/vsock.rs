@@ -88,6 +88,23 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     );
     agent.check(RPC).unwrap();
 
+    // 1b. SIGUSR1 logs KVM's statistics so far, and the VM runs on.
+    // SAFETY: kill(2) of the VMM this test started.
+    unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGUSR1) };
+    let logged = Instant::now();
+    while !vm
+        .transcript()
+        .contains("kvm stats at SIGUSR1 vcpu1: exits=")
+    {
+        assert!(
+            logged.elapsed() < Duration::from_secs(20),
+            "no statistics after SIGUSR1\n{}",
+            vm.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.check(RPC).unwrap();
+
     // 2. GetGuestDetails comes from the guest kernel, not the host's.
     let details = agent
         .agent
