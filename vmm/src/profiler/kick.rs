@@ -7,6 +7,7 @@
 //! exit. Either way the vCPU loop takes the sample at the next return.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::kvm_run;
@@ -24,12 +25,31 @@ pub fn kick_signal() -> libc::c_int {
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only an async-signal-safe store: a const-initialised thread local is
     // a plain TLS slot, and the page is this thread's own vCPU's.
-    let run = KVM_RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: set by `register` on this thread to its VcpuFd's mapped
-        // kvm_run, which lives as long as the thread runs the vCPU.
-        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    if let Some(flag) = immediate_exit() {
+        flag.store(1, Ordering::Relaxed);
     }
+}
+
+/// This thread's registered `kvm_run.immediate_exit`, as an atomic: the
+/// handler and the vCPU loop on the same thread reach it only through the
+/// raw pointer `register` stored, never through a `&mut kvm_run` that a
+/// signal could write under.
+fn immediate_exit() -> Option<&'static AtomicU8> {
+    let run = KVM_RUN.with(Cell::get);
+    if run.is_null() {
+        return None;
+    }
+    // SAFETY: set by `register` on this thread to its vCPU's mapped
+    // kvm_run, which stays mapped while the thread runs the vCPU (it
+    // unregisters first); a u8 field is always aligned for AtomicU8.
+    Some(unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*run).immediate_exit)) })
+}
+
+/// Whether this thread's vCPU was kicked since the last look; clears the
+/// flag in the same step (a kick between a read and a clear would be
+/// lost), or every later KVM_RUN would return at once.
+pub fn take_kick() -> bool {
+    immediate_exit().is_some_and(|flag| flag.swap(0, Ordering::Relaxed) != 0)
 }
 
 /// Installs the handler (once per process, before the first kick).
@@ -83,5 +103,32 @@ impl KickTarget {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<libc::pthread_t>> {
         self.thread.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real signal through the installed handler sets the registered
+    /// page's flag; `take_kick` reports it once and clears it.
+    #[test]
+    fn a_kick_sets_immediate_exit_once() {
+        install_handler().unwrap();
+        // SAFETY: kvm_run is plain old data; all zeroes is a valid value.
+        let mut run: Box<kvm_run> = Box::new(unsafe { std::mem::zeroed() });
+        let target = KickTarget::default();
+        assert!(!target.kick(), "an unregistered target is not signalled");
+        target.register(&mut *run);
+        assert!(!take_kick(), "no kick yet");
+        // The signal is sent to this thread and handled before
+        // pthread_kill returns.
+        assert!(target.kick());
+        assert!(take_kick(), "the handler set immediate_exit");
+        assert!(!take_kick(), "take_kick cleared it");
+        target.unregister();
+        assert!(!target.kick());
+        assert!(!take_kick(), "nothing registered after unregister");
+        assert_eq!(run.immediate_exit, 0);
     }
 }

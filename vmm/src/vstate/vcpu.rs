@@ -15,7 +15,7 @@ use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::{IoBus, MmioBus};
 use crate::exit::{ExitLatch, VmExit};
 use crate::profiler::sample::{CpuState, RunState, SampleSource};
-use crate::profiler::Profiler;
+use crate::profiler::{kick, Profiler};
 use crate::pvm::fallback::{
     self, Effect, Exception, FallbackError, FallbackStats, GuestAccess, Segment, MAX_INSN_LEN,
     PF_PRESENT, PF_WRITE,
@@ -203,7 +203,7 @@ impl Vcpu {
                 shared.exit.trigger(exit);
             }
             if let Some(p) = &profiler {
-                if self.take_kick() {
+                if kick::take_kick() {
                     p.record(
                         id,
                         &VcpuGuest {
@@ -216,23 +216,6 @@ impl Vcpu {
         }
         if let Some(p) = &profiler {
             p.slot(id).kick.unregister();
-        }
-    }
-
-    /// Whether the profiler kicked this vCPU since the last look (its
-    /// signal handler set `immediate_exit`); clears the flag, or every
-    /// later KVM_RUN would return at once.
-    fn take_kick(&mut self) -> bool {
-        let run = self.fd.get_kvm_run();
-        let flag = std::ptr::addr_of_mut!(run.immediate_exit);
-        // SAFETY: `flag` points into this vCPU's mapped kvm_run; volatile
-        // because the signal handler on this thread writes it.
-        unsafe {
-            let kicked = flag.read_volatile() != 0;
-            if kicked {
-                flag.write_volatile(0);
-            }
-            kicked
         }
     }
 
