@@ -25,16 +25,15 @@ pub fn kick_signal() -> libc::c_int {
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only an async-signal-safe store: a const-initialised thread local is
     // a plain TLS slot, and the page is this thread's own vCPU's.
-    if let Some(flag) = immediate_exit() {
-        flag.store(1, Ordering::Relaxed);
-    }
+    with_immediate_exit(|flag| flag.store(1, Ordering::Relaxed));
 }
 
-/// This thread's registered `kvm_run.immediate_exit`, as an atomic: the
-/// handler and the vCPU loop on the same thread reach it only through the
-/// raw pointer `register` stored, never through a `&mut kvm_run` that a
-/// signal could write under.
-fn immediate_exit() -> Option<&'static AtomicU8> {
+/// Runs `f` on this thread's registered `kvm_run.immediate_exit` as an
+/// atomic; None when nothing is registered. The handler and the vCPU loop
+/// on the same thread reach the flag only through the raw pointer
+/// `register` stored, never through a `&mut kvm_run` that a signal could
+/// write under; the borrow ends with `f`, so it cannot outlive the page.
+fn with_immediate_exit<R>(f: impl FnOnce(&AtomicU8) -> R) -> Option<R> {
     let run = KVM_RUN.with(Cell::get);
     if run.is_null() {
         return None;
@@ -42,14 +41,15 @@ fn immediate_exit() -> Option<&'static AtomicU8> {
     // SAFETY: set by `register` on this thread to its vCPU's mapped
     // kvm_run, which stays mapped while the thread runs the vCPU (it
     // unregisters first); a u8 field is always aligned for AtomicU8.
-    Some(unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*run).immediate_exit)) })
+    let flag = unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*run).immediate_exit)) };
+    Some(f(flag))
 }
 
 /// Whether this thread's vCPU was kicked since the last look; clears the
 /// flag in the same step (a kick between a read and a clear would be
 /// lost), or every later KVM_RUN would return at once.
 pub fn take_kick() -> bool {
-    immediate_exit().is_some_and(|flag| flag.swap(0, Ordering::Relaxed) != 0)
+    with_immediate_exit(|flag| flag.swap(0, Ordering::Relaxed) != 0).unwrap_or(false)
 }
 
 /// Installs the handler (once per process, before the first kick).
