@@ -294,8 +294,13 @@ struct TestPod {
 }
 
 const WEB_PORT: u16 = 8080;
+/// `/tmp/big` is 1 MiB of numbered lines made in user space: each line is
+/// different, so a lost, repeated or reordered block changes its hash. Not
+/// from /dev/urandom: on a PVM host the guest kernel's ChaCha20 is emulated
+/// and 1 MiB took pod A 8 minutes of a host core, while pod B booted beside
+/// it (a CI run's pod B then missed its CreateContainer deadline).
 const WEB_SCRIPT: &str =
-    "echo pod-a > /tmp/a; head -c 1048576 /dev/urandom > /tmp/big; exec httpd -f -p 8080 -h /tmp";
+    "echo pod-a > /tmp/a; seq 1048576 | head -c 1048576 > /tmp/big; exec httpd -f -p 8080 -h /tmp";
 
 /// What the checks read in a container, as `key=value` lines: one exec
 /// each, and shell builtins (`read`, `[`, `echo`) wherever a command would
