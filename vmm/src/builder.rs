@@ -306,16 +306,38 @@ fn log_stats(stats: &[StatsColumn], when: &str) {
     }
 }
 
-/// The VM's KVM statistics files, once the vCPUs exist (for SIGUSR1).
-type StatsFiles = Arc<OnceLock<Vec<(String, KvmStats)>>>;
+/// What SIGUSR1 reports, once the vCPUs exist: the VM's KVM statistics
+/// files and the profiler, if one runs.
+#[derive(Default)]
+struct PhaseReport {
+    stats: Vec<(String, KvmStats)>,
+    profiler: Option<Arc<Profiler>>,
+}
+
+impl PhaseReport {
+    /// Logs the statistics so far and writes the profiler's phase file.
+    fn report(&self) {
+        let stats = read_stats(&self.stats);
+        log_stats(&stats, " at SIGUSR1");
+        if let Some(p) = &self.profiler {
+            match p.write_phase(&stats) {
+                Ok(path) => tracing::info!("guest profile phase written to {}", path.display()),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+}
+
+type PhaseReportCell = Arc<OnceLock<PhaseReport>>;
 
 /// SIGTERM, SIGINT and SIGHUP end the VM like any other exit, so the
 /// clean-up in [`run`] (sockets) happens. SIGUSR1 logs KVM's statistics
-/// so far (`kvm stats at SIGUSR1 vcpuN: ...`), for measuring one phase of
-/// a guest's work (a benchmark signals at each phase's end). They are
+/// so far (`kvm stats at SIGUSR1 vcpuN: ...`) and, with --guest-profile,
+/// writes the profile of the phase it ends, for measuring one phase of a
+/// guest's work (a benchmark signals at each phase's end). They are
 /// blocked in every thread (threads inherit the mask) and taken by one
 /// thread with sigwait.
-fn stop_on_signals(exit: Arc<ExitLatch>, stats: StatsFiles) -> Result<(), BuildError> {
+fn stop_on_signals(exit: Arc<ExitLatch>, phase: PhaseReportCell) -> Result<(), BuildError> {
     // SAFETY: plain libc signal-set calls on a local, initialised set.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -336,8 +358,8 @@ fn stop_on_signals(exit: Arc<ExitLatch>, stats: StatsFiles) -> Result<(), BuildE
             }
             if sig != libc::SIGUSR1 {
                 exit.trigger(VmExit::Signal(sig));
-            } else if let Some(files) = stats.get() {
-                log_stats(&read_stats(files), " at SIGUSR1");
+            } else if let Some(phase) = phase.get() {
+                phase.report();
             }
         })
         .map(|_| ())
@@ -413,8 +435,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     );
 
     let exit = Arc::new(ExitLatch::new());
-    let stats_files = StatsFiles::default();
-    stop_on_signals(exit.clone(), stats_files.clone())?;
+    let phase_report = PhaseReportCell::default();
+    stop_on_signals(exit.clone(), phase_report.clone())?;
     let mut kernel = open("kernel", &config.kernel)?;
     let mut initrd = config
         .initrd
@@ -535,7 +557,6 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         )?;
         vcpus.push(vcpu);
     }
-    let _ = stats_files.set(open_stats(&vm, &vcpus));
 
     let shared = Arc::new(VcpuShared {
         bus,
@@ -551,6 +572,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     if let Some(p) = &profiler {
         p.start(exit.clone())?;
     }
+    let _ = phase_report.set(PhaseReport {
+        stats: open_stats(&vm, &vcpus),
+        profiler: profiler.clone(),
+    });
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
         // Named per vCPU: a panic report (crate::fatal) names its thread.
@@ -571,7 +596,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     for (nic, counters) in &backends.nics {
         tracing::info!("--net {nic}: {}", counters.summary());
     }
-    let stats = read_stats(stats_files.get().map_or(&[], Vec::as_slice));
+    let stats = read_stats(phase_report.get().map_or(&[], |p| p.stats.as_slice()));
     log_stats(&stats, "");
     if let Some(p) = &profiler {
         match p.write(&stats) {

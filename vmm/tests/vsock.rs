@@ -21,7 +21,8 @@ use podbox_tests::guest_image::{
 use podbox_tests::vm::{spawn_vmm, BOOT_DEADLINE};
 use podbox_tests::vsock::{echo, pattern, sink, source};
 use podbox_tests::{host_kernel_release, kvm_available};
-use podbox_vmm::config::{VmConfig, VsockConfig};
+use podbox_vmm::config::{ProfileConfig, VmConfig, VsockConfig};
+use podbox_vmm::profiler::{folded_path, phase_path};
 use sha2::{Digest, Sha256};
 
 const VMM: &str = env!("CARGO_BIN_EXE_podbox-vmm");
@@ -47,6 +48,41 @@ fn accept_and_read(listener: &UnixListener, timeout: Duration) -> Option<String>
     None
 }
 
+/// Sends the VMM SIGUSR1 (the `n`th) and returns the phase profile it
+/// writes, once its statistics are logged.
+fn end_phase(vm: &podbox_tests::vm::RunningVm, profile: &Path, n: u32) -> String {
+    // SAFETY: kill(2) of the VMM this test started.
+    unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGUSR1) };
+    let path = phase_path(profile, n);
+    let written = format!("guest profile phase written to {}", path.display());
+    let sent = Instant::now();
+    while !vm.transcript().contains(&written) {
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "no phase {n} profile after SIGUSR1\n{}",
+            vm.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let logged = vm
+        .transcript()
+        .matches("kvm stats at SIGUSR1 vcpu1: exits=")
+        .count();
+    assert_eq!(logged, n as usize, "statistics logged at each SIGUSR1");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// vCPU 0's `exits` in a profile's KVM statistics table (columns: vm,
+/// vcpu0, ...).
+fn vcpu0_exits(report: &str) -> u64 {
+    report
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.first() == Some(&"exits") && cols.len() > 2)
+        .and_then(|cols| cols[2].parse().ok())
+        .unwrap_or_else(|| panic!("no exits row\n{report}"))
+}
+
 fn sha256(data: &[u8]) -> Vec<u8> {
     Sha256::digest(data).to_vec()
 }
@@ -66,6 +102,12 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     // Declared before the VM: dropped (namespace deleted) after it is killed.
     let mut nics = netns::nics::TestNics::setup();
     let mut config = vsock_test_vm(&kernel, initrd, &socket);
+    // Under the profiler: each SIGUSR1 below ends a phase (FILE.phaseN).
+    let profile = dir.path().join("vsock.profile");
+    config.guest_profile = Some(ProfileConfig {
+        path: profile.clone(),
+        hz: 50,
+    });
     let vm = match &nics {
         Some(n) => {
             config.nics = n.configs();
@@ -88,21 +130,18 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
     );
     agent.check(RPC).unwrap();
 
-    // 1b. SIGUSR1 logs KVM's statistics so far, and the VM runs on.
-    // SAFETY: kill(2) of the VMM this test started.
-    unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGUSR1) };
-    let logged = Instant::now();
-    while !vm
-        .transcript()
-        .contains("kvm stats at SIGUSR1 vcpu1: exits=")
-    {
-        assert!(
-            logged.elapsed() < Duration::from_secs(20),
-            "no statistics after SIGUSR1\n{}",
-            vm.transcript()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // 1b. SIGUSR1 logs KVM's statistics so far and writes the profile of
+    // the phase it ends (here: the boot to agent-ready), and the VM runs on.
+    let boot = end_phase(&vm, &profile, 1);
+    assert!(
+        boot.starts_with("podbox-vmm guest profile, phase 1 (since the previous SIGUSR1)\n"),
+        "{boot}"
+    );
+    assert!(
+        boot.contains("KVM statistics, growth in this phase"),
+        "{boot}"
+    );
+    assert!(std::fs::metadata(folded_path(&phase_path(&profile, 1))).is_ok());
     agent.check(RPC).unwrap();
 
     // 2. GetGuestDetails comes from the guest kernel, not the host's.
@@ -176,6 +215,14 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
         "guest sent different bytes"
     );
 
+    // 5b. The second phase (steps 2-5) counts only its own exits: fewer
+    // than the whole run's, which include the boot's.
+    let streams = end_phase(&vm, &profile, 2);
+    assert!(
+        streams.starts_with("podbox-vmm guest profile, phase 2 "),
+        "{streams}"
+    );
+
     // 6. DestroySandbox ends the VM: status 0, no socket left behind.
     agent
         .agent
@@ -189,6 +236,12 @@ fn vsock_agent_in_a_booted_vm_health_details_streams_and_destroy() {
         "VMM must exit 0 after DestroySandbox\n{t}"
     );
     assert!(!socket.exists(), "the vsock socket must be removed at exit");
+    let whole = std::fs::read_to_string(&profile).unwrap_or_else(|e| panic!("{e}\n{t}"));
+    let (phase_exits, all_exits) = (vcpu0_exits(&streams), vcpu0_exits(&whole));
+    assert!(
+        0 < phase_exits && phase_exits < all_exits,
+        "phase 2: {phase_exits} exits, whole run: {all_exits}\n{streams}\n{whole}"
+    );
     assert!(!t.contains("panicked"), "{t}");
     if nics.is_some() {
         for line in t

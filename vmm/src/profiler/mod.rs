@@ -9,6 +9,13 @@
 //! ends, [`Profiler::write`] writes the flat profile and KVM's statistics
 //! to FILE and folded stacks to FILE.folded ([`report`]).
 //!
+//! Phases: each SIGUSR1 to podbox-vmm writes FILE.phaseN (and its
+//! .folded), the samples and KVM counter differences since the previous
+//! SIGUSR1 (or since the start), so a benchmark that signals at the start
+//! and end of, say, one container start gets that start's profile alone
+//! ([`Profiler::write_phase`]). The VM runs on; FILE at exit still covers
+//! the whole run.
+//!
 //! Without the flag nothing of this exists: no thread, no signal handler,
 //! one `Option` test per vCPU exit.
 
@@ -19,7 +26,7 @@ pub mod symbols;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ProfileConfig;
@@ -57,7 +64,30 @@ pub struct Profiler {
     symbols: KernelSymbols,
     vcpus: Vec<VcpuSlot>,
     kicks: AtomicU64,
-    started: Mutex<Option<(Instant, Option<Instant>)>>,
+    /// When sampling began and ended (the VM's exit).
+    started: OnceLock<Instant>,
+    ended: OnceLock<Instant>,
+    /// Where the last phase ended; `None` before the first SIGUSR1.
+    phase: Mutex<Option<PhaseMark>>,
+}
+
+/// What the profile held when a phase ended: the next phase is the
+/// difference.
+struct PhaseMark {
+    number: u32,
+    at: Instant,
+    tallies: Vec<Tally>,
+    kicks: u64,
+    stats: Vec<StatsColumn>,
+}
+
+/// One profile to write: a whole run or a phase.
+struct Period<'a> {
+    phase: Option<u32>,
+    seconds: f64,
+    kicks: u64,
+    tallies: &'a [Tally],
+    stats: &'a [StatsColumn],
 }
 
 impl Profiler {
@@ -84,7 +114,9 @@ impl Profiler {
             symbols,
             vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
             kicks: AtomicU64::new(0),
-            started: Mutex::new(None),
+            started: OnceLock::new(),
+            ended: OnceLock::new(),
+            phase: Mutex::new(None),
         })
     }
 
@@ -104,7 +136,7 @@ impl Profiler {
 
     /// Starts the sampler thread; it stops when the VM exits.
     pub fn start(self: &Arc<Self>, exit: Arc<ExitLatch>) -> Result<(), ProfilerError> {
-        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), None));
+        let _ = self.started.set(Instant::now());
         let profiler = self.clone();
         let period = Duration::from_secs(1) / profiler.config.hz;
         std::thread::Builder::new()
@@ -129,50 +161,104 @@ impl Profiler {
 
     /// Ends the sampling period (the VM has exited).
     pub fn stop(&self) {
-        if let Some((_, end)) = self
-            .started
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            end.get_or_insert_with(Instant::now);
-        }
+        let _ = self.ended.set(Instant::now());
     }
 
-    /// Writes the report to the configured file and the folded stacks
-    /// beside it; returns the report's path.
-    pub fn write(&self, stats: &[StatsColumn]) -> Result<&Path, ProfilerError> {
-        self.stop();
-        let seconds = match *self.started.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some((start, Some(end))) => (end - start).as_secs_f64(),
-            _ => 0.0,
-        };
-        let tallies: Vec<Tally> = self
-            .vcpus
+    fn tallies(&self) -> Vec<Tally> {
+        self.vcpus
             .iter()
             .map(|s| s.tally.lock().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect();
+            .collect()
+    }
+
+    /// Writes the whole run's report to the configured file and the
+    /// folded stacks beside it; returns the report's path.
+    pub fn write(&self, stats: &[StatsColumn]) -> Result<&Path, ProfilerError> {
+        self.stop();
+        let seconds = match (self.started.get(), self.ended.get()) {
+            (Some(start), Some(end)) => (*end - *start).as_secs_f64(),
+            _ => 0.0,
+        };
+        let tallies = self.tallies();
+        let period = Period {
+            phase: None,
+            seconds,
+            kicks: self.kicks.load(Ordering::Relaxed),
+            tallies: &tallies,
+            stats,
+        };
+        self.write_files(&self.config.path, &period)?;
+        Ok(&self.config.path)
+    }
+
+    /// Writes FILE.phaseN: what the vCPUs did since the previous phase
+    /// ended (or sampling began), with the KVM counters' differences
+    /// (`stats` are their values now); returns its path.
+    pub fn write_phase(&self, stats: &[StatsColumn]) -> Result<PathBuf, ProfilerError> {
+        let mut mark = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tallies, kicks) = (self.tallies(), self.kicks.load(Ordering::Relaxed));
+        let start = self.started.get().copied().unwrap_or(now);
+        let (number, at, tally_delta, stats_delta) = match mark.as_ref() {
+            Some(m) => (
+                m.number + 1,
+                m.at,
+                tallies
+                    .iter()
+                    .zip(&m.tallies)
+                    .map(|(t, e)| t.minus(e))
+                    .collect(),
+                report::stats_minus(stats, &m.stats),
+            ),
+            None => (1, start, tallies.clone(), stats.to_vec()),
+        };
+        let period = Period {
+            phase: Some(number),
+            seconds: (now - at).as_secs_f64(),
+            kicks: kicks - mark.as_ref().map_or(0, |m| m.kicks),
+            tallies: &tally_delta,
+            stats: &stats_delta,
+        };
+        let path = phase_path(&self.config.path, number);
+        self.write_files(&path, &period)?;
+        *mark = Some(PhaseMark {
+            number,
+            at: now,
+            tallies,
+            kicks,
+            stats: stats.to_vec(),
+        });
+        Ok(path)
+    }
+
+    fn write_files(&self, path: &Path, period: &Period) -> Result<(), ProfilerError> {
         let kernel = self.kernel.display().to_string();
         let header = Header {
             kernel: &kernel,
             functions: self.symbols.len(),
             task_names: self.symbols.current_task.is_some(),
             hz: self.config.hz,
-            seconds,
-            kicks: self.kicks.load(Ordering::Relaxed),
+            seconds: period.seconds,
+            kicks: period.kicks,
+            phase: period.phase,
         };
-        let path = &self.config.path;
         let write = |path: &Path, text: String| {
             std::fs::write(path, text).map_err(|source| ProfilerError::Write {
                 path: path.to_owned(),
                 source,
             })
         };
-        write(path, report::render(&header, &tallies, stats))?;
+        write(path, report::render(&header, period.tallies, period.stats))?;
         let name = |addr| self.symbols.function(addr).unwrap_or("?").to_owned();
-        write(&folded_path(path), report::folded(&tallies, &name))?;
-        Ok(path)
+        write(&folded_path(path), report::folded(period.tallies, &name))
     }
+}
+
+/// FILE.phaseN beside FILE.
+pub fn phase_path(report: &Path, number: u32) -> PathBuf {
+    let mut p = report.as_os_str().to_owned();
+    p.push(format!(".phase{number}"));
+    PathBuf::from(p)
 }
 
 /// FILE.folded beside FILE.

@@ -17,10 +17,35 @@ pub struct Header<'a> {
     pub hz: u32,
     pub seconds: f64,
     pub kicks: u64,
+    /// `Some(N)` for FILE.phaseN: the samples and counter growth since the
+    /// previous SIGUSR1.
+    pub phase: Option<u32>,
 }
 
 /// KVM statistics for one VM or vCPU, labelled ("vm", "vcpu0", ...).
 pub type StatsColumn = (String, Vec<(String, u64)>);
+
+/// The statistics' growth from `earlier` to `now`, column by column and
+/// name by name (a phase's share of the counters; a peak or instant value
+/// shows its change, clamped at 0). Columns or names `earlier` lacks are
+/// taken whole.
+pub fn stats_minus(now: &[StatsColumn], earlier: &[StatsColumn]) -> Vec<StatsColumn> {
+    now.iter()
+        .map(|(label, values)| {
+            let before = earlier.iter().find(|(l, _)| l == label).map(|(_, v)| v);
+            let values = values
+                .iter()
+                .map(|(name, v)| {
+                    let was = before
+                        .and_then(|b| b.iter().find(|(n, _)| n == name))
+                        .map_or(0, |(_, w)| *w);
+                    (name.clone(), v.saturating_sub(was))
+                })
+                .collect();
+            (label.clone(), values)
+        })
+        .collect()
+}
 
 #[derive(Default)]
 struct Totals {
@@ -89,7 +114,17 @@ pub fn render(header: &Header, vcpus: &[Tally], stats: &[StatsColumn]) -> String
     let running = all.running();
     let mut out = String::new();
     let w = &mut out;
-    let _ = writeln!(w, "podbox-vmm guest profile");
+    match header.phase {
+        Some(n) => {
+            let _ = writeln!(
+                w,
+                "podbox-vmm guest profile, phase {n} (since the previous SIGUSR1)"
+            );
+        }
+        None => {
+            let _ = writeln!(w, "podbox-vmm guest profile");
+        }
+    }
     let _ = writeln!(
         w,
         "kernel    {} ({} functions)",
@@ -181,14 +216,18 @@ pub fn render(header: &Header, vcpus: &[Tally], stats: &[StatsColumn]) -> String
             t.kernel, t.user, t.halted, t.not_started, t.unknown
         );
     }
-    render_stats(w, stats);
+    let title = match header.phase {
+        Some(_) => "KVM statistics, growth in this phase",
+        None => "KVM statistics when the VM ended",
+    };
+    render_stats(w, title, stats);
     out
 }
 
 /// KVM's statistics as a table: a row per statistic that is non-zero
 /// anywhere, a column per VM/vCPU file.
-fn render_stats(w: &mut String, stats: &[StatsColumn]) {
-    let _ = writeln!(w, "\nKVM statistics when the VM ended");
+fn render_stats(w: &mut String, title: &str, stats: &[StatsColumn]) {
+    let _ = writeln!(w, "\n{title}");
     if stats.is_empty() {
         let _ = writeln!(w, "  (none: the host's KVM has no KVM_GET_STATS_FD)");
         return;
@@ -289,7 +328,69 @@ mod tests {
             hz: 100,
             seconds: 2.0,
             kicks: 400,
+            phase: None,
         }
+    }
+
+    #[test]
+    fn a_phase_is_the_growth_since_the_last_mark() {
+        let earlier = tally(&[
+            ("dd", Place::Kernel("a".into()), 3),
+            ("sh", Place::Halted, 2),
+        ]);
+        let now = tally(&[
+            ("dd", Place::Kernel("a".into()), 5),
+            ("sh", Place::Halted, 2),
+            ("sh", Place::Kernel("b".into()), 1),
+        ]);
+        let phase = now.minus(&earlier);
+        let mut counts: Vec<(String, u64)> = phase
+            .counts
+            .iter()
+            .map(|(k, n)| (format!("{}:{:?}", k.process, k.place), *n))
+            .collect();
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![
+                (format!("dd:{:?}", Place::Kernel("a".into())), 2),
+                (format!("sh:{:?}", Place::Kernel("b".into())), 1),
+            ]
+        );
+        let stat = |label: &str, v: &[(&str, u64)]| -> StatsColumn {
+            (
+                label.into(),
+                v.iter().map(|(n, x)| (n.to_string(), *x)).collect(),
+            )
+        };
+        let before = [stat("vcpu0", &[("exits", 10), ("halt_exits", 4)])];
+        let after = [
+            stat("vcpu0", &[("exits", 25), ("halt_exits", 3), ("new", 7)]),
+            stat("vcpu1", &[("exits", 9)]),
+        ];
+        assert_eq!(
+            stats_minus(&after, &before),
+            vec![
+                stat("vcpu0", &[("exits", 15), ("halt_exits", 0), ("new", 7)]),
+                stat("vcpu1", &[("exits", 9)]),
+            ]
+        );
+        let text = render(
+            &Header {
+                phase: Some(2),
+                ..header()
+            },
+            &[phase],
+            &after,
+        );
+        assert!(
+            text.starts_with("podbox-vmm guest profile, phase 2 (since the previous SIGUSR1)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("KVM statistics, growth in this phase"),
+            "{text}"
+        );
     }
 
     #[test]

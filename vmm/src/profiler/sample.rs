@@ -110,6 +110,19 @@ impl Tally {
     pub fn total(&self) -> u64 {
         self.counts.values().sum()
     }
+
+    /// The samples taken since `earlier`, a copy of this tally from before.
+    pub fn minus(&self, earlier: &Tally) -> Tally {
+        let counts = self
+            .counts
+            .iter()
+            .filter_map(|(key, &n)| {
+                let since = n.saturating_sub(earlier.counts.get(key).copied().unwrap_or(0));
+                (since > 0).then(|| (key.clone(), since))
+            })
+            .collect();
+        Tally { counts }
+    }
 }
 
 /// Reads one sample from `source`.
