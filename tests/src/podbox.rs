@@ -62,9 +62,16 @@ pub fn virtiofsd() -> Option<PathBuf> {
 /// outlive the containerd). What the demo and the pod benchmarks run on.
 pub fn containerd_with_podbox() -> Result<(tempfile::TempDir, crate::containerd::Containerd), String>
 {
+    containerd_with_podbox_config("")
+}
+
+/// The same with `extra` lines in the shim config.
+pub fn containerd_with_podbox_config(
+    extra: &str,
+) -> Result<(tempfile::TempDir, crate::containerd::Containerd), String> {
     let virtiofsd = virtiofsd().ok_or("no virtiofsd: run scripts/deps.sh")?;
     let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let config = write_shim_config(dir.path(), &virtiofsd);
+    let config = write_shim_config_with_initrd(dir.path(), &virtiofsd, &agent_initramfs(), extra);
     let containerd =
         crate::containerd::Containerd::start_with(crate::containerd::ContainerdOptions {
             shim_dirs: vec![bin_dir()],

@@ -1,17 +1,32 @@
 //! Pods through real containerd, podbox beside runc in the same run: pod
-//! ready time (RunPodSandbox + first container started, through CRI) and
-//! `ctr run --rm` start to exit, median of several runs each; and the host
-//! memory of one idle podbox pod (PSS of its shim, VMM and virtiofsd).
+//! ready time (RunPodSandbox + first container started, through CRI),
+//! ExecSync of `true` in the running pod and `ctr run --rm` start to exit,
+//! median of several runs each; the guest kernel instructions KVM emulated
+//! in each phase of a podbox pod (SIGUSR1 to its VMM at each phase's end:
+//! [`PhaseMeter`]); and the host memory of one idle podbox pod (PSS of its
+//! shim, VMM and virtiofsd).
 
 use std::time::{Duration, Instant};
 
-use crate::containerd::{Containerd, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME};
+use crate::containerd::{
+    Containerd, CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
+};
 use crate::cri::container_config;
 use crate::oci_image::BUSYBOX_IMAGE;
-use crate::podbox::{containerd_with_podbox, processes_mentioning, remove_pod};
+use crate::podbox::{
+    containerd_with_podbox_config, pod_state_dir, processes_mentioning, remove_pod, vmm_pid,
+};
 
 /// Guest size the shim config gives each pod (podbox::write_shim_config).
 const GUEST: &str = "2 vCPUs, 256 MiB";
+const GUEST_VCPUS: usize = 2;
+/// The phases of a podbox pod that [`PhaseMeter`] separates.
+const PHASES: [&str; 3] = [
+    "RunPodSandbox (boot, agent, sandbox)",
+    "first container created and started",
+    "ExecSync `true`",
+];
+const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long an idle pod settles before its memory is read.
 const IDLE_SETTLE: Duration = Duration::from_secs(5);
 
@@ -22,24 +37,41 @@ type PodPss = Vec<(String, u64)>;
 #[derive(Default)]
 pub struct PodsBench {
     pod_ready: [Vec<f64>; 2],
+    exec_sync: [Vec<f64>; 2],
     ctr_run: [Vec<f64>; 2],
+    /// Emulated instructions per phase of each podbox pod.
+    phases: Vec<[u64; PHASES.len()]>,
     /// The first idle podbox pod's processes.
     idle_pss: PodPss,
 }
 
 impl PodsBench {
-    pub fn run(runs: usize) -> Result<PodsBench, String> {
-        let (_dir, containerd) = containerd_with_podbox()?;
+    /// With `profile_dir`, every podbox pod's VM runs under the guest
+    /// profiler (the shim's `guest_profile_dir`), and each phase's profile
+    /// is left there beside the whole run's.
+    pub fn run(runs: usize, profile_dir: Option<&std::path::Path>) -> Result<PodsBench, String> {
+        let extra = match profile_dir {
+            Some(dir) => format!("guest_profile_dir = {:?}\n", dir.display().to_string()),
+            None => String::new(),
+        };
+        let (_dir, containerd) = containerd_with_podbox_config(&extra)?;
         let mut bench = PodsBench::default();
         for run in 0..runs {
             for (i, handler) in [RUNC_HANDLER, PODBOX_HANDLER].into_iter().enumerate() {
                 let measure_memory = handler == PODBOX_HANDLER && run == 0;
-                let (ready, pss) = pod_ready(&containerd, handler, measure_memory)?;
-                eprintln!("run {}: {handler} pod ready in {ready:.2} s", run + 1);
-                bench.pod_ready[i].push(ready);
-                if let Some(pss) = pss {
+                let pod = pod_ready(&containerd, handler, measure_memory)?;
+                eprintln!(
+                    "run {}: {handler} pod ready in {:.2} s, ExecSync true {:.2} s",
+                    run + 1,
+                    pod.ready,
+                    pod.exec_sync
+                );
+                bench.pod_ready[i].push(pod.ready);
+                bench.exec_sync[i].push(pod.exec_sync);
+                if let Some(pss) = pod.pss {
                     bench.idle_pss = pss;
                 }
+                bench.phases.extend(pod.phases);
             }
             for (i, runtime) in [RUNC_RUNTIME, PODBOX_RUNTIME].into_iter().enumerate() {
                 let out = containerd
@@ -80,10 +112,19 @@ impl PodsBench {
             "pod ready (RunPodSandbox + first container started)",
             &self.pod_ready,
         ));
+        t.push_str(&row("ExecSync `true` in the running pod", &self.exec_sync));
         t.push_str(&row(
             "`ctr run --rm busybox true`, start to exit",
             &self.ctr_run,
         ));
+        t.push_str(
+            "\nGuest instructions KVM emulated per phase of a podbox pod (median, millions, both vCPUs):\n\n\
+             | phase | emulated instructions |\n| --- | --- |\n",
+        );
+        for (i, phase) in PHASES.iter().enumerate() {
+            let mut v: Vec<f64> = self.phases.iter().map(|p| p[i] as f64 / 1e6).collect();
+            t.push_str(&format!("| {phase} | {:.2} M |\n", super::median(&mut v)));
+        }
         let total: u64 = self.idle_pss.iter().map(|(_, kib)| kib).sum();
         let parts: Vec<String> = self
             .idle_pss
@@ -99,14 +140,24 @@ impl PodsBench {
     }
 }
 
-/// Runs a pod with one `sleep` container under `handler` and removes it:
-/// seconds from RunPodSandbox to the container started, and with
-/// `measure_memory` the PSS of the pod's processes once idle.
+/// What one pod run measured.
+struct PodRun {
+    ready: f64,
+    exec_sync: f64,
+    pss: Option<PodPss>,
+    /// For a podbox pod: emulated instructions per [`PHASES`] entry.
+    phases: Option<[u64; PHASES.len()]>,
+}
+
+/// Runs a pod with one `sleep` container under `handler`, execs `true` in
+/// it and removes it: seconds from RunPodSandbox to the container started
+/// and of the ExecSync, and with `measure_memory` the PSS of the pod's
+/// processes once idle.
 fn pod_ready(
     containerd: &Containerd,
     handler: &str,
     measure_memory: bool,
-) -> Result<(f64, Option<PodPss>), String> {
+) -> Result<PodRun, String> {
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
     let pod_config = containerd
         .pod_config(&format!("bench-{handler}"))
@@ -116,6 +167,17 @@ fn pod_ready(
         .run_pod_sandbox(&pod_config, handler)
         .map_err(|e| format!("RunPodSandbox ({handler}): {e}"))?;
     let result = (|| {
+        let mut meter = (handler == PODBOX_HANDLER)
+            .then(|| PhaseMeter::new(&pod))
+            .transpose()?;
+        let mut phases = [0u64; PHASES.len()];
+        let mut end_phase = |i: usize| -> Result<(), String> {
+            if let Some(m) = meter.as_mut() {
+                phases[i] = m.end_phase()?;
+            }
+            Ok(())
+        };
+        end_phase(0)?;
         let id = cri
             .create_container(
                 &pod,
@@ -126,16 +188,97 @@ fn pod_ready(
         cri.start_container(&id)
             .map_err(|e| format!("StartContainer ({handler}): {e}"))?;
         let ready = started.elapsed().as_secs_f64();
+        end_phase(1)?;
+        let exec_started = Instant::now();
+        let out = cri
+            .exec_sync(&id, &["true"], EXEC_TIMEOUT)
+            .map_err(|e| format!("ExecSync true ({handler}): {e}"))?;
+        let exec_sync = exec_started.elapsed().as_secs_f64();
+        if out.exit_code != 0 {
+            return Err(format!(
+                "ExecSync true ({handler}) exited {}",
+                out.exit_code
+            ));
+        }
+        end_phase(2)?;
         let pss = measure_memory.then(|| {
             std::thread::sleep(IDLE_SETTLE);
             pod_pss(&pod)
         });
-        Ok::<_, String>((ready, pss))
+        Ok::<_, String>(PodRun {
+            ready,
+            exec_sync,
+            pss,
+            phases: meter.map(|_| phases),
+        })
     })();
     let stopped = remove_pod(&mut cri, &pod).map_err(|e| format!("{handler} pod: {e}"));
     let measured = result?;
     stopped?;
     Ok(measured)
+}
+
+/// Guest instructions emulated per phase of a podbox pod: at each phase's
+/// end the meter sends SIGUSR1 to the pod's podbox-vmm, which logs its
+/// vCPUs' KVM counters (`kvm stats at SIGUSR1 vcpuN: ... insn_emulation=`)
+/// to vmm.log in the pod's state directory.
+pub struct PhaseMeter {
+    pid: u32,
+    log: std::path::PathBuf,
+    signals: usize,
+    last: u64,
+}
+
+impl PhaseMeter {
+    pub fn new(pod: &str) -> Result<PhaseMeter, String> {
+        let pid = vmm_pid(CRI_NAMESPACE, pod).ok_or(format!("pod {pod}: no podbox-vmm pid"))?;
+        Ok(PhaseMeter {
+            pid,
+            log: pod_state_dir(CRI_NAMESPACE, pod).join("vmm.log"),
+            signals: 0,
+            last: 0,
+        })
+    }
+
+    /// Ends a phase: its emulated instructions (both vCPUs).
+    pub fn end_phase(&mut self) -> Result<u64, String> {
+        // SAFETY: kill(2) of the pod's VMM, whose pid the shim recorded.
+        if unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGUSR1) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("SIGUSR1 to podbox-vmm {}: {e}", self.pid));
+        }
+        self.signals += 1;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let counts: Vec<u64> = log
+                .lines()
+                .filter(|l| l.contains("kvm stats at SIGUSR1 vcpu"))
+                .filter_map(|l| {
+                    let v = l
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("insn_emulation="))?;
+                    v.parse().ok()
+                })
+                .collect();
+            if counts.len() >= self.signals * GUEST_VCPUS {
+                let now: u64 = counts[(self.signals - 1) * GUEST_VCPUS..][..GUEST_VCPUS]
+                    .iter()
+                    .sum();
+                let phase = now.saturating_sub(self.last);
+                self.last = now;
+                return Ok(phase);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: no KVM statistics 30 s after SIGUSR1 {}",
+                    self.log.display(),
+                    self.signals
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// PSS (KiB) of every process whose command line names the pod: its shim,

@@ -4,7 +4,7 @@
 //!   podbox-bench agent-boot [--runs N] [--vmm PATH]   (before vs after the boot diet)
 //!   podbox-bench vsock [--runs N] [--vmm PATH]
 //!   podbox-bench fs [--runs N] [--vmm PATH]
-//!   podbox-bench pods [--runs N]
+//!   podbox-bench pods [--runs N] [--profile DIR]   (DIR: each podbox pod's guest profile, per phase)
 //!   podbox-bench net [--runs N] [--mib M] [--round-trips K]
 //!
 //! `net` moves M MiB each way (default 2) and times K round trips (default
@@ -30,7 +30,7 @@ use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: podbox-bench boot|agent-boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K]"
+        "usage: podbox-bench boot|agent-boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K] [--profile DIR]"
     );
     ExitCode::from(2)
 }
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     let mut mib = 2usize;
     let mut round_trips = 1000usize;
     let mut vmm = repo_root().join("target/release/podbox-vmm");
+    let mut profile_dir: Option<PathBuf> = None;
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
         match (flag.as_str(), rest.next()) {
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
                 None => return ExitCode::from(2),
             },
             ("--vmm", Some(p)) => vmm = PathBuf::from(p),
+            ("--profile", Some(p)) => profile_dir = Some(PathBuf::from(p)),
             ("--mib", Some(n)) => match positive(flag, n) {
                 Some(n) => mib = n,
                 None => return ExitCode::from(2),
@@ -64,7 +66,10 @@ fn main() -> ExitCode {
         }
     }
     if which == "pods" {
-        return report(which, PodsBench::run(runs).map(|b| b.table()));
+        return report(
+            which,
+            PodsBench::run(runs, profile_dir.as_deref()).map(|b| b.table()),
+        );
     }
     if which == "net" {
         return report(
