@@ -54,8 +54,11 @@ bench-agent-boot: test-assets
 	$(CARGO) build --release -p podbox-vmm
 	$(CARGO) run --release -p podbox-tests --bin podbox-bench -- agent-boot --runs 2
 
-# Pods through containerd, podbox beside runc (several guest boots: minutes).
+# Pods through containerd: runc, podbox with the guest kernel and image of
+# before the boot diet, and today's podbox (several guest boots: minutes).
 bench-pods: test-assets
+	guest-kernel/build.sh --variant baseline
+	guest-image/build.sh --baseline
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
 	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench pods --runs 3

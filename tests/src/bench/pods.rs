@@ -6,12 +6,18 @@
 //! [`PhaseMeter`]); and the host memory of one idle podbox pod (PSS of its
 //! shim, VMM and virtiofsd).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use k8s_cri::v1::PodSandboxConfig;
+use podbox_shim::settings::annotations;
 
 use crate::containerd::{
     Containerd, CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
 };
 use crate::cri::container_config;
+use crate::guest::{guest_kernel, KernelVariant};
+use crate::guest_image::baseline_initramfs;
 use crate::oci_image::BUSYBOX_IMAGE;
 use crate::podbox::{
     containerd_with_podbox_config, pod_state_dir, processes_mentioning, remove_pod, vmm_pid,
@@ -33,14 +39,83 @@ const IDLE_SETTLE: Duration = Duration::from_secs(5);
 /// PSS (KiB) of each process of a pod, by name.
 type PodPss = Vec<(String, u64)>;
 
-/// Seconds per sample; index 0 runc, 1 podbox.
+/// The pods the bench runs, side by side in each run.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Runc,
+    /// podbox with the guest kernel and image of before the boot diet
+    /// (issue 11: `baseline.config`, the agent's old build profile), given
+    /// to the shim by the `io.podbox.kernel` / `io.podbox.initrd` pod
+    /// annotations.
+    PodboxBefore,
+    Podbox,
+}
+
+const VARIANTS: [Variant; 3] = [Variant::Runc, Variant::PodboxBefore, Variant::Podbox];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Runc => "runc",
+            Variant::PodboxBefore => "podbox before",
+            Variant::Podbox => "podbox",
+        }
+    }
+
+    fn handler(self) -> &'static str {
+        match self {
+            Variant::Runc => RUNC_HANDLER,
+            _ => PODBOX_HANDLER,
+        }
+    }
+}
+
+/// The baseline guest kernel and image, as pod annotations.
+struct BeforeAssets {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+impl BeforeAssets {
+    fn find() -> BeforeAssets {
+        BeforeAssets {
+            kernel: guest_kernel(KernelVariant::Baseline),
+            initrd: baseline_initramfs(),
+        }
+    }
+
+    /// Shim config lines that let pods name these files.
+    fn shim_config(&self) -> String {
+        let dir = |p: &Path| p.parent().unwrap_or(p).display().to_string();
+        format!(
+            "allowed_annotations = [{:?}, {:?}]\nasset_dirs = [{:?}, {:?}]\n",
+            annotations::KERNEL,
+            annotations::INITRD,
+            dir(&self.kernel),
+            dir(&self.initrd)
+        )
+    }
+
+    fn annotate(&self, config: &mut PodSandboxConfig) {
+        let path = |p: &Path| p.display().to_string();
+        config
+            .annotations
+            .insert(annotations::KERNEL.into(), path(&self.kernel));
+        config
+            .annotations
+            .insert(annotations::INITRD.into(), path(&self.initrd));
+    }
+}
+
+/// Seconds per sample, indexed like [`VARIANTS`].
 #[derive(Default)]
 pub struct PodsBench {
-    pod_ready: [Vec<f64>; 2],
-    exec_sync: [Vec<f64>; 2],
+    pod_ready: [Vec<f64>; 3],
+    exec_sync: [Vec<f64>; 3],
+    /// `ctr run`: runc and today's podbox only (ctr cannot annotate).
     ctr_run: [Vec<f64>; 2],
-    /// Emulated instructions per phase of each podbox pod.
-    phases: Vec<[u64; PHASES.len()]>,
+    /// Emulated instructions per phase of each podbox pod: before, after.
+    phases: [Vec<[u64; PHASES.len()]>; 2],
     /// The first idle podbox pod's processes.
     idle_pss: PodPss,
 }
@@ -49,20 +124,26 @@ impl PodsBench {
     /// With `profile_dir`, every podbox pod's VM runs under the guest
     /// profiler (the shim's `guest_profile_dir`), and each phase's profile
     /// is left there beside the whole run's.
-    pub fn run(runs: usize, profile_dir: Option<&std::path::Path>) -> Result<PodsBench, String> {
-        let extra = match profile_dir {
-            Some(dir) => format!("guest_profile_dir = {:?}\n", dir.display().to_string()),
-            None => String::new(),
-        };
+    pub fn run(runs: usize, profile_dir: Option<&Path>) -> Result<PodsBench, String> {
+        let before = BeforeAssets::find();
+        let mut extra = before.shim_config();
+        if let Some(dir) = profile_dir {
+            extra.push_str(&format!(
+                "guest_profile_dir = {:?}\n",
+                dir.display().to_string()
+            ));
+        }
         let (_dir, containerd) = containerd_with_podbox_config(&extra)?;
         let mut bench = PodsBench::default();
         for run in 0..runs {
-            for (i, handler) in [RUNC_HANDLER, PODBOX_HANDLER].into_iter().enumerate() {
-                let measure_memory = handler == PODBOX_HANDLER && run == 0;
-                let pod = pod_ready(&containerd, handler, measure_memory)?;
+            for (i, variant) in VARIANTS.into_iter().enumerate() {
+                let measure_memory = variant == Variant::Podbox && run == 0;
+                let assets = (variant == Variant::PodboxBefore).then_some(&before);
+                let pod = pod_ready(&containerd, variant.handler(), assets, measure_memory)?;
                 eprintln!(
-                    "run {}: {handler} pod ready in {:.2} s, ExecSync true {:.2} s",
+                    "run {}: {} pod ready in {:.2} s, ExecSync true {:.2} s",
                     run + 1,
+                    variant.name(),
                     pod.ready,
                     pod.exec_sync
                 );
@@ -71,7 +152,9 @@ impl PodsBench {
                 if let Some(pss) = pod.pss {
                     bench.idle_pss = pss;
                 }
-                bench.phases.extend(pod.phases);
+                if let Some(phases) = pod.phases {
+                    bench.phases[usize::from(variant == Variant::Podbox)].push(phases);
+                }
             }
             for (i, runtime) in [RUNC_RUNTIME, PODBOX_RUNTIME].into_iter().enumerate() {
                 let out = containerd
@@ -96,34 +179,47 @@ impl PodsBench {
             let mut v = v.to_vec();
             super::median(&mut v)
         };
-        let row = |what: &str, samples: &[Vec<f64>; 2]| {
-            let (runc, podbox) = (med(&samples[0]), med(&samples[1]));
+        let row = |what: &str, samples: &[Vec<f64>; 3]| {
+            let [runc, before, after] = [0, 1, 2].map(|i| med(&samples[i]));
             format!(
-                "| {what} | {runc:.2} s | {podbox:.2} s | {:.0} |\n",
-                podbox / runc
+                "| {what} | {runc:.2} s | {before:.2} s | {after:.2} s | {:.2}x | {:.0} |\n",
+                after / before,
+                after / runc
             )
         };
         let mut t = format!(
-            "Through containerd 1.6 on this host; podbox guest {GUEST}; busybox image; median of {} run(s) each.\n\n",
+            "Through containerd 1.6 on this host; podbox guest {GUEST}; busybox image; median of {} run(s) each. \
+             podbox before: the guest kernel and image of before the boot diet (baseline.config, \
+             guest-image/build.sh --baseline), through pod annotations.\n\n",
             self.pod_ready[0].len()
         );
-        t.push_str("| measure | runc | podbox | podbox / runc |\n| --- | --- | --- | --- |\n");
+        t.push_str(
+            "| measure | runc | podbox before | podbox | podbox / before | podbox / runc |\n\
+             | --- | --- | --- | --- | --- | --- |\n",
+        );
         t.push_str(&row(
             "pod ready (RunPodSandbox + first container started)",
             &self.pod_ready,
         ));
         t.push_str(&row("ExecSync `true` in the running pod", &self.exec_sync));
-        t.push_str(&row(
-            "`ctr run --rm busybox true`, start to exit",
-            &self.ctr_run,
+        let (runc, podbox) = (med(&self.ctr_run[0]), med(&self.ctr_run[1]));
+        t.push_str(&format!(
+            "| `ctr run --rm busybox true`, start to exit | {runc:.2} s | - | {podbox:.2} s | - | {:.0} |\n",
+            podbox / runc
         ));
         t.push_str(
             "\nGuest instructions KVM emulated per phase of a podbox pod (median, millions, both vCPUs):\n\n\
-             | phase | emulated instructions |\n| --- | --- |\n",
+             | phase | before | after | after / before |\n| --- | --- | --- | --- |\n",
         );
         for (i, phase) in PHASES.iter().enumerate() {
-            let mut v: Vec<f64> = self.phases.iter().map(|p| p[i] as f64 / 1e6).collect();
-            t.push_str(&format!("| {phase} | {:.2} M |\n", super::median(&mut v)));
+            let [before, after] = [0, 1].map(|v| {
+                let mut m: Vec<f64> = self.phases[v].iter().map(|p| p[i] as f64 / 1e6).collect();
+                super::median(&mut m)
+            });
+            t.push_str(&format!(
+                "| {phase} | {before:.2} M | {after:.2} M | {:.2}x |\n",
+                after / before
+            ));
         }
         let total: u64 = self.idle_pss.iter().map(|(_, kib)| kib).sum();
         let parts: Vec<String> = self
@@ -149,19 +245,24 @@ struct PodRun {
     phases: Option<[u64; PHASES.len()]>,
 }
 
-/// Runs a pod with one `sleep` container under `handler`, execs `true` in
+/// Runs a pod with one `sleep` container under `handler` (booting the
+/// `before` guest if given), execs `true` in
 /// it and removes it: seconds from RunPodSandbox to the container started
 /// and of the ExecSync, and with `measure_memory` the PSS of the pod's
 /// processes once idle.
 fn pod_ready(
     containerd: &Containerd,
     handler: &str,
+    before: Option<&BeforeAssets>,
     measure_memory: bool,
 ) -> Result<PodRun, String> {
     let mut cri = containerd.cri().map_err(|e| e.to_string())?;
-    let pod_config = containerd
+    let mut pod_config = containerd
         .pod_config(&format!("bench-{handler}"))
         .map_err(|e| e.to_string())?;
+    if let Some(assets) = before {
+        assets.annotate(&mut pod_config);
+    }
     let started = Instant::now();
     let pod = cri
         .run_pod_sandbox(&pod_config, handler)
@@ -224,7 +325,7 @@ fn pod_ready(
 /// to vmm.log in the pod's state directory.
 pub struct PhaseMeter {
     pid: u32,
-    log: std::path::PathBuf,
+    log: PathBuf,
     signals: usize,
     last: u64,
 }

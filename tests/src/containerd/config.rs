@@ -103,6 +103,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Root = "{runc_root}"
     [{cri}.containerd.runtimes.{podbox_handler}]
       runtime_type = "{podbox_runtime}"
+      # CRI passes these pod annotations to the shim (the podbox config
+      # still decides which it takes).
+      pod_annotations = ["io.podbox.*"]
 {podbox_options}  [{cri}.cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"
