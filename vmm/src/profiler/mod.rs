@@ -198,24 +198,32 @@ impl Profiler {
         let mut mark = self.phase.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let (tallies, kicks) = (self.tallies(), self.kicks.load(Ordering::Relaxed));
-        let start = self.started.get().copied().unwrap_or(now);
-        let (number, at, tally_delta, stats_delta) = match mark.as_ref() {
-            Some(m) => (
-                m.number + 1,
-                m.at,
-                tallies
-                    .iter()
-                    .zip(&m.tallies)
-                    .map(|(t, e)| t.minus(e))
-                    .collect(),
-                report::stats_minus(stats, &m.stats),
-            ),
-            None => (1, start, tallies.clone(), stats.to_vec()),
+        // Before the first SIGUSR1 the phase runs from the start of sampling.
+        let first;
+        let base = match mark.as_ref() {
+            Some(m) => m,
+            None => {
+                first = PhaseMark {
+                    number: 0,
+                    at: self.started.get().copied().unwrap_or(now),
+                    tallies: vec![Tally::default(); tallies.len()],
+                    kicks: 0,
+                    stats: Vec::new(),
+                };
+                &first
+            }
         };
+        let number = base.number + 1;
+        let tally_delta: Vec<Tally> = tallies
+            .iter()
+            .zip(&base.tallies)
+            .map(|(t, e)| t.minus(e))
+            .collect();
+        let stats_delta = report::stats_minus(stats, &base.stats);
         let period = Period {
             phase: Some(number),
-            seconds: (now - at).as_secs_f64(),
-            kicks: kicks - mark.as_ref().map_or(0, |m| m.kicks),
+            seconds: (now - base.at).as_secs_f64(),
+            kicks: kicks - base.kicks,
             tallies: &tally_delta,
             stats: &stats_delta,
         };
