@@ -20,30 +20,38 @@
 #   cached image for the agent binary now in the target dir, or fail (status
 #   1) if either is missing. The test harness looks the image up this way
 #   (`make test-assets`, which `make test` runs first, builds it).
-# --baseline: the agent as it was built before the boot diet of issue 11
-#   (release profile, static-pie), for `podbox-bench agent-boot`.
+# --baseline: the agent as it was before issue 11 (its source at commit
+#   $BASELINE_REV, from this repository's history, built as then: release
+#   profile, static-pie), for `podbox-bench agent-boot` and `pods`.
 set -euo pipefail
 
 # Bump when the layout of the image changes.
 RECIPE_VERSION=1
+# The last commit before issue 11's first change (the guest diet):
+# the "before" of its benchmarks. The agent protocol has not changed since.
+BASELINE_REV=ea20c9b
 TARGET=x86_64-unknown-linux-gnu
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 print_path=
+baseline=
 profile=guest
 rustflags='-C target-feature=+crt-static -C relocation-model=static'
 for arg in "$@"; do
     case "$arg" in
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --print-path) print_path=1 ;;
-        --baseline) profile=release; rustflags='-C target-feature=+crt-static' ;;
+        --baseline) baseline=1; profile=release; rustflags='-C target-feature=+crt-static' ;;
         *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
 log() { echo "guest-image: $*" >&2; }
 
 target_dir=${PODBOX_GUEST_TARGET_DIR:-$repo/target/guest}
+# The old source gets a target dir of its own: in a shared one cargo would
+# take today's build of the same relative paths as up to date.
+[ -z "$baseline" ] || target_dir=$target_dir/baseline-$BASELINE_REV
 # The `guest` cargo profile (Cargo.toml: size-optimised, LTO) and a non-PIE
 # static binary: the image is copied in guest memory at every boot and a
 # static-pie binary's start-up relocations dirty pages the guest kernel must
@@ -56,8 +64,22 @@ else
         log "installing cpio"
         apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cpio >&2
     }
-    log "building the static agent (cargo, $target_dir)"
-    (cd "$repo" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS="$rustflags" \
+    src=$repo
+    if [ -n "$baseline" ]; then
+        # The old source, unpacked once beside the target dir.
+        src=$target_dir/src
+        if [ ! -f "$src/Cargo.lock" ]; then
+            git -C "$repo" cat-file -e "$BASELINE_REV^{commit}" 2>/dev/null || {
+                log "commit $BASELINE_REV (the baseline agent's source) is not in $repo's history (a shallow clone?): git fetch --unshallow"
+                exit 1
+            }
+            rm -rf "$src.tmp" && mkdir -p "$src.tmp"
+            git -C "$repo" archive "$BASELINE_REV" | tar -x -C "$src.tmp"
+            mv "$src.tmp" "$src"
+        fi
+    fi
+    log "building the static agent (cargo, $src, $target_dir)"
+    (cd "$src" && CARGO_TARGET_DIR="$target_dir" RUSTFLAGS="$rustflags" \
         cargo build --profile "$profile" --target "$TARGET" -p podbox-agent >&2)
     file -L "$agent" 2>/dev/null | grep -q 'static' || { log "$agent is not statically linked"; exit 1; }
 fi

@@ -96,11 +96,49 @@ impl Tree {
     }
 
     /// `dest` as a directory, created (with its parents) if missing.
+    ///
+    /// Looked up first: most destinations exist (/proc, /dev, /sys in an
+    /// image). Missing ones are made one component at a time with
+    /// `Root::create`, every lookup still inside the root. pathrs's
+    /// `mkdir_all` would re-open what it finds through its private procfs,
+    /// ~30 syscalls each time, guest kernel work that PVM hosts emulate.
     pub fn dir(&self, dest: &Path) -> R<Handle> {
         let host = in_root(&self.path, dest)?;
-        self.root
-            .mkdir_all(dest, &std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| format!("create directory {}: {}", host.display(), why(&e)))
+        let fail = |e: &PathError| format!("create directory {}: {}", host.display(), why(e));
+        let dest: PathBuf = dest
+            .components()
+            .filter(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+            .collect();
+        let lookup = |p: &Path| {
+            self.lookup(p)
+                .map_err(|e| format!("resolve {}: {e}", host.display()))
+        };
+        let found = match lookup(&dest)? {
+            Some(h) => h,
+            None => {
+                // The deepest ancestor that exists, then the rest made below it.
+                let mut absent = vec![dest.as_path()];
+                for a in dest.ancestors().skip(1) {
+                    if a == Path::new("/") || lookup(a)?.is_some() {
+                        break;
+                    }
+                    absent.push(a);
+                }
+                let perm = InodeType::Directory(std::fs::Permissions::from_mode(0o755));
+                for a in absent.into_iter().rev() {
+                    match self.root.create(a, &perm) {
+                        Err(e) if errno(&e) != Some(libc::EEXIST) => return Err(fail(&e)),
+                        _ => {}
+                    }
+                }
+                self.root.resolve(&dest).map_err(|e| fail(&e))?
+            }
+        };
+        match crate::is_dir(found.as_fd()) {
+            Ok(true) => Ok(found),
+            Ok(false) => Err(format!("{} exists and is not a directory", host.display())),
+            Err(e) => Err(format!("stat {}: {e}", host.display())),
+        }
     }
 
     /// `dest` as a file, created empty (and its parent directories) if
@@ -113,6 +151,10 @@ impl Tree {
 
     fn file_through_links(&self, dest: &Path, hops: usize) -> R<Handle> {
         let host = in_root(&self.path, dest)?;
+        // Most destinations exist (an image's /etc/hosts): one lookup.
+        if let Ok(Some(found)) = self.lookup(dest) {
+            return Ok(found);
+        }
         if let Some(parent) = dest.parent() {
             self.dir(parent)?;
         }
@@ -143,10 +185,29 @@ impl Tree {
     /// `dest` if it exists (symlinks followed, inside the root).
     pub fn existing(&self, dest: &Path) -> R<Option<Handle>> {
         let host = in_root(&self.path, dest)?;
-        match self.root.resolve(dest) {
-            Ok(h) => Ok(Some(h)),
-            Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ENOTDIR)) => Ok(None),
-            Err(e) => Err(format!("resolve {}: {}", host.display(), why(&e))),
+        match self.lookup(dest) {
+            Err(nix::errno::Errno::ENOTDIR) => Ok(None),
+            found => found.map_err(|e| format!("resolve {}: {e}", host.display())),
+        }
+    }
+
+    /// `dest` resolved inside the root (symlinks followed, never out of
+    /// it), or None where it does not exist: the one openat2 that pathrs's
+    /// kernel resolver makes (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS),
+    /// without the error pathrs builds for a miss, which names the root by
+    /// reading its /proc/thread-self/fd link (eight more syscalls; many
+    /// lookups of a container's setup miss, e.g. masked paths).
+    fn lookup(&self, dest: &Path) -> Result<Option<Handle>, nix::errno::Errno> {
+        use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match openat2(self.root.as_fd().as_raw_fd(), dest, how) {
+            // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+            Ok(fd) => Ok(Some(Handle::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -292,7 +292,15 @@ fn set_credentials(p: &OciProcess) -> R<()> {
         set(caps::CapSet::Inheritable, c.inheritable())?;
         set(caps::CapSet::Effective, c.effective())?;
         set(caps::CapSet::Permitted, c.permitted())?;
-        set(caps::CapSet::Ambient, c.ambient())?;
+        // Ambient: one clear, then the spec's raised. caps::set would probe
+        // and lower every capability, one prctl each (80 syscalls, guest
+        // kernel work that PVM hosts emulate).
+        caps::clear(None, caps::CapSet::Ambient)
+            .map_err(|e| format!("clear ambient capabilities: {e}"))?;
+        for cap in to_caps(c.ambient())? {
+            caps::raise(None, caps::CapSet::Ambient, cap)
+                .map_err(|e| format!("raise ambient {cap}: {e}"))?;
+        }
     }
     Ok(())
 }
