@@ -244,6 +244,29 @@ fn signals_reach_processes() {
         128 + 15,
         "exec'd sleep dies of SIGTERM"
     );
+    // Dispositions as under runc: the agent (Rust ignores SIGPIPE) passes
+    // on no ignored or blocked signal 1-31, to a container or an exec'd
+    // process (32 and 33 are glibc's own; a host test inherits what the
+    // harness set for them).
+    let masks = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"];
+    let standard = |status: &str, field: &str| -> u64 {
+        let line = status.lines().find_map(|l| l.strip_prefix(field));
+        let hex = line
+            .unwrap_or_else(|| panic!("no {field} in {status:?}"))
+            .trim();
+        u64::from_str_radix(hex, 16).expect("a hex mask") & 0x7fff_ffff
+    };
+    a.run("sigs", &spec(&masks));
+    assert_eq!(a.wait("sigs", ""), 0);
+    a.exec("victim", "sigs", &masks);
+    assert_eq!(a.wait("victim", "sigs"), 0);
+    for (who, status) in [
+        ("container init", a.stdout("sigs", "")),
+        ("exec'd process", a.stdout("victim", "sigs")),
+    ] {
+        assert_eq!(standard(&status, "SigIgn:"), 0, "{who}: {status}");
+        assert_eq!(standard(&status, "SigBlk:"), 0, "{who}: {status}");
+    }
     a.signal("victim", "", 9);
     assert_eq!(a.wait("victim", ""), 128 + 9);
 

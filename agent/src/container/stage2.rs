@@ -51,6 +51,10 @@ pub fn run() -> i32 {
     // The agent reads EOF on the socket as "exec succeeded".
     // SAFETY: plain fcntl on our own descriptor.
     unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Rust's start-up ignores SIGPIPE in this process; the container's
+    // program gets the default disposition, as under runc.
+    // SAFETY: plain signal(2) of a default disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // Last step before execve (as runc): from here on only execve, and the
     // error report if it fails, must pass the container's filter.
     if let Some(prog) = &exec.seccomp {
