@@ -42,8 +42,9 @@ pub fn agent_initramfs() -> PathBuf {
     path
 }
 
-/// The guest image with the agent built as before the boot diet
-/// (`guest-image/build.sh --baseline`), for `podbox-bench agent-boot`.
+/// The guest image with the agent as before issue 11 (its source at
+/// guest-image/build.sh's BASELINE_REV, built as then: `--baseline`), for
+/// `podbox-bench agent-boot` and `pods`.
 pub fn baseline_initramfs() -> PathBuf {
     prepared_output(
         "guest-image/build.sh",

@@ -2,7 +2,8 @@
 //! the pod guest (guest kernel + agent image, 2 vCPUs, 256 MiB, vsock) until
 //! the agent's ready call, for two builds side by side in one run:
 //! "before" (`guest-kernel/build.sh --variant baseline`, `guest-image/build.sh
-//! --baseline`: the kernel config and agent build of before issue 11) and
+//! --baseline`: the kernel config, and the agent's source and build, of before
+//! issue 11) and
 //! "after" (today's). Runs alternate so drift on a shared host hits both.
 //!
 //! Measured: VMM start to the agent's ready call, and from KVM's statistics

@@ -43,8 +43,9 @@ type PodPss = Vec<(String, u64)>;
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
     Runc,
-    /// podbox with the guest kernel and image of before the boot diet
-    /// (issue 11: `baseline.config`, the agent's old build profile), given
+    /// podbox with the guest kernel and agent of before issue 11
+    /// (`baseline.config`; the agent's source at guest-image/build.sh's
+    /// BASELINE_REV, in its old build profile), given
     /// to the shim by the `io.podbox.kernel` / `io.podbox.initrd` pod
     /// annotations.
     PodboxBefore,
@@ -189,8 +190,9 @@ impl PodsBench {
         };
         let mut t = format!(
             "Through containerd 1.6 on this host; podbox guest {GUEST}; busybox image; median of {} run(s) each. \
-             podbox before: the guest kernel and image of before the boot diet (baseline.config, \
-             guest-image/build.sh --baseline), through pod annotations.\n\n",
+             podbox before: the guest kernel config and agent of before issue 11 (baseline.config; \
+             guest-image/build.sh --baseline: the agent's source at ea20c9b, release, static-pie), \
+             through pod annotations; both on today's shim and podbox-vmm.\n\n",
             self.pod_ready[0].len()
         );
         t.push_str(
