@@ -18,12 +18,17 @@ use super::host_dirs::{guard_gone_was_last, remove_host_dirs_made_regardless};
 use super::names::TEST_NAMESPACE;
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long containerd gets to shut its shims down once nothing is left:
+/// containerd sends Shutdown after a task's delete without waiting (`ctr
+/// run --rm` has returned by then), and a podbox shim first stops its VM.
+const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         let mut problems = Vec::new();
         let netns = self.remove_pods(&mut problems);
         self.remove_tasks_and_containers(&mut problems);
+        self.wait_for_shims();
         self.stop_daemon(&mut problems);
         self.kill_stragglers(&mut problems);
         self.remove_host_state(&netns, &mut problems);
@@ -104,6 +109,16 @@ impl Containerd {
                     "removing container {namespace}/{container}: {error}"
                 ));
             }
+        }
+    }
+
+    /// Waits, up to [`SHIM_EXIT_TIMEOUT`], for this containerd's shims (their
+    /// command line names its socket) to exit; what is left then is a
+    /// straggler ([`Self::kill_stragglers`]).
+    fn wait_for_shims(&self) {
+        let deadline = Instant::now() + SHIM_EXIT_TIMEOUT;
+        while !processes_naming(&self.grpc_socket).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
