@@ -97,14 +97,18 @@ impl BeforeAssets {
         )
     }
 
+    /// The annotations that make a pod (or a `ctr run`) boot these files.
+    fn annotations(&self) -> [(&'static str, String); 2] {
+        [
+            (annotations::KERNEL, self.kernel.display().to_string()),
+            (annotations::INITRD, self.initrd.display().to_string()),
+        ]
+    }
+
     fn annotate(&self, config: &mut PodSandboxConfig) {
-        let path = |p: &Path| p.display().to_string();
-        config
-            .annotations
-            .insert(annotations::KERNEL.into(), path(&self.kernel));
-        config
-            .annotations
-            .insert(annotations::INITRD.into(), path(&self.initrd));
+        for (key, value) in self.annotations() {
+            config.annotations.insert(key.into(), value);
+        }
     }
 }
 
@@ -113,8 +117,8 @@ impl BeforeAssets {
 pub struct PodsBench {
     pod_ready: [Vec<f64>; 3],
     exec_sync: [Vec<f64>; 3],
-    /// `ctr run`: runc and today's podbox only (ctr cannot annotate).
-    ctr_run: [Vec<f64>; 2],
+    /// `ctr run --rm true` (the before guest through `--annotation`).
+    ctr_run: [Vec<f64>; 3],
     /// Emulated instructions per phase of each podbox pod: before, after.
     phases: [Vec<[u64; PHASES.len()]>; 2],
     /// The first idle podbox pod's processes.
@@ -157,18 +161,29 @@ impl PodsBench {
                     bench.phases[usize::from(variant == Variant::Podbox)].push(phases);
                 }
             }
-            for (i, runtime) in [RUNC_RUNTIME, PODBOX_RUNTIME].into_iter().enumerate() {
+            for (i, variant) in VARIANTS.into_iter().enumerate() {
+                let runtime = match variant {
+                    Variant::Runc => RUNC_RUNTIME,
+                    _ => PODBOX_RUNTIME,
+                };
+                let owned = match variant {
+                    Variant::PodboxBefore => before.annotations().to_vec(),
+                    _ => Vec::new(),
+                };
+                let annotations: Vec<(&str, &str)> =
+                    owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let name = variant.name();
                 let out = containerd
-                    .ctr_run(runtime, BUSYBOX_IMAGE, &["true"], b"")
-                    .map_err(|e| format!("ctr run ({runtime}): {e}"))?;
+                    .ctr_run_annotated(runtime, BUSYBOX_IMAGE, &["true"], b"", &annotations)
+                    .map_err(|e| format!("ctr run ({name}): {e}"))?;
                 if !out.status.success() {
                     return Err(format!(
-                        "ctr run ({runtime}) exited with {}: {}",
+                        "ctr run ({name}) exited with {}: {}",
                         out.status, out.stderr
                     ));
                 }
                 let secs = out.elapsed.as_secs_f64();
-                eprintln!("run {}: ctr run under {runtime}: {secs:.2} s", run + 1);
+                eprintln!("run {}: ctr run, {name}: {secs:.2} s", run + 1);
                 bench.ctr_run[i].push(secs);
             }
         }
@@ -192,7 +207,7 @@ impl PodsBench {
             "Through containerd 1.6 on this host; podbox guest {GUEST}; busybox image; median of {} run(s) each. \
              podbox before: the guest kernel config and agent of before issue 11 (baseline.config; \
              guest-image/build.sh --baseline: the agent's source at ea20c9b, release, static-pie), \
-             through pod annotations; both on today's shim and podbox-vmm.\n\n",
+             through pod annotations (`ctr run --annotation`); both on today's shim and podbox-vmm.\n\n",
             self.pod_ready[0].len()
         );
         t.push_str(
@@ -204,10 +219,9 @@ impl PodsBench {
             &self.pod_ready,
         ));
         t.push_str(&row("ExecSync `true` in the running pod", &self.exec_sync));
-        let (runc, podbox) = (med(&self.ctr_run[0]), med(&self.ctr_run[1]));
-        t.push_str(&format!(
-            "| `ctr run --rm busybox true`, start to exit | {runc:.2} s | - | {podbox:.2} s | - | {:.0} |\n",
-            podbox / runc
+        t.push_str(&row(
+            "`ctr run --rm busybox true`, start to exit",
+            &self.ctr_run,
         ));
         t.push_str(
             "\nGuest instructions KVM emulated per phase of a podbox pod (median, millions, both vCPUs):\n\n\

@@ -70,6 +70,18 @@ impl Containerd {
         image: &str,
         command: &[&str],
     ) -> (String, Vec<String>) {
+        self.ctr_run_args_annotated(runtime, image, command, &[])
+    }
+
+    /// The same with OCI annotations (`--annotation KEY=VALUE`) on the
+    /// container's spec.
+    pub fn ctr_run_args_annotated(
+        &self,
+        runtime: &str,
+        image: &str,
+        command: &[&str],
+        annotations: &[(&str, &str)],
+    ) -> (String, Vec<String>) {
         let container_id = self.unique_name("ctr");
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -88,6 +100,9 @@ impl Containerd {
         if let (PODBOX_RUNTIME, Some(config)) = (runtime, &self.podbox_config) {
             args.extend(["--runtime-config-path".into(), config.display().to_string()]);
         }
+        for (key, value) in annotations {
+            args.extend(["--annotation".into(), format!("{key}={value}")]);
+        }
         args.extend([image.to_string(), container_id.clone()]);
         args.extend(command.iter().map(|arg| arg.to_string()));
         (container_id, args)
@@ -102,8 +117,21 @@ impl Containerd {
         command: &[&str],
         stdin: &[u8],
     ) -> Result<CtrRunOutput, ContainerdError> {
+        self.ctr_run_annotated(runtime, image, command, stdin, &[])
+    }
+
+    /// The same with OCI annotations on the container's spec.
+    pub fn ctr_run_annotated(
+        &self,
+        runtime: &str,
+        image: &str,
+        command: &[&str],
+        stdin: &[u8],
+        annotations: &[(&str, &str)],
+    ) -> Result<CtrRunOutput, ContainerdError> {
         use std::io::Write;
-        let (container_id, args) = self.ctr_run_args(runtime, image, command);
+        let (container_id, args) =
+            self.ctr_run_args_annotated(runtime, image, command, annotations);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let started = Instant::now();
         let mut child = self
