@@ -53,7 +53,7 @@ fn run() -> Result<(), String> {
     let mut pods = Vec::new();
     for handler in [RUNC_HANDLER, PODBOX_HANDLER] {
         if handler == PODBOX_HANDLER {
-            eprintln!("==> the same pod in a podbox microVM (the guest boots in RunPodSandbox: about a minute of CPU on PVM hosts)");
+            eprintln!("==> the same pod in a podbox microVM (the guest boots in RunPodSandbox: 10-60 s of CPU on PVM hosts, by host speed)");
         } else {
             eprintln!("==> a pod under runc");
         }
