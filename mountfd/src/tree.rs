@@ -19,6 +19,9 @@ type R<T> = Result<T, String>;
 
 /// How many dangling symlinks in a row [`Tree::file`] follows.
 const MAX_LINK_HOPS: usize = 8;
+/// How often a lookup is retried when the kernel reports a racing rename
+/// or mount (EAGAIN); pathrs's resolver gives up after as many.
+const LOOKUP_RETRIES: usize = 128;
 
 /// Where the symlink at `at` (absolute, inside the root) points, as an
 /// absolute path inside the root: relative to its directory, and `..`
@@ -203,11 +206,18 @@ impl Tree {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        match openat2(self.root.as_fd().as_raw_fd(), dest, how) {
-            // SAFETY: openat2 just returned this descriptor; nothing else owns it.
-            Ok(fd) => Ok(Some(Handle::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))),
-            Err(nix::errno::Errno::ENOENT) => Ok(None),
-            Err(e) => Err(e),
+        // RESOLVE_IN_ROOT fails with EAGAIN when a rename or mount anywhere
+        // races a lookup through a `..` (e.g. /var/run -> ../run); the
+        // kernel asks for a retry, as pathrs's resolver does.
+        let mut tries = 0;
+        loop {
+            match openat2(self.root.as_fd().as_raw_fd(), dest, how) {
+                // SAFETY: openat2 just returned this descriptor; nothing else owns it.
+                Ok(fd) => return Ok(Some(Handle::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))),
+                Err(nix::errno::Errno::ENOENT) => return Ok(None),
+                Err(nix::errno::Errno::EAGAIN) if tries < LOOKUP_RETRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -264,6 +274,40 @@ mod tests {
             .expect("created inside the root");
         assert!(root.join("podbox-outside-test").is_file());
         assert!(!Path::new("/podbox-outside-test").exists());
+    }
+
+    /// A lookup through a `..` symlink while renames run elsewhere: the
+    /// kernel's EAGAIN is retried, never an error.
+    #[test]
+    fn lookups_through_dotdot_links_survive_racing_renames() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("run/secrets")).expect("mkdir");
+        std::fs::create_dir(root.join("var")).expect("mkdir");
+        std::os::unix::fs::symlink("../run", root.join("var/run")).expect("ln");
+        let tree = Tree::open(&root).expect("open");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for i in 0..4 {
+                let (stop, scratch) = (&stop, dir.path().join(format!("r{i}")));
+                s.spawn(move || {
+                    std::fs::write(&scratch, b"").expect("scratch file");
+                    let other = scratch.with_extension("b");
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = std::fs::rename(&scratch, &other);
+                        let _ = std::fs::rename(&other, &scratch);
+                    }
+                });
+            }
+            let failures = (0..20_000)
+                .filter(|_| {
+                    tree.dir(Path::new("/var/run/secrets")).is_err()
+                        || !matches!(tree.existing(Path::new("/var/run/secrets")), Ok(Some(_)))
+                })
+                .count();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(failures, 0, "lookups failed under racing renames");
+        });
     }
 
     #[test]
