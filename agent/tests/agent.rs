@@ -260,6 +260,14 @@ fn signals_reach_processes() {
     assert_eq!(a.wait("sigs", ""), 0);
     a.exec("victim", "sigs", &masks);
     assert_eq!(a.wait("victim", "sigs"), 0);
+    // Nor a descriptor of the agent's (the harness gives it one without
+    // O_CLOEXEC): stdio, and the one `ls` opens to list them.
+    a.run("fds", &spec(&["ls", "/proc/self/fd"]));
+    assert_eq!(a.wait("fds", ""), 0);
+    a.exec("victim", "fds", &["ls", "/proc/self/fd"]);
+    assert_eq!(a.wait("victim", "fds"), 0);
+    assert_eq!(a.stdout("fds", ""), "0\n1\n2\n3\n", "container init");
+    assert_eq!(a.stdout("victim", "fds"), "0\n1\n2\n3\n", "exec'd process");
     for (who, status) in [
         ("container init", a.stdout("sigs", "")),
         ("exec'd process", a.stdout("victim", "sigs")),

@@ -76,6 +76,22 @@ struct Exec {
 }
 
 fn prepare(sock: &mut UnixStream) -> R<Exec> {
+    // Whatever the agent had open without O_CLOEXEC when it spawned us
+    // (a pty another container's setup had not marked yet, say) closes at
+    // our execve: a container gets stdio and nothing of its neighbours'.
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (SYNC_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if marked != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("mark inherited descriptors close-on-exec: {e}"));
+    }
     let mut line = String::new();
     BufReader::new(&*sock)
         .read_line(&mut line)

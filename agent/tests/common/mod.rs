@@ -112,6 +112,14 @@ impl Agent {
             COUNTER.fetch_add(1, Ordering::SeqCst),
             name
         );
+        // The agent holds a descriptor without O_CLOEXEC, as one it opened
+        // and has not marked yet (openpty): no container may inherit it.
+        let stray = std::fs::File::open("/dev/null").expect("open /dev/null");
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&stray),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .expect("clear FD_CLOEXEC");
         let child = Command::new(env!("CARGO_BIN_EXE_podbox-agent"))
             .args(["--listen", &format!("unix://{}", sock.display())])
             .args([
