@@ -54,6 +54,15 @@ pub fn baseline_initramfs() -> PathBuf {
     )
 }
 
+/// The commit whose agent source `--baseline` builds (BASELINE_REV in
+/// guest-image/build.sh, the one place it is set), for tables.
+pub fn baseline_rev() -> &'static str {
+    include_str!("../../guest-image/build.sh")
+        .lines()
+        .find_map(|l| l.strip_prefix("BASELINE_REV="))
+        .expect("guest-image/build.sh sets BASELINE_REV")
+}
+
 /// What builds the guest image and its static agent.
 const IMAGE_REMEDY: &str =
     "run `make test-assets` (`make test` runs it first) or `guest-image/build.sh`";

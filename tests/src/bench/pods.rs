@@ -17,7 +17,7 @@ use crate::containerd::{
 };
 use crate::cri::container_config;
 use crate::guest::{guest_kernel, KernelVariant};
-use crate::guest_image::baseline_initramfs;
+use crate::guest_image::{baseline_initramfs, baseline_rev};
 use crate::oci_image::BUSYBOX_IMAGE;
 use crate::podbox::{
     containerd_with_podbox_config, pod_state_dir, processes_mentioning, remove_pod, vmm_pid,
@@ -206,9 +206,10 @@ impl PodsBench {
         let mut t = format!(
             "Through containerd 1.6 on this host; podbox guest {GUEST}; busybox image; median of {} run(s) each. \
              podbox before: the guest kernel config and agent of before issue 11 (baseline.config; \
-             guest-image/build.sh --baseline: the agent's source at ea20c9b, release, static-pie), \
+             guest-image/build.sh --baseline: the agent's source at {}, release, static-pie), \
              through pod annotations (`ctr run --annotation`); both on today's shim and podbox-vmm.\n\n",
-            self.pod_ready[0].len()
+            self.pod_ready[0].len(),
+            baseline_rev()
         );
         t.push_str(
             "| measure | runc | podbox before | podbox | podbox / before | podbox / runc |\n\
