@@ -11,7 +11,8 @@
 #   instructions podbox-vmm's emulation fallback performs on PVM hosts; the
 #   benchmark boots it under QEMU microvm, which has no such fallback.
 # --variant baseline: the podbox kernel from baseline.config, the fragment
-#   before the boot diet, for `podbox-bench agent-boot` (before vs after).
+#   before the boot diet, and only the patches from before it, for
+#   `podbox-bench agent-boot` and `pods` (before vs after).
 # --print-path: build and install nothing; print the path of the cached
 #   vmlinux for the current inputs, or fail (status 1) if it is not built
 #   yet. The test harness looks the kernel up this way (`make test-assets`,
@@ -36,15 +37,19 @@ while [ $# -gt 0 ]; do
         --variant) variant=${2:-}; shift 2 || { echo "build.sh: --variant needs a value" >&2; exit 2; } ;;
         --variant=*) variant=${1#--variant=}; shift ;;
         --print-path) print_path=1; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
 done
 fragment=$here/podbox.config
+patch_glob='*.patch'
 case "$variant" in
     podbox) patch_dirs=("$here/patches") ;;
     qemu) patch_dirs=("$here/patches" "$here/patches/qemu") ;;
-    baseline) patch_dirs=("$here/patches"); fragment=$here/baseline.config ;;
+    # 0002 and 0003 change nothing unless a config fragment turns them on;
+    # the boot-diet patches after them take effect by themselves, so the
+    # kernel from before the diet does not get them.
+    baseline) patch_dirs=("$here/patches"); patch_glob='000[1-3]-*.patch'; fragment=$here/baseline.config ;;
     *) echo "build.sh: unknown variant '$variant' (expected podbox, qemu or baseline)" >&2; exit 2 ;;
 esac
 
@@ -74,7 +79,7 @@ fi
 
 patches=()
 for dir in "${patch_dirs[@]}"; do
-    for p in "$dir"/*.patch; do [ -e "$p" ] && patches+=("$p"); done
+    for p in "$dir"/$patch_glob; do [ -e "$p" ] && patches+=("$p"); done
 done
 
 key=$( {
