@@ -11,7 +11,6 @@
 //! addresses come from its `socket_address` so they match containerd's own.
 //! The server `start` spawns is [`crate::serve`].
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use thiserror::Error;
 
 use crate::settings::annotations::{AnnotationError, PodRole};
 use crate::settings::config::{Config, ConfigError};
+use crate::settings::SettingsError;
 use crate::settings::VmSettings;
 
 /// The Any type of CRI's options for runtimes other than runc (`config_path`).
@@ -61,7 +61,7 @@ pub enum ShimError {
     #[error("bundle {bundle}: {source}")]
     Annotations {
         bundle: PathBuf,
-        source: AnnotationError,
+        source: SettingsError,
     },
     #[error("container {id} belongs to pod {sandbox_id}, whose shim is not running (no socket at {address})")]
     NoSandboxShim {
@@ -134,15 +134,18 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
     let mut options = Vec::new();
     stdin.read_to_end(&mut options).map_err(ShimError::Stdin)?;
     let config = Config::load(config_path_from_runtime_options(&options)?.as_deref())?;
-    let annotations = read_annotations(&bundle)?;
-    let annotation_error = |source| ShimError::Annotations {
+    let spec = crate::spec::load(&bundle)?;
+    let annotations = crate::spec::annotations(&spec);
+    let settings_error = |source| ShimError::Annotations {
         bundle: bundle.clone(),
         source,
     };
-    let role = PodRole::from_annotations(&annotations).map_err(annotation_error)?;
-    // Checked here so that a bad annotation fails `start` with a clear
-    // message in the client's error, before any VM is booted.
-    VmSettings::resolve(&config, &annotations).map_err(annotation_error)?;
+    let role = PodRole::from_annotations(&annotations)
+        .map_err(|e: AnnotationError| settings_error(e.into()))?;
+    // Checked here so that a bad annotation or an oversized pod fails
+    // `start` with a clear message in the client's error, before any VM
+    // is booted.
+    VmSettings::resolve(&config, &spec).map_err(settings_error)?;
 
     let address =
         containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
@@ -341,12 +344,6 @@ fn tag_wire_type(tag: u32) -> containerd_shim::protos::protobuf::rt::WireType {
     WireType::new(tag & 7).unwrap_or(WireType::StartGroup)
 }
 
-/// The annotations of `<bundle>/config.json` (none if it has no annotations).
-fn read_annotations(bundle: &Path) -> Result<HashMap<String, String>, ShimError> {
-    let spec = crate::spec::load(bundle)?;
-    Ok(crate::spec::annotations(&spec))
-}
-
 /// Cleans up after a shim that is gone: the bundle's rootfs mounts (the
 /// shim's, were it still alive) come down; the task is reported killed.
 fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
@@ -411,6 +408,7 @@ fn remove_pod_leftovers(namespace: &str, id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Encodes `runtimeoptions.v1.Options { type_url, config_path }` wrapped in an Any.
     fn runtime_options_any(type_url: &str, config_path: &str) -> Vec<u8> {
@@ -561,6 +559,9 @@ mod tests {
 
     #[test]
     fn annotations_are_read_from_the_bundle_spec() {
+        let read_annotations = |bundle: &Path| -> Result<HashMap<String, String>, ShimError> {
+            Ok(crate::spec::annotations(&crate::spec::load(bundle)?))
+        };
         let bundle = tempfile::tempdir().expect("temp dir");
         std::fs::write(
             bundle.path().join("config.json"),

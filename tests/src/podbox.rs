@@ -86,7 +86,9 @@ pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
     write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs(), "")
 }
 
-/// The same with another guest image and `extra` config lines.
+/// The same with another guest image and `extra` config lines; a key
+/// `extra` sets replaces the default line of that key (TOML refuses a key
+/// twice).
 pub fn write_shim_config_with_initrd(
     dir: &Path,
     virtiofsd: &Path,
@@ -94,12 +96,33 @@ pub fn write_shim_config_with_initrd(
     extra: &str,
 ) -> PathBuf {
     let path = dir.join("podbox-config.toml");
-    let text = format!(
-        "kernel = \"{}\"\ninitrd = \"{}\"\nvirtiofsd = \"{}\"\ndefault_vcpus = 2\ndefault_memory_mib = 256\nlog_level = \"debug\"\n{extra}",
-        guest_kernel(KernelVariant::Podbox).display(),
-        initrd.display(),
-        virtiofsd.display()
-    );
+    let defaults = [
+        (
+            "kernel",
+            format!(
+                "{:?}",
+                guest_kernel(KernelVariant::Podbox).display().to_string()
+            ),
+        ),
+        ("initrd", format!("{:?}", initrd.display().to_string())),
+        (
+            "virtiofsd",
+            format!("{:?}", virtiofsd.display().to_string()),
+        ),
+        ("default_vcpus", "2".to_string()),
+        ("default_memory_mib", "256".to_string()),
+        ("log_level", "\"debug\"".to_string()),
+    ];
+    let set_by_extra = |key: &str| {
+        extra
+            .lines()
+            .any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+    };
+    let mut text = String::new();
+    for (key, value) in defaults.iter().filter(|(key, _)| !set_by_extra(key)) {
+        text.push_str(&format!("{key} = {value}\n"));
+    }
+    text.push_str(extra);
     std::fs::write(&path, text).expect("writing the shim config");
     path
 }

@@ -7,6 +7,8 @@
 //! virtiofsd = "/usr/libexec/virtiofsd"   # default: podbox-vmm looks on PATH, in /usr/libexec, ~/.cargo/bin
 //! default_vcpus = 2
 //! default_memory_mib = 256
+//! max_vcpus = 8             # the most a pod's limits (or annotations) may size its VM to
+//! max_memory_mib = 8192
 //! log_level = "info"
 //! fs_cache = "always"
 //! allowed_annotations = ["io.podbox.vcpus", "io.podbox.memory_mib"]
@@ -70,7 +72,13 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     /// vCPUs of a pod's VM unless an allowed annotation says otherwise (2).
     pub default_vcpus: u32,
+    /// The guest's base (its kernel and agent): a pod's VM gets this plus
+    /// the sum of its containers' memory limits.
     pub default_memory_mib: u32,
+    /// The largest VM a pod may ask for, through its limits or an allowed
+    /// annotation: a larger one fails RunPodSandbox naming this key.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
     /// The shim's own log level: error, warn, info, debug or trace.
     pub log_level: String,
     /// How the guest caches the share (virtiofsd `--cache`). "always" (the
@@ -105,6 +113,8 @@ impl Default for Config {
             virtiofsd: None,
             default_vcpus: 2,
             default_memory_mib: 256,
+            max_vcpus: 8,
+            max_memory_mib: 8192,
             log_level: "info".to_string(),
             fs_cache: CachePolicy::Always,
             allowed_annotations: Vec::new(),
@@ -182,6 +192,32 @@ impl Config {
             return Err(invalid(
                 "default_memory_mib",
                 format!("{} is not in {MEMORY_MIB_RANGE:?}", self.default_memory_mib),
+            ));
+        }
+        if !VCPUS_RANGE.contains(&self.max_vcpus) || self.max_vcpus < self.default_vcpus {
+            return Err(invalid(
+                "max_vcpus",
+                format!(
+                    "{} is not in {}..={} (default_vcpus..={})",
+                    self.max_vcpus,
+                    self.default_vcpus,
+                    VCPUS_RANGE.end(),
+                    VCPUS_RANGE.end()
+                ),
+            ));
+        }
+        if !MEMORY_MIB_RANGE.contains(&self.max_memory_mib)
+            || self.max_memory_mib < self.default_memory_mib
+        {
+            return Err(invalid(
+                "max_memory_mib",
+                format!(
+                    "{} is not in {}..={} (default_memory_mib..={})",
+                    self.max_memory_mib,
+                    self.default_memory_mib,
+                    MEMORY_MIB_RANGE.end(),
+                    MEMORY_MIB_RANGE.end()
+                ),
             ));
         }
         if !LOG_LEVELS.contains(&self.log_level.as_str()) {
@@ -311,6 +347,12 @@ mod tests {
         assert_eq!(invalid_key("log_max_bytes = 2147483648"), "log_max_bytes");
         assert_eq!(invalid_key("asset_dirs = [\"assets\"]"), "asset_dirs");
         assert_eq!(invalid_key("default_memory_mib = 32"), "default_memory_mib");
+        assert_eq!(invalid_key("default_vcpus = 4\nmax_vcpus = 3"), "max_vcpus");
+        assert_eq!(invalid_key("max_vcpus = 33"), "max_vcpus");
+        assert_eq!(
+            invalid_key("default_memory_mib = 512\nmax_memory_mib = 511"),
+            "max_memory_mib"
+        );
         assert_eq!(invalid_key("log_level = \"loud\""), "log_level");
         assert_eq!(invalid_key("kernel = \"vmlinux\""), "kernel");
         assert_eq!(invalid_key("initrd = \"\""), "initrd");

@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod sizing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -14,6 +15,23 @@ use annotations::{
     is_known_annotation, AnnotationError, INITRD, KERNEL, MEMORY_MIB, PODBOX_PREFIX, VCPUS,
 };
 use config::{Config, MEMORY_MIB_RANGE, VCPUS_RANGE};
+use sizing::PodLimits;
+
+/// Why a pod gets no VM settings: a bad annotation, or a VM larger than
+/// the config lets a pod have.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Annotation(#[from] AnnotationError),
+    #[error("the pod asks for {asked} {what} ({how}); the podbox config's {key} is {most}")]
+    OverCap {
+        what: &'static str,
+        asked: u64,
+        how: String,
+        key: &'static str,
+        most: u32,
+    },
+}
 
 /// The VM a pod gets: the config's defaults, overridden by allowed annotations.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,18 +43,36 @@ pub struct VmSettings {
 }
 
 impl VmSettings {
+    /// The config's base VM plus the pod's limits ([`sizing`]), then the
+    /// allowed `io.podbox.*` annotations, within the config's max_vcpus
+    /// and max_memory_mib.
+    pub fn resolve(config: &Config, spec: &oci_spec::runtime::Spec) -> Result<Self, SettingsError> {
+        let annotations = crate::spec::annotations(spec);
+        let limits = PodLimits::of(spec, &annotations)?;
+        let sized = Sized {
+            vcpus: u64::from(config.default_vcpus).saturating_add(limits.cpus),
+            vcpus_how: format!(
+                "default_vcpus {} + {} from {}",
+                config.default_vcpus, limits.cpus, limits.source
+            ),
+            memory_mib: u64::from(config.default_memory_mib).saturating_add(limits.memory_mib),
+            memory_how: format!(
+                "default_memory_mib {} + {} MiB from {}",
+                config.default_memory_mib, limits.memory_mib, limits.source
+            ),
+        };
+        Self::with_annotations(config, &annotations, sized)
+    }
+
     /// Every `io.podbox.*` annotation must be known, allowed by `config`,
     /// and well-formed; other annotations are none of the shim's business.
-    pub fn resolve(
+    fn with_annotations(
         config: &Config,
         annotations: &HashMap<String, String>,
-    ) -> Result<VmSettings, AnnotationError> {
-        let mut settings = VmSettings {
-            vcpus: config.default_vcpus,
-            memory_mib: config.default_memory_mib,
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-        };
+        mut sized: Sized,
+    ) -> Result<VmSettings, SettingsError> {
+        let mut kernel = config.kernel.clone();
+        let mut initrd = config.initrd.clone();
         // Sorted, so that with several bad annotations the error is always the same one.
         let mut podbox_annotations: Vec<(&String, &String)> = annotations
             .iter()
@@ -45,21 +81,71 @@ impl VmSettings {
         podbox_annotations.sort();
         for (key, value) in podbox_annotations {
             if !is_known_annotation(key) {
-                return Err(AnnotationError::Unknown { key: key.clone() });
+                return Err(AnnotationError::Unknown { key: key.clone() }.into());
             }
             if !config.allows_annotation(key) {
-                return Err(AnnotationError::NotAllowed { key: key.clone() });
+                return Err(AnnotationError::NotAllowed { key: key.clone() }.into());
             }
             match key.as_str() {
-                VCPUS => settings.vcpus = parse_in_range(key, value, VCPUS_RANGE)?,
-                MEMORY_MIB => settings.memory_mib = parse_in_range(key, value, MEMORY_MIB_RANGE)?,
-                KERNEL => settings.kernel = parse_asset(key, value, &config.asset_dirs)?,
-                INITRD => settings.initrd = parse_asset(key, value, &config.asset_dirs)?,
-                _ => return Err(AnnotationError::Unknown { key: key.clone() }),
+                VCPUS => {
+                    sized.vcpus = parse_in_range(key, value, VCPUS_RANGE)?.into();
+                    sized.vcpus_how = format!("annotation {VCPUS}");
+                }
+                MEMORY_MIB => {
+                    sized.memory_mib = parse_in_range(key, value, MEMORY_MIB_RANGE)?.into();
+                    sized.memory_how = format!("annotation {MEMORY_MIB}");
+                }
+                KERNEL => kernel = parse_asset(key, value, &config.asset_dirs)?,
+                INITRD => initrd = parse_asset(key, value, &config.asset_dirs)?,
+                _ => return Err(AnnotationError::Unknown { key: key.clone() }.into()),
             }
         }
-        Ok(settings)
+        Ok(VmSettings {
+            vcpus: capped(
+                "vCPUs",
+                sized.vcpus,
+                sized.vcpus_how,
+                "max_vcpus",
+                config.max_vcpus,
+            )?,
+            memory_mib: capped(
+                "MiB of memory",
+                sized.memory_mib,
+                sized.memory_how,
+                "max_memory_mib",
+                config.max_memory_mib,
+            )?,
+            kernel,
+            initrd,
+        })
     }
+}
+
+/// A VM size and how it was arrived at, before the config's caps.
+struct Sized {
+    vcpus: u64,
+    vcpus_how: String,
+    memory_mib: u64,
+    memory_how: String,
+}
+
+fn capped(
+    what: &'static str,
+    asked: u64,
+    how: String,
+    key: &'static str,
+    most: u32,
+) -> Result<u32, SettingsError> {
+    if asked > u64::from(most) {
+        return Err(SettingsError::OverCap {
+            what,
+            asked,
+            how,
+            key,
+            most,
+        });
+    }
+    Ok(asked as u32)
 }
 
 fn invalid(key: &str, value: &str, reason: String) -> AnnotationError {
@@ -132,19 +218,12 @@ pub struct TooBig {
 }
 
 impl VmSettings {
-    /// Refuses a VM the host cannot give: more vCPUs than KVM supports per
-    /// VM (KVM_CAP_MAX_VCPUS), or more memory than the host has (MemTotal).
-    pub fn check_fits_host(&self) -> Result<(), TooBig> {
-        if let Ok(kvm) = kvm_ioctls::Kvm::new() {
-            let most = kvm.get_max_vcpus() as u64;
-            if u64::from(self.vcpus) > most {
-                return Err(TooBig {
-                    what: "vCPUs",
-                    asked: self.vcpus.into(),
-                    most,
-                });
-            }
-        }
+    /// Fits the VM to this host: no more vCPUs than KVM recommends per VM
+    /// (KVM_CAP_NR_VCPUS, the host's online CPUs; more would only
+    /// time-share them), as Kata caps them; gives back the vCPUs asked for
+    /// where it lowered them. Refuses more memory than the host has
+    /// (MemTotal).
+    pub fn fit_host(&mut self) -> Result<Option<u32>, TooBig> {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let total_mib = meminfo
             .lines()
@@ -158,7 +237,15 @@ impl VmSettings {
                 most,
             });
         }
-        Ok(())
+        let recommended = kvm_ioctls::Kvm::new().map(|kvm| kvm.get_nr_vcpus() as u32);
+        match recommended {
+            Ok(most) if most > 0 && self.vcpus > most => {
+                let asked = self.vcpus;
+                self.vcpus = most;
+                Ok(Some(asked))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -167,16 +254,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_vm_larger_than_the_host_is_refused_with_the_numbers() {
+    fn a_vm_larger_than_the_host_is_refused_or_lowered() {
         let settings = |vcpus, memory_mib| VmSettings {
             vcpus,
             memory_mib,
             kernel: "/k".into(),
             initrd: "/i".into(),
         };
-        settings(1, 64).check_fits_host().expect("a small VM fits");
+        assert_eq!(settings(1, 64).fit_host(), Ok(None), "a small VM fits");
         let error = settings(1, 1_048_576)
-            .check_fits_host()
+            .fit_host()
             .expect_err("1 TiB does not");
         assert!(
             error
@@ -184,15 +271,73 @@ mod tests {
                 .starts_with("the pod asks for 1048576 MiB of memory"),
             "{error}"
         );
+        if let Ok(kvm) = kvm_ioctls::Kvm::new() {
+            let cpus = kvm.get_nr_vcpus() as u32;
+            let mut wide = settings(cpus + 1, 64);
+            assert_eq!(wide.fit_host(), Ok(Some(cpus + 1)));
+            assert_eq!(wide.vcpus, cpus, "lowered to KVM_CAP_NR_VCPUS");
+        }
     }
 
     use crate::settings::annotations::KNOWN_ANNOTATIONS;
 
-    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
+    /// A spec carrying these annotations (and nothing else).
+    fn annotations(pairs: &[(&str, &str)]) -> oci_spec::runtime::Spec {
+        let annotations: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+            .collect();
+        oci_spec::runtime::SpecBuilder::default()
+            .annotations(annotations)
+            .build()
+            .expect("spec")
+    }
+
+    #[test]
+    fn the_pods_limits_are_added_to_the_base_vm() {
+        use sizing::{SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY};
+        let pod = annotations(&[
+            (SANDBOX_CPU_QUOTA, "150000"),
+            (SANDBOX_CPU_PERIOD, "100000"),
+            (SANDBOX_MEMORY, "268435456"),
+        ]);
+        let settings = VmSettings::resolve(&Config::default(), &pod).expect("fits");
+        assert_eq!((settings.vcpus, settings.memory_mib), (2 + 2, 256 + 256));
+    }
+
+    #[test]
+    fn a_vm_over_the_configs_caps_is_refused_naming_the_key() {
+        use sizing::SANDBOX_MEMORY;
+        let greedy = annotations(&[(SANDBOX_MEMORY, &(9000u64 << 20).to_string())]);
+        let error = VmSettings::resolve(&Config::default(), &greedy).expect_err("too big");
+        assert!(
+            matches!(
+                &error,
+                SettingsError::OverCap {
+                    key: "max_memory_mib",
+                    asked: 9256,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the pod asks for 9256 MiB of memory (default_memory_mib 256 + 9000 MiB from the \
+             io.kubernetes.cri.sandbox-* annotations); the podbox config's max_memory_mib is 8192"
+        );
+        // An allowed annotation is held to the same cap.
+        let config = Config {
+            max_vcpus: 4,
+            ..config_allowing(&[VCPUS])
+        };
+        let error =
+            VmSettings::resolve(&config, &annotations(&[(VCPUS, "6")])).expect_err("too big");
+        assert!(
+            error.to_string().contains("(annotation io.podbox.vcpus)"),
+            "{error}"
+        );
+        assert!(error.to_string().ends_with("max_vcpus is 4"), "{error}");
     }
 
     fn config_allowing(keys: &[&str]) -> Config {
@@ -279,9 +424,9 @@ mod tests {
         .expect_err("refused");
         assert_eq!(
             error,
-            AnnotationError::NotAllowed {
+            SettingsError::Annotation(AnnotationError::NotAllowed {
                 key: MEMORY_MIB.to_string()
-            }
+            })
         );
         assert!(error.to_string().contains(MEMORY_MIB));
     }
@@ -294,9 +439,9 @@ mod tests {
         .expect_err("unknown");
         assert_eq!(
             error,
-            AnnotationError::Unknown {
+            SettingsError::Annotation(AnnotationError::Unknown {
                 key: "io.podbox.cpus".to_string()
-            }
+            })
         );
     }
     #[test]
@@ -315,11 +460,11 @@ mod tests {
             (INITRD, ""),
         ] {
             match VmSettings::resolve(&config, &annotations(&[(key, value)])) {
-                Err(AnnotationError::Invalid {
+                Err(SettingsError::Annotation(AnnotationError::Invalid {
                     key: named,
                     value: shown,
                     ..
-                }) => {
+                })) => {
                     assert_eq!((named.as_str(), shown.as_str()), (key, value));
                 }
                 other => panic!("{key}={value:?}: expected an invalid-value error, got {other:?}"),

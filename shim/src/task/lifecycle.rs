@@ -133,11 +133,24 @@ impl Inner {
                 format!("pod {sandbox_id} has no VM in this shim"),
             ));
         }
-        let settings = VmSettings::resolve(&self.config, &crate::spec::annotations(spec))
+        let mut settings = VmSettings::resolve(&self.config, spec)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
-        settings
-            .check_fits_host()
+        let lowered = settings
+            .fit_host()
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        if let Some(asked) = lowered {
+            tracing::warn!(
+                pod = %id,
+                "{asked} vCPUs asked for, {} given: KVM recommends no more per VM on this host (KVM_CAP_NR_VCPUS)",
+                settings.vcpus
+            );
+        }
+        tracing::info!(
+            pod = %id,
+            vcpus = settings.vcpus,
+            memory_mib = settings.memory_mib,
+            "VM size"
+        );
         let hostname = spec.hostname().clone().filter(|h| !h.is_empty());
         let network = blocking(move || PodNetwork::set_up(&netns))
             .await?

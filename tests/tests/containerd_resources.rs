@@ -1,0 +1,146 @@
+//! A pod's limits size its VM (issue 12), through a real containerd 1.6's
+//! CRI: one VM boot in all.
+//!
+//! - `podbox_vm_sized_from_the_pods_limits`: a pod whose limits exceed the
+//!   config's `max_memory_mib` fails RunPodSandbox with an error naming the
+//!   key and leaves nothing behind; a pod with a 1-CPU, 256 MiB limit gets
+//!   a VM of `default_vcpus` + 1 vCPUs and `default_memory_mib` + 256 MiB,
+//!   as its container sees them (`/proc/cpuinfo`, MemTotal).
+//!
+//! `cargo test -p podbox-tests --test containerd_resources` runs it alone.
+//! Without /dev/kvm it prints SKIPPED and passes; a missing virtiofsd fails.
+
+use std::time::Duration;
+
+use k8s_cri::v1::LinuxContainerResources;
+use podbox_tests::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE, PODBOX_HANDLER};
+use podbox_tests::cri::container_config;
+use podbox_tests::guest_image::agent_initramfs;
+use podbox_tests::oci_image::BUSYBOX_IMAGE;
+use podbox_tests::podbox::{
+    bin_dir, pod_leftovers, virtiofsd, write_shim_config_with_initrd, STATE_ROOT,
+};
+use podbox_tests::vm::VmSlot;
+
+const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+/// The shim config of this test: a 1-vCPU base, so that one more vCPU
+/// still fits KVM's per-VM recommendation on a 2-core host.
+const BASE_VCPUS: u32 = 1;
+const BASE_MEMORY_MIB: u64 = 256;
+const MAX_MEMORY_MIB: u64 = 1024;
+const LIMIT_MIB: u64 = 256;
+
+fn limits(cpus: i64, memory_mib: i64) -> LinuxContainerResources {
+    LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: cpus * 100_000,
+        cpu_shares: 1024,
+        memory_limit_in_bytes: memory_mib << 20,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn podbox_vm_sized_from_the_pods_limits() {
+    let test = "podbox_vm_sized_from_the_pods_limits";
+    if !podbox_tests::kvm_available(test) {
+        return;
+    }
+    let bin_dir = bin_dir();
+    let _slot = VmSlot::acquire();
+    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let extra = format!(
+        "default_vcpus = {BASE_VCPUS}\ndefault_memory_mib = {BASE_MEMORY_MIB}\nmax_memory_mib = {MAX_MEMORY_MIB}\n"
+    );
+    let config = write_shim_config_with_initrd(dir.path(), &virtiofsd, &agent_initramfs(), &extra);
+    let containerd = Containerd::start_with(ContainerdOptions {
+        shim_dirs: vec![bin_dir],
+        podbox_config: Some(config),
+    })
+    .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+    let mut cri = containerd.cri().expect("CRI client");
+
+    // Over the cap: refused before any VM boots, naming the config key.
+    let state_before = pod_state_dirs();
+    let mut greedy = containerd.pod_config("greedy").expect("pod config");
+    greedy.linux.as_mut().expect("linux config").resources = Some(limits(0, 2048));
+    let error = cri
+        .run_pod_sandbox(&greedy, PODBOX_HANDLER)
+        .expect_err("a pod over max_memory_mib must not start")
+        .to_string();
+    assert!(
+        error.contains("max_memory_mib")
+            && error.contains("2304 MiB")
+            && error.contains("from the io.kubernetes.cri.sandbox-* annotations"),
+        "RunPodSandbox's error names the key, the size and where the limits came from: {error}"
+    );
+    assert!(
+        cri.list_pod_sandboxes().expect("ListPodSandbox").is_empty(),
+        "the refused pod is not listed"
+    );
+    assert_eq!(pod_state_dirs(), state_before, "the refused pod left state");
+
+    // Within it: the VM is the base plus the pod's limits.
+    let mut config = containerd.pod_config("sized").expect("pod config");
+    config.linux.as_mut().expect("linux config").resources = Some(limits(1, LIMIT_MIB as i64));
+    let pod = cri
+        .run_pod_sandbox(&config, PODBOX_HANDLER)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let container = cri
+        .create_container(
+            &pod,
+            &container_config("sized", BUSYBOX_IMAGE, &["sleep", "1000"]),
+            &config,
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}"));
+    cri.start_container(&container)
+        .unwrap_or_else(|e| panic!("StartContainer: {e}"));
+    let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo); \
+                  echo memtotal_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)";
+    let out = cri
+        .exec_sync(&container, &["sh", "-c", script], EXEC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ExecSync: {e}"));
+    let fact = |key: &str| -> u64 {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+    };
+    assert_eq!(fact("cpus"), u64::from(BASE_VCPUS) + 1, "{out:?}");
+    // MemTotal is the VM's RAM less what the guest kernel keeps for itself
+    // (its image, struct pages: ~16 MiB of a 256 MiB guest here).
+    let vm_mib = BASE_MEMORY_MIB + LIMIT_MIB;
+    let memtotal_mib = fact("memtotal_kib") / 1024;
+    eprintln!(
+        "sized pod: {} vCPUs, MemTotal {memtotal_mib} MiB of a {vm_mib} MiB VM",
+        fact("cpus")
+    );
+    assert!(
+        (vm_mib - 48..=vm_mib).contains(&memtotal_mib),
+        "MemTotal {memtotal_mib} MiB for a {vm_mib} MiB VM: {out:?}"
+    );
+
+    cri.stop_pod_sandbox(&pod).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(&pod).expect("RemovePodSandbox");
+    let footprint = containerd.footprint();
+    drop(containerd);
+    assert_eq!(
+        footprint.leftovers(),
+        Vec::<String>::new(),
+        "containerd left things behind"
+    );
+    assert_eq!(pod_leftovers(CRI_NAMESPACE, &pod), Vec::<String>::new());
+}
+
+/// The pods' state directories of the CRI namespace (the shim's, under
+/// /run/podbox), sorted.
+fn pod_state_dirs() -> Vec<std::ffi::OsString> {
+    let dir = std::path::Path::new(STATE_ROOT).join(CRI_NAMESPACE);
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
