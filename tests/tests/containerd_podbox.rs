@@ -79,19 +79,6 @@ fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Conta
     ))
 }
 
-/// Stops the harness's containerd and asserts that neither it nor the pod
-/// `pod` left anything on the host.
-fn assert_nothing_left(containerd: Containerd, namespace: &str, pod: &str) {
-    let footprint = containerd.footprint();
-    drop(containerd);
-    assert_eq!(
-        footprint.leftovers(),
-        Vec::<String>::new(),
-        "containerd left things behind"
-    );
-    assert_eq!(pod_leftovers(namespace, pod), Vec::<String>::new());
-}
-
 #[test]
 fn podbox_ctr_run_exec_and_kill_in_one_vm() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -277,7 +264,7 @@ fn podbox_ctr_run_exec_and_kill_in_one_vm() {
                 && !std::path::Path::new(&format!("/proc/{vmm}")).exists()
         },
     );
-    assert_nothing_left(containerd, TEST_NAMESPACE, &id);
+    containerd.stop_and_assert_clean(TEST_NAMESPACE, &id);
 }
 
 /// A CRI pod of the test: `web` serves its /tmp on port 8080 (`a` holds
@@ -677,5 +664,5 @@ fn podbox_cri_pods_on_the_pod_network_beside_runc_then_vmm_killed() {
         });
         assert_eq!(pod_leftovers(CRI_NAMESPACE, &pod.id), Vec::<String>::new());
     }
-    assert_nothing_left(containerd, CRI_NAMESPACE, &b.id);
+    containerd.stop_and_assert_clean(CRI_NAMESPACE, &b.id);
 }

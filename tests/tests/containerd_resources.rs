@@ -17,9 +17,7 @@ use podbox_tests::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE, POD
 use podbox_tests::cri::container_config;
 use podbox_tests::guest_image::agent_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
-use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, virtiofsd, write_shim_config_with_initrd, STATE_ROOT,
-};
+use podbox_tests::podbox::{bin_dir, virtiofsd, write_shim_config_with_initrd, STATE_ROOT};
 use podbox_tests::vm::VmSlot;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
@@ -124,14 +122,7 @@ fn podbox_vm_sized_from_the_pods_limits() {
 
     cri.stop_pod_sandbox(&pod).expect("StopPodSandbox");
     cri.remove_pod_sandbox(&pod).expect("RemovePodSandbox");
-    let footprint = containerd.footprint();
-    drop(containerd);
-    assert_eq!(
-        footprint.leftovers(),
-        Vec::<String>::new(),
-        "containerd left things behind"
-    );
-    assert_eq!(pod_leftovers(CRI_NAMESPACE, &pod), Vec::<String>::new());
+    containerd.stop_and_assert_clean(CRI_NAMESPACE, &pod);
 }
 
 /// The pods' state directories of the CRI namespace (the shim's, under

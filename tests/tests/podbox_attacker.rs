@@ -310,11 +310,5 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
     wait_until("the podbox shim to exit", Duration::from_secs(60), || {
         processes_mentioning(&id).is_empty()
     });
-    let footprint = containerd.footprint();
-    drop(containerd);
-    assert_eq!(
-        footprint.leftovers(),
-        Vec::<String>::new(),
-        "containerd left things behind"
-    );
+    containerd.stop_and_assert_clean(TEST_NAMESPACE, &id);
 }

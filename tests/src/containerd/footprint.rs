@@ -36,6 +36,22 @@ impl Containerd {
             netns,
         }
     }
+
+    /// Stops this containerd and asserts that neither it nor the podbox
+    /// pod `pod` of `namespace` left anything on the host.
+    pub fn stop_and_assert_clean(self, namespace: &str, pod: &str) {
+        let footprint = self.footprint();
+        drop(self);
+        assert_eq!(
+            footprint.leftovers(),
+            Vec::<String>::new(),
+            "containerd left things behind"
+        );
+        assert_eq!(
+            crate::podbox::pod_leftovers(namespace, pod),
+            Vec::<String>::new()
+        );
+    }
 }
 
 impl Footprint {
