@@ -59,7 +59,7 @@ pub enum ShimError {
     #[error(transparent)]
     Spec(#[from] crate::spec::SpecError),
     #[error("bundle {bundle}: {source}")]
-    Annotations {
+    Settings {
         bundle: PathBuf,
         source: SettingsError,
     },
@@ -136,7 +136,7 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
     let config = Config::load(config_path_from_runtime_options(&options)?.as_deref())?;
     let spec = crate::spec::load(&bundle)?;
     let annotations = crate::spec::annotations(&spec);
-    let settings_error = |source| ShimError::Annotations {
+    let settings_error = |source| ShimError::Settings {
         bundle: bundle.clone(),
         source,
     };
