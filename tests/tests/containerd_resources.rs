@@ -5,7 +5,10 @@
 //!   config's `max_memory_mib` fails RunPodSandbox with an error naming the
 //!   key and leaves nothing behind; a pod with a 1-CPU, 256 MiB limit gets
 //!   a VM of `default_vcpus` + 1 vCPUs and `default_memory_mib` + 256 MiB,
-//!   as its container sees them (`/proc/cpuinfo`, MemTotal).
+//!   as its container sees them (`/proc/cpuinfo`, MemTotal); its podbox-vmm
+//!   and virtiofsd run in the pod's host cgroup (containerd's
+//!   `linux.cgroupsPath`), which is charged the guest's memory and is gone
+//!   with the pod.
 //!
 //! `cargo test -p podbox-tests --test containerd_resources` runs it alone.
 //! Without /dev/kvm it prints SKIPPED and passes; a missing virtiofsd fails.
@@ -17,7 +20,9 @@ use podbox_tests::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE, POD
 use podbox_tests::cri::container_config;
 use podbox_tests::guest_image::agent_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
-use podbox_tests::podbox::{bin_dir, virtiofsd, write_shim_config_with_initrd, STATE_ROOT};
+use podbox_tests::podbox::{
+    bin_dir, processes_mentioning, virtiofsd, write_shim_config_with_initrd, STATE_ROOT,
+};
 use podbox_tests::vm::VmSlot;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
@@ -120,6 +125,8 @@ fn podbox_vm_sized_from_the_pods_limits() {
         "MemTotal {memtotal_mib} MiB for a {vm_mib} MiB VM: {out:?}"
     );
 
+    assert_vmm_in_the_pods_cgroup(&config.linux.as_ref().expect("linux").cgroup_parent, &pod);
+
     cri.stop_pod_sandbox(&pod).expect("StopPodSandbox");
     cri.remove_pod_sandbox(&pod).expect("RemovePodSandbox");
     containerd.stop_and_assert_clean(CRI_NAMESPACE, &pod);
@@ -134,4 +141,57 @@ fn pod_state_dirs() -> Vec<std::ffi::OsString> {
         .unwrap_or_default();
     names.sort();
     names
+}
+
+/// podbox-vmm and virtiofsd of `pod` are in its host cgroup (containerd's
+/// `linux.cgroupsPath` for it: `<cgroup parent>/<pod id>`) in every
+/// hierarchy that accounts them, and the guest RAM they hold is charged
+/// there.
+fn assert_vmm_in_the_pods_cgroup(cgroup_parent: &str, pod: &str) {
+    let pod_cgroup = format!("{}/{pod}", cgroup_parent.trim_end_matches('/'));
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let vm_processes: Vec<u32> = processes_mentioning(pod)
+        .into_iter()
+        .filter(|&pid| matches!(comm(pid).trim(), "podbox-vmm" | "virtiofsd"))
+        .collect();
+    let names: Vec<String> = vm_processes
+        .iter()
+        .map(|&p| comm(p).trim().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "podbox-vmm") && names.iter().any(|n| n == "virtiofsd"),
+        "the pod's VMM and virtiofsd: {names:?}"
+    );
+    let unified = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    for pid in vm_processes {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroups");
+        for controller in if unified {
+            vec![""]
+        } else {
+            vec!["memory", "cpu", "cpuacct", "pids"]
+        } {
+            let line = cgroups
+                .lines()
+                .find(|l| l.split(':').nth(1) == Some(controller))
+                .unwrap_or_else(|| panic!("no {controller:?} line: {cgroups}"));
+            assert!(
+                line.ends_with(&format!(":{pod_cgroup}")),
+                "{} {pid} in {line:?}, not {pod_cgroup}",
+                comm(pid).trim()
+            );
+        }
+    }
+    let charged = if unified {
+        format!("/sys/fs/cgroup{pod_cgroup}/memory.current")
+    } else {
+        format!("/sys/fs/cgroup/memory{pod_cgroup}/memory.usage_in_bytes")
+    };
+    let bytes: u64 = std::fs::read_to_string(&charged)
+        .expect("the pod cgroup's memory use")
+        .trim()
+        .parse()
+        .expect("a number");
+    // The guest's touched RAM alone is tens of MiB (podbox-bench pods: ~33 MiB PSS).
+    assert!(bytes > 16 << 20, "{charged}: {bytes} bytes");
+    eprintln!("pod cgroup {pod_cgroup}: {} MiB charged", bytes >> 20);
 }

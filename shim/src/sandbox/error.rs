@@ -38,6 +38,8 @@ pub enum BootError {
     StateDir(#[from] StateDirError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error("the pod's host cgroup: {0}")]
+    Cgroup(#[from] super::cgroup::CgroupError),
     #[error("booting the pod VM: {reason}\n--- podbox-vmm ---\n{vmm_log}\n--- guest console ---\n{console}")]
     NoAgent {
         reason: String,

@@ -2,8 +2,10 @@
 //! boots one and hands back a [`Sandbox`] (its agent, its VMM process, its
 //! state directory, and a cell the VMM's exit lands in); [`Sandbox::stop`]
 //! and [`Sandbox::kill`] end it. podbox-vmm behind it is [`vmm`]; the
-//! directory and share layout is [`state_dir`].
+//! directory and share layout is [`state_dir`]; the pod's host cgroup,
+//! which the VMM runs in, is [`cgroup`].
 
+pub mod cgroup;
 mod error;
 pub mod state_dir;
 pub mod vmm;

@@ -22,6 +22,7 @@ use podbox_vmm_config::{
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use super::cgroup::PodCgroup;
 use super::state_dir::{StateDir, SHARE_TAG};
 use super::{kill_vmm, BootError, Sandbox, VmLauncher, VmmError};
 use crate::network::PodNetwork;
@@ -126,6 +127,12 @@ struct VmmNetwork {
     tap: Option<RawFd>,
 }
 
+/// The VMM's place on the host besides its netns: the pod's cgroup, as
+/// descriptors of its `cgroup.procs` files (empty: the shim's cgroup).
+struct VmmCgroup {
+    procs: Vec<RawFd>,
+}
+
 /// Starts podbox-vmm; its output goes to `vmm.log` (see
 /// [`copy_vmm_output`]), rotating at `log_max_bytes`. The caller owns the
 /// child and must wait for it (the supervisor does).
@@ -135,6 +142,7 @@ fn spawn_vmm(
     state: &StateDir,
     log_max_bytes: u64,
     network: VmmNetwork,
+    cgroup: VmmCgroup,
 ) -> Result<Child, VmmError> {
     let log_path = state.vmm_log();
     let log = RotatingLog::create(&log_path, log_max_bytes)
@@ -143,10 +151,14 @@ fn spawn_vmm(
         .map_err(|e| io("a pipe for", &log_path)(e.into()))?;
     let log_err = log_w.try_clone().map_err(io("duplicating", &log_path))?;
     let mut command = Command::new(vmm);
-    // SAFETY: prctl, setns and fcntl are async-signal-safe syscalls; the
-    // descriptors are the caller's and open until spawn returns.
+    // SAFETY: prctl, setns, write and fcntl are async-signal-safe
+    // syscalls; the descriptors are the caller's and open until spawn
+    // returns.
     unsafe {
         command.pre_exec(move || {
+            // Into the pod's cgroup before exec: every thread of the VMM,
+            // and virtiofsd, start there.
+            super::cgroup::join(&cgroup.procs)?;
             // If the shim dies without tearing the pod down (SIGKILL), the
             // VMM must not outlive it.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -218,15 +230,22 @@ fn copy_vmm_output(mut output: std::fs::File, mut log: RotatingLog) {
     });
 }
 
-/// Reaps the VMM: the one place that waits for it. Its exit lands in the
-/// returned cell.
-fn supervise(mut child: Child) -> watch::Receiver<Option<ExitStatus>> {
+/// Reaps the VMM: the one place that waits for it. Then removes the pod's
+/// cgroup (the VMM was its last process) before its exit lands in the
+/// returned cell, so whoever sees the VM gone finds the cgroup gone too.
+fn supervise(mut child: Child, cgroup: Option<PodCgroup>) -> watch::Receiver<Option<ExitStatus>> {
     let (gone, gone_rx) = watch::channel(None);
     tokio::spawn(async move {
         let status = child.wait().await.unwrap_or_else(|e| {
             tracing::error!("waiting for podbox-vmm: {e}");
             ExitStatus::from_raw(255 << 8)
         });
+        if let Some(cgroup) = cgroup {
+            let problems = tokio::task::spawn_blocking(move || cgroup.remove())
+                .await
+                .unwrap_or_default();
+            log_problems(problems);
+        }
         gone.send_replace(Some(status));
     });
     gone_rx
@@ -318,16 +337,25 @@ impl VmLauncher for VmmLauncher {
             netns: network.netns_fd().as_raw_fd(),
             tap: tap.as_ref().map(|(fd, _)| fd.as_raw_fd()),
         };
+        let cgroup = PodCgroup::create(settings.cgroups_path.as_deref())
+            .inspect_err(|_| log_problems(state.remove()))?;
+        let vmm_cgroup = VmmCgroup {
+            procs: cgroup.as_ref().map(PodCgroup::join_fds).unwrap_or_default(),
+        };
         let spawned = spawn_vmm(
             &vmm,
             &config,
             &state,
             self.config.log_max_bytes,
             vmm_network,
+            vmm_cgroup,
         );
         // The VMM holds the tap now: its exit must remove it.
         drop(tap);
-        let child = spawned.inspect_err(|_| log_problems(state.remove()))?;
+        let child = spawned.inspect_err(|_| {
+            log_problems(cgroup.as_ref().map(PodCgroup::remove).unwrap_or_default());
+            log_problems(state.remove());
+        })?;
         let vmm_pid = child.id().unwrap_or_default();
         tracing::info!(
             pod = pod_id,
@@ -336,7 +364,10 @@ impl VmLauncher for VmmLauncher {
             vmm.display(),
             config.to_args()
         );
-        let gone = supervise(child);
+        if let Some(cgroup) = &cgroup {
+            tracing::info!(pod = pod_id, vmm_pid, "in cgroup {:?}", cgroup.dirs());
+        }
+        let gone = supervise(child, cgroup);
         match Self::connect(&state, ready, vmm_pid, &gone).await {
             Ok(agent) => {
                 tracing::info!(pod = pod_id, "agent answered");
@@ -388,6 +419,7 @@ mod tests {
             memory_mib: 64,
             kernel: "/k".into(),
             initrd: "/i".into(),
+            cgroups_path: None,
         };
         if !nix::unistd::geteuid().is_root() {
             eprintln!("SKIPPED: a pod network namespace needs root");
@@ -443,13 +475,16 @@ mod tests {
             memory_mib: 64,
             kernel: "/k".into(),
             initrd: "/i".into(),
+            cgroups_path: None,
         };
         let config = vm_config(&settings, &Config::default(), &state, Some(nic));
         let vmm_network = VmmNetwork {
             netns: network.netns_fd().as_raw_fd(),
             tap: Some(tap.0.as_raw_fd()),
         };
-        let mut child = spawn_vmm(&vmm, &config, &state, 1 << 20, vmm_network).expect("spawned");
+        let no_cgroup = VmmCgroup { procs: Vec::new() };
+        let mut child =
+            spawn_vmm(&vmm, &config, &state, 1 << 20, vmm_network, no_cgroup).expect("spawned");
         drop(tap);
         assert!(child.wait().await.expect("waited").success());
         // The output copy ends at EOF, just after the exit.
@@ -483,6 +518,7 @@ mod tests {
             memory_mib: 512,
             kernel: "/k".into(),
             initrd: "/i".into(),
+            cgroups_path: None,
         };
         let config = Config {
             virtiofsd: Some("/usr/libexec/virtiofsd".into()),

@@ -40,6 +40,9 @@ pub struct VmSettings {
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The sandbox spec's `linux.cgroupsPath`: the host cgroup the VMM
+    /// runs in (sandbox::cgroup).
+    pub cgroups_path: Option<String>,
 }
 
 impl VmSettings {
@@ -61,7 +64,13 @@ impl VmSettings {
                 config.default_memory_mib, limits.memory_mib, limits.source
             ),
         };
-        Self::with_annotations(config, &annotations, sized)
+        let mut settings = Self::with_annotations(config, &annotations, sized)?;
+        settings.cgroups_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.display().to_string());
+        Ok(settings)
     }
 
     /// Every `io.podbox.*` annotation must be known, allowed by `config`,
@@ -117,6 +126,7 @@ impl VmSettings {
             )?,
             kernel,
             initrd,
+            cgroups_path: None,
         })
     }
 }
@@ -260,6 +270,7 @@ mod tests {
             memory_mib,
             kernel: "/k".into(),
             initrd: "/i".into(),
+            cgroups_path: None,
         };
         assert_eq!(settings(1, 64).fit_host(), Ok(None), "a small VM fits");
         let error = settings(1, 1_048_576)
