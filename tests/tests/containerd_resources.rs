@@ -8,7 +8,8 @@
 //!   as its container sees them (`/proc/cpuinfo`, MemTotal); its podbox-vmm
 //!   and virtiofsd run in the pod's host cgroup (containerd's
 //!   `linux.cgroupsPath`), which is charged the guest's memory and is gone
-//!   with the pod.
+//!   with the pod; a container past its own 32 MiB limit is OOM-killed in
+//!   the VM (exit 137, CRI reason OOMKilled) while the other keeps running.
 //!
 //! `cargo test -p podbox-tests --test containerd_resources` runs it alone.
 //! Without /dev/kvm it prints SKIPPED and passes; a missing virtiofsd fails.
@@ -32,6 +33,9 @@ const BASE_VCPUS: u32 = 1;
 const BASE_MEMORY_MIB: u64 = 256;
 const MAX_MEMORY_MIB: u64 = 1024;
 const LIMIT_MIB: u64 = 256;
+/// The OOM check's container limit, and how long it may take to hit it.
+const HOG_LIMIT_MIB: i64 = 32;
+const OOM_DEADLINE: Duration = Duration::from_secs(120);
 
 fn limits(cpus: i64, memory_mib: i64) -> LinuxContainerResources {
     LinuxContainerResources {
@@ -126,6 +130,39 @@ fn podbox_vm_sized_from_the_pods_limits() {
     );
 
     assert_vmm_in_the_pods_cgroup(&config.linux.as_ref().expect("linux").cgroup_parent, &pod);
+
+    // A container past its own memory limit is OOM-killed inside the VM:
+    // exit 137 and reason OOMKilled through containerd's TaskOOM, while
+    // the pod's other container keeps running.
+    let mut hog_config = container_config("hog", BUSYBOX_IMAGE, &["tail", "/dev/zero"]);
+    hog_config.linux = Some(k8s_cri::v1::LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: HOG_LIMIT_MIB << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog = cri
+        .create_container(&pod, &hog_config, &config)
+        .unwrap_or_else(|e| panic!("CreateContainer hog: {e}"));
+    cri.start_container(&hog)
+        .unwrap_or_else(|e| panic!("StartContainer hog: {e}"));
+    let exited = k8s_cri::v1::ContainerState::ContainerExited as i32;
+    let mut status = cri.container_status(&hog).expect("ContainerStatus");
+    let deadline = std::time::Instant::now() + OOM_DEADLINE;
+    while status.state != exited && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        status = cri.container_status(&hog).expect("ContainerStatus");
+    }
+    assert_eq!(
+        (status.state, status.exit_code, status.reason.as_str()),
+        (exited, 137, "OOMKilled"),
+        "the hog: {status:?}"
+    );
+    let alive = cri
+        .exec_sync(&container, &["true"], EXEC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ExecSync after the OOM kill: {e}"));
+    assert_eq!(alive.exit_code, 0, "the other container: {alive:?}");
 
     cri.stop_pod_sandbox(&pod).expect("StopPodSandbox");
     cri.remove_pod_sandbox(&pod).expect("RemovePodSandbox");
