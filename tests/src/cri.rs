@@ -265,6 +265,25 @@ impl CriClient {
         Ok(())
     }
 
+    /// Changes a running container's limits (kubelet's in-place resize).
+    pub fn update_container_resources(
+        &mut self,
+        container_id: &str,
+        resources: k8s_cri::v1::LinuxContainerResources,
+    ) -> Result<(), CriError> {
+        let request = k8s_cri::v1::UpdateContainerResourcesRequest {
+            container_id: container_id.to_string(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        rpc(
+            &self.runtime,
+            "UpdateContainerResources",
+            self.runtime_service.update_container_resources(request),
+        )?;
+        Ok(())
+    }
+
     pub fn stop_container(
         &mut self,
         container_id: &str,

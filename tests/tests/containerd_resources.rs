@@ -8,8 +8,10 @@
 //!   as its container sees them (`/proc/cpuinfo`, MemTotal); its podbox-vmm
 //!   and virtiofsd run in the pod's host cgroup (containerd's
 //!   `linux.cgroupsPath`), which is charged the guest's memory and is gone
-//!   with the pod; a container past its own 32 MiB limit is OOM-killed in
-//!   the VM (exit 137, CRI reason OOMKilled) while the other keeps running.
+//!   with the pod; a container's limit is its guest cgroup's memory.max and
+//!   UpdateContainerResources raises it live; a container past its own
+//!   32 MiB limit is OOM-killed in the VM (exit 137, CRI reason OOMKilled)
+//!   while the other keeps running.
 //!
 //! `cargo test -p podbox-tests --test containerd_resources` runs it alone.
 //! Without /dev/kvm it prints SKIPPED and passes; a missing virtiofsd fails.
@@ -33,9 +35,27 @@ const BASE_VCPUS: u32 = 1;
 const BASE_MEMORY_MIB: u64 = 256;
 const MAX_MEMORY_MIB: u64 = 1024;
 const LIMIT_MIB: u64 = 256;
+/// The first container's own limit, and what an update raises it to.
+const SIZED_LIMIT_MIB: i64 = 128;
+const RAISED_LIMIT_MIB: i64 = 192;
 /// The OOM check's container limit, and how long it may take to hit it.
 const HOG_LIMIT_MIB: i64 = 32;
 const OOM_DEADLINE: Duration = Duration::from_secs(120);
+
+/// `config` with a memory limit of its own.
+fn limited(
+    mut config: k8s_cri::v1::ContainerConfig,
+    memory_mib: i64,
+) -> k8s_cri::v1::ContainerConfig {
+    config.linux = Some(k8s_cri::v1::LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: memory_mib << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
 
 fn limits(cpus: i64, memory_mib: i64) -> LinuxContainerResources {
     LinuxContainerResources {
@@ -97,7 +117,10 @@ fn podbox_vm_sized_from_the_pods_limits() {
     let container = cri
         .create_container(
             &pod,
-            &container_config("sized", BUSYBOX_IMAGE, &["sleep", "1000"]),
+            &limited(
+                container_config("sized", BUSYBOX_IMAGE, &["sleep", "1000"]),
+                SIZED_LIMIT_MIB,
+            ),
             &config,
         )
         .unwrap_or_else(|e| panic!("CreateContainer: {e}"));
@@ -129,19 +152,38 @@ fn podbox_vm_sized_from_the_pods_limits() {
         "MemTotal {memtotal_mib} MiB for a {vm_mib} MiB VM: {out:?}"
     );
 
+    // The container's limit is its guest cgroup's memory.max, and
+    // UpdateContainerResources (kubelet's resize) changes it live.
+    let memory_max = |cri: &mut podbox_tests::cri::CriClient| {
+        let out = cri
+            .exec_sync(
+                &container,
+                &["cat", "/sys/fs/cgroup/memory.max"],
+                EXEC_TIMEOUT,
+            )
+            .unwrap_or_else(|e| panic!("ExecSync: {e}"));
+        out.stdout.trim().to_string()
+    };
+    assert_eq!(memory_max(&mut cri), (SIZED_LIMIT_MIB << 20).to_string());
+    cri.update_container_resources(
+        &container,
+        LinuxContainerResources {
+            memory_limit_in_bytes: RAISED_LIMIT_MIB << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}"));
+    assert_eq!(memory_max(&mut cri), (RAISED_LIMIT_MIB << 20).to_string());
+
     assert_vmm_in_the_pods_cgroup(&config.linux.as_ref().expect("linux").cgroup_parent, &pod);
 
     // A container past its own memory limit is OOM-killed inside the VM:
     // exit 137 and reason OOMKilled through containerd's TaskOOM, while
     // the pod's other container keeps running.
-    let mut hog_config = container_config("hog", BUSYBOX_IMAGE, &["tail", "/dev/zero"]);
-    hog_config.linux = Some(k8s_cri::v1::LinuxContainerConfig {
-        resources: Some(LinuxContainerResources {
-            memory_limit_in_bytes: HOG_LIMIT_MIB << 20,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let hog_config = limited(
+        container_config("hog", BUSYBOX_IMAGE, &["tail", "/dev/zero"]),
+        HOG_LIMIT_MIB,
+    );
     let hog = cri
         .create_container(&pod, &hog_config, &config)
         .unwrap_or_else(|e| panic!("CreateContainer hog: {e}"));
