@@ -265,6 +265,25 @@ impl CriClient {
         Ok(())
     }
 
+    /// A container's CPU and memory use, as the kubelet reads it.
+    pub fn container_stats(
+        &mut self,
+        container_id: &str,
+    ) -> Result<k8s_cri::v1::ContainerStats, CriError> {
+        let request = k8s_cri::v1::ContainerStatsRequest {
+            container_id: container_id.to_string(),
+        };
+        let response = rpc(
+            &self.runtime,
+            "ContainerStats",
+            self.runtime_service.container_stats(request),
+        )?;
+        response.stats.ok_or(CriError::MissingField {
+            call: "ContainerStats",
+            field: "stats",
+        })
+    }
+
     /// Changes a running container's limits (kubelet's in-place resize).
     pub fn update_container_resources(
         &mut self,

@@ -9,7 +9,8 @@
 //!   and virtiofsd run in the pod's host cgroup (containerd's
 //!   `linux.cgroupsPath`), which is charged the guest's memory and is gone
 //!   with the pod; a container's limit is its guest cgroup's memory.max and
-//!   UpdateContainerResources raises it live; a container past its own
+//!   UpdateContainerResources raises it live; ContainerStats shows a busy
+//!   loop's CPU time and the memory in use; a container past its own
 //!   32 MiB limit is OOM-killed in the VM (exit 137, CRI reason OOMKilled)
 //!   while the other keeps running.
 //!
@@ -174,6 +175,30 @@ fn podbox_vm_sized_from_the_pods_limits() {
     )
     .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}"));
     assert_eq!(memory_max(&mut cri), (RAISED_LIMIT_MIB << 20).to_string());
+
+    // ContainerStats (the shim's cgroup v2 metrics, through containerd's
+    // CRI): CPU time of a busy loop run in the container, and its memory.
+    let busy = "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done";
+    cri.exec_sync(&container, &["sh", "-c", busy], EXEC_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ExecSync busy loop: {e}"));
+    let stats = cri.container_stats(&container).expect("ContainerStats");
+    let cpu_ns = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    let memory = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map_or(0, |v| v.value);
+    assert!(cpu_ns > 10_000_000, "CPU time of the busy loop: {stats:?}");
+    assert!(memory > 0, "memory in use: {stats:?}");
+    eprintln!(
+        "ContainerStats: {} ms CPU, {} KiB working set",
+        cpu_ns / 1_000_000,
+        memory >> 10
+    );
 
     assert_vmm_in_the_pods_cgroup(&config.linux.as_ref().expect("linux").cgroup_parent, &pod);
 

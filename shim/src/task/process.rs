@@ -7,8 +7,8 @@ use containerd_shim::api::{
     WaitResponse,
 };
 use containerd_shim::protos::api::{ProcessInfo, Status};
-use containerd_shim::protos::cgroups::metrics::{
-    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{TaskExecAdded, TaskPaused, TaskResumed};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -28,7 +28,9 @@ use super::{agent_call, blocking, find_process, find_process_mut, not_found, now
 use crate::io::{close_stdin, StdioPaths};
 
 const EXEC_SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
-const METRICS_TYPE: &str = "io.containerd.cgroups.v1.Metrics";
+/// The guest runs cgroup v2, so its containers' stats go to containerd in
+/// that format (containerd's CRI and `ctr task metrics` read v1 and v2).
+const METRICS_TYPE: &str = "io.containerd.cgroups.v2.Metrics";
 
 fn state_status(phase: Phase) -> Status {
     match phase {
@@ -273,19 +275,17 @@ impl Inner {
         .await?;
         let metrics = Metrics {
             memory: MessageField::some(MemoryStat {
-                usage: MessageField::some(MemoryEntry {
-                    usage: s.memory_usage,
-                    max: s.memory_max_usage,
-                    limit: s.memory_limit,
-                    ..Default::default()
-                }),
+                usage: s.memory_usage,
+                max_usage: s.memory_max_usage,
+                usage_limit: s.memory_limit,
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(MemoryEvents {
+                oom_kill: s.oom_kills,
                 ..Default::default()
             }),
             cpu: MessageField::some(CPUStat {
-                usage: MessageField::some(CPUUsage {
-                    total: s.cpu_usage_ns,
-                    ..Default::default()
-                }),
+                usage_usec: s.cpu_usage_ns / 1000,
                 ..Default::default()
             }),
             pids: MessageField::some(PidsStat {
