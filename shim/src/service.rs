@@ -353,8 +353,9 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
     } else {
         PathBuf::from(&flags.bundle)
     };
-    // A pod whose shim died (killed, crashed) may have left its VM and share.
-    remove_pod_leftovers(&flags.namespace, &flags.id);
+    // A pod whose shim died (killed, crashed) may have left its VM, share
+    // and host cgroup.
+    remove_pod_leftovers(&flags.namespace, &flags.id, &bundle);
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let target = rootfs.to_string_lossy().into_owned();
@@ -376,7 +377,7 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
 
 /// Kills a VMM the dead shim left (its pid file) and removes the pod's
 /// state directory with every mount under it.
-fn remove_pod_leftovers(namespace: &str, id: &str) {
+fn remove_pod_leftovers(namespace: &str, id: &str, bundle: &Path) {
     let Ok(state) = crate::sandbox::state_dir::StateDir::for_pod(namespace, id) else {
         return;
     };
@@ -400,7 +401,17 @@ fn remove_pod_leftovers(namespace: &str, id: &str) {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
-    for problem in state.remove() {
+    let cgroups_path = crate::spec::load(bundle).ok().and_then(|spec| {
+        let linux = spec.linux().as_ref()?;
+        Some(linux.cgroups_path().as_ref()?.display().to_string())
+    });
+    let problems = state
+        .remove()
+        .into_iter()
+        .chain(crate::sandbox::cgroup::remove_leftover(
+            cgroups_path.as_deref(),
+        ));
+    for problem in problems {
         eprintln!("containerd-shim-podbox-v2 delete: {problem}");
     }
 }

@@ -117,27 +117,46 @@ impl PodCgroup {
     /// processes are gone (a VMM's last threads may still be exiting).
     /// Gives back what could not be removed.
     pub fn remove(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for dir in self.created.iter().rev() {
-            let deadline = std::time::Instant::now() + REMOVE_WAIT;
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e)
-                        if std::time::Instant::now() < deadline
-                            && e.raw_os_error() == Some(libc::EBUSY) =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        problems.push(format!("removing cgroup {}: {e}", dir.display()));
-                        break;
-                    }
-                }
+        self.created
+            .iter()
+            .rev()
+            .filter_map(|dir| remove_dir_waiting(dir))
+            .collect()
+    }
+}
+
+/// What a shim that was killed left: the pod's own directory (the leaf of
+/// `cgroups_path`) in each hierarchy, for `delete`. Its parents may be the
+/// kubelet's and stay.
+pub fn remove_leftover(cgroups_path: Option<&str>) -> Vec<String> {
+    let Some(path) = cgroups_path.filter(|p| !p.is_empty() && !p.contains(':')) else {
+        return Vec::new();
+    };
+    let Ok(relative) = relative_path(path) else {
+        return Vec::new();
+    };
+    hierarchies()
+        .iter()
+        .filter_map(|root| remove_dir_waiting(&root.join(&relative)))
+        .collect()
+}
+
+/// Removes an empty cgroup, waiting a little while its last processes
+/// leave (EBUSY); gives back a problem; an absent one is none.
+fn remove_dir_waiting(dir: &Path) -> Option<String> {
+    let deadline = std::time::Instant::now() + REMOVE_WAIT;
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
             }
+            Err(e) => return Some(format!("removing cgroup {}: {e}", dir.display())),
         }
-        problems
     }
 }
 
@@ -251,5 +270,33 @@ mod tests {
                 "the parent this test made is left"
             );
         }
+    }
+
+    /// Root only: after a shim is gone, `delete` removes the pod's own
+    /// directory and leaves its parent.
+    #[test]
+    fn a_killed_shims_pod_cgroup_is_removed_leaving_the_parent() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIPPED: needs root to make cgroups");
+            return;
+        }
+        let parent = format!("/podbox-cgroup-leftover-{}", std::process::id());
+        let name = format!("{parent}/pod");
+        let cgroup = PodCgroup::create(Some(&name)).unwrap().expect("a cgroup");
+        let dirs = cgroup.dirs().to_vec();
+        // The shim dies here: its PodCgroup is never removed.
+        drop(cgroup);
+        assert_eq!(remove_leftover(Some(&name)), Vec::<String>::new());
+        for dir in &dirs {
+            assert!(!dir.exists(), "{} left", dir.display());
+            let parent = dir.parent().unwrap();
+            assert!(parent.exists(), "the parent went too");
+            std::fs::remove_dir(parent).unwrap();
+        }
+        assert_eq!(
+            remove_leftover(Some(&name)),
+            Vec::<String>::new(),
+            "absent is fine"
+        );
     }
 }
