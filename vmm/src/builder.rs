@@ -147,6 +147,9 @@ fn virtio_devices(
         };
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
     }
+    if config.balloon {
+        devices.push(Box::new(crate::devices::virtio::balloon::Balloon::new()));
+    }
     // NICs come last, so the other devices keep their slots and IRQs.
     for (nic, device) in config.nics.iter().zip(nics) {
         backends.nics.push((nic.to_string(), device.counters()));

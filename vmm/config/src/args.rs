@@ -88,6 +88,11 @@ pub struct VmArgs {
     /// the VM ends; folded stacks go to FILE.folded.
     #[arg(long, value_name = "FILE[,hz=N]")]
     guest_profile: Option<ProfileConfig>,
+    /// A virtio-balloon device with free page reporting: the guest hands
+    /// back the memory it frees (2 MiB blocks and up), and podbox-vmm drops
+    /// the host pages behind it. It never asks the guest to inflate.
+    #[arg(long)]
+    balloon: bool,
 }
 
 impl VmArgs {
@@ -140,6 +145,7 @@ impl VmArgs {
             }),
             nics: self.net,
             guest_profile: self.guest_profile,
+            balloon: self.balloon,
         };
         config.validate()?;
         Ok(config)
@@ -190,6 +196,9 @@ impl VmConfig {
         }
         if let Some(profile) = &self.guest_profile {
             args.flag("--guest-profile", profile.to_string());
+        }
+        if self.balloon {
+            args.0.push("--balloon".into());
         }
         args.0
     }

@@ -176,6 +176,8 @@ pub struct VmConfig {
     pub nics: Vec<NetConfig>,
     /// Sample the vCPUs and write a profile when the VM ends.
     pub guest_profile: Option<ProfileConfig>,
+    /// A virtio-balloon device that takes the guest's free page reports.
+    pub balloon: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -230,6 +232,7 @@ impl VmConfig {
             fs: None,
             nics: Vec::new(),
             guest_profile: None,
+            balloon: false,
         }
     }
 

@@ -8,6 +8,7 @@
 //! any particular device. Devices do their I/O on their own threads, woken
 //! by the queue eventfds (KVM ioeventfds), never on vCPU threads.
 
+pub mod balloon;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -21,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Device IDs (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
 
