@@ -148,7 +148,7 @@ fn virtio_devices(
         devices.push(Box::new(fs::VhostUserFs::connect(&socket, &f.tag)?));
     }
     if config.balloon {
-        devices.push(Box::new(crate::devices::virtio::balloon::Balloon::new()));
+        devices.push(Box::new(crate::devices::virtio::balloon::Balloon));
     }
     // NICs come last, so the other devices keep their slots and IRQs.
     for (nic, device) in config.nics.iter().zip(nics) {

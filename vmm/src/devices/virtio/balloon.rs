@@ -32,29 +32,7 @@ const REPORTING: usize = 2;
 const CONFIG: [u8; 16] = [0; 16];
 const PAGE_SIZE: u64 = 4096;
 
-pub struct Balloon {
-    /// Host memory given back so far, for the VM's exit log.
-    reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Balloon {
-    pub fn new() -> Self {
-        Self {
-            reported: Default::default(),
-        }
-    }
-
-    /// Bytes of guest RAM whose host pages the device dropped so far.
-    pub fn reported_bytes(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
-        self.reported.clone()
-    }
-}
-
-impl Default for Balloon {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+pub struct Balloon;
 
 impl VirtioDevice for Balloon {
     fn name(&self) -> &'static str {
@@ -89,7 +67,6 @@ impl VirtioDevice for Balloon {
             memory: ctx.memory,
             queues: ctx.queues,
             interrupt: ctx.interrupt,
-            reported: self.reported.clone(),
         };
         std::thread::Builder::new()
             .name("virtio-balloon".into())
@@ -106,7 +83,6 @@ struct Worker {
     memory: GuestMemoryMmap,
     queues: Vec<ActiveQueue>,
     interrupt: std::sync::Arc<super::Interrupt>,
-    reported: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Worker {
@@ -163,9 +139,7 @@ impl Worker {
             let head = chain.head_index();
             if index == REPORTING {
                 for desc in chain.filter(|d| d.is_write_only()) {
-                    let bytes = discard(mem, desc.addr(), u64::from(desc.len()));
-                    self.reported
-                        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                    discard(mem, desc.addr(), u64::from(desc.len()));
                 }
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
