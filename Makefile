@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-agent-boot bench-pods bench-net install
+.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-agent-boot bench-pods bench-net bench-density install
 
 deps:
 	scripts/deps.sh
@@ -68,6 +68,13 @@ bench-net: test-assets
 	$(CARGO) build --release -p podbox-shim -p podbox-vmm
 	$(CARGO) build --release -p podbox-tests --bin podbox-bench
 	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench net --runs 1
+
+# Host memory per idle pod at 1, 5 and 10 pods, podbox beside runc (ten
+# guest boots, minutes).
+bench-density: test-assets
+	$(CARGO) build --release -p podbox-shim -p podbox-vmm
+	$(CARGO) build --release -p podbox-tests --bin podbox-bench
+	PODBOX_BIN_DIR=$${CARGO_TARGET_DIR:-$$PWD/target}/release $${CARGO_TARGET_DIR:-target}/release/podbox-bench density
 
 install: deps
 	scripts/install.sh

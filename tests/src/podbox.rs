@@ -182,6 +182,23 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     crate::processes_with_arg(|arg| arg.contains(needle))
 }
 
+/// The bytes of guest RAM the host holds for podbox-vmm `pid`: the pages
+/// allocated in its guest RAM memfd (`podbox-guest-ram`), which the guest
+/// touched and has not given back through free page reporting. None if the
+/// process has no such memfd (private guest memory) or is gone.
+pub fn guest_ram_held(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:podbox-guest-ram"))
+        })
+        .and_then(|fd| std::fs::metadata(fd.path()).ok())
+        .map(|m| m.blocks() * 512)
+}
+
 /// The pid of the pod's podbox-vmm, from the shim's pid file.
 pub fn vmm_pid(namespace: &str, pod_id: &str) -> Option<u32> {
     std::fs::read_to_string(pod_state_dir(namespace, pod_id).join("vmm.pid"))

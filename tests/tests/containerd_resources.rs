@@ -3,14 +3,18 @@
 //!
 //! - `podbox_vm_sized_from_the_pods_limits`: a pod whose limits exceed the
 //!   config's `max_memory_mib` fails RunPodSandbox with an error naming the
-//!   key and leaves nothing behind; a pod with a 1-CPU, 256 MiB limit gets
-//!   a VM of `default_vcpus` + 1 vCPUs and `default_memory_mib` + 256 MiB,
-//!   as its container sees them (`/proc/cpuinfo`, MemTotal); its podbox-vmm
+//!   key and leaves nothing behind; a pod with a 2-CPU, 256 MiB limit gets
+//!   a VM of `default_vcpus` + 2 vCPUs (at most what KVM recommends per VM:
+//!   the host's CPUs) and `default_memory_mib` + 256 MiB, as its container
+//!   sees them (`/proc/cpuinfo`, MemTotal); its podbox-vmm
 //!   and virtiofsd run in the pod's host cgroup (containerd's
 //!   `linux.cgroupsPath`), which is charged the guest's memory and is gone
 //!   with the pod; a container's limit is its guest cgroup's memory.max and
 //!   UpdateContainerResources raises it live; ContainerStats shows a busy
-//!   loop's CPU time and the memory in use; a container past its own
+//!   loop's CPU time and the memory in use; the 128 MiB a container
+//!   process held go back to the host once it is killed (free page
+//!   reporting: podbox-vmm's RSS falls by most of it); a
+//!   container past its own
 //!   32 MiB limit is OOM-killed in the VM (exit 137, CRI reason OOMKilled)
 //!   while the other keeps running.
 //!
@@ -25,14 +29,16 @@ use podbox_tests::cri::container_config;
 use podbox_tests::guest_image::agent_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{
-    bin_dir, processes_mentioning, virtiofsd, write_shim_config_with_initrd, STATE_ROOT,
+    bin_dir, guest_ram_held, processes_mentioning, virtiofsd, vmm_pid,
+    write_shim_config_with_initrd, STATE_ROOT,
 };
 use podbox_tests::vm::VmSlot;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
-/// The shim config of this test: a 1-vCPU base, so that one more vCPU
-/// still fits KVM's per-VM recommendation on a 2-core host.
+/// The shim config of this test: a 1-vCPU base, and a pod limit of 2 CPUs
+/// (3 vCPUs, lowered to KVM's per-VM recommendation on a 2-core host).
 const BASE_VCPUS: u32 = 1;
+const POD_CPUS: u32 = 2;
 const BASE_MEMORY_MIB: u64 = 256;
 const MAX_MEMORY_MIB: u64 = 1024;
 const LIMIT_MIB: u64 = 256;
@@ -42,6 +48,15 @@ const RAISED_LIMIT_MIB: i64 = 192;
 /// The OOM check's container limit, and how long it may take to hit it.
 const HOG_LIMIT_MIB: i64 = 32;
 const OOM_DEADLINE: Duration = Duration::from_secs(120);
+/// What the free page reporting check's process holds, and the least of
+/// it the VMM's RSS must fall by once the process is gone.
+const FILL_MIB: u64 = 128;
+const GIVEN_BACK_MIB: u64 = 96;
+/// How long the process may take to fill its memory (each new page is a
+/// guest page fault, emulated on PVM hosts), and the guest to report it
+/// once freed (its reporting runs 2 s after pages are freed, then in rounds
+/// of 32 blocks).
+const REPORT_DEADLINE: Duration = Duration::from_secs(120);
 
 /// `config` with a memory limit of its own.
 fn limited(
@@ -111,7 +126,8 @@ fn podbox_vm_sized_from_the_pods_limits() {
 
     // Within it: the VM is the base plus the pod's limits.
     let mut config = containerd.pod_config("sized").expect("pod config");
-    config.linux.as_mut().expect("linux config").resources = Some(limits(1, LIMIT_MIB as i64));
+    config.linux.as_mut().expect("linux config").resources =
+        Some(limits(POD_CPUS.into(), LIMIT_MIB as i64));
     let pod = cri
         .run_pod_sandbox(&config, PODBOX_HANDLER)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
@@ -139,13 +155,16 @@ fn podbox_vm_sized_from_the_pods_limits() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {key} in {out:?}"))
     };
-    assert_eq!(fact("cpus"), u64::from(BASE_VCPUS) + 1, "{out:?}");
+    let recommended = podbox_shim::settings::recommended_vcpus().expect("KVM_CAP_NR_VCPUS");
+    let vcpus = (BASE_VCPUS + POD_CPUS).min(recommended);
+    assert_eq!(fact("cpus"), u64::from(vcpus), "{out:?}");
     // MemTotal is the VM's RAM less what the guest kernel keeps for itself
     // (its image, struct pages: ~16 MiB of a 256 MiB guest here).
     let vm_mib = BASE_MEMORY_MIB + LIMIT_MIB;
     let memtotal_mib = fact("memtotal_kib") / 1024;
     eprintln!(
-        "sized pod: {} vCPUs, MemTotal {memtotal_mib} MiB of a {vm_mib} MiB VM",
+        "sized pod: {} vCPUs ({BASE_VCPUS} + {POD_CPUS}, KVM recommends at most {recommended}), \
+         MemTotal {memtotal_mib} MiB of a {vm_mib} MiB VM",
         fact("cpus")
     );
     assert!(
@@ -201,6 +220,7 @@ fn podbox_vm_sized_from_the_pods_limits() {
     );
 
     assert_vmm_in_the_pods_cgroup(&config.linux.as_ref().expect("linux").cgroup_parent, &pod);
+    assert_freed_memory_goes_back_to_the_host(&mut cri, &pod, &container);
 
     // A container past its own memory limit is OOM-killed inside the VM:
     // exit 137 and reason OOMKilled through containerd's TaskOOM, while
@@ -234,6 +254,82 @@ fn podbox_vm_sized_from_the_pods_limits() {
     cri.stop_pod_sandbox(&pod).expect("StopPodSandbox");
     cri.remove_pod_sandbox(&pod).expect("RemovePodSandbox");
     containerd.stop_and_assert_clean(CRI_NAMESPACE, &pod);
+}
+
+/// Free page reporting, seen from the host: a container process holding
+/// `FILL_MIB` of memory raises podbox-vmm's RSS and the guest RAM it holds;
+/// once it is killed the guest reports the freed blocks and the VMM drops
+/// their host pages, so its RSS falls by most of what the process took.
+fn assert_freed_memory_goes_back_to_the_host(
+    cri: &mut podbox_tests::cri::CriClient,
+    pod: &str,
+    container: &str,
+) {
+    let vmm = vmm_pid(CRI_NAMESPACE, pod).expect("the pod's podbox-vmm pid");
+    let rss_mib = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).expect("VMM status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            >> 10
+    };
+    let held_mib = || guest_ram_held(vmm).expect("the VMM's guest RAM memfd") >> 20;
+    let exec = |cri: &mut podbox_tests::cri::CriClient, script: &str| {
+        let out = cri
+            .exec_sync(container, &["sh", "-c", script], EXEC_TIMEOUT)
+            .unwrap_or_else(|e| panic!("ExecSync {script}: {e}"));
+        assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+    };
+    let (rss_before, held_before) = (rss_mib(), held_mib());
+    // dd fills its one 128 MiB buffer and then blocks writing it to a
+    // `sleep` that never reads: the buffer stays touched until the sleep
+    // is killed and dd dies of SIGPIPE.
+    exec(
+        cri,
+        &format!(
+            "dd if=/dev/zero bs={FILL_MIB}M count=1 2>/dev/null | sleep 3600 >/dev/null 2>&1 & \
+             echo $! > /fill.pid"
+        ),
+    );
+    let started = std::time::Instant::now();
+    let mut rss_full = rss_mib();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss_mib();
+        let settled = now >= rss_before + GIVEN_BACK_MIB && now <= rss_full;
+        rss_full = rss_full.max(now);
+        if settled || started.elapsed() > REPORT_DEADLINE {
+            break;
+        }
+    }
+    let (written_in, held_full) = (started.elapsed(), held_mib());
+    exec(cri, "kill $(cat /fill.pid) && rm /fill.pid");
+    let deleted = std::time::Instant::now();
+    let mut rss_after = rss_mib();
+    while rss_full.saturating_sub(rss_after) < GIVEN_BACK_MIB && deleted.elapsed() < REPORT_DEADLINE
+    {
+        std::thread::sleep(Duration::from_millis(500));
+        rss_after = rss_mib();
+    }
+    let report = format!(
+        "podbox-vmm RSS {rss_before} -> {rss_full} -> {rss_after} MiB, guest RAM held \
+         {held_before} -> {held_full} -> {} MiB ({FILL_MIB} MiB held after {:.1} s; RSS read \
+         {:.1} s after its process was killed)",
+        held_mib(),
+        written_in.as_secs_f64(),
+        deleted.elapsed().as_secs_f64()
+    );
+    eprintln!("free page reporting: {report}");
+    assert!(
+        rss_full >= rss_before + GIVEN_BACK_MIB,
+        "the file did not raise the VMM's RSS: {report}"
+    );
+    assert!(
+        rss_full - rss_after.min(rss_full) >= GIVEN_BACK_MIB,
+        "the deleted file's memory stayed with the VMM: {report}"
+    );
 }
 
 /// The pods' state directories of the CRI namespace (the shim's, under

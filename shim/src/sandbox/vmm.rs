@@ -111,6 +111,7 @@ pub fn vm_config(
             }),
         }),
         nics: nic.into_iter().collect(),
+        balloon: config.free_page_reporting,
         guest_profile: config.guest_profile_dir.as_ref().map(|dir| ProfileConfig {
             path: dir.join(state.profile_file_name()),
             hz: DEFAULT_PROFILE_HZ,
@@ -561,6 +562,7 @@ mod tests {
             "--fs-cache=always",
             "--net=fd=7,mac=0a:58:0a:58:00:05",
             "--guest-profile=/var/lib/podbox/profiles/ns-p.profile,hz=100",
+            "--balloon",
         ] {
             assert!(args.contains(expected), "{expected:?} in {args}");
         }
@@ -574,5 +576,14 @@ mod tests {
             "without a configured virtiofsd podbox-vmm finds one"
         );
         assert_eq!(unset.guest_profile, None, "no profiling unless configured");
+        let no_reporting = Config {
+            free_page_reporting: false,
+            ..Config::default()
+        };
+        let vm = vm_config(&settings, &no_reporting, &state, None);
+        assert!(
+            !format!("{:?}", vm.to_args()).contains("--balloon"),
+            "free_page_reporting = false: no balloon"
+        );
     }
 }

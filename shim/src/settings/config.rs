@@ -15,6 +15,7 @@
 //! # where io.podbox.kernel / io.podbox.initrd may point (when allowed)
 //! asset_dirs = ["/usr/share/podbox"]
 //! log_max_bytes = 1048576   # console.log and vmm.log rotate here
+//! free_page_reporting = true   # the guest hands freed memory back (virtio-balloon)
 //! # runtime developers: profile each pod's VM (podbox-vmm --guest-profile)
 //! # to <dir>/<namespace>-<pod id>.profile when the pod's VM ends
 //! guest_profile_dir = "/var/lib/podbox/profiles"
@@ -102,6 +103,12 @@ pub struct Config {
     /// `--guest-profile`, 100 Hz) when it ends; none by default (a
     /// developer's tool: each sample costs the guest a vCPU exit).
     pub guest_profile_dir: Option<PathBuf>,
+    /// Give each pod's VM a virtio-balloon with free page reporting
+    /// (podbox-vmm `--balloon`): the guest kernel reports memory it freed,
+    /// 2 MiB blocks and up, and the VMM drops the host pages behind them,
+    /// so a pod's host memory shrinks after its containers free memory
+    /// (true). Off, host memory a guest touched once stays with the pod.
+    pub free_page_reporting: bool,
 }
 
 impl Default for Config {
@@ -121,6 +128,7 @@ impl Default for Config {
             asset_dirs: Vec::new(),
             log_max_bytes: podbox_vmm_config::DEFAULT_SERIAL_MAX_BYTES,
             guest_profile_dir: None,
+            free_page_reporting: true,
         }
     }
 }

@@ -247,9 +247,8 @@ impl VmSettings {
                 most,
             });
         }
-        let recommended = kvm_ioctls::Kvm::new().map(|kvm| kvm.get_nr_vcpus() as u32);
-        match recommended {
-            Ok(most) if most > 0 && self.vcpus > most => {
+        match recommended_vcpus() {
+            Some(most) if self.vcpus > most => {
                 let asked = self.vcpus;
                 self.vcpus = most;
                 Ok(Some(asked))
@@ -257,6 +256,13 @@ impl VmSettings {
             _ => Ok(None),
         }
     }
+}
+
+/// The most vCPUs KVM recommends for one VM here (`KVM_CAP_NR_VCPUS`: the
+/// host's online CPUs), or None where /dev/kvm cannot tell.
+pub fn recommended_vcpus() -> Option<u32> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    u32::try_from(kvm.get_nr_vcpus()).ok().filter(|n| *n > 0)
 }
 
 #[cfg(test)]

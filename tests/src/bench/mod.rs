@@ -2,6 +2,7 @@
 
 pub mod agent_boot;
 pub mod boot;
+pub mod density;
 pub mod fs;
 pub mod net;
 pub mod pods;
@@ -56,6 +57,19 @@ pub fn spawn_watched(cmd: &mut Command, deadline: Duration) -> Result<Watched, S
         log,
         watchdog,
     })
+}
+
+/// The proportional set size of process `pid` (KiB), from smaps_rollup.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Median of the samples (upper median for an even count).

@@ -406,16 +406,7 @@ fn pod_pss(pod_id: &str) -> PodPss {
         .into_iter()
         .filter_map(|pid| {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-            let kib = rollup
-                .lines()
-                .find_map(|l| l.strip_prefix("Pss:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some((comm.trim().to_string(), kib))
+            Some((comm.trim().to_string(), super::pss_kib(pid)?))
         })
         .collect();
     out.sort();

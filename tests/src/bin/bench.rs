@@ -6,13 +6,14 @@
 //!   podbox-bench fs [--runs N] [--vmm PATH]
 //!   podbox-bench pods [--runs N] [--profile DIR]   (DIR: each podbox pod's guest profile, per phase)
 //!   podbox-bench net [--runs N] [--mib M] [--round-trips K]
+//!   podbox-bench density [--pods N]   (idle pods at 1, 5 and 10 of each runtime, up to N)
 //!
 //! `net` moves M MiB each way (default 2) and times K round trips (default
 //! 1000): a podbox guest on a PVM host receives TCP at tens of KiB/s (its
 //! kernel is emulated), so 64 MiB would take an hour.
 //!
 //! Build first with `cargo build --release -p podbox-vmm` (or `make bench`).
-//! `pods` and `net` run pods through a private containerd with the shim and VMM from
+//! `pods`, `net` and `density` run pods through a private containerd with the shim and VMM from
 //! `PODBOX_BIN_DIR` (`make bench-pods` builds them and sets it).
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use std::process::ExitCode;
 
 use podbox_tests::bench::agent_boot::{AgentBootBench, GuestBuild};
 use podbox_tests::bench::boot::BootBench;
+use podbox_tests::bench::density::{DensityBench, POD_COUNTS};
 use podbox_tests::bench::fs::FsBench;
 use podbox_tests::bench::net::NetBench;
 use podbox_tests::bench::pods::PodsBench;
@@ -30,7 +32,7 @@ use podbox_tests::repo_root;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: podbox-bench boot|agent-boot|vsock|fs|pods|net [--runs N] [--vmm PATH] [--mib M] [--round-trips K] [--profile DIR]"
+        "usage: podbox-bench boot|agent-boot|vsock|fs|pods|net|density [--runs N] [--vmm PATH] [--mib M] [--round-trips K] [--profile DIR] [--pods N]"
     );
     ExitCode::from(2)
 }
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
     let mut round_trips = 1000usize;
     let mut vmm = repo_root().join("target/release/podbox-vmm");
     let mut profile_dir: Option<PathBuf> = None;
+    let mut max_pods = POD_COUNTS[POD_COUNTS.len() - 1];
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
         match (flag.as_str(), rest.next()) {
@@ -62,6 +65,10 @@ fn main() -> ExitCode {
                 Some(n) => round_trips = n,
                 None => return ExitCode::from(2),
             },
+            ("--pods", Some(n)) => match positive(flag, n) {
+                Some(n) => max_pods = n,
+                None => return ExitCode::from(2),
+            },
             _ => return usage(),
         }
     }
@@ -70,6 +77,9 @@ fn main() -> ExitCode {
             which,
             PodsBench::run(runs, profile_dir.as_deref()).map(|b| b.table()),
         );
+    }
+    if which == "density" {
+        return report(which, DensityBench::run(max_pods).map(|b| b.table()));
     }
     if which == "net" {
         return report(
