@@ -199,6 +199,44 @@ pub fn guest_ram_held(pid: u32) -> Option<u64> {
         .map(|m| m.blocks() * 512)
 }
 
+/// What is wrong with the confinement of process `pid`'s threads (podbox-vmm
+/// confines itself before its guest runs: vmm/src/confine.rs): each must
+/// have no effective or permitted capability, `no_new_privs` and a seccomp
+/// filter. Empty when all of them are confined.
+pub fn unconfined_threads(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![format!("process {pid} is gone")];
+    };
+    let mut problems = Vec::new();
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        for (name, expected) in [
+            ("CapEff:", "0000000000000000"),
+            ("CapPrm:", "0000000000000000"),
+            ("NoNewPrivs:", "1"),
+            ("Seccomp:", "2"),
+        ] {
+            let value = field(name);
+            if value != expected {
+                problems.push(format!(
+                    "thread {} ({}): {name} {value}, not {expected}",
+                    task.file_name().to_string_lossy(),
+                    comm.trim()
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// The pid of the pod's podbox-vmm, from the shim's pid file.
 pub fn vmm_pid(namespace: &str, pod_id: &str) -> Option<u32> {
     std::fs::read_to_string(pod_state_dir(namespace, pod_id).join("vmm.pid"))

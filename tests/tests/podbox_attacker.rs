@@ -10,7 +10,8 @@
 //! with the default capabilities tries the classic chroot escape, as the
 //! first process and as an exec'd one. Afterwards the host's volume data is
 //! intact, the console log stayed under its cap, the VMM's memory stayed
-//! flat, and the pod left nothing behind.
+//! flat, every VMM thread is still confined (no capabilities,
+//! no_new_privs, seccomp), and the pod left nothing behind.
 //!
 //! Without /dev/kvm it prints SKIPPED and passes; a missing virtiofsd fails.
 
@@ -23,8 +24,8 @@ use podbox_tests::guest_image::share_attacker_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
 use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, pod_state_dir, processes_mentioning, virtiofsd, vmm_pid,
-    write_shim_config_with_initrd,
+    bin_dir, pod_leftovers, pod_state_dir, processes_mentioning, unconfined_threads, virtiofsd,
+    vmm_pid, write_shim_config_with_initrd,
 };
 use podbox_tests::vm::VmSlot;
 
@@ -276,6 +277,10 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
         rss_after < rss_before + FLAT_RSS_KIB,
         "VMM RSS grew from {rss_before} to {rss_after} KiB"
     );
+    // The VMM that served all of it was confined the whole time, every
+    // thread: no capabilities, no_new_privs, its seccomp filter (a syscall
+    // outside it would have killed the VMM, and the pod with it).
+    assert_eq!(unconfined_threads(vmm), Vec::<String>::new());
 
     containerd
         .ctr_ok(

@@ -42,6 +42,8 @@ const REQUIRED_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
     #[error("opening {what} {path}: {source}")]
     Open {
         what: &'static str,
@@ -108,7 +110,7 @@ impl Drop for SocketGuard {
 #[derive(Default)]
 struct Backends {
     _sockets: Vec<SocketGuard>,
-    _virtiofsd: Option<Virtiofsd>,
+    virtiofsd: Option<Virtiofsd>,
     /// Each NIC's counters, logged when the VM ends.
     nics: Vec<(String, Arc<net::NetCounters>)>,
 }
@@ -191,7 +193,7 @@ fn start_virtiofsd(
             detail,
         });
     }))?;
-    backends._virtiofsd = Some(daemon);
+    backends.virtiofsd = Some(daemon);
     Ok(())
 }
 
@@ -425,6 +427,12 @@ fn remove_old_console(path: &Path) {
 /// Builds the VM and runs it until it exits; returns why it exited.
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     config.validate()?;
+    // Before any thread exists: threads inherit the caller's capabilities.
+    let tap_by_name = config
+        .nics
+        .iter()
+        .any(|nic| matches!(nic.backend, NetBackend::Tap(_)));
+    crate::confine::drop_capabilities(tap_by_name)?;
     let host = match config.pvm {
         PvmMode::Auto => HostKind::detect(),
         PvmMode::On => HostKind::Pvm,
@@ -572,6 +580,9 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         started,
         profiler: profiler.clone(),
     });
+    // Built: from here on only what running the guest takes.
+    let children: Vec<libc::pid_t> = backends.virtiofsd.iter().map(Virtiofsd::pid).collect();
+    crate::confine::lock_down(config.seccomp, &children)?;
     if let Some(p) = &profiler {
         p.start(exit.clone())?;
     }

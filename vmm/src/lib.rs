@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod confine;
 /// The VM's configuration: the contract crate, shared with every caller.
 pub use podbox_vmm_config as config;
 pub mod devices;

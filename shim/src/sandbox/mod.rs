@@ -90,6 +90,11 @@ impl Sandbox {
         *self.gone.borrow()
     }
 
+    /// How the VMM ended, in words for the shim's log (see [`describe_exit`]).
+    pub fn exit_description(&self) -> String {
+        describe_exit(self.exit())
+    }
+
     pub fn is_gone(&self) -> bool {
         self.gone.borrow().is_some() || self.gone.has_changed().is_err()
     }
@@ -174,6 +179,50 @@ async fn kill_vmm(vmm_pid: u32, gone: &watch::Receiver<Option<ExitStatus>>) {
         tracing::warn!(
             pid = vmm_pid,
             "podbox-vmm not reaped {VM_KILL_WAIT:?} after SIGKILL"
+        );
+    }
+}
+
+/// A VMM exit status in words: its code, or the signal that killed it,
+/// with what SIGSYS means here (podbox-vmm's seccomp filter).
+pub fn describe_exit(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(status) = status else {
+        return "still running".into();
+    };
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(libc::SIGSYS)) => "killed by SIGSYS: a syscall outside podbox-vmm's seccomp \
+             filter (the host's kernel log has its audit record, type 1326, naming it)"
+            .into(),
+        (None, Some(signal)) => format!(
+            "killed by signal {signal} ({})",
+            nix::sys::signal::Signal::try_from(signal).map_or("unknown", |s| s.as_str())
+        ),
+        (None, None) => format!("{status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn vmm_exits_are_described_in_words() {
+        assert_eq!(describe_exit(None), "still running");
+        assert_eq!(
+            describe_exit(Some(ExitStatus::from_raw(6 << 8))),
+            "exit status 6"
+        );
+        assert_eq!(
+            describe_exit(Some(ExitStatus::from_raw(libc::SIGKILL))),
+            "killed by signal 9 (SIGKILL)"
+        );
+        let sigsys = describe_exit(Some(ExitStatus::from_raw(libc::SIGSYS)));
+        assert!(
+            sigsys.contains("SIGSYS") && sigsys.contains("seccomp"),
+            "{sigsys}"
         );
     }
 }

@@ -307,8 +307,8 @@ impl VmmLauncher {
                 // owns the ready socket, which must go before the state
                 // dir does (a new boot of this pod would bind it again).
                 let _ = connect.await;
-                let exit = *gone.borrow();
-                Err(format!("podbox-vmm exited during boot ({exit:?})"))
+                let exit = super::describe_exit(*gone.borrow());
+                Err(format!("podbox-vmm exited during boot ({exit})"))
             }
         }
     }

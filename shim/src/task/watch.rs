@@ -43,13 +43,13 @@ impl Inner {
     }
 
     fn vm_exited(&self, vm: &Sandbox) {
-        let exit = vm.exit();
+        let exit = vm.exit_description();
         if vm.is_stopping() {
-            tracing::info!("podbox-vmm exited ({exit:?}) as asked");
+            tracing::info!("podbox-vmm exited ({exit}) as asked");
             return;
         }
         tracing::error!(
-            "podbox-vmm exited unexpectedly ({exit:?}); every task of the pod is lost\n--- podbox-vmm ---\n{}\n--- guest console ---\n{}",
+            "podbox-vmm exited unexpectedly ({exit}); every task of the pod is lost\n--- podbox-vmm ---\n{}\n--- guest console ---\n{}",
             tail(&vm.state.vmm_log(), TAIL_LINES),
             tail(&vm.state.console_log(), TAIL_LINES)
         );

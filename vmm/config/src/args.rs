@@ -10,7 +10,7 @@ use clap::Parser;
 use crate::net::NetConfig;
 use crate::profile::ProfileConfig;
 use crate::vm::{
-    CachePolicy, ConfigError, FsBackend, FsConfig, PvmMode, SandboxMode, SerialOutput,
+    CachePolicy, ConfigError, FsBackend, FsConfig, PvmMode, SandboxMode, SeccompMode, SerialOutput,
     VirtiofsdSpec, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
 };
 
@@ -93,6 +93,11 @@ pub struct VmArgs {
     /// the host pages behind it. It never asks the guest to inflate.
     #[arg(long)]
     balloon: bool,
+    /// What the seccomp filter podbox-vmm puts on itself before the guest
+    /// runs does to a syscall it does not allow: kill the VMM, log it
+    /// (kernel log, audit type 1326) and allow it, or no filter.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
+    seccomp: SeccompMode,
 }
 
 impl VmArgs {
@@ -146,6 +151,7 @@ impl VmArgs {
             nics: self.net,
             guest_profile: self.guest_profile,
             balloon: self.balloon,
+            seccomp: self.seccomp,
         };
         config.validate()?;
         Ok(config)
@@ -200,6 +206,7 @@ impl VmConfig {
         if self.balloon {
             args.0.push("--balloon".into());
         }
+        args.flag("--seccomp", self.seccomp.as_arg());
         args.0
     }
 }

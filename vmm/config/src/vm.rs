@@ -51,6 +51,29 @@ pub enum PvmMode {
     Off,
 }
 
+/// What podbox-vmm's seccomp filter does to a syscall outside its list,
+/// once the VM is built and before the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the whole VMM (SIGSYS): the default.
+    Kill,
+    /// Allow it and have the host kernel log it (audit type 1326, in the
+    /// kernel log): for finding what a new code path needs.
+    Log,
+    /// No filter (capabilities are still dropped).
+    Off,
+}
+
+impl SeccompMode {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            SeccompMode::Kill => "kill",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        }
+    }
+}
+
 /// virtiofsd's `--cache` policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -178,6 +201,8 @@ pub struct VmConfig {
     pub guest_profile: Option<ProfileConfig>,
     /// A virtio-balloon device that takes the guest's free page reports.
     pub balloon: bool,
+    /// The seccomp filter's action on a syscall it does not list.
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -233,6 +258,7 @@ impl VmConfig {
             nics: Vec::new(),
             guest_profile: None,
             balloon: false,
+            seccomp: SeccompMode::Kill,
         }
     }
 

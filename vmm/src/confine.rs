@@ -1,0 +1,347 @@
+//! What podbox-vmm gives up before the guest runs (issue 13): a device
+//! model bug the guest exploits should find a process that can do little
+//! more than run this VM.
+//!
+//! - Capabilities: none in any thread. They go at the start of
+//!   [`crate::builder::run`], before any thread exists (Linux keeps them
+//!   per thread, and threads inherit them). The setup needs none: podbox-vmm
+//!   runs as root, which owns /dev/kvm and the pod's state directory, and
+//!   virtiofsd, a root process exec'd from here, gets its own from the
+//!   bounding set, which stays. Only a `tap=NAME` NIC (a developer's
+//!   command line; the shim hands over an open tap) keeps CAP_NET_ADMIN
+//!   until [`lock_down`], in the threads started before it.
+//! - `no_new_privs`, and a seccomp filter on every thread (TSYNC), put on
+//!   by [`lock_down`] once the VM is built and before its vCPUs start: the
+//!   syscalls listed in [`ALLOWED`] only, with `ioctl` limited to KVM's and
+//!   the tap's and terminal's request types, `clone` to new threads, `kill`
+//!   to virtiofsd and `tgkill` to podbox-vmm itself, and no `execve`, so
+//!   the bounding set cannot be used to regain capabilities.
+//!   Anything else kills the VMM with SIGSYS (`--seccomp kill`), which the
+//!   shim reports as the pod's tasks ending.
+
+use std::collections::BTreeMap;
+
+use caps::{CapSet, Capability, CapsHashSet};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::config::SeccompMode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("dropping capabilities ({set}): {source}")]
+    Capabilities {
+        set: &'static str,
+        source: caps::errors::CapsError,
+    },
+    #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
+    NoNewPrivs(std::io::Error),
+    #[error("building the seccomp filter: {0}")]
+    Filter(String),
+    #[error("installing the seccomp filter: {0}")]
+    Install(seccompiler::Error),
+}
+
+/// The syscalls podbox-vmm's threads make once the guest runs (vCPUs and
+/// their exits, device workers, vsock and vhost-user sockets, the console
+/// and log files, signals, virtiofsd's supervision, the profiler), read
+/// off `strace -f` of pods through containerd. `ioctl` and `clone` are
+/// allowed with conditions (see [`filters`]).
+const ALLOWED: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,
+    libc::SYS_close,
+    libc::SYS_openat,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_renameat,
+    libc::SYS_rename,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_readlink,
+    libc::SYS_getdents64,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getrandom,
+    libc::SYS_prctl,
+    libc::SYS_sigaltstack,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_pipe2,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_accept4,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_restart_syscall,
+    // Answered ENOSYS by the first filter (glibc then uses clone, whose
+    // flags this one can check); listed so that this filter allows it.
+    libc::SYS_clone3,
+];
+
+/// ioctl request types (bits 8-15) podbox-vmm may use once the guest runs:
+/// KVM's (KVMIO, 0xAE: vCPU and VM requests) and 'T' (0x54: the tap's
+/// TUNSET*, and the terminal and FIONBIO/FIOCLEX requests std makes).
+const IOCTL_TYPES: [u64; 2] = [0xAE, 0x54];
+
+/// Drops every capability of the calling thread but CAP_NET_ADMIN where
+/// `keep_net_admin` (a NIC podbox-vmm attaches to by name). Call before
+/// any thread is started: threads inherit the caller's.
+pub fn drop_capabilities(keep_net_admin: bool) -> Result<(), ConfineError> {
+    let keep: CapsHashSet = if keep_net_admin {
+        [Capability::CAP_NET_ADMIN].into_iter().collect()
+    } else {
+        CapsHashSet::new()
+    };
+    set_caps(&keep)
+}
+
+fn set_caps(keep: &CapsHashSet) -> Result<(), ConfineError> {
+    let err = |set| move |source| ConfineError::Capabilities { set, source };
+    caps::clear(None, CapSet::Ambient).map_err(err("ambient"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(err("inheritable"))?;
+    caps::set(None, CapSet::Effective, keep).map_err(err("effective"))?;
+    caps::set(None, CapSet::Permitted, keep).map_err(err("permitted"))?;
+    Ok(())
+}
+
+/// The rest, once the VM is built: no capability left in the calling
+/// thread, `no_new_privs`, and (unless `mode` is off) the seccomp filters
+/// on every thread of the process. `children` are the processes podbox-vmm
+/// may signal (virtiofsd): a VMM running as root could otherwise signal
+/// every root process of the host.
+pub fn lock_down(mode: SeccompMode, children: &[libc::pid_t]) -> Result<(), ConfineError> {
+    set_caps(&CapsHashSet::new())?;
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(ConfineError::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    let mismatch = match mode {
+        SeccompMode::Off => {
+            tracing::warn!("--seccomp off: podbox-vmm runs without a syscall filter");
+            return Ok(());
+        }
+        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    for filter in filters(mismatch, std::process::id() as libc::pid_t, children)? {
+        seccompiler::apply_filter_all_threads(&filter).map_err(ConfineError::Install)?;
+    }
+    tracing::info!(
+        "confined: no capabilities, no_new_privs, seccomp ({} syscalls, otherwise {})",
+        ALLOWED.len() + 4,
+        mode.as_arg()
+    );
+    Ok(())
+}
+
+/// Two filters (the kernel runs both; the stricter answer wins): clone3 is
+/// answered ENOSYS, and the allowlist with `mismatch` for the rest.
+/// `tgkill` only reaches podbox-vmm's own threads (`pid`: the profiler's
+/// vCPU kicks, abort), `kill` only `children`.
+fn filters(
+    mismatch: SeccompAction,
+    pid: libc::pid_t,
+    children: &[libc::pid_t],
+) -> Result<[BpfProgram; 2], ConfineError> {
+    let build = |rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch, matched| {
+        SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+            .and_then(BpfProgram::try_from)
+            .map_err(|e| ConfineError::Filter(e.to_string()))
+    };
+    let no_clone3 = build(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )?;
+    let cond = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+            .map_err(|e| ConfineError::Filter(e.to_string()))
+    };
+    let rule =
+        |conditions| SeccompRule::new(conditions).map_err(|e| ConfineError::Filter(e.to_string()));
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let ioctl = IOCTL_TYPES
+        .iter()
+        .map(|&ty| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), ty << 8)?]))
+        .collect::<Result<_, _>>()?;
+    rules.insert(libc::SYS_ioctl, ioctl);
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    let own = |arg, pid: libc::pid_t| rule(vec![cond(arg, SeccompCmpOp::Eq, pid as u64)?]);
+    rules.insert(libc::SYS_tgkill, vec![own(0, pid)?]);
+    if !children.is_empty() {
+        let kill = children
+            .iter()
+            .map(|&child| own(0, child))
+            .collect::<Result<_, _>>()?;
+        rules.insert(libc::SYS_kill, kill);
+    }
+    let allowlist = build(rules, mismatch, SeccompAction::Allow)?;
+    Ok([no_clone3, allowlist])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filters_build_for_every_mode() {
+        for mismatch in [SeccompAction::KillProcess, SeccompAction::Log] {
+            let [no_clone3, allowlist] = filters(mismatch, 1, &[2]).expect("filters");
+            assert!(!no_clone3.is_empty() && allowlist.len() > ALLOWED.len());
+        }
+    }
+
+    /// In a child process (the filter is for ever, and kills): allowed
+    /// syscalls work, clone3 is ENOSYS, a thread can still be started,
+    /// the child may signal itself and its own child; ioctls outside KVM's
+    /// and 'T', execve, and a signal to another process kill it.
+    #[test]
+    fn the_filter_allows_the_list_and_kills_the_rest() {
+        let run = |case: u8| -> i32 {
+            // SAFETY: fork in a test; the child only makes raw syscalls
+            // and std::thread calls before _exit.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let code = (|| {
+                        // Case 0 signals a child of its own, which only
+                        // waits to be killed; the others name one that
+                        // does not exist.
+                        let grandchild = if case == 0 {
+                            // SAFETY: fork in the single-threaded child.
+                            match unsafe { libc::fork() } {
+                                0 => loop {
+                                    // SAFETY: die with the child whatever
+                                    // it does, and wait for that.
+                                    unsafe {
+                                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                                        libc::pause();
+                                    }
+                                },
+                                pid => pid,
+                            }
+                        } else {
+                            libc::pid_t::MAX
+                        };
+                        // SAFETY: getpid has no preconditions.
+                        let me = unsafe { libc::getpid() };
+                        for f in filters(SeccompAction::KillProcess, me, &[grandchild]).ok()? {
+                            seccompiler::apply_filter_all_threads(&f).ok()?;
+                        }
+                        match case {
+                            0 => {
+                                // SAFETY: clone3 with no arguments fails either way.
+                                let r = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
+                                let enosys = r == -1
+                                    && std::io::Error::last_os_error().raw_os_error()
+                                        == Some(libc::ENOSYS);
+                                let thread = std::thread::spawn(|| 7).join().ok()?;
+                                // SAFETY: signals to the grandchild and to
+                                // this process (0: only checks it exists).
+                                let signals = unsafe {
+                                    libc::kill(grandchild, libc::SIGKILL) == 0
+                                        && libc::syscall(libc::SYS_tgkill, me, me, 0) == 0
+                                };
+                                Some(if enosys && thread == 7 && signals {
+                                    0
+                                } else {
+                                    1
+                                })
+                            }
+                            // SAFETY: BLKGETSIZE64 (type 0x12, which the
+                            // filter refuses) on stdin, into a local.
+                            1 => {
+                                let mut size = 0u64;
+                                Some(unsafe { libc::ioctl(0, 0x8008_1272, &mut size) })
+                            }
+                            // SAFETY: kill(1, 0) only checks that init exists.
+                            2 => Some(unsafe { libc::kill(1, 0) }),
+                            _ => {
+                                // SAFETY: execve of /bin/true with empty argv and envp.
+                                let argv = [std::ptr::null::<libc::c_char>()];
+                                unsafe {
+                                    libc::execve(
+                                        c"/bin/true".as_ptr(),
+                                        argv.as_ptr(),
+                                        argv.as_ptr(),
+                                    )
+                                };
+                                Some(2)
+                            }
+                        }
+                    })();
+                    // SAFETY: _exit in the forked child.
+                    unsafe { libc::_exit(code.unwrap_or(100)) }
+                }
+                pid => {
+                    let mut status = 0;
+                    // SAFETY: waitpid on our own child.
+                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                    status
+                }
+            }
+        };
+        assert_eq!(run(0), 0, "clone3 ENOSYS, threads still start");
+        for case in [1, 2, 3] {
+            let status = run(case);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "case {case}: status {status:#x}"
+            );
+        }
+    }
+}
