@@ -2,20 +2,23 @@
 //! model bug the guest exploits should find a process that can do little
 //! more than run this VM.
 //!
-//! - Capabilities: none in any thread. They go at the start of
+//! - Capabilities: none in any thread (but see `tap=NAME` below). They go at the start of
 //!   [`crate::builder::run`], before any thread exists (Linux keeps them
 //!   per thread, and threads inherit them). The setup needs none: podbox-vmm
 //!   runs as root, which owns /dev/kvm and the pod's state directory, and
 //!   virtiofsd, a root process exec'd from here, gets its own from the
 //!   bounding set, which stays. Only a `tap=NAME` NIC (a developer's
-//!   command line; the shim hands over an open tap) keeps CAP_NET_ADMIN
-//!   until [`lock_down`], in the threads started before it.
+//!   command line; the shim hands over an open tap) keeps CAP_NET_ADMIN:
+//!   [`lock_down`] drops it in the main thread, but the threads started
+//!   before it (signals, virtiofsd's watchers) keep it for the VM's life.
 //! - `no_new_privs`, and a seccomp filter on every thread (TSYNC), put on
 //!   by [`lock_down`] once the VM is built and before its vCPUs start: the
-//!   syscalls listed in [`ALLOWED`] only, with `ioctl` limited to KVM's and
-//!   the tap's and terminal's request types, `clone` to new threads, `kill`
-//!   to virtiofsd and `tgkill` to podbox-vmm itself, and no `execve`, so
-//!   the bounding set cannot be used to regain capabilities.
+//!   syscalls listed in [`ALLOWED`] only, with `ioctl` limited to KVM's
+//!   request type and six listed tap and std requests, `fcntl` to five
+//!   commands (no F_SETOWN/F_SETSIG/O_ASYNC), `socket` to AF_UNIX, `clone`
+//!   to new threads, `kill` to virtiofsd and `tgkill` to podbox-vmm
+//!   itself, and no `execve`, so the bounding set cannot be used to regain
+//!   capabilities.
 //!   Anything else kills the VMM with SIGSYS (`--seccomp kill`), which the
 //!   shim reports as the pod's tasks ending.
 
@@ -62,7 +65,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_fcntl,
     libc::SYS_dup,
     libc::SYS_ftruncate,
     libc::SYS_fsync,
@@ -106,7 +108,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_epoll_pwait,
     libc::SYS_eventfd2,
     libc::SYS_pipe2,
-    libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_accept4,
     libc::SYS_sendto,
@@ -124,10 +125,22 @@ const ALLOWED: &[i64] = &[
     libc::SYS_clone3,
 ];
 
-/// ioctl request types (bits 8-15) podbox-vmm may use once the guest runs:
-/// KVM's (KVMIO, 0xAE: vCPU and VM requests) and 'T' (0x54: the tap's
-/// TUNSET*, and the terminal and FIONBIO/FIOCLEX requests std makes).
-const IOCTL_TYPES: [u64; 2] = [0xAE, 0x54];
+/// KVM's ioctl request type (KVMIO, bits 8-15): every vCPU and VM request.
+const KVMIO: u64 = 0xAE;
+/// The other ioctl requests podbox-vmm makes once the guest runs, exactly:
+/// FIONBIO, FIOCLEX, FIONCLEX and TCGETS (std), TUNGETIFF and TUNSETOFFLOAD
+/// (the tap, when the guest sets its offloads). Not the whole 'T' type: it
+/// holds TIOCSTI, TIOCSETD and the other terminal requests.
+const IOCTLS: [u64; 6] = [0x5421, 0x5451, 0x5450, 0x5401, 0x8004_54d2, 0x4004_54d0];
+/// fcntl commands: F_GETFD, F_SETFD, F_GETFL and F_DUPFD_CLOEXEC; F_SETFL
+/// is allowed only without O_ASYNC. F_SETOWN/F_SETSIG are not: with them a
+/// root process can have SIGIO (or any signal) sent to any process.
+const FCNTLS: [u64; 4] = [
+    libc::F_GETFD as u64,
+    libc::F_SETFD as u64,
+    libc::F_GETFL as u64,
+    libc::F_DUPFD_CLOEXEC as u64,
+];
 
 /// Drops every capability of the calling thread but CAP_NET_ADMIN where
 /// `keep_net_admin` (a NIC podbox-vmm attaches to by name). Call before
@@ -174,7 +187,7 @@ pub fn lock_down(mode: SeccompMode, children: &[libc::pid_t]) -> Result<(), Conf
     }
     tracing::info!(
         "confined: no capabilities, no_new_privs, seccomp ({} syscalls, otherwise {})",
-        ALLOWED.len() + 4,
+        ALLOWED.len() + 6,
         mode.as_arg()
     );
     Ok(())
@@ -207,11 +220,35 @@ fn filters(
         |conditions| SeccompRule::new(conditions).map_err(|e| ConfineError::Filter(e.to_string()));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let ioctl = IOCTL_TYPES
-        .iter()
-        .map(|&ty| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), ty << 8)?]))
-        .collect::<Result<_, _>>()?;
+    // The kernel takes an ioctl's request, and fcntl's command, as an int:
+    // compare the low 32 bits only.
+    let low = |arg, op, value| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+            .map_err(|e| ConfineError::Filter(e.to_string()))
+    };
+    let mut ioctl = vec![rule(vec![low(
+        1,
+        SeccompCmpOp::MaskedEq(0xff00),
+        KVMIO << 8,
+    )?])?];
+    for request in IOCTLS {
+        ioctl.push(rule(vec![low(1, SeccompCmpOp::Eq, request)?])?);
+    }
     rules.insert(libc::SYS_ioctl, ioctl);
+    let mut fcntl = FCNTLS
+        .iter()
+        .map(|&cmd| rule(vec![low(1, SeccompCmpOp::Eq, cmd)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    fcntl.push(rule(vec![
+        low(1, SeccompCmpOp::Eq, libc::F_SETFL as u64)?,
+        low(2, SeccompCmpOp::MaskedEq(libc::O_ASYNC as u64), 0)?,
+    ])?);
+    rules.insert(libc::SYS_fcntl, fcntl);
+    // Unix sockets only: the vsock device's host connections.
+    rules.insert(
+        libc::SYS_socket,
+        vec![rule(vec![low(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?])?],
+    );
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
         libc::SYS_clone,
@@ -248,8 +285,9 @@ mod tests {
 
     /// In a child process (the filter is for ever, and kills): allowed
     /// syscalls work, clone3 is ENOSYS, a thread can still be started,
-    /// the child may signal itself and its own child; ioctls outside KVM's
-    /// and 'T', execve, and a signal to another process kill it.
+    /// the child may signal itself and its own child and use a unix socket;
+    /// an ioctl outside the list (BLKGETSIZE64, TIOCSTI), a signal to
+    /// another process, F_SETOWN, an AF_INET socket and execve kill it.
     #[test]
     fn the_filter_allows_the_list_and_kills_the_rest() {
         let run = |case: u8| -> i32 {
@@ -296,7 +334,16 @@ mod tests {
                                     libc::kill(grandchild, libc::SIGKILL) == 0
                                         && libc::syscall(libc::SYS_tgkill, me, me, 0) == 0
                                 };
-                                Some(if enosys && thread == 7 && signals {
+                                // SAFETY: a unix socket of this process,
+                                // made non-blocking two allowed ways.
+                                let unix = unsafe {
+                                    let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                                    let on: libc::c_int = 1;
+                                    fd >= 0
+                                        && libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) == 0
+                                        && libc::ioctl(fd, libc::FIONBIO, &on) == 0
+                                };
+                                Some(if enosys && thread == 7 && signals && unix {
                                     0
                                 } else {
                                     1
@@ -310,6 +357,12 @@ mod tests {
                             }
                             // SAFETY: kill(1, 0) only checks that init exists.
                             2 => Some(unsafe { libc::kill(1, 0) }),
+                            // SAFETY: F_SETOWN on stdin (refused before it acts).
+                            3 => Some(unsafe { libc::fcntl(0, libc::F_SETOWN, 1) }),
+                            // SAFETY: socket(2) returns a descriptor or -1.
+                            4 => Some(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }),
+                            // SAFETY: TIOCSTI on stdin with a local byte.
+                            5 => Some(unsafe { libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()) }),
                             _ => {
                                 // SAFETY: execve of /bin/true with empty argv and envp.
                                 let argv = [std::ptr::null::<libc::c_char>()];
@@ -336,7 +389,7 @@ mod tests {
             }
         };
         assert_eq!(run(0), 0, "clone3 ENOSYS, threads still start");
-        for case in [1, 2, 3] {
+        for case in 1..=6 {
             let status = run(case);
             assert!(
                 libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
