@@ -182,6 +182,20 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     crate::processes_with_arg(|arg| arg.contains(needle))
 }
 
+/// A `Name:  N kB` field of `/proc/<pid>/<file>` (`status`: VmRSS;
+/// `smaps_rollup`: Pss), in KiB; None if the process or field is gone.
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The bytes of guest RAM the host holds for podbox-vmm `pid`: the pages
 /// allocated in its guest RAM memfd (`podbox-guest-ram`), which the guest
 /// touched and has not given back through free page reporting. None if the
@@ -244,4 +258,18 @@ pub fn vmm_pid(namespace: &str, pod_id: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_kib_reads_the_named_field_only() {
+        let me = std::process::id();
+        let rss = super::proc_kib(me, "status", "VmRSS").expect("VmRSS");
+        let pss = super::proc_kib(me, "smaps_rollup", "Pss").expect("Pss");
+        assert!(rss > 0 && pss > 0, "{rss} {pss}");
+        // "Pss" must not match "Pss_Anon:"; an absent field is None.
+        assert_eq!(super::proc_kib(me, "status", "Vm"), None);
+        assert_eq!(super::proc_kib(me, "status", "NoSuchField"), None);
+    }
 }

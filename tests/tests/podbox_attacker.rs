@@ -24,8 +24,8 @@ use podbox_tests::guest_image::share_attacker_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
 use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, pod_state_dir, processes_mentioning, unconfined_threads, virtiofsd,
-    vmm_pid, write_shim_config_with_initrd,
+    bin_dir, pod_leftovers, pod_state_dir, proc_kib, processes_mentioning, unconfined_threads,
+    virtiofsd, vmm_pid, write_shim_config_with_initrd,
 };
 use podbox_tests::vm::VmSlot;
 
@@ -70,12 +70,7 @@ const LOG_CAP: u64 = 64 * 1024;
 const FLAT_RSS_KIB: u64 = 32 * 1024;
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", "VmRSS").unwrap_or(0)
 }
 
 fn wait_for_file(path: &std::path::Path, deadline: Duration, log: &std::path::Path) -> String {

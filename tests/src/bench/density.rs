@@ -18,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::containerd::{Containerd, PODBOX_HANDLER, RUNC_HANDLER};
+use crate::containerd::{processes_in_cgroup, Containerd, PODBOX_HANDLER, RUNC_HANDLER};
 use crate::cri::{container_config, CriClient};
 use crate::oci_image::BUSYBOX_IMAGE;
 use crate::podbox::{containerd_with_podbox_config, processes_mentioning, remove_pod};
@@ -203,7 +203,7 @@ fn start_idle_pod(
 fn pod_memory(cgroup_parent: &str, pod: &Pod) -> PodMemory {
     let mut pids: BTreeSet<u32> = processes_mentioning(&pod.id).into_iter().collect();
     for id in [&pod.id, &pod.container] {
-        pids.extend(cgroup_procs(&format!(
+        pids.extend(processes_in_cgroup(&format!(
             "{}/{id}",
             cgroup_parent.trim_end_matches('/')
         )));
@@ -228,19 +228,4 @@ fn pod_memory(cgroup_parent: &str, pod: &Pod) -> PodMemory {
         parts,
         guest_held_mib,
     }
-}
-
-/// The processes in host cgroup `path` (the memory hierarchy on cgroup v1).
-fn cgroup_procs(path: &str) -> Vec<u32> {
-    let unified = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let file = if unified {
-        format!("/sys/fs/cgroup{path}/cgroup.procs")
-    } else {
-        format!("/sys/fs/cgroup/memory{path}/cgroup.procs")
-    };
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }

@@ -59,17 +59,9 @@ pub fn spawn_watched(cmd: &mut Command, deadline: Duration) -> Result<Watched, S
     })
 }
 
-/// The proportional set size of process `pid` (KiB), from smaps_rollup.
+/// The proportional set size of process `pid` (KiB).
 pub fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
+    crate::podbox::proc_kib(pid, "smaps_rollup", "Pss")
 }
 
 /// Median of the samples (upper median for an even count).

@@ -28,6 +28,17 @@ pub(super) fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The processes in host cgroup `path` and below it, in any hierarchy.
+pub fn processes_in_cgroup(path: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = cgroup_dirs(path)
+        .iter()
+        .flat_map(|dir| pids_in_cgroup_tree(dir))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 pub(super) fn pids_in_cgroup_tree(dir: &Path) -> Vec<u32> {
     let mut pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()

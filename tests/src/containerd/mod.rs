@@ -33,6 +33,7 @@ pub use ctr::CtrRunOutput;
 pub use error::ContainerdError;
 pub use footprint::Footprint;
 pub use guard::{Containerd, ContainerdOptions};
+pub use host::processes_in_cgroup;
 pub use names::{
     CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME, TEST_NAMESPACE,
 };
