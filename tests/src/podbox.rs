@@ -214,10 +214,13 @@ pub fn guest_ram_held(pid: u32) -> Option<u64> {
 }
 
 /// What is wrong with the confinement of process `pid`'s threads (podbox-vmm
-/// confines itself before its guest runs: vmm/src/confine.rs): each must
-/// have no effective or permitted capability, `no_new_privs` and a seccomp
-/// filter. Empty when all of them are confined.
+/// confines itself before its guest runs: vmm/src/confine.rs and
+/// vmm/src/jail.rs): each must have no effective or permitted capability,
+/// `no_new_privs` and a seccomp filter, and be in mount and IPC namespaces
+/// other than this process's, with a root where the host's files are not
+/// (no /etc/passwd). Empty when all of them are confined.
 pub fn unconfined_threads(pid: u32) -> Vec<String> {
+    let own_ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![format!("process {pid} is gone")];
     };
@@ -247,8 +250,32 @@ pub fn unconfined_threads(pid: u32) -> Vec<String> {
                 ));
             }
         }
+        let name = || {
+            format!(
+                "thread {} ({})",
+                task.file_name().to_string_lossy(),
+                comm.trim()
+            )
+        };
+        for kind in ["mnt", "ipc"] {
+            let ns = std::fs::read_link(task.path().join("ns").join(kind)).ok();
+            if ns.is_none() || ns == own_ns(kind) {
+                problems.push(format!("{}: {kind} namespace {ns:?}, the host's", name()));
+            }
+        }
+        if task.path().join("root/etc/passwd").exists() {
+            problems.push(format!("{}: the host's /etc/passwd is in its root", name()));
+        }
     }
     problems
+}
+
+/// One limit of `/proc/<pid>/limits` ("Max open files", ...): soft, hard.
+pub fn proc_limit(pid: u32, name: &str) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    let mut values = line[name.len()..].split_whitespace();
+    Some((values.next()?.to_string(), values.next()?.to_string()))
 }
 
 /// The pid of the pod's podbox-vmm, from the shim's pid file.

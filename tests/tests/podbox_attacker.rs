@@ -24,8 +24,8 @@ use podbox_tests::guest_image::share_attacker_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
 use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, pod_state_dir, proc_kib, processes_mentioning, unconfined_threads,
-    virtiofsd, vmm_pid, write_shim_config_with_initrd,
+    bin_dir, pod_leftovers, pod_state_dir, proc_kib, proc_limit, processes_mentioning,
+    unconfined_threads, virtiofsd, vmm_pid, write_shim_config_with_initrd,
 };
 use podbox_tests::vm::VmSlot;
 
@@ -276,6 +276,19 @@ fn podbox_hostile_guest_cannot_reach_the_host() {
     // thread: no capabilities, no_new_privs, its seccomp filter (a syscall
     // outside it would have killed the VMM, and the pod with it).
     assert_eq!(unconfined_threads(vmm), Vec::<String>::new());
+    // Its resource limits: no core dump (it would hold guest memory), a
+    // bounded file size and descriptor count.
+    assert_eq!(
+        proc_limit(vmm, "Max core file size"),
+        Some(("0".into(), "0".into()))
+    );
+    for limit in ["Max file size", "Max open files"] {
+        let (soft, hard) = proc_limit(vmm, limit).expect(limit);
+        assert!(
+            soft == hard && soft != "unlimited",
+            "{limit}: {soft} {hard}"
+        );
+    }
 
     containerd
         .ctr_ok(

@@ -17,7 +17,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::{boot_params, loader, mptable, regs};
 use crate::config::{
-    ConfigError, FsBackend, NetBackend, NetConfig, PvmMode, SerialOutput, VmConfig,
+    ConfigError, FsBackend, JailMode, NetBackend, NetConfig, PvmMode, SerialOutput, VmConfig,
 };
 use crate::devices::serial::ConsoleOutput;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -44,6 +44,8 @@ pub enum BuildError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Confine(#[from] crate::confine::ConfineError),
+    #[error("--jail: {0}")]
+    Jail(#[from] crate::jail::JailError),
     #[error("opening {what} {path}: {source}")]
     Open {
         what: &'static str,
@@ -424,10 +426,63 @@ fn remove_old_console(path: &Path) {
     }
 }
 
+/// The files podbox-vmm creates, connects to, rotates or removes once the
+/// VM runs, whose directories its jail must hold.
+fn runtime_paths<'a>(config: &'a VmConfig, backends: &'a Backends) -> Vec<&'a Path> {
+    let mut paths: Vec<&Path> = Vec::new();
+    if let Some(v) = &config.vsock {
+        paths.push(&v.socket);
+    }
+    if let SerialOutput::File { path, .. } = &config.serial {
+        paths.push(path);
+    }
+    if let Some(d) = &backends.virtiofsd {
+        paths.push(d.socket());
+    }
+    if let Some(p) = &config.guest_profile {
+        paths.push(&p.path);
+    }
+    paths
+}
+
+/// Descriptors podbox-vmm may hold once the VM runs: what it has open at
+/// the end of the build, the vsock device's sockets, and room for the rest
+/// (eventfds of late-activated devices, log rotation).
+fn open_files_limit(config: &VmConfig) -> u64 {
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(1024);
+    let vsock = if config.vsock.is_some() {
+        vsock::muxer::MAX_SOCKETS as u64
+    } else {
+        0
+    };
+    highest + 1 + vsock + 256
+}
+
+/// The largest file podbox-vmm writes once the VM runs: the console file
+/// rotates at its cap; profiles are text reports of a few MiB at most.
+fn file_size_limit(config: &VmConfig) -> u64 {
+    const PROFILE_BYTES: u64 = 64 << 20;
+    match &config.serial {
+        SerialOutput::File { max_bytes, .. } => (*max_bytes).max(PROFILE_BYTES),
+        SerialOutput::Stdout => PROFILE_BYTES,
+    }
+}
+
 /// Builds the VM and runs it until it exits; returns why it exited.
 pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     config.validate()?;
-    // Before any thread exists: threads inherit the caller's capabilities.
+    // First, while this is the only thread (see crate::jail).
+    let jailer = match config.jail {
+        JailMode::On => Some(crate::jail::Jailer::enter()?),
+        JailMode::Off => None,
+    };
+    // Before any other thread exists: threads inherit the caller's capabilities.
     let tap_by_name = config
         .nics
         .iter()
@@ -581,6 +636,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
         profiler: profiler.clone(),
     });
     // Built: from here on only what running the guest takes.
+    crate::confine::limit_resources(open_files_limit(config), file_size_limit(config))?;
+    if let Some(jailer) = jailer {
+        jailer.pivot(crate::jail::dirs_of(runtime_paths(config, &backends))?)?;
+    }
     let children: Vec<libc::pid_t> = backends.virtiofsd.iter().map(Virtiofsd::pid).collect();
     crate::confine::lock_down(config.seccomp, &children)?;
     if let Some(p) = &profiler {

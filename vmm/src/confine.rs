@@ -45,6 +45,12 @@ pub enum ConfineError {
     Filter(String),
     #[error("installing the seccomp filter: {0}")]
     Install(seccompiler::Error),
+    #[error("setting {name} to {limit}: {source}")]
+    Limit {
+        name: &'static str,
+        limit: u64,
+        source: nix::Error,
+    },
 }
 
 /// The syscalls podbox-vmm's threads make once the guest runs (vCPUs and
@@ -160,6 +166,26 @@ fn set_caps(keep: &CapsHashSet) -> Result<(), ConfineError> {
     caps::clear(None, CapSet::Inheritable).map_err(err("inheritable"))?;
     caps::set(None, CapSet::Effective, keep).map_err(err("effective"))?;
     caps::set(None, CapSet::Permitted, keep).map_err(err("permitted"))?;
+    Ok(())
+}
+
+/// Resource limits for the rest of podbox-vmm's life (the process's, so
+/// every thread's): descriptors up to `open_files`, no file written past
+/// `file_bytes` (SIGXFSZ ends the VMM), and no core dump, which would hold
+/// the guest's memory.
+pub fn limit_resources(open_files: u64, file_bytes: u64) -> Result<(), ConfineError> {
+    use nix::sys::resource::{setrlimit, Resource};
+    for (resource, name, limit) in [
+        (Resource::RLIMIT_NOFILE, "RLIMIT_NOFILE", open_files),
+        (Resource::RLIMIT_FSIZE, "RLIMIT_FSIZE", file_bytes),
+        (Resource::RLIMIT_CORE, "RLIMIT_CORE", 0),
+    ] {
+        setrlimit(resource, limit, limit).map_err(|source| ConfineError::Limit {
+            name,
+            limit,
+            source,
+        })?;
+    }
     Ok(())
 }
 

@@ -12,6 +12,7 @@ pub use podbox_vmm_config as config;
 pub mod devices;
 pub mod exit;
 pub mod fatal;
+pub mod jail;
 pub mod logfile;
 pub mod profiler;
 pub mod pvm;

@@ -510,6 +510,12 @@ mod tests {
         );
         network.tear_down();
         assert!(net.ingress_qdiscs().is_empty());
+        // create() mounted the share: take it down, or every run leaves two mounts.
+        assert_eq!(
+            state.remove(),
+            Vec::<String>::new(),
+            "removing the state dir"
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use clap::Parser;
 use crate::net::NetConfig;
 use crate::profile::ProfileConfig;
 use crate::vm::{
-    CachePolicy, ConfigError, FsBackend, FsConfig, PvmMode, SandboxMode, SeccompMode, SerialOutput,
-    VirtiofsdSpec, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
+    CachePolicy, ConfigError, FsBackend, FsConfig, JailMode, PvmMode, SandboxMode, SeccompMode,
+    SerialOutput, VirtiofsdSpec, VmConfig, VsockConfig, DEFAULT_SERIAL_MAX_BYTES,
 };
 
 #[derive(Debug, Parser)]
@@ -98,6 +98,11 @@ pub struct VmArgs {
     /// (kernel log, audit type 1326) and allow it, or no filter.
     #[arg(long, value_enum, default_value_t = SeccompMode::Kill)]
     seccomp: SeccompMode,
+    /// Before the guest runs, move into a mount namespace whose root holds
+    /// only the directories of the VMM's sockets, console and profile
+    /// (pivot_root), and an IPC namespace of its own.
+    #[arg(long, value_enum, default_value_t = JailMode::On)]
+    jail: JailMode,
 }
 
 impl VmArgs {
@@ -152,6 +157,7 @@ impl VmArgs {
             guest_profile: self.guest_profile,
             balloon: self.balloon,
             seccomp: self.seccomp,
+            jail: self.jail,
         };
         config.validate()?;
         Ok(config)
@@ -207,6 +213,7 @@ impl VmConfig {
             args.0.push("--balloon".into());
         }
         args.flag("--seccomp", self.seccomp.as_arg());
+        args.flag("--jail", self.jail.as_arg());
         args.0
     }
 }

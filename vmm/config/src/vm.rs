@@ -64,6 +64,27 @@ pub enum SeccompMode {
     Off,
 }
 
+/// Whether podbox-vmm moves itself into a mount namespace of its own whose
+/// root holds only the directories of its sockets and logs (pivot_root),
+/// and an IPC namespace of its own, before the guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum JailMode {
+    /// The default; needs CAP_SYS_ADMIN at start (podbox-vmm runs as root).
+    On,
+    /// The host's file system stays in view (a developer's VMM run as a
+    /// user without CAP_SYS_ADMIN, or with `--virtiofsd-sandbox none`).
+    Off,
+}
+
+impl JailMode {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            JailMode::On => "on",
+            JailMode::Off => "off",
+        }
+    }
+}
+
 impl SeccompMode {
     pub fn as_arg(self) -> &'static str {
         match self {
@@ -203,6 +224,9 @@ pub struct VmConfig {
     pub balloon: bool,
     /// The seccomp filter's action on a syscall it does not list.
     pub seccomp: SeccompMode,
+    /// Its own mount and IPC namespaces with a root of its runtime
+    /// directories only.
+    pub jail: JailMode,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -239,6 +263,11 @@ pub enum ConfigError {
     SerialFileDash,
     #[error("--guest-profile: hz={0} must be from {min} to {max}", min = PROFILE_HZ.start(), max = PROFILE_HZ.end())]
     GuestProfileHz(u32),
+    #[error(
+        "--virtiofsd-sandbox none: needs --jail off (virtiofsd's root would be \
+         podbox-vmm's jail, which does not hold the shared directory)"
+    )]
+    UnsandboxedVirtiofsdInJail,
 }
 
 impl VmConfig {
@@ -259,6 +288,7 @@ impl VmConfig {
             guest_profile: None,
             balloon: false,
             seccomp: SeccompMode::Kill,
+            jail: JailMode::On,
         }
     }
 
@@ -286,6 +316,11 @@ impl VmConfig {
             }
         }
         if let Some(fs) = &self.fs {
+            if let FsBackend::Spawn(spec) = &fs.backend {
+                if spec.sandbox == SandboxMode::None && self.jail == JailMode::On {
+                    return Err(ConfigError::UnsandboxedVirtiofsdInJail);
+                }
+            }
             if fs.tag.is_empty() || fs.tag.len() > FS_TAG_LEN || fs.tag.contains('\0') {
                 return Err(ConfigError::FsTag(fs.tag.clone()));
             }

@@ -31,6 +31,9 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Limits on what a guest (or host clients) can make us hold.
 const MAX_CONNECTIONS: usize = 1024;
 const MAX_PENDING_HOST: usize = 256;
+/// The most sockets the muxer holds at once (connections and host clients
+/// not yet connected): what podbox-vmm's descriptor limit must leave room for.
+pub const MAX_SOCKETS: usize = MAX_CONNECTIONS + MAX_PENDING_HOST;
 const MAX_CONTROL_QUEUE: usize = 4096;
 /// `CONNECT <u32>\n` is at most 19 bytes.
 const MAX_CONNECT_LINE: usize = 32;
