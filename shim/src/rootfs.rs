@@ -194,6 +194,70 @@ fn mount_destinations(spec: &Spec) -> Vec<Destination> {
         .collect()
 }
 
+/// The spec's mounts, checked before anything is mounted; each error names
+/// `mounts[N]` and the field:
+/// - every destination is an absolute path without `..` (the agent
+///   resolves it inside the container's root either way, but such a
+///   destination is a mistake or an attempt, never what a caller meant);
+/// - a bind's source (other than `/dev/shm`, which becomes a guest tmpfs)
+///   is an absolute path without `..` that exists, and what it resolves to
+///   (symlinks followed) is not under `/run/podbox`: the pods' shares,
+///   agent sockets and VM state there are never any guest's volume.
+///
+/// A relative source would be taken from the shim's working directory,
+/// which is a bundle but not necessarily this container's.
+pub fn check_mounts(spec: &Spec) -> Result<(), String> {
+    let has_parent = |p: &Path| {
+        p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    };
+    for (index, m) in spec.mounts().iter().flatten().enumerate() {
+        let destination = m.destination();
+        if !destination.is_absolute() {
+            return Err(format!(
+                "mounts[{index}].destination {}: not an absolute path",
+                destination.display()
+            ));
+        }
+        if has_parent(destination) {
+            return Err(format!(
+                "mounts[{index}].destination {}: a `..` component",
+                destination.display()
+            ));
+        }
+        if !is_bind(m) || destination == Path::new("/dev/shm") {
+            continue;
+        }
+        let Some(source) = m.source().as_ref() else {
+            return Err(format!(
+                "mounts[{index}].source: bind mount on {} has no source",
+                destination.display()
+            ));
+        };
+        let bad = |reason: String| format!("mounts[{index}].source {}: {reason}", source.display());
+        if !source.is_absolute() {
+            return Err(bad("not an absolute path".to_string()));
+        }
+        if has_parent(source) {
+            return Err(bad(
+                "a `..` component (give the volume's own path)".to_string()
+            ));
+        }
+        let resolved = source
+            .canonicalize()
+            .map_err(|e| bad(format!("cannot be resolved: {e}")))?;
+        let state_root = Path::new(crate::sandbox::state_dir::STATE_ROOT);
+        if resolved.starts_with(state_root) {
+            return Err(bad(format!(
+                "resolves to {}, inside {}: podbox's own state (pod shares, agent sockets) is no volume",
+                resolved.display(),
+                state_root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind")
         || m.options()
@@ -406,6 +470,51 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn mounts_that_escape_or_cannot_be_bound_are_refused_naming_them() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir(&volume).expect("mkdir");
+        let into_state = tmp.path().join("into-state");
+        std::os::unix::fs::symlink("/run/podbox", &into_state).expect("symlink");
+        let spec_with = |m: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": [m]}))
+                .expect("a valid spec")
+        };
+        let bind = |source: &str, destination: &str| {
+            spec_with(serde_json::json!({
+                "destination": destination, "type": "bind", "source": source, "options": ["rbind"]
+            }))
+        };
+        let volume_path = volume.display().to_string();
+        assert_eq!(check_mounts(&bind(&volume_path, "/data")), Ok(()));
+        // /dev/shm's source is never bound (it becomes a guest tmpfs).
+        assert_eq!(check_mounts(&bind("/nonexistent", "/dev/shm")), Ok(()));
+        let dotdot = format!("{volume_path}/../volume");
+        let missing = format!("{volume_path}/absent");
+        let via_link = into_state.display().to_string();
+        for (spec, expected) in [
+            (
+                bind(&volume_path, "/a/../../etc"),
+                "mounts[0].destination /a/../../etc: a `..`",
+            ),
+            (
+                bind("volume", "/data"),
+                "mounts[0].source volume: not an absolute path",
+            ),
+            (bind(&dotdot, "/data"), "a `..` component"),
+            (bind(&missing, "/data"), "cannot be resolved"),
+            (bind("/run/podbox", "/data"), "podbox's own state"),
+            (bind(&via_link, "/data"), "podbox's own state"),
+        ] {
+            let error = check_mounts(&spec).expect_err(expected);
+            assert!(
+                error.starts_with("mounts[0].") && error.contains(expected),
+                "{expected}: {error}"
+            );
+        }
     }
 
     #[test]

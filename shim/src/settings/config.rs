@@ -155,7 +155,34 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path)
+        let config = Self::parse(&text, path)?;
+        config.check_files(path)?;
+        Ok(config)
+    }
+
+    /// The kernel and initramfs a loaded config names are there and are
+    /// what they should be (an x86-64 ELF vmlinux, a cpio archive or a
+    /// compressed one; podbox-vmm's own checks): a wrong file fails every
+    /// pod's `start` naming its key, before any VM is made, instead of each
+    /// pod's VM failing in turn. Only for a file read from disk: a config
+    /// parsed from text ([`Self::parse`]) may name files that exist
+    /// elsewhere.
+    fn check_files(&self, path: &Path) -> Result<(), ConfigError> {
+        for (key, file, check) in [
+            (
+                "kernel",
+                &self.kernel,
+                podbox_vmm_config::check_kernel as fn(&Path) -> Result<(), String>,
+            ),
+            ("initrd", &self.initrd, podbox_vmm_config::check_initrd),
+        ] {
+            check(file).map_err(|reason| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                reason: format!("{}: {reason}", file.display()),
+            })?;
+        }
+        Ok(())
     }
 
     /// Parses and validates config text; `path` only names it in errors.
@@ -397,12 +424,53 @@ mod tests {
             Err(ConfigError::Read { .. })
         ));
         let present = dir.path().join("config.toml");
-        std::fs::write(&present, "default_memory_mib = 1024\n").expect("writing config");
+        let (kernel, initrd) = (dir.path().join("vmlinux"), dir.path().join("initrd"));
+        std::fs::write(&kernel, podbox_vmm_config::minimal_vmlinux()).expect("writing kernel");
+        std::fs::write(&initrd, b"070701").expect("writing initrd");
+        std::fs::write(
+            &present,
+            format!(
+                "default_memory_mib = 1024\nkernel = {:?}\ninitrd = {:?}\n",
+                kernel.display().to_string(),
+                initrd.display().to_string()
+            ),
+        )
+        .expect("writing config");
         assert_eq!(
             Config::load(Some(&present))
                 .expect("loads")
                 .default_memory_mib,
             1024
         );
+        // A loaded config's kernel and initramfs must be there and be what
+        // they say, each named by its key.
+        for (text, key) in [
+            (
+                format!("initrd = {:?}", initrd.display().to_string()),
+                "kernel",
+            ),
+            (
+                format!(
+                    "kernel = {:?}\ninitrd = {:?}",
+                    initrd.display().to_string(),
+                    initrd.display().to_string()
+                ),
+                "kernel",
+            ),
+            (
+                format!(
+                    "kernel = {:?}\ninitrd = {:?}",
+                    kernel.display().to_string(),
+                    dir.path().display().to_string()
+                ),
+                "initrd",
+            ),
+        ] {
+            std::fs::write(&present, &text).expect("writing config");
+            match Config::load(Some(&present)) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 }

@@ -31,6 +31,10 @@ pub enum SettingsError {
         key: &'static str,
         most: u32,
     },
+    /// A spec field the shim refuses ([`crate::spec::check`]); the message
+    /// starts with the field.
+    #[error("the OCI spec's {0}")]
+    Spec(String),
 }
 
 /// The VM a pod gets: the config's defaults, overridden by allowed annotations.
@@ -49,7 +53,12 @@ impl VmSettings {
     /// The config's base VM plus the pod's limits ([`sizing`]), then the
     /// allowed `io.podbox.*` annotations, within the config's max_vcpus
     /// and max_memory_mib.
+    ///
+    /// The spec itself is checked first ([`crate::spec::check`]): this runs
+    /// in the shim's `start` for every container and before a pod's VM
+    /// boots, so a bad field fails there, before anything is made.
     pub fn resolve(config: &Config, spec: &oci_spec::runtime::Spec) -> Result<Self, SettingsError> {
+        crate::spec::check(spec).map_err(SettingsError::Spec)?;
         let annotations = crate::spec::annotations(spec);
         let limits = PodLimits::of(spec, &annotations)?;
         let sized = Sized {
@@ -104,8 +113,16 @@ impl VmSettings {
                     sized.memory_mib = parse_in_range(key, value, MEMORY_MIB_RANGE)?.into();
                     sized.memory_how = format!("annotation {MEMORY_MIB}");
                 }
-                KERNEL => kernel = parse_asset(key, value, &config.asset_dirs)?,
-                INITRD => initrd = parse_asset(key, value, &config.asset_dirs)?,
+                KERNEL => {
+                    kernel = parse_asset(key, value, &config.asset_dirs)?;
+                    podbox_vmm_config::check_kernel(&kernel)
+                        .map_err(|reason| invalid(key, value, reason))?;
+                }
+                INITRD => {
+                    initrd = parse_asset(key, value, &config.asset_dirs)?;
+                    podbox_vmm_config::check_initrd(&initrd)
+                        .map_err(|reason| invalid(key, value, reason))?;
+                }
                 _ => return Err(AnnotationError::Unknown { key: key.clone() }.into()),
             }
         }
@@ -379,7 +396,7 @@ mod tests {
     fn allowed_annotations_override_the_defaults() {
         let assets = tempfile::tempdir().expect("tempdir");
         let kernel = assets.path().join("vmlinux-test");
-        std::fs::write(&kernel, b"elf").expect("write");
+        std::fs::write(&kernel, podbox_vmm_config::minimal_vmlinux()).expect("write");
         let config = Config {
             asset_dirs: vec![assets.path().to_path_buf()],
             ..config_allowing(&[VCPUS, MEMORY_MIB, KERNEL])
@@ -404,10 +421,12 @@ mod tests {
         std::fs::create_dir(&assets).expect("mkdir");
         std::os::unix::fs::symlink("/etc/passwd", assets.join("escape")).expect("symlink");
         std::fs::create_dir(assets.join("dir")).expect("mkdir");
+        std::fs::write(assets.join("notes.txt"), "not a kernel\n").expect("write");
         let config = Config {
             asset_dirs: vec![assets.clone()],
             ..config_allowing(&[KERNEL, INITRD])
         };
+        let text = assets.join("notes.txt").display().to_string();
         let escape = assets.join("escape").display().to_string();
         let up = "/..".repeat(assets.components().count() - 1);
         let dotdot = format!("{}{up}/etc/passwd", assets.display());
@@ -417,6 +436,9 @@ mod tests {
             (INITRD, escape.as_str(), "asset_dirs"),
             (KERNEL, dotdot.as_str(), "asset_dirs"),
             (INITRD, dir.as_str(), "regular file"),
+            // Inside the asset dirs, but no kernel or initramfs at all.
+            (KERNEL, text.as_str(), "not an ELF file"),
+            (INITRD, text.as_str(), "not an initramfs"),
         ] {
             let error = VmSettings::resolve(&config, &annotations(&[(key, value)]))
                 .expect_err("refused")

@@ -106,7 +106,8 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
-    /// The VM the command line describes, validated.
+    /// The VM the command line describes, validated, its kernel and
+    /// initramfs files checked where they exist.
     pub fn into_config(self) -> Result<VmConfig, ConfigError> {
         let serial = match (self.serial.as_os_str() == "-", self.serial_max_bytes) {
             (true, None) => SerialOutput::Stdout,
@@ -160,6 +161,9 @@ impl VmArgs {
             jail: self.jail,
         };
         config.validate()?;
+        // podbox-vmm's own command line: its files are checked before
+        // anything is built (a FIFO as --initrd would block the open).
+        config.check_files()?;
         Ok(config)
     }
 }

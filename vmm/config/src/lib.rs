@@ -12,11 +12,13 @@
 //! other place in the tree writes a podbox-vmm flag.
 
 mod args;
+mod files;
 mod net;
 mod profile;
 mod vm;
 
 pub use args::VmArgs;
+pub use files::{check_initrd, check_kernel, minimal_vmlinux};
 pub use net::{MacAddr, NetBackend, NetConfig};
 pub use profile::{ProfileConfig, DEFAULT_PROFILE_HZ, PROFILE_HZ};
 pub use vm::*;

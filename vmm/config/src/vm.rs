@@ -268,6 +268,10 @@ pub enum ConfigError {
          podbox-vmm's jail, which does not hold the shared directory)"
     )]
     UnsandboxedVirtiofsdInJail,
+    #[error("--kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
+    #[error("--initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
 }
 
 impl VmConfig {
@@ -352,6 +356,28 @@ impl VmConfig {
                     )));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The kernel and initramfs files look like what they should be
+    /// ([`crate::check_kernel`], [`crate::check_initrd`]), where they
+    /// exist: a missing one is left to podbox-vmm's open, which names it.
+    /// Reads their headers, so it is not part of [`Self::validate`]
+    /// (which configs of paths that exist elsewhere, e.g. in tests, pass).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let present = |path: &std::path::Path| path.symlink_metadata().is_ok();
+        if present(&self.kernel) {
+            crate::check_kernel(&self.kernel).map_err(|reason| ConfigError::Kernel {
+                path: self.kernel.clone(),
+                reason,
+            })?;
+        }
+        if let Some(initrd) = self.initrd.as_ref().filter(|p| present(p)) {
+            crate::check_initrd(initrd).map_err(|reason| ConfigError::Initrd {
+                path: initrd.clone(),
+                reason,
+            })?;
         }
         Ok(())
     }
