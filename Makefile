@@ -3,10 +3,11 @@
 #   make test   install what the tests need, build the guest kernel and image (test-assets)
 #               and the release shim and VMM, then run every test
 #   make install  install the shim, VMM, kernel, initramfs and config for the host's containerd
+#   make fuzz   build the cargo-fuzz targets (fuzz/) and run each for FUZZ_SECONDS (60) s; fails on a crash
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-agent-boot bench-pods bench-net bench-density install
+.PHONY: deps kernel test-assets bench-assets build test demo demo-vm bench bench-agent-boot bench-pods bench-net bench-density install fuzz
 
 deps:
 	scripts/deps.sh
@@ -78,3 +79,10 @@ bench-density: test-assets
 
 install: deps
 	scripts/install.sh
+
+# libFuzzer on the guest- and input-facing parsers (README "Fuzzing"): one
+# `cargo fuzz build` of every target in fuzz/, then each runs for
+# FUZZ_SECONDS; installs cargo-fuzz where it is missing.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh

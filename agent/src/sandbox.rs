@@ -133,17 +133,11 @@ impl Sandbox {
         shared_pid: bool,
         storages: &[podbox_protocol::agent::Storage],
     ) -> Result<(), Error> {
-        validate_id("sandbox id", id)?;
-        if hostname.len() > 64 || hostname.contains('\0') {
-            return Err(Error::InvalidArgument(format!("bad hostname {hostname:?}")));
-        }
+        // Checked up front so that a bad storage leaves nothing behind.
+        check_sandbox_request(id, hostname, storages)?;
         let mut pod = lock(&self.pod);
         if pod.is_some() {
             return Err(Error::AlreadyExists("sandbox".into()));
-        }
-        // Checked up front so that a bad storage leaves nothing behind.
-        for s in storages {
-            crate::storage::check(s)?;
         }
         let root = self.cgroup_root()?;
         let cgroup_rel = format!("{}/{id}", self.cfg.cgroup_parent);
@@ -282,14 +276,13 @@ impl Sandbox {
     pub fn create_container(&self, id: &str, spec_json: &[u8], rootfs: &str) -> Result<(), Error> {
         validate_id("container id", id)?;
         let (pause_pid, shared_pid, pod_cg) = self.pod_info()?;
-        let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| {
-            Error::InvalidArgument(format!("OCI spec is not valid JSON of a runtime spec: {e}"))
-        })?;
-        let process = spec
-            .process()
-            .clone()
-            .ok_or_else(|| Error::InvalidArgument("OCI spec has no process".into()))?;
-        validate_process(&process)?;
+        // Compiled here, before anything is set up, so a bad profile is an
+        // INVALID_ARGUMENT with nothing to clean up.
+        let CheckedSpec {
+            spec,
+            process,
+            seccomp,
+        } = check_container_spec(spec_json)?;
         let rootfs = if rootfs.is_empty() {
             spec.root()
                 .as_ref()
@@ -303,12 +296,6 @@ impl Sandbox {
                 "rootfs {rootfs:?} is not an absolute path to a directory"
             )));
         }
-        // Compiled here, before anything is set up, so a bad profile is an
-        // INVALID_ARGUMENT with nothing to clean up.
-        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-            Some(profile) => Some(seccomp::compile(profile)?),
-            None => None,
-        };
         // Reserve the id while the (slow) setup runs.
         if lock(&self.containers).contains_key(id) {
             return Err(Error::AlreadyExists(format!("container {id:?}")));
@@ -397,10 +384,7 @@ impl Sandbox {
     pub fn exec(&self, cid: &str, exec_id: &str, process_json: &[u8]) -> Result<(), Error> {
         validate_id("exec id", exec_id)?;
         let c = self.container(cid)?;
-        let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| {
-            Error::InvalidArgument(format!("process is not valid JSON of an OCI process: {e}"))
-        })?;
-        validate_process(&process)?;
+        let process = check_exec_process(process_json)?;
         if !c.init.started() || c.init.exit.get().is_some() {
             return Err(Error::FailedPrecondition(format!(
                 "container {cid:?} is not running"
@@ -432,12 +416,7 @@ impl Sandbox {
 
     pub fn update(&self, cid: &str, resources_json: &[u8]) -> Result<(), Error> {
         let c = self.container(cid)?;
-        let res: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "resources are not valid JSON of OCI LinuxResources: {e}"
-            ))
-        })?;
-        c.cgroup.apply(&res)
+        c.cgroup.apply(&parse_resources(resources_json)?)
     }
 
     pub fn stats(&self, cid: &str) -> Result<CgroupStats, Error> {
@@ -496,6 +475,69 @@ impl Sandbox {
 
 /// Kills all of a container's processes, waits for its init to be reaped
 /// and removes its cgroup.
+/// The checks of a CreateSandbox request that need no kernel: the id, the
+/// hostname and every storage (public, as the next ones, for the fuzz
+/// targets in `fuzz/`).
+pub fn check_sandbox_request(
+    id: &str,
+    hostname: &str,
+    storages: &[podbox_protocol::agent::Storage],
+) -> Result<Vec<crate::storage::Checked>, Error> {
+    validate_id("sandbox id", id)?;
+    if hostname.len() > 64 || hostname.contains('\0') {
+        return Err(Error::InvalidArgument(format!("bad hostname {hostname:?}")));
+    }
+    storages.iter().map(crate::storage::check).collect()
+}
+
+/// A CreateContainer request's OCI spec, checked and its seccomp profile
+/// compiled before anything is set up.
+pub struct CheckedSpec {
+    pub spec: Spec,
+    pub process: OciProcess,
+    pub seccomp: Option<seccomp::Program>,
+}
+
+/// Parses and checks CreateContainer's `oci_spec_json`: a runtime spec
+/// with a process stage 2 can run, and a seccomp profile that compiles.
+pub fn check_container_spec(spec_json: &[u8]) -> Result<CheckedSpec, Error> {
+    let spec: Spec = serde_json::from_slice(spec_json).map_err(|e| {
+        Error::InvalidArgument(format!("OCI spec is not valid JSON of a runtime spec: {e}"))
+    })?;
+    let process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| Error::InvalidArgument("OCI spec has no process".into()))?;
+    validate_process(&process)?;
+    let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(profile) => Some(seccomp::compile(profile)?),
+        None => None,
+    };
+    Ok(CheckedSpec {
+        spec,
+        process,
+        seccomp,
+    })
+}
+
+/// Parses and checks ExecProcess's `process_json`.
+pub fn check_exec_process(process_json: &[u8]) -> Result<OciProcess, Error> {
+    let process: OciProcess = serde_json::from_slice(process_json).map_err(|e| {
+        Error::InvalidArgument(format!("process is not valid JSON of an OCI process: {e}"))
+    })?;
+    validate_process(&process)?;
+    Ok(process)
+}
+
+/// Parses UpdateContainer's `resources_json`.
+pub fn parse_resources(resources_json: &[u8]) -> Result<LinuxResources, Error> {
+    serde_json::from_slice(resources_json).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "resources are not valid JSON of OCI LinuxResources: {e}"
+        ))
+    })
+}
+
 fn remove(c: &Container, timeout: Duration) -> Result<(), Error> {
     c.cgroup.kill_all(timeout)?;
     if !c.init.kill_and_wait(timeout) {

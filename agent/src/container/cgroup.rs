@@ -104,6 +104,85 @@ fn mkdir(dir: &Path) -> Result<(), Error> {
     }
 }
 
+/// One cgroup file [`Cgroup::apply`] writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Knob {
+    /// The v1 controller whose directory holds `file` (any on v2).
+    pub controller: &'static str,
+    pub file: &'static str,
+    pub value: String,
+    /// A failed write fails the request; otherwise it only costs the knob.
+    pub required: bool,
+}
+
+/// The writes that apply the memory, cpu and pids parts of `res` on cgroup
+/// v2 (`v2`) or v1, in order. The values come from the host's OCI spec;
+/// public for the fuzz targets (`fuzz/`).
+pub fn knobs(v2: bool, res: &LinuxResources) -> Vec<Knob> {
+    let mut out = Vec::new();
+    let mut push = |controller, file, value: String, required| {
+        out.push(Knob {
+            controller,
+            file,
+            value,
+            required,
+        })
+    };
+    if let Some(mem) = res.memory() {
+        if let Some(limit) = mem.limit() {
+            if v2 {
+                let v = if limit < 0 {
+                    "max".to_string()
+                } else {
+                    limit.to_string()
+                };
+                push("memory", "memory.max", v, true);
+                // Without this a limited group would swap instead of
+                // hitting the OOM killer the spec asks for.
+                push("memory", "memory.swap.max", "0".to_string(), false);
+            } else {
+                push("memory", "memory.limit_in_bytes", limit.to_string(), true);
+            }
+        }
+    }
+    if let Some(cpu) = res.cpu() {
+        let period = cpu.period().unwrap_or(100_000);
+        if v2 {
+            if let Some(quota) = cpu.quota() {
+                let q = if quota <= 0 {
+                    "max".to_string()
+                } else {
+                    quota.to_string()
+                };
+                push("cpu", "cpu.max", format!("{q} {period}"), true);
+            }
+            if let Some(shares) = cpu.shares() {
+                // The conversion runc and crun use from v1 shares
+                // [2, 262144] to v2 weight [1, 10000].
+                let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142;
+                push("cpu", "cpu.weight", weight.to_string(), true);
+            }
+        } else {
+            if let Some(quota) = cpu.quota() {
+                push("cpu", "cpu.cfs_period_us", period.to_string(), true);
+                push("cpu", "cpu.cfs_quota_us", quota.to_string(), true);
+            }
+            if let Some(shares) = cpu.shares() {
+                push("cpu", "cpu.shares", shares.to_string(), true);
+            }
+        }
+    }
+    if let Some(pids) = res.pids() {
+        let v = if pids.limit() <= 0 {
+            "max".to_string()
+        } else {
+            pids.limit().to_string()
+        };
+        push("pids", "pids.max", v, true);
+    }
+    out
+}
+
 /// Usage numbers for StatsContainer.
 #[derive(Debug, Default, Clone)]
 pub struct CgroupStats {
@@ -164,57 +243,11 @@ impl Cgroup {
 
     /// Applies the memory, cpu and pids parts of OCI resources.
     pub fn apply(&self, res: &LinuxResources) -> Result<(), Error> {
-        if let Some(mem) = res.memory() {
-            if let Some(limit) = mem.limit() {
-                if self.v2 {
-                    let v = if limit < 0 {
-                        "max".to_string()
-                    } else {
-                        limit.to_string()
-                    };
-                    self.write("memory", "memory.max", &v)?;
-                    // Without this a limited group would swap instead of
-                    // hitting the OOM killer the spec asks for.
-                    let _ = self.write("memory", "memory.swap.max", "0");
-                } else {
-                    self.write("memory", "memory.limit_in_bytes", &limit.to_string())?;
-                }
+        for knob in knobs(self.v2, res) {
+            let written = self.write(knob.controller, knob.file, &knob.value);
+            if knob.required {
+                written?;
             }
-        }
-        if let Some(cpu) = res.cpu() {
-            let period = cpu.period().unwrap_or(100_000);
-            if self.v2 {
-                if let Some(quota) = cpu.quota() {
-                    let q = if quota <= 0 {
-                        "max".to_string()
-                    } else {
-                        quota.to_string()
-                    };
-                    self.write("cpu", "cpu.max", &format!("{q} {period}"))?;
-                }
-                if let Some(shares) = cpu.shares() {
-                    // The conversion runc and crun use from v1 shares
-                    // [2, 262144] to v2 weight [1, 10000].
-                    let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142;
-                    self.write("cpu", "cpu.weight", &weight.to_string())?;
-                }
-            } else {
-                if let Some(quota) = cpu.quota() {
-                    self.write("cpu", "cpu.cfs_period_us", &period.to_string())?;
-                    self.write("cpu", "cpu.cfs_quota_us", &quota.to_string())?;
-                }
-                if let Some(shares) = cpu.shares() {
-                    self.write("cpu", "cpu.shares", &shares.to_string())?;
-                }
-            }
-        }
-        if let Some(pids) = res.pids() {
-            let v = if pids.limit() <= 0 {
-                "max".to_string()
-            } else {
-                pids.limit().to_string()
-            };
-            self.write("pids", "pids.max", &v)?;
         }
         Ok(())
     }

@@ -312,10 +312,7 @@ impl Vcpu {
         len: usize,
         write: bool,
     ) -> Result<Result<Vec<(u64, usize)>, Exception>, FallbackError> {
-        let mut pieces = Vec::new();
-        let mut done = 0;
-        while done < len {
-            let addr = gva.wrapping_add(done as u64);
+        translate_range(gva, len, write, |addr| {
             let t = self
                 .fd
                 .translate_gva(addr)
@@ -323,24 +320,12 @@ impl Vcpu {
                     gva: addr,
                     reason: format!("KVM_TRANSLATE: {e}"),
                 })?;
-            let write_bit = if write { PF_WRITE } else { 0 };
-            if t.valid == 0 {
-                return Ok(Err(Exception::PageFault {
-                    address: addr,
-                    error_code: write_bit,
-                }));
-            }
-            if write && t.writeable == 0 {
-                return Ok(Err(Exception::PageFault {
-                    address: addr,
-                    error_code: PF_PRESENT | PF_WRITE,
-                }));
-            }
-            let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
-            pieces.push((t.physical_address, chunk));
-            done += chunk;
-        }
-        Ok(Ok(pieces))
+            Ok(Translation {
+                valid: t.valid != 0,
+                writeable: t.writeable != 0,
+                physical_address: t.physical_address,
+            })
+        })
     }
 
     /// Reads `len` bytes at guest-virtual `gva` as the guest kernel would
@@ -352,23 +337,10 @@ impl Vcpu {
         len: usize,
         write: bool,
     ) -> Result<Result<Vec<u8>, Exception>, FallbackError> {
-        let pieces = match self.translate_range(gva, len, write)? {
-            Ok(pieces) => pieces,
-            Err(fault) => return Ok(Err(fault)),
-        };
-        let mut out = Vec::with_capacity(len);
-        for (gpa, n) in pieces {
-            let start = out.len();
-            out.resize(start + n, 0);
-            shared
-                .memory
-                .read_slice(&mut out[start..], GuestAddress(gpa))
-                .map_err(|e| FallbackError::Memory {
-                    gva,
-                    reason: e.to_string(),
-                })?;
+        match self.translate_range(gva, len, write)? {
+            Ok(pieces) => read_pieces(&shared.memory, &pieces, gva).map(Ok),
+            Err(fault) => Ok(Err(fault)),
         }
-        Ok(Ok(out))
     }
 
     /// Reads `len` bytes at guest-virtual `gva`; unmapped is an error.
@@ -389,9 +361,101 @@ impl Vcpu {
     }
 }
 
+/// What KVM_TRANSLATE says of one guest-virtual address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    pub valid: bool,
+    pub writeable: bool,
+    pub physical_address: u64,
+}
+
+/// The fallback's walk over a memory operand: splits `len` bytes at `gva`
+/// into page-sized guest-physical pieces through `translate` (KVM_TRANSLATE
+/// on a vCPU), or gives the page fault a supervisor access (a write when
+/// `write`) would raise. `gva` and `len` come from the guest's registers
+/// and instruction; public for the fuzz targets (`fuzz/`).
+pub fn translate_range(
+    gva: u64,
+    len: usize,
+    write: bool,
+    mut translate: impl FnMut(u64) -> Result<Translation, FallbackError>,
+) -> Result<Result<Vec<(u64, usize)>, Exception>, FallbackError> {
+    let mut pieces = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let addr = gva.wrapping_add(done as u64);
+        let t = translate(addr)?;
+        let write_bit = if write { PF_WRITE } else { 0 };
+        if !t.valid {
+            return Ok(Err(Exception::PageFault {
+                address: addr,
+                error_code: write_bit,
+            }));
+        }
+        if write && !t.writeable {
+            return Ok(Err(Exception::PageFault {
+                address: addr,
+                error_code: PF_PRESENT | PF_WRITE,
+            }));
+        }
+        let chunk = (len - done).min(4096 - (addr as usize & 0xfff));
+        pieces.push((t.physical_address, chunk));
+        done += chunk;
+    }
+    Ok(Ok(pieces))
+}
+
+/// Reads the guest-physical `pieces` of the operand at `gva` (named in
+/// errors) back to back.
+pub fn read_pieces(
+    memory: &GuestMemoryMmap,
+    pieces: &[(u64, usize)],
+    gva: u64,
+) -> Result<Vec<u8>, FallbackError> {
+    let mut out = Vec::with_capacity(pieces.iter().map(|&(_, n)| n).sum());
+    for &(gpa, n) in pieces {
+        let start = out.len();
+        out.resize(start + n, 0);
+        memory
+            .read_slice(&mut out[start..], GuestAddress(gpa))
+            .map_err(|e| FallbackError::Memory {
+                gva,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(out)
+}
+
+/// Writes `data` over the guest-physical `pieces` of the operand at `gva`
+/// (which [`translate_range`] made for `data.len()` bytes).
+pub fn write_pieces(
+    memory: &GuestMemoryMmap,
+    pieces: &[(u64, usize)],
+    gva: u64,
+    data: &[u8],
+) -> Result<(), FallbackError> {
+    let mut done = 0;
+    for &(gpa, n) in pieces {
+        let chunk = data
+            .get(done..done + n)
+            .ok_or_else(|| FallbackError::Memory {
+                gva,
+                reason: format!("{} bytes do not cover the pieces", data.len()),
+            })?;
+        memory
+            .write_slice(chunk, GuestAddress(gpa))
+            .map_err(|e| FallbackError::Memory {
+                gva,
+                reason: e.to_string(),
+            })?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// The instruction bytes KVM attached to an emulation failure, if any:
 /// `data[0]` is the flags word, then one length byte and the bytes.
-fn instruction_bytes(ndata: u32, data: &[u64; 16]) -> Option<Vec<u8>> {
+pub fn instruction_bytes(ndata: u32, data: &[u64; 16]) -> Option<Vec<u8>> {
     if ndata < 2 || data[0] & EMULATION_FLAG_INSTRUCTION_BYTES == 0 {
         return None;
     }
@@ -438,27 +502,13 @@ impl GuestAccess for VcpuGuest<'_> {
     }
 
     fn write_bytes(&self, gva: u64, data: &[u8]) -> Result<(), FallbackError> {
-        let pieces = match self.vcpu.translate_range(gva, data.len(), true)? {
-            Ok(pieces) => pieces,
-            Err(_) => {
-                return Err(FallbackError::Memory {
-                    gva,
-                    reason: "became unwritable between check and write".into(),
-                })
-            }
-        };
-        let mut done = 0;
-        for (gpa, n) in pieces {
-            self.shared
-                .memory
-                .write_slice(&data[done..done + n], GuestAddress(gpa))
-                .map_err(|e| FallbackError::Memory {
-                    gva,
-                    reason: e.to_string(),
-                })?;
-            done += n;
+        match self.vcpu.translate_range(gva, data.len(), true)? {
+            Ok(pieces) => write_pieces(&self.shared.memory, &pieces, gva, data),
+            Err(_) => Err(FallbackError::Memory {
+                gva,
+                reason: "became unwritable between check and write".into(),
+            }),
         }
-        Ok(())
     }
 
     fn xcr0(&self) -> Result<u64, FallbackError> {

@@ -79,13 +79,29 @@ impl VirtioDevice for Balloon {
     }
 }
 
-struct Worker {
+/// The device's thread state. Public (with [`Worker::new`] and
+/// [`Worker::process`]) for the fuzz targets (`fuzz/`).
+pub struct Worker {
     memory: GuestMemoryMmap,
     queues: Vec<ActiveQueue>,
     interrupt: std::sync::Arc<super::Interrupt>,
 }
 
 impl Worker {
+    /// A worker over `queues` (inflate, deflate, reporting) in `memory`, as
+    /// activation makes one, without its thread.
+    pub fn new(
+        memory: GuestMemoryMmap,
+        queues: Vec<ActiveQueue>,
+        interrupt: std::sync::Arc<super::Interrupt>,
+    ) -> Self {
+        Worker {
+            memory,
+            queues,
+            interrupt,
+        }
+    }
+
     fn run(&mut self) {
         let fds: Vec<libc::pollfd> = self
             .queues
@@ -123,7 +139,7 @@ impl Worker {
 
     /// Serves queue `index`; returns whether any buffer was used. At most
     /// one ring's worth per call: a guest cannot keep the thread here.
-    fn process(&mut self, index: usize) -> bool {
+    pub fn process(&mut self, index: usize) -> bool {
         let mem = &self.memory;
         let queue = &mut self.queues[index].queue;
         let mut used = false;

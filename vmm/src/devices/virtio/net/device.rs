@@ -227,7 +227,7 @@ impl<B: Backend> VirtioDevice for Net<B> {
 }
 
 /// Everything the RX path keeps between events.
-pub(super) struct RxState {
+pub struct RxState {
     /// One frame read from the tap, with its vnet header.
     pub buf: Box<[u8]>,
     /// Length of the frame in `buf` still to be delivered; 0 when none.
@@ -241,14 +241,16 @@ pub(super) struct RxState {
     pub first: Vec<Segment>,
 }
 
-pub(super) struct TxState {
+pub struct TxState {
     pub buf: Box<[u8]>,
     /// A frame the tap would not take yet (EAGAIN); 0 when none.
     pub pending: usize,
 }
 
-/// The device state that lives on its thread.
-pub(super) struct Worker<B: Backend> {
+/// The device state that lives on its thread. Public (with
+/// [`Worker::new`] and [`Worker::process`]) for the fuzz targets (`fuzz/`),
+/// which drive guest rings through it on a fake backend.
+pub struct Worker<B: Backend> {
     pub label: String,
     pub mem: Mem,
     pub queues: [Queue; 2],

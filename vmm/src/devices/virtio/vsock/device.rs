@@ -109,8 +109,11 @@ impl VirtioDevice for Vsock {
     }
 }
 
-/// The device's event loop: everything after activation runs here.
-struct Worker {
+/// The device's event loop: everything after activation runs here. Public
+/// (with [`Worker::new`], [`Worker::process_tx`] and [`Worker::process_rx`])
+/// for the fuzz targets (`fuzz/`), which drive guest rings through it
+/// without a thread or KVM.
+pub struct Worker {
     muxer: Muxer,
     memory: GuestMemoryMmap,
     queues: Vec<Queue>,
@@ -143,39 +146,65 @@ fn next_chain<'m>(
 }
 
 impl Worker {
+    /// A worker over `queues` (RX, TX, event) in `memory`, as activation
+    /// makes one, without its event loop or queue eventfds.
+    pub fn new(
+        muxer: Muxer,
+        memory: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Self {
+        Worker {
+            muxer,
+            memory,
+            queues,
+            events: Vec::new(),
+            interrupt,
+            ring_errors: 0,
+        }
+    }
+
     fn run(&mut self) {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.muxer.epoll().wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-vsock: epoll wait: {e}; device stops");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                let token = ev.data();
-                if token >= QUEUE_TOKEN {
-                    if let Some(evt) = self.events.get((token - QUEUE_TOKEN) as usize) {
-                        let _ = evt.read();
-                    }
-                } else {
-                    self.muxer.handle_event(token as RawFd, ev.event_set());
-                }
-            }
-            // Whatever woke us, take the guest's packets first (they may
-            // grant credit or open streams), then fill its RX buffers.
-            let mut used = self.process_tx();
-            used |= self.process_rx();
-            if used {
-                self.interrupt.signal_used_queue();
+            if let Err(e) = self.round(-1, &mut events) {
+                tracing::error!("virtio-vsock: epoll wait: {e}; device stops");
+                return;
             }
         }
     }
 
+    /// One turn of the event loop: waits up to `timeout_ms` (-1: for ever)
+    /// for the muxer's sockets or the queues, handles what woke it, then
+    /// serves the queues. Only an epoll failure is an error.
+    pub fn round(&mut self, timeout_ms: i32, events: &mut [EpollEvent]) -> std::io::Result<()> {
+        let n = match self.muxer.epoll().wait(timeout_ms, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token >= QUEUE_TOKEN {
+                if let Some(evt) = self.events.get((token - QUEUE_TOKEN) as usize) {
+                    let _ = evt.read();
+                }
+            } else {
+                self.muxer.handle_event(token as RawFd, ev.event_set());
+            }
+        }
+        // Whatever woke us, take the guest's packets first (they may
+        // grant credit or open streams), then fill its RX buffers.
+        let mut used = self.process_tx();
+        used |= self.process_rx();
+        if used {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
     /// Drains the TX queue; returns whether any buffer was used.
-    fn process_tx(&mut self) -> bool {
+    pub fn process_tx(&mut self) -> bool {
         let mut used = false;
         let mem = &self.memory;
         let queue = &mut self.queues[TX];
@@ -195,7 +224,7 @@ impl Worker {
 
     /// Fills RX buffers while the muxer has packets; returns whether any
     /// buffer was used.
-    fn process_rx(&mut self) -> bool {
+    pub fn process_rx(&mut self) -> bool {
         let mut used = false;
         let mem = &self.memory;
         let queue = &mut self.queues[RX];
