@@ -92,7 +92,10 @@ impl ContainerShare {
 
     /// Mounts the container's root filesystem at `<share>/<id>/rootfs`:
     /// containerd's snapshot mounts when it sent some, else the bundle's
-    /// `rootfs` directory (`ctr run --rootfs`, or a bundle already mounted).
+    /// `rootfs` directory (a bundle already mounted; never a symlink, see
+    /// [`bundle_rootfs`]). A spec's `root.path` other than `rootfs` (`ctr
+    /// run --rootfs DIR` writes DIR there) is refused before this
+    /// ([`crate::spec::check`]): it is not what would be served.
     /// Snapshot mounts are made in the private staging tree first and then
     /// attached to the share nosuid and nodev (see
     /// [`hostfs::attach_restricted`]): the guest decides what its own mount
@@ -122,7 +125,7 @@ impl ContainerShare {
             )
         };
         if mounts.is_empty() {
-            return attach(&bundle.join("rootfs"), false);
+            return attach(&bundle_rootfs(bundle)?, false);
         }
         for m in mounts {
             containerd_shim::util::mount_rootfs(m, &staged)
@@ -174,6 +177,29 @@ impl ContainerShare {
             problems.push(format!("left {} in place", self.staging_dir.display()));
         }
         problems
+    }
+}
+
+/// The bundle's `rootfs` directory, which the share serves when
+/// containerd sent no snapshot mounts. A symlink there is refused: the
+/// bind would follow it and give the guest whatever it points at.
+fn bundle_rootfs(bundle: &Path) -> Result<PathBuf, RootfsError> {
+    let rootfs = bundle.join("rootfs");
+    let refused = |reason: String| RootfsError::Spec {
+        path: bundle.join("config.json"),
+        reason: format!("root.path rootfs: {} {reason}", rootfs.display()),
+    };
+    match std::fs::symlink_metadata(&rootfs) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            let target = std::fs::read_link(&rootfs).unwrap_or_default();
+            Err(refused(format!(
+                "is a symlink (to {}); the rootfs must be the bundle's own directory",
+                target.display()
+            )))
+        }
+        Ok(meta) if !meta.is_dir() => Err(refused("is not a directory".to_string())),
+        Ok(_) => Ok(rootfs),
+        Err(e) => Err(refused(e.to_string())),
     }
 }
 
@@ -515,6 +541,22 @@ mod tests {
                 "{expected}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn a_bundle_rootfs_that_is_a_symlink_is_refused() {
+        let bundle = tempfile::tempdir().expect("temp dir");
+        let error = bundle_rootfs(bundle.path()).expect_err("absent");
+        assert!(error.to_string().contains("root.path rootfs"), "{error}");
+        std::os::unix::fs::symlink("/", bundle.path().join("rootfs")).expect("symlink");
+        let error = bundle_rootfs(bundle.path()).expect_err("a symlink to /");
+        assert!(error.to_string().contains("is a symlink (to /)"), "{error}");
+        std::fs::remove_file(bundle.path().join("rootfs")).expect("rm");
+        std::fs::create_dir(bundle.path().join("rootfs")).expect("mkdir");
+        assert_eq!(
+            bundle_rootfs(bundle.path()).expect("a directory"),
+            bundle.path().join("rootfs")
+        );
     }
 
     #[test]

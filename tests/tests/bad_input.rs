@@ -225,10 +225,19 @@ fn cases() -> Vec<Case> {
             vmm(&["--initrd", "{dir}/initrd"], &[Unreadable("initrd")]),
             &["initrd", "Permission denied"],
         ),
-        // Fails after the vsock socket is bound and virtiofsd started:
-        // both must be gone.
         case(
             "initramfs larger than guest memory",
+            vmm(
+                &["--initrd", "{dir}/initrd", "--memory-mib", "128"],
+                &[SparseCpio("initrd", 300 << 20)],
+            ),
+            &["--initrd", "314572800 bytes", "--memory-mib 128"],
+        ),
+        // Smaller than guest RAM, but not above the kernel: the loader
+        // refuses it after the vsock socket is bound and virtiofsd
+        // started, and both must be gone.
+        case(
+            "initramfs not fitting above the kernel",
             vmm(
                 &[
                     "--initrd",
@@ -242,7 +251,7 @@ fn cases() -> Vec<Case> {
                     "--fs-socket",
                     "{dir}/fs.sock",
                 ],
-                &[SparseCpio("initrd", 300 << 20), Dir("share")],
+                &[SparseCpio("initrd", 120 << 20), Dir("share")],
             ),
             &["initramfs", "does not fit", "more memory"],
         ),
@@ -683,8 +692,18 @@ fn add_mount(spec: &mut serde_json::Value, kind: &str, source: &str, destination
         }));
 }
 
-/// The error must hold every expected substring.
+/// The error must hold every expected substring. Shown either way, so a
+/// run lists what each bad input got.
 fn assert_names(case: &Case, error: &str) {
+    let shown: String = error
+        .lines()
+        .rev()
+        .find(|l| case.expect.iter().any(|e| l.contains(e)))
+        .unwrap_or(error)
+        .chars()
+        .take(300)
+        .collect();
+    eprintln!("  {}: {}", case.name, shown.trim());
     for expected in case.expect {
         assert!(
             error.contains(expected),

@@ -341,6 +341,43 @@ mod tests {
     }
 
     #[test]
+    fn check_files_names_the_flag_and_leaves_absent_files_to_the_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let absent = crate::VmConfig {
+            initrd: Some(d.join("absent-initrd")),
+            ..crate::VmConfig::new(d.join("absent-vmlinux"))
+        };
+        assert_eq!(absent.check_files(), Ok(()));
+        let text = file(d, "text", b"hello\n");
+        let error = crate::VmConfig::new(&text)
+            .check_files()
+            .expect_err("not ELF");
+        assert!(error.to_string().starts_with("--kernel "), "{error}");
+        let initrd = file(d, "initrd", b"070701");
+        let big = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&initrd)
+            .expect("open");
+        big.set_len(300 << 20).expect("sparse");
+        let vm = crate::VmConfig {
+            initrd: Some(initrd),
+            memory_mib: 128,
+            ..crate::VmConfig::new(file(d, "vmlinux", &minimal_vmlinux()))
+        };
+        let error = vm.check_files().expect_err("larger than RAM").to_string();
+        assert!(
+            error.starts_with("--initrd ") && error.contains("--memory-mib 128"),
+            "{error}"
+        );
+        let roomy = crate::VmConfig {
+            memory_mib: 512,
+            ..vm
+        };
+        assert_eq!(roomy.check_files(), Ok(()));
+    }
+
+    #[test]
     fn an_initrd_must_start_with_an_archive() {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path();

@@ -374,10 +374,21 @@ impl VmConfig {
             })?;
         }
         if let Some(initrd) = self.initrd.as_ref().filter(|p| present(p)) {
-            crate::check_initrd(initrd).map_err(|reason| ConfigError::Initrd {
+            let refused = |reason| ConfigError::Initrd {
                 path: initrd.clone(),
                 reason,
-            })?;
+            };
+            crate::check_initrd(initrd).map_err(refused)?;
+            // The loader refuses one that does not fit above the kernel;
+            // one larger than all of guest RAM is refused here, naming
+            // both flags.
+            let size = std::fs::metadata(initrd).map_or(0, |m| m.len());
+            if size >= self.memory_bytes() {
+                return Err(refused(format!(
+                    "{size} bytes, more than the VM's --memory-mib {}",
+                    self.memory_mib
+                )));
+            }
         }
         Ok(())
     }
