@@ -695,14 +695,20 @@ fn add_mount(spec: &mut serde_json::Value, kind: &str, source: &str, destination
 /// The error must hold every expected substring. Shown either way, so a
 /// run lists what each bad input got.
 fn assert_names(case: &Case, error: &str) {
-    let shown: String = error
-        .lines()
+    // One line, from a little before the first expected part on.
+    let flat = error.split_whitespace().collect::<Vec<_>>().join(" ");
+    let at = case
+        .expect
+        .iter()
+        .filter_map(|e| flat.find(e))
+        .min()
+        .unwrap_or(0);
+    let from = flat[..at]
+        .char_indices()
         .rev()
-        .find(|l| case.expect.iter().any(|e| l.contains(e)))
-        .unwrap_or(error)
-        .chars()
-        .take(300)
-        .collect();
+        .nth(80)
+        .map_or(0, |(i, _)| i);
+    let shown: String = flat[from..].chars().take(320).collect();
     eprintln!("  {}: {}", case.name, shown.trim());
     for expected in case.expect {
         assert!(
@@ -915,6 +921,19 @@ fn leftovers(
     }
 }
 
+/// The pod addresses host-local IPAM holds in this containerd's CNI
+/// network (one file per address, named by it).
+fn allocated_pod_ips(containerd: &Containerd) -> Vec<String> {
+    let ipam = containerd.footprint().dir.join("cni/ipam");
+    let mut ips: Vec<String> = tree(&ipam)
+        .into_iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|name| name.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    ips.sort();
+    ips
+}
+
 /// Names of the pod state directories of `namespace` under /run/podbox.
 fn state_dirs(namespace: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(Path::new(STATE_ROOT).join(namespace))
@@ -1120,6 +1139,14 @@ fn shim_refuses_bad_configs_annotations_specs_and_pods() {
             "case {:?} left things",
             case.name
         );
+        // CNI ran before the shim refused the pod: its address must be
+        // given back (a pod netns left behind would keep it).
+        assert_eq!(
+            allocated_pod_ips(&containerd),
+            Vec::<String>::new(),
+            "case {:?}: CNI addresses still allocated",
+            case.name
+        );
         *counts.entry("pod").or_default() += 1;
     }
     eprintln!(
@@ -1154,6 +1181,13 @@ fn volume_cases_in_one_pod(containerd: &Containerd, cri: &mut CriClient, dir: &P
     let pod = cri
         .run_pod_sandbox(&config, PODBOX_HANDLER)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    // The control for the pod cases' IPAM check: a pod that runs holds
+    // its address there.
+    assert_eq!(
+        allocated_pod_ips(containerd).len(),
+        1,
+        "the running pod's CNI address"
+    );
     let share = Path::new(STATE_ROOT)
         .join(CRI_NAMESPACE)
         .join(&pod)
@@ -1223,5 +1257,6 @@ fn volume_cases_in_one_pod(containerd: &Containerd, cri: &mut CriClient, dir: &P
     assert_eq!(out.stdout.trim(), "still fine", "{out:?}");
     podbox_tests::podbox::remove_pod(cri, &pod).expect("removing the pod");
     assert_eq!(pod_leftovers(CRI_NAMESPACE, &pod), Vec::<String>::new());
+    assert_eq!(allocated_pod_ips(containerd), Vec::<String>::new());
     count
 }
