@@ -51,7 +51,7 @@ impl Desc {
         }
     }
 
-    pub fn len(&self) -> u32 {
+    pub fn length(&self) -> u32 {
         if self.raw {
             self.len
         } else {
@@ -63,7 +63,7 @@ impl Desc {
     pub fn bytes(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr().to_le_bytes());
-        b[8..12].copy_from_slice(&self.len().to_le_bytes());
+        b[8..12].copy_from_slice(&self.length().to_le_bytes());
         b[12..14].copy_from_slice(&u16::from(self.flags).to_le_bytes());
         b[14..16].copy_from_slice(&u16::from(self.next).to_le_bytes());
         b

@@ -65,7 +65,10 @@ pub fn initrd_placement(
         ram_end: low_ram_end,
     };
     let addr = low_ram_end.checked_sub(size).ok_or(too_large)? & !(PAGE_SIZE - 1);
-    if addr < kernel_end.next_multiple_of(PAGE_SIZE) {
+    // The kernel file decides `kernel_end` (an ELF segment's p_paddr +
+    // p_memsz): rounding it up must not overflow.
+    let kernel_pages_end = kernel_end.checked_next_multiple_of(PAGE_SIZE);
+    if kernel_pages_end.is_none_or(|end| addr < end) {
         return Err(LoadError::InitrdTooLarge {
             size,
             kernel_end,
@@ -173,6 +176,30 @@ mod tests {
         let mut f = write_temp("bz", b"MZ this is a bzImage, not an ELF file at all.........................................");
         let err = load_kernel(&mem, &mut f).unwrap_err();
         assert!(err.to_string().contains("ELF vmlinux"), "{err}");
+    }
+
+    /// Found by the `loader` fuzz target: a vmlinux whose PT_LOAD segment
+    /// claims a memsz reaching to the top of the address space made
+    /// placing the initramfs round `kernel_end` up past u64::MAX (a panic
+    /// with overflow checks, an initramfs over the "kernel" without).
+    #[test]
+    fn initrd_after_a_kernel_ending_near_u64_max_is_refused() {
+        assert!(matches!(
+            initrd_placement(16, u64::MAX - 10, 0x1000_0000),
+            Err(LoadError::InitrdTooLarge { .. })
+        ));
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+        let mut elf = tiny_elf(0x100_0000, &[0xf4, 0x90, 0xcc]);
+        // p_memsz of the one program header.
+        let memsz = u64::MAX - 0x100_0000 - 10;
+        elf[0x40 + 40..0x40 + 48].copy_from_slice(&memsz.to_le_bytes());
+        let k = load_kernel(&mem, &mut write_temp("huge-bss", &elf)).unwrap();
+        assert_eq!(k.end, u64::MAX - 10);
+        let mut initrd = write_temp("initrd-after-huge-bss", b"070701 initramfs");
+        assert!(matches!(
+            load_initrd(&mem, &mut initrd, k.end, 32 << 20),
+            Err(LoadError::InitrdTooLarge { .. })
+        ));
     }
 
     #[test]
