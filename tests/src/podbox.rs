@@ -218,13 +218,16 @@ pub fn guest_ram_held(pid: u32) -> Option<u64> {
 /// vmm/src/jail.rs): each must have no effective or permitted capability,
 /// `no_new_privs` and a seccomp filter, and be in mount and IPC namespaces
 /// other than this process's, with a root where the host's files are not
-/// (no /etc/passwd). Empty when all of them are confined.
+/// (no /etc/passwd); a vCPU thread has one more filter than the others.
+/// Empty when all of them are confined.
 pub fn unconfined_threads(pid: u32) -> Vec<String> {
     let own_ns = |kind: &str| std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return vec![format!("process {pid} is gone")];
     };
     let mut problems = Vec::new();
+    // (a vCPU thread?, its seccomp filters, its name)
+    let mut filter_counts = Vec::new();
     for task in tasks.flatten() {
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
         let field = |name: &str| {
@@ -265,6 +268,17 @@ pub fn unconfined_threads(pid: u32) -> Vec<String> {
         }
         if task.path().join("root/etc/passwd").exists() {
             problems.push(format!("{}: the host's /etc/passwd is in its root", name()));
+        }
+        let filters: u32 = field("Seccomp_filters:").parse().unwrap_or(0);
+        filter_counts.push((comm.trim().starts_with("vcpu"), filters, name()));
+    }
+    // vCPU threads stack a filter of their own on the process's.
+    let process = filter_counts.iter().filter(|c| !c.0).map(|c| c.1).min();
+    for (_, filters, name) in filter_counts.iter().filter(|c| c.0) {
+        if process.is_none_or(|p| *filters <= p) {
+            problems.push(format!(
+                "{name}: {filters} seccomp filters, not more than the other threads' {process:?}"
+            ));
         }
     }
     problems

@@ -640,8 +640,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     if let Some(jailer) = jailer {
         jailer.pivot(crate::jail::dirs_of(runtime_paths(config, &backends))?)?;
     }
-    let children: Vec<libc::pid_t> = backends.virtiofsd.iter().map(Virtiofsd::pid).collect();
-    crate::confine::lock_down(config.seccomp, &children)?;
+    crate::confine::lock_down(config.seccomp)?;
     if let Some(p) = &profiler {
         p.start(exit.clone())?;
     }
@@ -652,9 +651,16 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let shared = shared.clone();
         // Named per vCPU: a panic report (crate::fatal) names its thread.
+        let seccomp = config.seccomp;
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run(shared))
+            .spawn(move || {
+                // Before the first guest instruction; a filter that cannot
+                // be installed ends the VMM (crate::fatal).
+                crate::confine::confine_vcpu_thread(seccomp)
+                    .unwrap_or_else(|e| panic!("vcpu{id}: {e}"));
+                vcpu.run(shared)
+            })
             .map_err(BuildError::Thread)?;
     }
 

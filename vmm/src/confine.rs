@@ -16,11 +16,17 @@
 //!   syscalls listed in [`ALLOWED`] only, with `ioctl` limited to KVM's
 //!   request type and six listed tap and std requests, `fcntl` to five
 //!   commands (no F_SETOWN/F_SETSIG/O_ASYNC), `socket` to AF_UNIX, `clone`
-//!   to new threads, `kill` to virtiofsd and `tgkill` to podbox-vmm
-//!   itself, and no `execve`, so the bounding set cannot be used to regain
-//!   capabilities.
+//!   to new threads, `prctl` to naming, `tgkill` to podbox-vmm itself, no
+//!   `kill` (virtiofsd is signalled through its pidfd) and no `execve`, so
+//!   the bounding set cannot be used to regain capabilities.
 //!   Anything else kills the VMM with SIGSYS (`--seccomp kill`), which the
 //!   shim reports as the pod's tasks ending.
+//! - A third filter on each vCPU thread, inherited by the device threads
+//!   the guest's driver starts through it ([`confine_vcpu_thread`]): none
+//!   of [`NOT_FOR_VCPUS`] (waiting for and signalling virtiofsd, unlinking,
+//!   listing directories).
+//! - Resource limits ([`limit_resources`]); the mount namespace and root
+//!   are [`crate::jail`]'s.
 
 use std::collections::BTreeMap;
 
@@ -98,7 +104,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_getpid,
     libc::SYS_getppid,
     libc::SYS_getrandom,
-    libc::SYS_prctl,
     libc::SYS_sigaltstack,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
@@ -106,6 +111,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigtimedwait,
     libc::SYS_wait4,
     libc::SYS_waitid,
+    // Signals to virtiofsd, through its pidfd (crate::virtiofsd).
+    libc::SYS_pidfd_send_signal,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_epoll_create1,
@@ -191,43 +198,99 @@ pub fn limit_resources(open_files: u64, file_bytes: u64) -> Result<(), ConfineEr
 
 /// The rest, once the VM is built: no capability left in the calling
 /// thread, `no_new_privs`, and (unless `mode` is off) the seccomp filters
-/// on every thread of the process. `children` are the processes podbox-vmm
-/// may signal (virtiofsd): a VMM running as root could otherwise signal
-/// every root process of the host.
-pub fn lock_down(mode: SeccompMode, children: &[libc::pid_t]) -> Result<(), ConfineError> {
+/// on every thread of the process.
+pub fn lock_down(mode: SeccompMode) -> Result<(), ConfineError> {
     set_caps(&CapsHashSet::new())?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(ConfineError::NoNewPrivs(std::io::Error::last_os_error()));
     }
-    let mismatch = match mode {
-        SeccompMode::Off => {
-            tracing::warn!("--seccomp off: podbox-vmm runs without a syscall filter");
-            return Ok(());
-        }
-        SeccompMode::Kill => SeccompAction::KillProcess,
-        SeccompMode::Log => SeccompAction::Log,
+    let Some(mismatch) = mismatch_action(mode) else {
+        tracing::warn!("--seccomp off: podbox-vmm runs without a syscall filter");
+        return Ok(());
     };
-    for filter in filters(mismatch, std::process::id() as libc::pid_t, children)? {
+    for filter in filters(mismatch, std::process::id() as libc::pid_t)? {
         seccompiler::apply_filter_all_threads(&filter).map_err(ConfineError::Install)?;
     }
     tracing::info!(
         "confined: no capabilities, no_new_privs, seccomp ({} syscalls, otherwise {})",
-        ALLOWED.len() + 6,
+        ALLOWED.len() + CONDITIONAL.len(),
         mode.as_arg()
     );
     Ok(())
 }
 
+fn mismatch_action(mode: SeccompMode) -> Option<SeccompAction> {
+    match mode {
+        SeccompMode::Off => None,
+        SeccompMode::Kill => Some(SeccompAction::KillProcess),
+        SeccompMode::Log => Some(SeccompAction::Log),
+    }
+}
+
+/// Syscalls [`filters`] allows only with conditions on their arguments.
+const CONDITIONAL: [i64; 7] = [
+    libc::SYS_ioctl,
+    libc::SYS_fcntl,
+    libc::SYS_socket,
+    libc::SYS_clone,
+    libc::SYS_tgkill,
+    libc::SYS_prctl,
+    libc::SYS_seccomp,
+];
+
+/// prctl options a thread uses once the guest runs: naming itself (std at
+/// a thread's start), glibc's naming of the memory it maps, and
+/// `no_new_privs`, which seccompiler sets before it adds a vCPU thread's
+/// filter ([`confine_vcpu_thread`]; setting it only takes away).
+const PRCTLS: [u64; 4] = [
+    libc::PR_SET_NAME as u64,
+    libc::PR_GET_NAME as u64,
+    0x5356_4d41, // PR_SET_VMA
+    libc::PR_SET_NO_NEW_PRIVS as u64,
+];
+
+/// What a vCPU thread, and the device threads it starts when the guest
+/// activates a device, never need of what [`ALLOWED`] lets the rest of
+/// podbox-vmm do: supervising virtiofsd (waiting, signalling), the clean-up
+/// at the VM's end (removing sockets), listing directories.
+const NOT_FOR_VCPUS: [i64; 9] = [
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
+    libc::SYS_pipe2,
+    libc::SYS_ftruncate,
+];
+
+/// The vCPU threads' own filter, stacked on the process's (call at the
+/// start of each vCPU thread, after [`lock_down`]): the syscalls of
+/// [`NOT_FOR_VCPUS`] get the mismatch action of `mode`. The vCPU threads
+/// run the device models' register and queue handling, the guest's first
+/// point of contact, so a bug there finds even less.
+pub fn confine_vcpu_thread(mode: SeccompMode) -> Result<(), ConfineError> {
+    let Some(mismatch) = mismatch_action(mode) else {
+        return Ok(());
+    };
+    seccompiler::apply_filter(&vcpu_filter(mismatch)?).map_err(ConfineError::Install)
+}
+
+fn vcpu_filter(mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
+    let rules = NOT_FOR_VCPUS.iter().map(|&nr| (nr, Vec::new())).collect();
+    SeccompFilter::new(rules, SeccompAction::Allow, mismatch, TargetArch::x86_64)
+        .and_then(BpfProgram::try_from)
+        .map_err(|e| ConfineError::Filter(e.to_string()))
+}
+
 /// Two filters (the kernel runs both; the stricter answer wins): clone3 is
 /// answered ENOSYS, and the allowlist with `mismatch` for the rest.
 /// `tgkill` only reaches podbox-vmm's own threads (`pid`: the profiler's
-/// vCPU kicks, abort), `kill` only `children`.
-fn filters(
-    mismatch: SeccompAction,
-    pid: libc::pid_t,
-    children: &[libc::pid_t],
-) -> Result<[BpfProgram; 2], ConfineError> {
+/// vCPU kicks, abort); `kill` is not allowed at all (virtiofsd is
+/// signalled through its pidfd).
+fn filters(mismatch: SeccompAction, pid: libc::pid_t) -> Result<[BpfProgram; 2], ConfineError> {
     let build = |rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch, matched| {
         SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
             .and_then(BpfProgram::try_from)
@@ -286,13 +349,21 @@ fn filters(
     );
     let own = |arg, pid: libc::pid_t| rule(vec![cond(arg, SeccompCmpOp::Eq, pid as u64)?]);
     rules.insert(libc::SYS_tgkill, vec![own(0, pid)?]);
-    if !children.is_empty() {
-        let kill = children
-            .iter()
-            .map(|&child| own(0, child))
-            .collect::<Result<_, _>>()?;
-        rules.insert(libc::SYS_kill, kill);
-    }
+    let prctl = PRCTLS
+        .iter()
+        .map(|&option| rule(vec![low(0, SeccompCmpOp::Eq, option)?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_prctl, prctl);
+    // A vCPU thread adds its own filter: a filter can only take away.
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![rule(vec![low(
+            0,
+            SeccompCmpOp::Eq,
+            libc::SECCOMP_SET_MODE_FILTER as u64,
+        )?])?],
+    );
+    debug_assert!(CONDITIONAL.iter().all(|nr| rules.contains_key(nr)));
     let allowlist = build(rules, mismatch, SeccompAction::Allow)?;
     Ok([no_clone3, allowlist])
 }
@@ -304,16 +375,18 @@ mod tests {
     #[test]
     fn the_filters_build_for_every_mode() {
         for mismatch in [SeccompAction::KillProcess, SeccompAction::Log] {
-            let [no_clone3, allowlist] = filters(mismatch, 1, &[2]).expect("filters");
+            let [no_clone3, allowlist] = filters(mismatch.clone(), 1).expect("filters");
+            assert!(!vcpu_filter(mismatch).expect("vcpu filter").is_empty());
             assert!(!no_clone3.is_empty() && allowlist.len() > ALLOWED.len());
         }
     }
 
     /// In a child process (the filter is for ever, and kills): allowed
     /// syscalls work, clone3 is ENOSYS, a thread can still be started,
-    /// the child may signal itself and its own child and use a unix socket;
-    /// an ioctl outside the list (BLKGETSIZE64, TIOCSTI), a signal to
-    /// another process, F_SETOWN, an AF_INET socket and execve kill it.
+    /// the child may signal itself and its own child (through a pidfd),
+    /// name a thread and use a unix socket; an ioctl outside the list
+    /// (BLKGETSIZE64, TIOCSTI), kill(2), F_SETOWN, an AF_INET socket,
+    /// execve, another prctl, and (with the vCPU layer) wait4 kill it.
     #[test]
     fn the_filter_allows_the_list_and_kills_the_rest() {
         let run = |case: u8| -> i32 {
@@ -341,10 +414,19 @@ mod tests {
                         } else {
                             libc::pid_t::MAX
                         };
-                        // SAFETY: getpid has no preconditions.
-                        let me = unsafe { libc::getpid() };
-                        for f in filters(SeccompAction::KillProcess, me, &[grandchild]).ok()? {
+                        // SAFETY: getpid has no preconditions; pidfd_open
+                        // of our own child (or of no process: -1).
+                        let (me, pidfd) = unsafe {
+                            (
+                                libc::getpid(),
+                                libc::syscall(libc::SYS_pidfd_open, grandchild, 0),
+                            )
+                        };
+                        for f in filters(SeccompAction::KillProcess, me).ok()? {
                             seccompiler::apply_filter_all_threads(&f).ok()?;
+                        }
+                        if case >= 8 {
+                            confine_vcpu_thread(SeccompMode::Kill).ok()?;
                         }
                         match case {
                             0 => {
@@ -354,11 +436,19 @@ mod tests {
                                     && std::io::Error::last_os_error().raw_os_error()
                                         == Some(libc::ENOSYS);
                                 let thread = std::thread::spawn(|| 7).join().ok()?;
-                                // SAFETY: signals to the grandchild and to
-                                // this process (0: only checks it exists).
+                                // SAFETY: signals to the grandchild through
+                                // its pidfd and to this process (0: only
+                                // checks it exists); naming this thread.
                                 let signals = unsafe {
-                                    libc::kill(grandchild, libc::SIGKILL) == 0
+                                    libc::syscall(
+                                        libc::SYS_pidfd_send_signal,
+                                        pidfd,
+                                        libc::SIGKILL,
+                                        0,
+                                        0,
+                                    ) == 0
                                         && libc::syscall(libc::SYS_tgkill, me, me, 0) == 0
+                                        && libc::prctl(libc::PR_SET_NAME, c"t".as_ptr()) == 0
                                 };
                                 // SAFETY: a unix socket of this process,
                                 // made non-blocking two allowed ways.
@@ -389,7 +479,20 @@ mod tests {
                             4 => Some(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }),
                             // SAFETY: TIOCSTI on stdin with a local byte.
                             5 => Some(unsafe { libc::ioctl(0, libc::TIOCSTI, c"x".as_ptr()) }),
-                            _ => {
+                            // SAFETY: prctl with integer arguments.
+                            7 => Some(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) }),
+                            // SAFETY: wait4 for any child, which a vCPU
+                            // thread may not (there is none: ECHILD).
+                            8 => Some(unsafe {
+                                libc::wait4(-1, std::ptr::null_mut(), 0, std::ptr::null_mut())
+                            }),
+                            // The vCPU layer went on (case 8's SIGSYS is
+                            // its wait4), and what a vCPU does still works.
+                            9 => Some(i32::from(
+                                std::thread::spawn(|| 7).join().ok()? != 7
+                                    || std::fs::write("/dev/null", b"x").is_err(),
+                            )),
+                            6 => {
                                 // SAFETY: execve of /bin/true with empty argv and envp.
                                 let argv = [std::ptr::null::<libc::c_char>()];
                                 unsafe {
@@ -401,6 +504,7 @@ mod tests {
                                 };
                                 Some(2)
                             }
+                            _ => None,
                         }
                     })();
                     // SAFETY: _exit in the forked child.
@@ -415,7 +519,12 @@ mod tests {
             }
         };
         assert_eq!(run(0), 0, "clone3 ENOSYS, threads still start");
-        for case in 1..=6 {
+        assert_eq!(
+            run(9),
+            0,
+            "a vCPU thread's filter goes on, and threads still start"
+        );
+        for case in 1..=8 {
             let status = run(case);
             assert!(
                 libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,

@@ -176,6 +176,10 @@ pub type OnUnexpectedExit = Box<dyn FnOnce(String) + Send>;
 /// A running virtiofsd. Dropping it stops it.
 pub struct Virtiofsd {
     pid: libc::pid_t,
+    /// Signals go through a pidfd: it names this process only, even after
+    /// it is reaped, so podbox-vmm's seccomp filter can allow signals to
+    /// it without allowing kill(2) (a pid another process could reuse).
+    pidfd: Option<std::os::fd::OwnedFd>,
     socket: PathBuf,
     exit: Arc<ExitSlot>,
     stopping: Arc<AtomicBool>,
@@ -235,6 +239,9 @@ impl Virtiofsd {
             source,
         })?;
         let pid = child.id() as libc::pid_t;
+        let pidfd = pidfd_open(pid)
+            .inspect_err(|e| tracing::warn!("pidfd_open({pid}): {e}; stop() cannot signal it"))
+            .ok();
         let tail = Tail::default();
         if let Some(stderr) = child.stderr.take() {
             let tail = tail.clone();
@@ -266,6 +273,7 @@ impl Virtiofsd {
             .map_err(VirtiofsdError::Thread)?;
         let mut me = Self {
             pid,
+            pidfd,
             socket: config.socket.clone(),
             exit,
             stopping: Arc::new(AtomicBool::new(false)),
@@ -302,6 +310,28 @@ impl Virtiofsd {
 
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        let Some(pidfd) = &self.pidfd else { return };
+        // SAFETY: pidfd_send_signal on our own pidfd, no siginfo.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                "signalling virtiofsd (pid {}): {}",
+                self.pid,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -350,15 +380,13 @@ impl Virtiofsd {
         if !self.stopped {
             self.stopped = true;
             if self.exit.get().is_none() {
-                // SAFETY: kill(2) on our own unreaped child (see start()).
-                unsafe { libc::kill(self.pid, libc::SIGTERM) };
+                self.signal(libc::SIGTERM);
                 if self.exit.wait(STOP_GRACE).is_none() {
                     tracing::warn!(
                         "virtiofsd (pid {}) ignored SIGTERM for {STOP_GRACE:?}; killing it",
                         self.pid
                     );
-                    // SAFETY: as above; still unreaped.
-                    unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                    self.signal(libc::SIGKILL);
                     self.exit.wait(STOP_GRACE);
                 }
             }
@@ -397,6 +425,18 @@ fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A pidfd for our child `pid` (not yet reaped: the waiter thread owns it).
+fn pidfd_open(pid: libc::pid_t) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned to us; pidfds are close-on-exec.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The pid file virtiofsd writes beside its socket.

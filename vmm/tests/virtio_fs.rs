@@ -246,10 +246,9 @@ fn virtio_fs_virtiofsd_failures_are_reported_not_hung_on() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // No boot happens: every case fails before the kernel is loaded, so
-    // the kernel only has to be a file.
-    let kernel = dir.path().join("vmlinux");
-    std::fs::write(&kernel, b"not used").unwrap();
+    // No boot happens: every case fails before the kernel is loaded; the
+    // kernel is the real one because podbox-vmm checks it first.
+    let kernel = guest_kernel(KernelVariant::Podbox);
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
     let dying = dir.path().join("dying-virtiofsd");
