@@ -1,5 +1,6 @@
 //! The long-lived shim process: serves containerd's Task API on the ttrpc
-//! socket `start` chose, publishes events to containerd, logs to the
+//! socket `start` chose, publishes events to containerd (reconnecting
+//! when containerd restarts: [`Publisher`]), logs to the
 //! bundle's `log` FIFO (containerd copies it into its own log), and tears
 //! the pod down when it ends.
 //!
@@ -25,11 +26,14 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use containerd_shim::protos::shim::event::Envelope;
+use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::shim_async::create_task;
+use containerd_shim::protos::shim_async::{Client, EventsClient};
 use containerd_shim::protos::ttrpc::asynchronous::transport::Listener;
 use containerd_shim::protos::ttrpc::asynchronous::Server;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, Flags, Task};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -73,17 +77,15 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
     tracing::info!(id = %flags.id, namespace = %flags.namespace, socket = %flags.socket, "podbox shim serving");
 
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| ServeError::NoTtrpcAddress)?;
-    let publisher =
-        RemotePublisher::new(&ttrpc_address)
-            .await
-            .map_err(|e| ServeError::Publisher {
-                address: ttrpc_address.clone(),
-                reason: e.to_string(),
-            })?;
+    let mut publisher = Publisher::connect(&ttrpc_address, &flags.namespace)
+        .await
+        .map_err(|reason| ServeError::Publisher {
+            address: ttrpc_address.clone(),
+            reason,
+        })?;
     let (lifecycle, mut lifecycle_rx) = mpsc::unbounded_channel::<EventMessage>();
     let (oom, mut oom_rx) = mpsc::channel::<EventMessage>(crate::task::OOM_EVENT_QUEUE);
     let events_tx = crate::task::EventSenders { lifecycle, oom };
-    let namespace = flags.namespace.clone();
     let publishing = tokio::spawn(async move {
         loop {
             let event = tokio::select! {
@@ -92,18 +94,7 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
                 else => break,
             };
             let topic = event.topic();
-            let message: Box<dyn containerd_shim::protos::protobuf::MessageDyn> = event;
-            if let Err(e) = publisher
-                .publish(
-                    containerd_shim::Context::default(),
-                    &topic,
-                    &namespace,
-                    message,
-                )
-                .await
-            {
-                tracing::warn!("publishing {topic}: {e}");
-            }
+            publisher.publish(&topic, event).await;
         }
     });
 
@@ -149,6 +140,105 @@ pub async fn serve(flags: Flags) -> Result<(), ServeError> {
     drop(service);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), publishing).await;
     Ok(())
+}
+
+/// How long one event's forward to containerd may take, and how long the
+/// shim keeps trying to deliver one event while containerd is away (a
+/// restart takes seconds): past that the event is dropped, logged; a
+/// restarted containerd learns of exits through Wait and State anyway.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+const DELIVERY_PATIENCE: Duration = Duration::from_secs(60);
+const RECONNECT_PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// Publishes the shim's events to containerd's ttrpc socket (Events.Forward),
+/// in order, one at a time. containerd-shim's RemotePublisher reconnects only
+/// on the ttrpc errors RemoteClosed/LocalClosed; a connection to a containerd
+/// that was restarted fails with others, and it then retried the dead
+/// connection until it dropped the event, so no event of the pod reached a
+/// restarted containerd. Here any failure drops the connection, and the
+/// next attempt dials containerd again.
+struct Publisher {
+    address: String,
+    namespace: String,
+    client: Option<EventsClient>,
+}
+
+impl Publisher {
+    async fn connect(address: &str, namespace: &str) -> Result<Self, String> {
+        let client = dial(address).await?;
+        Ok(Publisher {
+            address: address.to_string(),
+            namespace: namespace.to_string(),
+            client: Some(client),
+        })
+    }
+
+    async fn publish(&mut self, topic: &str, event: EventMessage) {
+        let message: Box<dyn containerd_shim::protos::protobuf::MessageDyn> = event;
+        let envelope = match containerd_shim::util::convert_to_any(message) {
+            Ok(any) => Envelope {
+                timestamp: containerd_shim::util::timestamp().ok().into(),
+                namespace: self.namespace.clone(),
+                topic: topic.to_string(),
+                event: Some(any).into(),
+                ..Default::default()
+            },
+            Err(e) => {
+                tracing::warn!("encoding {topic}: {e}");
+                return;
+            }
+        };
+        let request = ForwardRequest {
+            envelope: Some(envelope).into(),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let error = match self.client.take() {
+                Some(client) => {
+                    let ctx = containerd_shim::protos::ttrpc::context::with_timeout(
+                        FORWARD_TIMEOUT.as_nanos() as i64,
+                    );
+                    match client.forward(ctx, &request).await {
+                        Ok(_) => {
+                            self.client = Some(client);
+                            return;
+                        }
+                        Err(e) => e.to_string(),
+                    }
+                }
+                None => match dial(&self.address).await {
+                    Ok(client) => {
+                        self.client = Some(client);
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+            };
+            if started.elapsed() > DELIVERY_PATIENCE {
+                tracing::warn!("dropping event {topic} after {DELIVERY_PATIENCE:?}: {error}");
+                return;
+            }
+            tracing::debug!("publishing {topic}: {error}; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RECONNECT_PAUSE_MAX);
+        }
+    }
+}
+
+/// A ttrpc connection to containerd's events service at `address`.
+async fn dial(address: &str) -> Result<EventsClient, String> {
+    let address = address.to_string();
+    let fd = tokio::task::spawn_blocking(move || containerd_shim::util::connect(address))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `fd` is the connected unix socket connect() just returned,
+    // owned by nothing else; the client takes it over.
+    Ok(EventsClient::new(unsafe {
+        Client::from_raw_unix_socket_fd(fd)
+    }))
 }
 
 fn listen(path: &Path) -> Result<std::os::unix::net::UnixListener, ServeError> {

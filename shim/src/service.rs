@@ -69,6 +69,11 @@ pub enum ShimError {
         sandbox_id: String,
         address: String,
     },
+    #[error("writing the shim's address to {path}: {source}")]
+    WriteAddress {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}: the current directory: {1}")]
     Cwd(&'static str, std::io::Error),
     #[error("unmounting {path}: {source}")]
@@ -151,29 +156,40 @@ fn start(flags: &containerd_shim::Flags, stdin: &mut dyn Read) -> Result<String,
         containerd_shim::socket_address(containerd_address, namespace, role.shim_grouping(id));
     if let PodRole::Container { sandbox_id } = &role {
         // The sandbox's shim serves every container of the pod.
-        return if socket_path(&address).exists() {
-            Ok(address)
-        } else {
-            Err(ShimError::NoSandboxShim {
+        if !socket_path(&address).exists() {
+            return Err(ShimError::NoSandboxShim {
                 id: id.to_string(),
                 sandbox_id: sandbox_id.clone(),
                 address,
-            })
-        };
-    }
-    if socket_path(&address).exists()
-        && std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok()
+            });
+        }
+    } else if !(socket_path(&address).exists()
+        && std::os::unix::net::UnixStream::connect(socket_path(&address)).is_ok())
     {
-        // Already served (containerd retried start): one shim per pod.
-        return Ok(address);
+        // Not served yet (a served one is containerd retrying start: one
+        // shim per pod).
+        spawn_server(
+            flags,
+            id,
+            &address,
+            config_path_from_runtime_options(&options)?.as_deref(),
+        )?;
     }
-    spawn_server(
-        flags,
-        id,
-        &address,
-        config_path_from_runtime_options(&options)?.as_deref(),
-    )?;
+    write_address(&bundle, &address)?;
     Ok(address)
+}
+
+/// The shim's address in the bundle's `address` file, as containerd's own
+/// shims write it: a restarted containerd 1.6 reconnects to each task's
+/// shim through that file, and without it takes the shim for dead (it
+/// runs `delete`, which ends the pod's VM, and reports every task exited).
+/// Written whole or not at all (a temp file renamed over it).
+fn write_address(bundle: &Path, address: &str) -> Result<(), ShimError> {
+    let path = bundle.join("address");
+    let temp = bundle.join(".address.tmp");
+    std::fs::write(&temp, address)
+        .and_then(|()| std::fs::rename(&temp, &path))
+        .map_err(|source| ShimError::WriteAddress { path, source })
 }
 
 /// Starts the long-lived shim (this binary without an action, with
@@ -354,8 +370,9 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
         PathBuf::from(&flags.bundle)
     };
     // A pod whose shim died (killed, crashed) may have left its VM, share
-    // and host cgroup.
+    // and host cgroup, and its socket.
     remove_pod_leftovers(&flags.namespace, &flags.id, &bundle);
+    remove_dead_socket(flags, &bundle);
     let rootfs = bundle.join("rootfs");
     if rootfs.exists() {
         let target = rootfs.to_string_lossy().into_owned();
@@ -373,6 +390,37 @@ fn delete(flags: &containerd_shim::Flags) -> Result<Vec<u8>, ShimError> {
         ..Default::default()
     };
     response.write_to_bytes().map_err(ShimError::Encode)
+}
+
+/// Removes the socket of the shim that served this task, if nothing serves
+/// it any more: a killed shim cannot remove its own, and containerd never
+/// does. The task's bundle says which pod's shim that was (a pod's
+/// containers share the sandbox's); a socket something still accepts on
+/// belongs to a live shim and stays.
+fn remove_dead_socket(flags: &containerd_shim::Flags, bundle: &Path) {
+    if flags.address.is_empty() || flags.namespace.is_empty() {
+        return;
+    }
+    let role = crate::spec::load(bundle)
+        .ok()
+        .and_then(|spec| PodRole::from_annotations(&crate::spec::annotations(&spec)).ok());
+    let grouping = role
+        .as_ref()
+        .map_or(flags.id.as_str(), |r| r.shim_grouping(&flags.id));
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, grouping);
+    let path = socket_path(&address);
+    let refused = matches!(
+        std::os::unix::net::UnixStream::connect(path),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused {
+        if let Err(e) = std::fs::remove_file(path) {
+            eprintln!(
+                "containerd-shim-podbox-v2 delete: removing {}: {e}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// Kills a VMM the dead shim left (its pid file) and removes the pod's
@@ -501,6 +549,49 @@ mod tests {
         let response = DeleteResponse::parse_from_bytes(&bytes).expect("a DeleteResponse");
         assert_eq!(response.exit_status, 137);
         assert!(response.exited_at.is_some(), "exited_at is set");
+    }
+
+    #[test]
+    fn the_address_file_holds_the_address_only() {
+        let bundle = tempfile::tempdir().expect("temp dir");
+        write_address(bundle.path(), "unix:///run/containerd/s/abc").expect("writes");
+        write_address(bundle.path(), "unix:///run/containerd/s/def").expect("overwrites");
+        assert_eq!(
+            std::fs::read_to_string(bundle.path().join("address")).expect("reads"),
+            "unix:///run/containerd/s/def"
+        );
+        let names: Vec<_> = std::fs::read_dir(bundle.path())
+            .expect("lists")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["address"], "no temp file is left");
+    }
+
+    #[test]
+    fn delete_removes_a_dead_shims_socket_and_keeps_a_live_ones() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let bundle = tempfile::tempdir().expect("temp dir");
+        let id = format!("socket-test-{}", std::process::id());
+        let args: Vec<String> = ["-namespace", "podbox-unit", "-id", &id, "-address"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([
+                bundle.path().join("containerd.sock").display().to_string(),
+                "delete".into(),
+            ])
+            .collect();
+        let flags = containerd_shim::parse(&args).expect("flags");
+        let address = containerd_shim::socket_address(&flags.address, "podbox-unit", &id);
+        let path = socket_path(&address).to_path_buf();
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("socket dir");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("binds");
+        remove_dead_socket(&flags, bundle.path());
+        assert!(path.exists(), "a served socket stays");
+        drop(listener);
+        remove_dead_socket(&flags, bundle.path());
+        assert!(!path.exists(), "a dead shim's socket goes");
     }
 
     /// `sh -c script` with its stdout piped, in its own process group (as

@@ -175,10 +175,10 @@ impl FakeAgent {
                 return Err(ttrpc::Error::LocalClosed);
             }
             if std::time::Instant::now() > deadline {
-                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-                    Code::DEADLINE_EXCEEDED,
-                    "fake deadline",
-                )));
+                // What a real ttrpc sync client says when its deadline passes.
+                return Err(ttrpc::Error::Others(
+                    "Receive packet from Receiver timeout: timed out waiting on channel".into(),
+                ));
             }
             state = self
                 .changed

@@ -231,8 +231,8 @@ impl Inner {
                 rootfs: share.guest_rootfs().display().to_string(),
                 ..Default::default()
             };
-            agent_call("CreateContainer", move || {
-                agent.create_container(ctx(CREATE_TIMEOUT), &request)
+            agent_call("CreateContainer", CREATE_TIMEOUT, move |ctx| {
+                agent.create_container(ctx, &request)
             })
             .await
         }
@@ -505,8 +505,8 @@ async fn set_up_sandbox(vm: &Sandbox, sandbox_id: &str, hostname: String) -> Ttr
         }],
         ..Default::default()
     };
-    agent_call("CreateSandbox", move || {
-        agent.create_sandbox(ctx(CREATE_TIMEOUT), &request)
+    agent_call("CreateSandbox", CREATE_TIMEOUT, move |ctx| {
+        agent.create_sandbox(ctx, &request)
     })
     .await?;
     set_up_nic(vm).await
@@ -524,14 +524,16 @@ async fn set_up_nic(vm: &Sandbox) -> TtrpcResult<()> {
         nic.cni.name, nic.cni.mac
     );
     let agent = vm.agent.clone();
-    agent_call(&what, move || {
-        agent.update_interface(ctx(CALL_TIMEOUT), &interface)
+    agent_call(&what, CALL_TIMEOUT, move |ctx| {
+        agent.update_interface(ctx, &interface)
     })
     .await?;
     let agent = vm.agent.clone();
-    agent_call("UpdateRoutes (the pod's routes)", move || {
-        agent.update_routes(ctx(CALL_TIMEOUT), &routes)
-    })
+    agent_call(
+        "UpdateRoutes (the pod's routes)",
+        CALL_TIMEOUT,
+        move |ctx| agent.update_routes(ctx, &routes),
+    )
     .await?;
     Ok(())
 }
@@ -559,8 +561,8 @@ async fn start_in_agent(
             container_id,
             ..Default::default()
         };
-        agent_call("StartContainer", move || {
-            agent.start_container(ctx(CREATE_TIMEOUT), &request)
+        agent_call("StartContainer", CREATE_TIMEOUT, move |ctx| {
+            agent.start_container(ctx, &request)
         })
         .await?;
         return Ok(None);
@@ -571,8 +573,8 @@ async fn start_in_agent(
         process_json,
         ..Default::default()
     };
-    agent_call("ExecProcess", move || {
-        agent.exec_process(ctx(CREATE_TIMEOUT), &request)
+    agent_call("ExecProcess", CREATE_TIMEOUT, move |ctx| {
+        agent.exec_process(ctx, &request)
     })
     .await?;
     let io_target = target.clone();

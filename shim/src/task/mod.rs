@@ -25,6 +25,7 @@ mod fake;
 mod tests;
 
 use std::sync::{Arc, Mutex as StdMutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use containerd_shim::api::{
@@ -35,8 +36,9 @@ use containerd_shim::api::{
 };
 use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::protos::ttrpc::{self, context::Context, Code};
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use podbox_agent_client::ctx;
 
 use crate::sandbox::vmm::VmmLauncher;
 use crate::sandbox::{Sandbox, VmLauncher};
@@ -200,18 +202,37 @@ fn not_found(id: &str, exec_id: &str) -> ttrpc::Error {
 }
 
 /// An agent error as containerd should see it: the agent's own status
-/// (NOT_FOUND, INVALID_ARGUMENT, ...) passes through; a broken connection is UNAVAILABLE.
-fn agent_error(what: &str, error: ttrpc::Error) -> ttrpc::Error {
+/// (NOT_FOUND, INVALID_ARGUMENT, ...) passes through; a call the agent did
+/// not answer within its `timeout` is DEADLINE_EXCEEDED, saying so (a hung
+/// or stopped guest: containerd and its client get a clear error, not a
+/// call that never returns); a broken connection is UNAVAILABLE.
+fn agent_error(what: &str, timeout: Duration, error: ttrpc::Error) -> ttrpc::Error {
     match error {
         ttrpc::Error::RpcStatus(mut s) => {
             s.message = format!("{what}: {}", s.message);
             ttrpc::Error::RpcStatus(s)
         }
+        other if is_timeout(&other) => status(
+            Code::DEADLINE_EXCEEDED,
+            format!(
+                "{what}: the pod's agent did not answer within {timeout:?} \
+                 (the guest is hung or overloaded)"
+            ),
+        ),
         other => status(
             Code::UNAVAILABLE,
             format!("{what}: the pod's agent is unreachable: {other}"),
         ),
     }
+}
+
+/// A ttrpc sync client's own deadline passing: ttrpc 0.10 reports it only
+/// as text, "Receive packet from Receiver timeout: timed out waiting on
+/// channel" (a closed connection is "... error: ..." or Error::Socket,
+/// LocalClosed); the unit test `a_call_past_its_deadline_is_deadline_exceeded`
+/// pins it against a real client.
+fn is_timeout(error: &ttrpc::Error) -> bool {
+    matches!(error, ttrpc::Error::Others(text) if text.contains("timeout") && text.contains("timed out"))
 }
 
 fn now() -> Timestamp {
@@ -224,13 +245,18 @@ fn log_problems(what: &str, problems: Vec<String>) {
     }
 }
 
-/// Runs agent call `what` off the async threads, its error as containerd
-/// should see it ([`agent_error`]).
+/// Runs agent call `what` off the async threads with a deadline of
+/// `timeout` (the context `call` gets), its error as containerd should see
+/// it ([`agent_error`]). Every shim -> agent call of a Task request goes
+/// through here, so none waits on a hung guest for longer than its deadline.
 async fn agent_call<T: Send + 'static>(
     what: &str,
-    call: impl FnOnce() -> ttrpc::Result<T> + Send + 'static,
+    timeout: Duration,
+    call: impl FnOnce(Context) -> ttrpc::Result<T> + Send + 'static,
 ) -> TtrpcResult<T> {
-    blocking(call).await?.map_err(|e| agent_error(what, e))
+    blocking(move || call(ctx(timeout)))
+        .await?
+        .map_err(|e| agent_error(what, timeout, e))
 }
 
 /// Runs a blocking agent call off the async threads.

@@ -16,7 +16,6 @@ use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
-use podbox_agent_client::ctx;
 use podbox_protocol::agent::{
     ListProcessesRequest, PauseContainerRequest, ResumeContainerRequest, SignalProcessRequest,
     StatsContainerRequest, TtyWinResizeRequest, UpdateContainerRequest,
@@ -167,8 +166,8 @@ impl Inner {
             signal: req.signal,
             ..Default::default()
         };
-        agent_call("SignalProcess", move || {
-            agent.signal_process(ctx(CALL_TIMEOUT), &request)
+        agent_call("SignalProcess", CALL_TIMEOUT, move |ctx| {
+            agent.signal_process(ctx, &request)
         })
         .await?;
         Ok(Empty::new())
@@ -180,8 +179,8 @@ impl Inner {
             container_id: req.id.clone(),
             ..Default::default()
         };
-        let response = agent_call("ListProcesses", move || {
-            agent.list_processes(ctx(CALL_TIMEOUT), &request)
+        let response = agent_call("ListProcesses", CALL_TIMEOUT, move |ctx| {
+            agent.list_processes(ctx, &request)
         })
         .await?;
         let processes = response
@@ -237,8 +236,8 @@ impl Inner {
             column: req.width,
             ..Default::default()
         };
-        agent_call("TtyWinResize", move || {
-            agent.tty_win_resize(ctx(CALL_TIMEOUT), &request)
+        agent_call("TtyWinResize", CALL_TIMEOUT, move |ctx| {
+            agent.tty_win_resize(ctx, &request)
         })
         .await?;
         Ok(Empty::new())
@@ -256,8 +255,8 @@ impl Inner {
             resources_json: resources.value.clone(),
             ..Default::default()
         };
-        agent_call("UpdateContainer", move || {
-            agent.update_container(ctx(CALL_TIMEOUT), &request)
+        agent_call("UpdateContainer", CALL_TIMEOUT, move |ctx| {
+            agent.update_container(ctx, &request)
         })
         .await?;
         Ok(Empty::new())
@@ -269,8 +268,8 @@ impl Inner {
             container_id: req.id.clone(),
             ..Default::default()
         };
-        let s = agent_call("StatsContainer", move || {
-            agent.stats_container(ctx(CALL_TIMEOUT), &request)
+        let s = agent_call("StatsContainer", CALL_TIMEOUT, move |ctx| {
+            agent.stats_container(ctx, &request)
         })
         .await?;
         let metrics = Metrics {
@@ -316,15 +315,15 @@ impl Inner {
                 container_id,
                 ..Default::default()
             };
-            let call = move || agent.pause_container(ctx(CALL_TIMEOUT), &request);
-            agent_call("PauseContainer", call).await?;
+            let call = move |ctx| agent.pause_container(ctx, &request);
+            agent_call("PauseContainer", CALL_TIMEOUT, call).await?;
         } else {
             let request = ResumeContainerRequest {
                 container_id,
                 ..Default::default()
             };
-            let call = move || agent.resume_container(ctx(CALL_TIMEOUT), &request);
-            agent_call("ResumeContainer", call).await?;
+            let call = move |ctx| agent.resume_container(ctx, &request);
+            agent_call("ResumeContainer", CALL_TIMEOUT, call).await?;
         }
         if let Some(container) = self.pod().containers.get_mut(id) {
             container.paused = paused;

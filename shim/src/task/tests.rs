@@ -666,3 +666,38 @@ fn the_fake_bundle_parses_as_a_typed_spec() {
     let spec = crate::spec::load(Path::new(&bundle)).expect("typed spec");
     assert_eq!(crate::spec::annotations(&spec).len(), 1);
 }
+
+/// A guest that stops answering (a hung or SIGSTOPped VM) over a real ttrpc
+/// client, whose connection stays open: the call ends at its deadline with
+/// DEADLINE_EXCEEDED naming the call and the deadline, not UNAVAILABLE and
+/// not never. The text ttrpc reports a timeout with is what `is_timeout`
+/// keys on, so this pins it to the ttrpc version in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_deadline_is_deadline_exceeded() {
+    use std::os::fd::IntoRawFd;
+    let (ours, _silent_guest) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let client = ttrpc::Client::new(ours.into_raw_fd()).expect("a ttrpc client");
+    let agent = podbox_protocol::agent_ttrpc::AgentServiceClient::new(client);
+    let limit = Duration::from_millis(300);
+    let started = Instant::now();
+    let result = super::agent_call("ExecProcess", limit, move |ctx| {
+        agent.exec_process(ctx, &Default::default())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the call ended at its deadline"
+    );
+    match result {
+        Err(ttrpc::Error::RpcStatus(s)) => {
+            assert_eq!(s.code(), Code::DEADLINE_EXCEEDED, "{s:?}");
+            assert!(
+                s.message.contains("ExecProcess")
+                    && s.message.contains("did not answer within 300ms"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("expected DEADLINE_EXCEEDED, got {other:?}"),
+    }
+}

@@ -123,7 +123,7 @@ impl Containerd {
     }
 
     /// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]; reaps the daemon.
-    fn stop_daemon(&mut self, problems: &mut Vec<String>) {
+    pub(super) fn stop_daemon(&mut self, problems: &mut Vec<String>) {
         let Some(mut daemon) = self.daemon.take() else {
             return;
         };

@@ -38,6 +38,8 @@ pub enum ContainerdError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("restarting containerd: {0}")]
+    Restart(String),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]

@@ -45,6 +45,8 @@ pub struct Containerd {
     pub(super) gateway: Ipv4Addr,
     pub(super) cgroup_parent: String,
     pub(super) podbox_config: Option<PathBuf>,
+    /// What the daemon was started with, for [`Containerd::restart`].
+    pub(super) shim_dirs: Vec<PathBuf>,
 }
 
 impl Containerd {
@@ -94,6 +96,7 @@ impl Containerd {
             gateway: Ipv4Addr::from(u32::from(subnet_base) + 1),
             cgroup_parent,
             podbox_config: options.podbox_config.clone(),
+            shim_dirs: options.shim_dirs.clone(),
         };
         harness.wait_until_ready()?;
         for namespace in [TEST_NAMESPACE, CRI_NAMESPACE] {
@@ -184,8 +187,26 @@ impl Containerd {
         CriClient::connect(&self.grpc_socket)
     }
 
-    fn log(&self) -> String {
+    /// containerd's log so far (every start of the daemon, and what its
+    /// shims logged: they log to containerd through the bundle's FIFO).
+    pub fn log(&self) -> String {
         std::fs::read_to_string(Paths::new(self.dir()).log).unwrap_or_default()
+    }
+
+    /// Stops the daemon (SIGTERM, as a service manager does) and starts it
+    /// again on the same config, state and sockets, then waits for its CRI
+    /// plugin. Shims live on across it (they are not containerd's
+    /// children once started); the new daemon reconnects to them.
+    pub fn restart(&mut self) -> Result<(), ContainerdError> {
+        let mut problems = Vec::new();
+        self.stop_daemon(&mut problems);
+        if let Some(problem) = problems.pop() {
+            return Err(ContainerdError::Restart(problem));
+        }
+        let daemon = spawn_daemon(&Paths::new(self.dir()), &self.shim_dirs)?;
+        self.daemon_pid = daemon.id();
+        self.daemon = Some(daemon);
+        self.wait_until_ready()
     }
 
     /// Waits until the CRI plugin reports the runtime and the network ready
@@ -227,8 +248,12 @@ impl Containerd {
 /// Starts containerd on the config in `paths`, its output to its log, with
 /// `shim_dirs` first on its PATH.
 fn spawn_daemon(paths: &Paths, shim_dirs: &[PathBuf]) -> Result<Child, ContainerdError> {
-    let log = std::fs::File::create(&paths.log)
-        .map_err(|source| io_error("creating", &paths.log, source))?;
+    // Appended to: a restarted daemon keeps the earlier run's log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .map_err(|source| io_error("opening", &paths.log, source))?;
     let log_for_stderr = log
         .try_clone()
         .map_err(|source| io_error("duplicating", &paths.log, source))?;
