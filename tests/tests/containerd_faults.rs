@@ -487,20 +487,33 @@ fn podbox_guest_kernel_panic_under_a_running_pod() {
     );
     assert_sandbox_not_ready(&mut cri, &pod, "the guest kernel panicked");
     wait_until("podbox-vmm to exit", CLEANUP_DEADLINE, || !is_alive(vmm));
-    let log = containerd.log();
-    let lost = log
-        .lines()
-        .position(|l| l.contains("podbox-vmm exited unexpectedly"))
-        .expect("the shim logs the VM's unexpected end");
-    let end: Vec<&str> = log.lines().skip(lost).take(45).collect();
-    eprintln!("the shim's log of the VM's end:\n{}", end.join("\n"));
     // podbox-vmm names the guest's panic (it reads the panic line off the
-    // console) before it exits; the shim's log of the VM's end carries it.
-    assert!(
+    // console) before it exits, and the shim's log of the VM's end carries
+    // it. That log reaches containerd's through the bundle's FIFO, which
+    // containerd copies on its own time: waited for.
+    let panic_logged = |log: &str| {
+        let lost = log
+            .lines()
+            .position(|l| l.contains("podbox-vmm exited unexpectedly"))?;
+        let end: Vec<&str> = log.lines().skip(lost).take(45).collect();
         end.iter()
-            .any(|l| l.contains("guest kernel panic") && l.contains("panic_on_oom")),
-        "the VM ended in the guest kernel's OOM panic"
-    );
+            .any(|l| l.contains("guest kernel panic") && l.contains("panic_on_oom"))
+            .then(|| end.join("\n"))
+    };
+    let deadline = Instant::now() + CLEANUP_DEADLINE;
+    let end = loop {
+        let log = containerd.log();
+        if let Some(end) = panic_logged(&log) {
+            break end;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shim logs the VM's end in the guest kernel's OOM panic; containerd's log ends:\n{}",
+            log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!("the shim's log of the VM's end:\n{end}");
     wait_until(
         "the pod's state to go after the panic",
         CLEANUP_DEADLINE,

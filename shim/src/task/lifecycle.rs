@@ -331,7 +331,7 @@ impl Inner {
             let target = target.clone();
             blocking(move || close_stdin(&target)).await?;
         }
-        self.spawn_waiter(target, vm.vmm_pid, exit, io);
+        self.spawn_waiter(target, vm.clone(), exit, io);
         Ok(StartResponse {
             pid: vm.vmm_pid,
             ..Default::default()

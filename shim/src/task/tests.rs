@@ -701,3 +701,28 @@ async fn a_call_past_its_deadline_is_deadline_exceeded() {
         other => panic!("expected DEADLINE_EXCEEDED, got {other:?}"),
     }
 }
+
+/// A dying VM breaks the agent's connection a moment before its VMM is
+/// reaped: the tasks stay running until the VM is gone, and then get the
+/// VM watcher's exit (which logs why the VM ended first), not an exit of
+/// their own waiters that would have containerd delete the pod while its
+/// VM's end is still unexplained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_agent_connection_ends_no_task_before_the_vm_is_gone() {
+    if !is_root() {
+        return;
+    }
+    let pod = Pod::new();
+    pod.create("pod", &[]).await.expect("create");
+    pod.start("pod", "").await.expect("start");
+    pod.agent.break_connection();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pod.state("pod", "").expect("state").0,
+        Status::RUNNING,
+        "no exit while the VMM still runs"
+    );
+    pod.agent.die(2);
+    assert_eq!(pod.wait("pod", "").await.expect("wait"), 255);
+    pod.delete("pod", "").await.expect("delete");
+}

@@ -20,6 +20,11 @@ use crate::sandbox::Sandbox;
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// Calls that block until something happens: asked again when they time out.
 const LONG_POLL: Duration = Duration::from_secs(24 * 3600);
+/// How long a waiter whose WaitProcess broke waits for the VM to be gone
+/// (then the VM watcher records the exit), and how long it then leaves the
+/// watcher to do so before recording one itself.
+const VM_GONE_GRACE: Duration = Duration::from_secs(5);
+const VM_WATCHER_HEADSTART: Duration = Duration::from_millis(500);
 /// Lines of the VMM log and console logged when a VM dies.
 const TAIL_LINES: usize = 20;
 
@@ -109,11 +114,12 @@ impl Inner {
     pub(super) fn spawn_waiter(
         self: &Arc<Self>,
         target: Target,
-        pid: u32,
+        vm: Arc<Sandbox>,
         exit_cell: Arc<watch::Sender<Option<Exit>>>,
         io: Arc<StdMutex<Option<ProcessIo>>>,
     ) {
         let inner = self.clone();
+        let pid = vm.vmm_pid;
         std::thread::spawn(move || {
             let request = WaitProcessRequest {
                 container_id: target.container_id.clone(),
@@ -131,8 +137,21 @@ impl Inner {
             let status = match waited {
                 Ok(response) => u32::try_from(response.status).unwrap_or(VM_LOST_EXIT_STATUS),
                 Err(e) => {
-                    // The VM watcher records the exit when the VM is gone.
                     tracing::warn!(container = %target.container_id, exec = %target.exec_id, "WaitProcess failed: {e}");
+                    // A dying VM breaks the agent's connection a moment
+                    // before its VMM is reaped. The VM watcher records the
+                    // exits then, after logging why the VM ended (the
+                    // guest's panic, say); an exit recorded here first
+                    // would send containerd deleting the pod, and the
+                    // VM's end would pass for a stop the shim asked for.
+                    // Only a VM still there after the grace is left to this.
+                    let waited = std::time::Instant::now();
+                    while !vm.is_gone() && waited.elapsed() < VM_GONE_GRACE {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if vm.is_gone() {
+                        std::thread::sleep(VM_WATCHER_HEADSTART);
+                    }
                     VM_LOST_EXIT_STATUS
                 }
             };
