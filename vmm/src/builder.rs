@@ -640,7 +640,12 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmExit, BuildError> {
     if let Some(jailer) = jailer {
         jailer.pivot(crate::jail::dirs_of(runtime_paths(config, &backends))?)?;
     }
-    crate::confine::lock_down(config.seccomp)?;
+    let pidfds: Vec<_> = backends
+        .virtiofsd
+        .iter()
+        .filter_map(Virtiofsd::pidfd)
+        .collect();
+    crate::confine::lock_down(config.seccomp, &pidfds)?;
     if let Some(p) = &profiler {
         p.start(exit.clone())?;
     }

@@ -29,6 +29,7 @@
 //!   are [`crate::jail`]'s.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use caps::{CapSet, Capability, CapsHashSet};
 use seccompiler::{
@@ -111,8 +112,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigtimedwait,
     libc::SYS_wait4,
     libc::SYS_waitid,
-    // Signals to virtiofsd, through its pidfd (crate::virtiofsd).
-    libc::SYS_pidfd_send_signal,
     libc::SYS_poll,
     libc::SYS_ppoll,
     libc::SYS_epoll_create1,
@@ -181,12 +180,15 @@ fn set_caps(keep: &CapsHashSet) -> Result<(), ConfineError> {
 /// `file_bytes` (SIGXFSZ ends the VMM), and no core dump, which would hold
 /// the guest's memory.
 pub fn limit_resources(open_files: u64, file_bytes: u64) -> Result<(), ConfineError> {
-    use nix::sys::resource::{setrlimit, Resource};
-    for (resource, name, limit) in [
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    for (resource, name, wanted) in [
         (Resource::RLIMIT_NOFILE, "RLIMIT_NOFILE", open_files),
         (Resource::RLIMIT_FSIZE, "RLIMIT_FSIZE", file_bytes),
         (Resource::RLIMIT_CORE, "RLIMIT_CORE", 0),
     ] {
+        // Without capabilities a hard limit can only be lowered.
+        let hard = getrlimit(resource).map_or(wanted, |(_, hard)| hard);
+        let limit = wanted.min(hard);
         setrlimit(resource, limit, limit).map_err(|source| ConfineError::Limit {
             name,
             limit,
@@ -199,7 +201,7 @@ pub fn limit_resources(open_files: u64, file_bytes: u64) -> Result<(), ConfineEr
 /// The rest, once the VM is built: no capability left in the calling
 /// thread, `no_new_privs`, and (unless `mode` is off) the seccomp filters
 /// on every thread of the process.
-pub fn lock_down(mode: SeccompMode) -> Result<(), ConfineError> {
+pub fn lock_down(mode: SeccompMode, pidfds: &[RawFd]) -> Result<(), ConfineError> {
     set_caps(&CapsHashSet::new())?;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -209,7 +211,7 @@ pub fn lock_down(mode: SeccompMode) -> Result<(), ConfineError> {
         tracing::warn!("--seccomp off: podbox-vmm runs without a syscall filter");
         return Ok(());
     };
-    for filter in filters(mismatch, std::process::id() as libc::pid_t)? {
+    for filter in filters(mismatch, std::process::id() as libc::pid_t, pidfds)? {
         seccompiler::apply_filter_all_threads(&filter).map_err(ConfineError::Install)?;
     }
     tracing::info!(
@@ -288,9 +290,14 @@ fn vcpu_filter(mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
 /// Two filters (the kernel runs both; the stricter answer wins): clone3 is
 /// answered ENOSYS, and the allowlist with `mismatch` for the rest.
 /// `tgkill` only reaches podbox-vmm's own threads (`pid`: the profiler's
-/// vCPU kicks, abort); `kill` is not allowed at all (virtiofsd is
-/// signalled through its pidfd).
-fn filters(mismatch: SeccompAction, pid: libc::pid_t) -> Result<[BpfProgram; 2], ConfineError> {
+/// vCPU kicks, abort); `kill` is not allowed at all: virtiofsd is
+/// signalled through its pidfd, and `pidfd_send_signal` only takes
+/// `pidfds` (any other pidfd, e.g. a /proc/<pid> directory, is refused).
+fn filters(
+    mismatch: SeccompAction,
+    pid: libc::pid_t,
+    pidfds: &[RawFd],
+) -> Result<[BpfProgram; 2], ConfineError> {
     let build = |rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch, matched| {
         SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
             .and_then(BpfProgram::try_from)
@@ -349,6 +356,13 @@ fn filters(mismatch: SeccompAction, pid: libc::pid_t) -> Result<[BpfProgram; 2],
     );
     let own = |arg, pid: libc::pid_t| rule(vec![cond(arg, SeccompCmpOp::Eq, pid as u64)?]);
     rules.insert(libc::SYS_tgkill, vec![own(0, pid)?]);
+    if !pidfds.is_empty() {
+        let signals = pidfds
+            .iter()
+            .map(|&fd| rule(vec![low(0, SeccompCmpOp::Eq, fd as u64)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_pidfd_send_signal, signals);
+    }
     let prctl = PRCTLS
         .iter()
         .map(|&option| rule(vec![low(0, SeccompCmpOp::Eq, option)?]))
@@ -375,7 +389,7 @@ mod tests {
     #[test]
     fn the_filters_build_for_every_mode() {
         for mismatch in [SeccompAction::KillProcess, SeccompAction::Log] {
-            let [no_clone3, allowlist] = filters(mismatch.clone(), 1).expect("filters");
+            let [no_clone3, allowlist] = filters(mismatch.clone(), 1, &[3]).expect("filters");
             assert!(!vcpu_filter(mismatch).expect("vcpu filter").is_empty());
             assert!(!no_clone3.is_empty() && allowlist.len() > ALLOWED.len());
         }
@@ -422,7 +436,7 @@ mod tests {
                                 libc::syscall(libc::SYS_pidfd_open, grandchild, 0),
                             )
                         };
-                        for f in filters(SeccompAction::KillProcess, me).ok()? {
+                        for f in filters(SeccompAction::KillProcess, me, &[pidfd as RawFd]).ok()? {
                             seccompiler::apply_filter_all_threads(&f).ok()?;
                         }
                         if case >= 8 {

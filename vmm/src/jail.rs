@@ -197,6 +197,7 @@ fn pivot_into(dirs: &[PathBuf]) -> Result<(), JailError> {
         .iter()
         .map(|d| Ok((d, clone_tree(d)?)))
         .collect::<Result<Vec<_>, JailError>>()?;
+    let masked = mount_points_below(dirs)?;
     let cwd = std::env::current_dir().ok();
     let root = std::env::temp_dir();
     mount(
@@ -229,6 +230,19 @@ fn pivot_into(dirs: &[PathBuf]) -> Result<(), JailError> {
             "remounting {} nosuid,nodev,noexec",
             dir.display()
         )))?;
+        // A clone keeps its original's master: host mounts made below it
+        // later would appear here with their own flags.
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(sys(format!("making {} private", dir.display())))?;
+    }
+    for point in &masked {
+        mask(&root.join(point.strip_prefix("/").unwrap_or(point)), &root)?;
     }
     mount(
         None::<&str>,
@@ -247,6 +261,90 @@ fn pivot_into(dirs: &[PathBuf]) -> Result<(), JailError> {
     let back = cwd.filter(|c| dirs.iter().any(|d| c.starts_with(d)));
     nix::unistd::chdir(back.as_deref().unwrap_or(Path::new("/"))).map_err(sys("chdir"))?;
     Ok(())
+}
+
+/// The mount points below `dirs` (the topmost ones), from this mount
+/// namespace's mountinfo. The clones leave those mounts out, but what is
+/// under them is still there, and it is not podbox-vmm's: a pod's
+/// `staging/` holds the directories the share's mounts sit on, and the
+/// kernel detaches a mount in every namespace when its directory is
+/// removed or renamed over in one where it is not a mount point.
+fn mount_points_below(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, JailError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read(path).map_err(|source| JailError::Path {
+        what: "reading",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut points: Vec<PathBuf> = text
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| dirs.iter().any(|d| p != d && p.starts_with(d)))
+        .collect();
+    points.sort();
+    points.dedup();
+    let topmost = points
+        .iter()
+        .filter(|p| !points.iter().any(|o| o != *p && p.starts_with(o)))
+        .cloned()
+        .collect();
+    Ok(topmost)
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &[u8]) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (field[i], octal) {
+            (b'\\', Some(o)) => {
+                out.push(o.iter().fold(0u8, |v, b| v.wrapping_mul(8) + (b - b'0')));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Covers `target` (in the jail) with something empty and read-only of
+/// the jail's own, so that podbox-vmm can neither see nor remove nor
+/// rename what is there: a tmpfs on a directory, an empty file of the
+/// jail's `root` on a file.
+fn mask(target: &Path, root: &Path) -> Result<(), JailError> {
+    let is_dir = target.symlink_metadata().is_ok_and(|m| m.is_dir());
+    let result = if is_dir {
+        mount(
+            Some("podbox-jail-mask"),
+            target,
+            Some("tmpfs"),
+            LOCKED | MsFlags::MS_RDONLY,
+            Some("mode=0555,size=4k"),
+        )
+    } else {
+        let empty = root.join(".podbox-jail-empty");
+        std::fs::write(&empty, b"").map_err(|source| JailError::Path {
+            what: "creating",
+            path: empty.clone(),
+            source,
+        })?;
+        mount(
+            Some(&empty),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    result.map_err(sys(format!("covering {} in the jail", target.display())))
 }
 
 /// The directories a jail holds for `paths` (files podbox-vmm creates,
@@ -280,6 +378,15 @@ pub fn dirs_of<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<Vec<Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_fields_are_unescaped() {
+        assert_eq!(
+            unescape_mountinfo(br"/run/a\040b\011c\134d\012e"),
+            PathBuf::from("/run/a b\tc\\d\ne")
+        );
+        assert_eq!(unescape_mountinfo(br"/x\04"), PathBuf::from(r"/x\04"));
+    }
 
     #[test]
     fn dirs_are_parents_resolved_once_and_outermost() {
@@ -349,6 +456,8 @@ mod tests {
                         10,
                     );
                     check(!state.join("share/secret").exists(), 11);
+                    check(std::fs::remove_dir(state.join("share")).is_err(), 17);
+                    check(std::fs::write(state.join("share/x"), b"").is_err(), 18);
                     check(!Path::new("/etc/passwd").exists(), 12);
                     check(!Path::new("/proc/self").exists(), 13);
                     check(std::fs::write("/outside", b"").is_err(), 14);
@@ -370,7 +479,7 @@ mod tests {
                     nix::sys::wait::WaitStatus::Exited(child, 0),
                     "the jailed child's checks (10 kept file, 11 share mount hidden, 12 host \
                      files hidden, 13 no /proc, 14 root read-only, 15 state dir writable, 16 \
-                     one entry at /)"
+                     one entry at /, 17 share removable, 18 share writable)"
                 );
                 assert!(state.join("new").exists(), "the write went to the real dir");
                 assert_eq!(mounts_after, mounts_before, "the host's mounts changed");

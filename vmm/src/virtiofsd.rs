@@ -312,6 +312,13 @@ impl Virtiofsd {
         self.pid
     }
 
+    /// The descriptor signals to it go through (podbox-vmm's seccomp
+    /// filter allows `pidfd_send_signal` on it only).
+    pub fn pidfd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.pidfd.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
     fn signal(&self, signal: libc::c_int) {
         use std::os::fd::AsRawFd;
         let Some(pidfd) = &self.pidfd else { return };

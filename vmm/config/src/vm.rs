@@ -264,8 +264,10 @@ pub enum ConfigError {
     #[error("--guest-profile: hz={0} must be from {min} to {max}", min = PROFILE_HZ.start(), max = PROFILE_HZ.end())]
     GuestProfileHz(u32),
     #[error(
-        "--virtiofsd-sandbox none: needs --jail off (virtiofsd's root would be \
-         podbox-vmm's jail, which does not hold the shared directory)"
+        "--virtiofsd-sandbox none|chroot: needs --jail off (virtiofsd would stay in \
+         podbox-vmm's mount namespace: with none its root would be the jail, \
+         which does not hold the shared directory; with chroot mounts added to \
+         the share later would not reach it)"
     )]
     UnsandboxedVirtiofsdInJail,
     #[error("--kernel {path}: {reason}")]
@@ -321,7 +323,7 @@ impl VmConfig {
         }
         if let Some(fs) = &self.fs {
             if let FsBackend::Spawn(spec) = &fs.backend {
-                if spec.sandbox == SandboxMode::None && self.jail == JailMode::On {
+                if spec.sandbox != SandboxMode::Namespace && self.jail == JailMode::On {
                     return Err(ConfigError::UnsandboxedVirtiofsdInJail);
                 }
             }
