@@ -86,6 +86,43 @@ pub fn write_shim_config(dir: &Path, virtiofsd: &Path) -> PathBuf {
     write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs(), "")
 }
 
+/// A containerd that runs this build's podbox shim with the config
+/// [`write_shim_config`] writes in `dir`, and the VM slot its guests boot
+/// in; None (and a SKIPPED line) where /dev/kvm is absent. A missing
+/// virtiofsd fails the test: the README's test command installs it.
+pub fn podbox_containerd(
+    test: &str,
+    dir: &Path,
+) -> Option<(crate::vm::VmSlot, crate::containerd::Containerd)> {
+    podbox_containerd_with(test, dir, write_shim_config)
+}
+
+/// [`podbox_containerd`] with the shim config `write_config(dir, virtiofsd)`
+/// writes (and returns the path of).
+pub fn podbox_containerd_with(
+    test: &str,
+    dir: &Path,
+    write_config: impl FnOnce(&Path, &Path) -> PathBuf,
+) -> Option<(crate::vm::VmSlot, crate::containerd::Containerd)> {
+    if !crate::kvm_available(test) {
+        return None;
+    }
+    // Looked up before the slot is taken: a missing binary fails the test
+    // without keeping another test's guest waiting for nothing.
+    let bin_dir = bin_dir();
+    // The shim boots the guests: the test holds a VM slot meanwhile, so no
+    // more guests run at once than the host has cores for.
+    let slot = crate::vm::VmSlot::acquire();
+    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
+    let options = crate::containerd::ContainerdOptions {
+        shim_dirs: vec![bin_dir],
+        podbox_config: Some(write_config(dir, &virtiofsd)),
+    };
+    let containerd = crate::containerd::Containerd::start_with(options)
+        .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+    Some((slot, containerd))
+}
+
 /// The same with another guest image and `extra` config lines; a key
 /// `extra` sets replaces the default line of that key (TOML refuses a key
 /// twice).

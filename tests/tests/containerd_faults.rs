@@ -36,16 +36,13 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{ContainerState, PodSandboxState};
 use podbox_tests::containerd::{
-    is_alive, pod_processes, process_state, shim_socket, signal, Containerd, ContainerdOptions,
-    CRI_NAMESPACE, PODBOX_HANDLER,
+    is_alive, pod_processes, process_state, shim_socket, signal, Containerd, CRI_NAMESPACE,
+    PODBOX_HANDLER,
 };
 use podbox_tests::cri::{container_config, CriClient, CriError};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
-use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, processes_mentioning, virtiofsd, write_shim_config,
-};
-use podbox_tests::vm::VmSlot;
+use podbox_tests::podbox::{pod_leftovers, podbox_containerd, processes_mentioning};
 
 /// One exec, start to exit, on a loaded PVM host (see containerd_podbox).
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
@@ -60,25 +57,6 @@ const RESPONSIVE_LIMIT: Duration = Duration::from_secs(30);
 const EXIT_DEADLINE: Duration = Duration::from_secs(120);
 /// From a fault (or RemovePodSandbox) to the pod's host state gone.
 const CLEANUP_DEADLINE: Duration = Duration::from_secs(60);
-
-/// A containerd with the podbox shim, or None (and a SKIPPED line) where
-/// /dev/kvm is absent; with the VM slot its guest boots in.
-fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Containerd)> {
-    if !podbox_tests::kvm_available(test) {
-        return None;
-    }
-    let bin_dir = bin_dir();
-    let slot = VmSlot::acquire();
-    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
-    let config = write_shim_config(dir, &virtiofsd);
-    let options = ContainerdOptions {
-        shim_dirs: vec![bin_dir],
-        podbox_config: Some(config),
-    };
-    let containerd = Containerd::start_with(options)
-        .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
-    Some((slot, containerd))
-}
 
 /// A running podbox pod with one long-running container, `app`.
 struct Pod {

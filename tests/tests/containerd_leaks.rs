@@ -29,14 +29,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use podbox_tests::containerd::{
-    Containerd, ContainerdOptions, PodTrace, CRI_NAMESPACE, PODBOX_HANDLER,
-};
+use podbox_tests::containerd::{Containerd, PodTrace, CRI_NAMESPACE, PODBOX_HANDLER};
 use podbox_tests::cri::{container_config, CriClient};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::wait_until;
-use podbox_tests::podbox::{bin_dir, processes_mentioning, virtiofsd, write_shim_config};
-use podbox_tests::vm::VmSlot;
+use podbox_tests::podbox::{podbox_containerd, processes_mentioning};
 
 /// One exec, start to exit, on a loaded PVM host.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
@@ -114,20 +111,11 @@ fn mib(kib: Option<u64>) -> String {
 #[test]
 fn podbox_pods_created_and_deleted_leave_nothing() {
     let test = "podbox_pods_created_and_deleted_leave_nothing";
-    if !podbox_tests::kvm_available(test) {
-        return;
-    }
     let (in_a_row, at_once) = load();
-    let bin_dir = bin_dir();
-    let _slot = VmSlot::acquire();
-    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = write_shim_config(dir.path(), &virtiofsd);
-    let containerd = Containerd::start_with(ContainerdOptions {
-        shim_dirs: vec![bin_dir],
-        podbox_config: Some(config),
-    })
-    .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+    let Some((_slot, containerd)) = podbox_containerd(test, dir.path()) else {
+        return;
+    };
     let mut cri = containerd.cri().expect("CRI client");
 
     let mut traces = vec![pod_cycle(&containerd, &mut cri, "warm-up")];

@@ -26,18 +26,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use podbox_tests::containerd::{
-    Containerd, ContainerdOptions, CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER,
-    TEST_NAMESPACE,
+    Containerd, CRI_NAMESPACE, PODBOX_HANDLER, PODBOX_RUNTIME, RUNC_HANDLER, TEST_NAMESPACE,
 };
 use podbox_tests::cri::{container_config, CriClient, ExecOutput};
 use podbox_tests::host_kernel_release;
 use podbox_tests::net::{http_get_retrying, ping, random_bytes, sha256_hex, HostServer, NetnsView};
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::output::{collect, text, wait_until};
-use podbox_tests::podbox::{
-    bin_dir, pod_leftovers, processes_mentioning, virtiofsd, vmm_pid, write_shim_config,
-};
-use podbox_tests::vm::VmSlot;
+use podbox_tests::podbox::{pod_leftovers, podbox_containerd, processes_mentioning, vmm_pid};
 
 /// From `ctr run` to a running task: one guest boot, on a loaded machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(900);
@@ -51,32 +47,6 @@ fn host_boot_id() -> String {
         .expect("host boot id")
         .trim()
         .to_string()
-}
-
-/// A containerd with the podbox shim, or None (and a SKIPPED line) where
-/// /dev/kvm is absent. A missing virtiofsd fails the test: the README's
-/// test command installs it.
-fn podbox_containerd(test: &str, dir: &std::path::Path) -> Option<(VmSlot, Containerd)> {
-    if !podbox_tests::kvm_available(test) {
-        return None;
-    }
-    // Looked up before the slot is taken: a missing binary fails the test
-    // without keeping another test's guest waiting for nothing.
-    let bin_dir = bin_dir();
-    // The shim boots the guest: the test holds a VM slot meanwhile, so no
-    // more guests run at once than the host has cores for.
-    let slot = VmSlot::acquire();
-    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
-    let config = write_shim_config(dir, &virtiofsd);
-    let options = ContainerdOptions {
-        shim_dirs: vec![bin_dir],
-        podbox_config: Some(config),
-    };
-    Some((
-        slot,
-        Containerd::start_with(options)
-            .unwrap_or_else(|e| panic!("starting the test containerd: {e}")),
-    ))
 }
 
 #[test]

@@ -24,15 +24,14 @@
 use std::time::Duration;
 
 use k8s_cri::v1::LinuxContainerResources;
-use podbox_tests::containerd::{Containerd, ContainerdOptions, CRI_NAMESPACE, PODBOX_HANDLER};
+use podbox_tests::containerd::{CRI_NAMESPACE, PODBOX_HANDLER};
 use podbox_tests::cri::container_config;
 use podbox_tests::guest_image::agent_initramfs;
 use podbox_tests::oci_image::BUSYBOX_IMAGE;
 use podbox_tests::podbox::{
-    bin_dir, guest_ram_held, proc_kib, processes_mentioning, virtiofsd, vmm_pid,
+    guest_ram_held, podbox_containerd_with, proc_kib, processes_mentioning, vmm_pid,
     write_shim_config_with_initrd, STATE_ROOT,
 };
-use podbox_tests::vm::VmSlot;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 /// The shim config of this test: a 1-vCPU base, and a pod limit of 2 CPUs
@@ -88,22 +87,15 @@ fn limits(cpus: i64, memory_mib: i64) -> LinuxContainerResources {
 #[test]
 fn podbox_vm_sized_from_the_pods_limits() {
     let test = "podbox_vm_sized_from_the_pods_limits";
-    if !podbox_tests::kvm_available(test) {
-        return;
-    }
-    let bin_dir = bin_dir();
-    let _slot = VmSlot::acquire();
-    let virtiofsd = virtiofsd().expect("no virtiofsd: scripts/deps.sh (make test) installs it");
     let dir = tempfile::tempdir().expect("temp dir");
     let extra = format!(
         "default_vcpus = {BASE_VCPUS}\ndefault_memory_mib = {BASE_MEMORY_MIB}\nmax_memory_mib = {MAX_MEMORY_MIB}\n"
     );
-    let config = write_shim_config_with_initrd(dir.path(), &virtiofsd, &agent_initramfs(), &extra);
-    let containerd = Containerd::start_with(ContainerdOptions {
-        shim_dirs: vec![bin_dir],
-        podbox_config: Some(config),
-    })
-    .unwrap_or_else(|e| panic!("starting the test containerd: {e}"));
+    let Some((_slot, containerd)) = podbox_containerd_with(test, dir.path(), |dir, virtiofsd| {
+        write_shim_config_with_initrd(dir, virtiofsd, &agent_initramfs(), &extra)
+    }) else {
+        return;
+    };
     let mut cri = containerd.cri().expect("CRI client");
 
     // Over the cap: refused before any VM boots, naming the config key.
