@@ -166,7 +166,9 @@ pub fn drop_capabilities(keep_net_admin: bool) -> Result<(), ConfineError> {
     set_caps(&keep)
 }
 
-fn set_caps(keep: &CapsHashSet) -> Result<(), ConfineError> {
+/// Leaves the calling thread `keep` (effective and permitted) and nothing
+/// else: no inheritable or ambient capability.
+pub(crate) fn set_caps(keep: &CapsHashSet) -> Result<(), ConfineError> {
     let err = |set| move |source| ConfineError::Capabilities { set, source };
     caps::clear(None, CapSet::Ambient).map_err(err("ambient"))?;
     caps::clear(None, CapSet::Inheritable).map_err(err("inheritable"))?;

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::{Capability, CapsHashSet};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
@@ -131,11 +131,8 @@ impl Jailer {
 /// The jail thread gives up all but what the pivot takes.
 fn keep_only_sys_admin() -> Result<(), JailError> {
     let keep: CapsHashSet = [Capability::CAP_SYS_ADMIN].into_iter().collect();
-    let err = |e: caps::errors::CapsError| JailError::Thread(format!("dropping capabilities: {e}"));
-    caps::clear(None, CapSet::Ambient).map_err(err)?;
-    caps::clear(None, CapSet::Inheritable).map_err(err)?;
-    caps::set(None, CapSet::Effective, &keep).map_err(err)?;
-    caps::set(None, CapSet::Permitted, &keep).map_err(err)
+    crate::confine::set_caps(&keep)
+        .map_err(|e| JailError::Thread(format!("dropping capabilities: {e}")))
 }
 
 /// A detached copy of the mount at `dir` (not of the mounts below it),
